@@ -1,0 +1,1 @@
+"""The on-device agent: A/B slots, the install state machine, self-test, Jobs client, telemetry."""

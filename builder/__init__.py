@@ -1,0 +1,1 @@
+"""The builder: a trained ONNX model in, signed per-SKU bundles out."""

@@ -1,0 +1,96 @@
+"""Small, real ONNX models that demos and tests make themselves (no downloads).
+
+The classifier is a dense layer and a softmax with fixed, seeded weights, so
+two runs produce the same bytes and the same golden outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def make_classifier(path: Path, *, features: int = 16, classes: int = 4, seed: int = 0) -> Path:
+    """Write a ``[N, features] -> [N, classes]`` softmax classifier to `path`."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((features, classes)).astype(np.float32)
+    bias = rng.standard_normal(classes).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "W"], ["logits_raw"]),
+            helper.make_node("Add", ["logits_raw", "B"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ],
+        "classifier",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
+        initializer=[numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tidegate-samples"
+    )
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def write_selftest(model: Path, out_dir: Path, *, batch: int = 8, seed: int = 1) -> tuple[Path, Path]:
+    """Golden inputs and the model's own outputs on them, as ``inputs.npz`` and ``outputs.npz``."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in sess.get_inputs():
+        shape = [batch if not isinstance(d, int) else d for d in inp.shape]
+        feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
+    names = [o.name for o in sess.get_outputs()]
+    outputs = dict(zip(names, sess.run(names, feeds), strict=True))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ins, outs = out_dir / "inputs.npz", out_dir / "outputs.npz"
+    savez: Any = np.savez  # numpy's stub reads **arrays as its keyword flags
+    with ins.open("wb") as fh:
+        savez(fh, **feeds)
+    with outs.open("wb") as fh:
+        savez(fh, **outputs)
+    return ins, outs
+
+
+def write_inference_config(model: Path, path: Path) -> Path:
+    """``inference_config.json``: the model's input/output contract as the agent and HIL read it."""
+    m = onnx.load(str(model))
+
+    def describe(values: list[onnx.ValueInfoProto]) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for v in values:
+            tt = v.type.tensor_type
+            dims: list[object] = [d.dim_param or d.dim_value for d in tt.shape.dim]
+            out.append(
+                {
+                    "name": v.name,
+                    "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
+                    "shape": dims,
+                }
+            )
+        return out
+
+    config = {"inputs": describe(list(m.graph.input)), "outputs": describe(list(m.graph.output))}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def make_sample_payload(directory: Path, *, seed: int = 0) -> Path:
+    """A complete bundle payload directory: model, inference config and golden self-test data."""
+    model = make_classifier(directory / "model.onnx", seed=seed)
+    write_inference_config(model, directory / "inference_config.json")
+    write_selftest(model, directory / "selftest")
+    return directory

@@ -1,0 +1,1 @@
+"""Hardware-in-the-loop bench suites and the reports that gate campaigns."""

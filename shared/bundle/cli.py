@@ -1,0 +1,103 @@
+"""`tidegate bundle`: pack a payload directory into a bundle, and inspect/verify one."""
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shared.bundle.errors import BundleError
+from shared.bundle.manifest import BundleManifest, Runtime
+from shared.bundle.reader import verify_bundle
+from shared.bundle.writer import describe_files, write_bundle
+from shared.version import TIDEGATE_VERSION
+
+app = typer.Typer(
+    help="Bundles: pack a payload directory, inspect and verify a bundle file.", no_args_is_help=True
+)
+
+
+def collect_payload(directory: Path) -> dict[str, Path]:
+    """Every regular file under `directory` by its relative POSIX path (links refused)."""
+    if not directory.is_dir():
+        raise BundleError(f"{directory}: not a directory")
+    out: dict[str, Path] = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_symlink():
+            raise BundleError(f"{p}: links cannot go into a bundle")
+        if p.is_file():
+            out[p.relative_to(directory).as_posix()] = p
+    if not out:
+        raise BundleError(f"{directory}: no files to pack")
+    return out
+
+
+@app.command()
+def pack(
+    directory: Annotated[Path, typer.Argument(help="Payload directory (model, config, self-test data).")],
+    name: Annotated[str, typer.Option(help="Bundle name, e.g. 'detector'.")],
+    version: Annotated[str, typer.Option(help="Semantic version.")],
+    sku: Annotated[list[str], typer.Option(help="Hardware SKU (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle file to write.")],
+    runtime: Annotated[Runtime, typer.Option(help="Runtime kind.")] = Runtime.ONNXRUNTIME,
+    entry: Annotated[str, typer.Option(help="Entry model path in the payload.")] = "model.onnx",
+    inference_config: Annotated[str, typer.Option(help="Path of inference_config.json.")] = (
+        "inference_config.json"
+    ),
+    selftest_inputs: Annotated[str, typer.Option(help="Golden inputs (.npz).")] = "selftest/inputs.npz",
+    selftest_outputs: Annotated[str, typer.Option(help="Golden outputs (.npz).")] = "selftest/outputs.npz",
+    latency_budget_ms: Annotated[float, typer.Option(help="p95 latency budget.")] = 50.0,
+    memory_ceiling_mb: Annotated[float, typer.Option(help="Peak memory ceiling.")] = 512.0,
+    atol: Annotated[float, typer.Option(help="Absolute tolerance of the self-test.")] = 1e-4,
+    rtol: Annotated[float, typer.Option(help="Relative tolerance of the self-test.")] = 1e-3,
+    min_agent_version: Annotated[str, typer.Option(help="Oldest agent that may install it.")] = "0.1.0",
+    zstd: Annotated[bool, typer.Option(help="Compress with zstd.")] = False,
+) -> None:
+    """Pack DIRECTORY into one verified bundle file."""
+    sources = collect_payload(directory)
+    manifest = BundleManifest.from_obj(
+        {
+            "name": name,
+            "version": version,
+            "skus": sku,
+            "runtime": runtime.value,
+            "entry_model": entry,
+            "inference_config": inference_config,
+            "self_test": {
+                "inputs": selftest_inputs,
+                "outputs": selftest_outputs,
+                "tolerance": {"atol": atol, "rtol": rtol},
+                "latency_budget_ms": latency_budget_ms,
+                "memory_ceiling_mb": memory_ceiling_mb,
+            },
+            "files": [f.model_dump() for f in describe_files(sources)],
+            "min_agent_version": min_agent_version,
+            "provenance": {
+                "builder_version": TIDEGATE_VERSION,
+                "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            },
+        },
+        source="bundle options",
+    )
+    write_bundle(out, manifest, sources, compression="zstd" if zstd else "none")
+    typer.echo(
+        f"packed {manifest.name} {manifest.version} ({len(manifest.files)} files, "
+        f"{manifest.total_size} bytes) -> {out}"
+    )
+
+
+@app.command()
+def inspect(
+    bundle: Annotated[Path, typer.Argument(help="Bundle file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print bundle.json as JSON.")] = False,
+) -> None:
+    """Verify every member of BUNDLE against its bundle.json and print what it holds."""
+    manifest = verify_bundle(bundle)
+    if as_json:
+        typer.echo(json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True))
+        return
+    typer.echo(f"{manifest.name} {manifest.version} [{manifest.runtime}] for {', '.join(manifest.skus)}")
+    for f in manifest.files:
+        typer.echo(f"  {f.sha256[:12]}  {f.size:>12}  {f.path}")
+    typer.echo("verified: every member matches bundle.json")

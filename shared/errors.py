@@ -1,0 +1,11 @@
+"""The root of every exception Tidegate raises on purpose.
+
+The CLI prints the message of a `TidegateError` as one line and exits
+non-zero; anything else is a bug and gets a traceback.
+"""
+
+
+class TidegateError(Exception):
+    """Base class of every deliberate, user-facing Tidegate error."""
+
+    exit_code: int = 1

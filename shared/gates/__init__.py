@@ -1,0 +1,51 @@
+"""One gate engine for fleet waves and cloud canaries (pure functions, injected clock)."""
+
+from shared.gates.engine import (
+    Aggregation,
+    Comparator,
+    Condition,
+    ConditionResult,
+    Gate,
+    GateDefinitionError,
+    GateResult,
+    MetricsSnapshot,
+    Sample,
+    Verdict,
+    aggregate,
+    evaluate_condition,
+    evaluate_gate,
+)
+from shared.gates.plan import (
+    Action,
+    Decision,
+    RolloutPlan,
+    RolloutState,
+    RolloutStatus,
+    Step,
+    decide,
+    start,
+)
+
+__all__ = [
+    "Action",
+    "Aggregation",
+    "Comparator",
+    "Condition",
+    "ConditionResult",
+    "Decision",
+    "Gate",
+    "GateDefinitionError",
+    "GateResult",
+    "MetricsSnapshot",
+    "RolloutPlan",
+    "RolloutState",
+    "RolloutStatus",
+    "Sample",
+    "Step",
+    "Verdict",
+    "aggregate",
+    "decide",
+    "evaluate_condition",
+    "evaluate_gate",
+    "start",
+]

@@ -1,0 +1,157 @@
+"""The client helper: verify and fetch targets through python-tuf's ngclient.
+
+The caller keeps the trusted root (a device ships it at provisioning); the
+cache directory holds what ngclient has verified since. Every python-tuf
+exception is mapped to one of ours at this boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import TargetFile
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+
+from shared.trust.errors import (
+    ExpiredMetadataError,
+    FetchError,
+    HashMismatchError,
+    RollbackAttackError,
+    SignatureError,
+    TargetNotFoundError,
+    TooLargeError,
+    TrustError,
+)
+from shared.trust.fetcher import TidegateFetcher, source_to_url
+from shared.trust.repository import CUSTOM_KEY
+
+
+@dataclass(frozen=True)
+class TrustLimits:
+    """Upper bounds on metadata sizes and root rotations (python-tuf's `UpdaterConfig`)."""
+
+    max_root_rotations: int = 64
+    root_max_length: int = 512_000
+    timestamp_max_length: int = 16_384
+    snapshot_max_length: int = 2_000_000
+    targets_max_length: int = 5_000_000
+
+    def updater_config(self) -> UpdaterConfig:
+        return UpdaterConfig(
+            max_root_rotations=self.max_root_rotations,
+            root_max_length=self.root_max_length,
+            timestamp_max_length=self.timestamp_max_length,
+            snapshot_max_length=self.snapshot_max_length,
+            targets_max_length=self.targets_max_length,
+        )
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """A target as signed metadata describes it."""
+
+    path: str
+    length: int
+    sha256: str
+    custom: dict[str, Any]
+    tuf: TargetFile
+
+    @property
+    def tidegate(self) -> dict[str, Any]:
+        value = self.custom.get(CUSTOM_KEY, {})
+        return dict(value) if isinstance(value, dict) else {}
+
+
+@contextlib.contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Map python-tuf's exceptions to Tidegate's named ones, keeping the detail."""
+    try:
+        yield
+    except TrustError:
+        raise
+    except tuf_exc.UnsignedMetadataError as exc:
+        raise SignatureError(f"{what}: signature check failed: {exc}") from exc
+    except tuf_exc.BadVersionNumberError as exc:
+        raise RollbackAttackError(f"{what}: version rollback refused: {exc}") from exc
+    except tuf_exc.ExpiredMetadataError as exc:
+        raise ExpiredMetadataError(f"{what}: {exc}") from exc
+    except tuf_exc.LengthOrHashMismatchError as exc:
+        raise HashMismatchError(f"{what}: {exc}") from exc
+    except tuf_exc.DownloadLengthMismatchError as exc:
+        raise TooLargeError(f"{what}: {exc}") from exc
+    except tuf_exc.DownloadHTTPError as exc:
+        raise FetchError(f"{what}: HTTP {exc.status_code}: {exc}") from exc
+    except tuf_exc.DownloadError as exc:
+        cause = exc.__cause__ or exc
+        raise FetchError(f"{what}: download failed: {cause}") from exc
+    except tuf_exc.RepositoryError as exc:
+        raise TrustError(f"{what}: metadata refused: {exc}") from exc
+    except OSError as exc:
+        raise FetchError(f"{what}: {exc}") from exc
+
+
+class TrustClient:
+    """Verify-then-fetch against one repository, from a trusted root the caller holds."""
+
+    def __init__(
+        self,
+        *,
+        repository: str | Path,
+        trusted_root: bytes,
+        cache_dir: Path,
+        fetcher: FetcherInterface | None = None,
+        limits: TrustLimits = TrustLimits(),
+    ) -> None:
+        base = source_to_url(repository)
+        self.repository = str(repository)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with translate_errors("trusted root"):
+            self._updater = Updater(
+                metadata_dir=str(cache_dir),
+                metadata_base_url=base + "metadata/",
+                target_base_url=base + "targets/",
+                fetcher=fetcher or TidegateFetcher(),
+                config=limits.updater_config(),
+                bootstrap=trusted_root,
+            )
+        self._refreshed = False
+
+    def refresh(self) -> None:
+        """Walk the root chain and load timestamp, snapshot and targets, verifying each."""
+        with translate_errors(f"refresh from {self.repository}"):
+            self._updater.refresh()
+        self._refreshed = True
+
+    def _ensure_fresh(self) -> None:
+        if not self._refreshed:
+            self.refresh()
+
+    def targets(self) -> list[TargetInfo]:
+        """Every top-level target in the verified targets metadata."""
+        self._ensure_fresh()
+        # ngclient has no public listing; its trusted set is the verified state (tuf pinned).
+        signed = self._updater._trusted_set.targets
+        return [_info(tf) for _, tf in sorted(signed.targets.items())]
+
+    def get_target(self, path: str) -> TargetInfo:
+        self._ensure_fresh()
+        with translate_errors(f"target {path!r}"):
+            tf = self._updater.get_targetinfo(path)
+        if tf is None:
+            raise TargetNotFoundError(f"target {path!r} is not in the signed targets metadata")
+        return _info(tf)
+
+    def download(self, target: TargetInfo, dest: Path) -> Path:
+        """Fetch a target to `dest`; the file exists only if length and hash verified."""
+        self._ensure_fresh()
+        with translate_errors(f"target {target.path!r}"):
+            return Path(self._updater.download_target(target.tuf, str(dest)))
+
+
+def _info(tf: TargetFile) -> TargetInfo:
+    return TargetInfo(tf.path, tf.length, tf.hashes.get("sha256", ""), dict(tf.custom), tf)

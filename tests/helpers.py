@@ -1,0 +1,100 @@
+"""Test helpers: build real bundles and hand-crafted hostile tar files."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.bundle import BundleManifest, describe_files, write_bundle
+
+
+def manifest_for(sources: dict[str, Path], **overrides: object) -> BundleManifest:
+    raw: dict[str, object] = {
+        "name": "classifier",
+        "version": "1.0.0",
+        "skus": ["edge-cpu"],
+        "runtime": "onnxruntime",
+        "entry_model": "model.onnx",
+        "inference_config": "inference_config.json",
+        "self_test": {
+            "inputs": "selftest/inputs.npz",
+            "outputs": "selftest/outputs.npz",
+            "latency_budget_ms": 50.0,
+            "memory_ceiling_mb": 512.0,
+        },
+        "files": [f.model_dump() for f in describe_files(sources)],
+        "provenance": {"builder_version": "0.1.0", "created": "2026-01-01T00:00:00Z"},
+    }
+    raw.update(overrides)
+    return BundleManifest.from_obj(raw)
+
+
+def payload_sources(payload: Path) -> dict[str, Path]:
+    return {p.relative_to(payload).as_posix(): p for p in sorted(payload.rglob("*")) if p.is_file()}
+
+
+def build_bundle(payload: Path, out: Path, *, compression: str = "none", **overrides: object) -> Path:
+    sources = payload_sources(payload)
+    write_bundle(out, manifest_for(sources, **overrides), sources, compression=compression)  # type: ignore[arg-type]
+    return out
+
+
+@dataclass
+class Member:
+    name: str
+    data: bytes = b""
+    type: bytes = tarfile.REGTYPE
+    linkname: str = ""
+    size: int | None = None  # header size when it must lie about the body
+
+
+def raw_tar(out: Path, members: Iterable[Member]) -> Path:
+    """Write a tar with exactly these members, however hostile."""
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tf:
+        for m in members:
+            info = tarfile.TarInfo(m.name)
+            info.type = m.type
+            info.linkname = m.linkname
+            info.size = len(m.data) if m.type == tarfile.REGTYPE else 0
+            tf.addfile(info, io.BytesIO(m.data) if m.type == tarfile.REGTYPE else None)
+    return out
+
+
+def manifest_bytes(files: dict[str, bytes], **overrides: object) -> bytes:
+    """A valid bundle.json for in-memory payload `files` (paths referenced must exist)."""
+    import hashlib
+
+    raw: dict[str, object] = {
+        "format_version": 1,
+        "name": "classifier",
+        "version": "1.0.0",
+        "skus": ["edge-cpu"],
+        "runtime": "onnxruntime",
+        "entry_model": "model.onnx",
+        "inference_config": "inference_config.json",
+        "self_test": {
+            "inputs": "selftest/inputs.npz",
+            "outputs": "selftest/outputs.npz",
+            "latency_budget_ms": 50.0,
+            "memory_ceiling_mb": 512.0,
+        },
+        "files": [
+            {"path": p, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+            for p, d in sorted(files.items())
+        ],
+        "provenance": {"builder_version": "0.1.0", "created": "2026-01-01T00:00:00Z"},
+    }
+    raw.update(overrides)
+    return json.dumps(raw).encode()
+
+
+BASIC_FILES = {
+    "model.onnx": b"model-bytes" * 10,
+    "inference_config.json": b"{}",
+    "selftest/inputs.npz": b"in",
+    "selftest/outputs.npz": b"out",
+}

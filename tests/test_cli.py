@@ -1,0 +1,201 @@
+"""The `tidegate` CLI as users run it: real processes, real files, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.trust.http import RepoHTTPServer
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tidegate", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    assert needle in lines[0]
+
+
+def test_help_for_every_group() -> None:
+    top = run("--help")
+    assert top.returncode == 0
+    for group in ("repo", "bundle", "demo"):
+        assert group in top.stdout
+    for cmd in (
+        ["repo", "init"],
+        ["repo", "add"],
+        ["repo", "rotate"],
+        ["repo", "verify"],
+        ["bundle", "pack"],
+        ["bundle", "inspect"],
+    ):
+        proc = run(*cmd, "--help")
+        assert proc.returncode == 0 and "Usage" in proc.stdout, cmd
+
+
+def test_pack_publish_rotate_verify_over_http_and_dir(sample_payload: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "c.bundle"
+    proc = run(
+        "bundle",
+        "pack",
+        str(sample_payload),
+        "--name",
+        "classifier",
+        "--version",
+        "1.2.0",
+        "--sku",
+        "edge-cpu",
+        "--sku",
+        "edge-gpu",
+        "--zstd",
+        "-o",
+        str(bundle),
+    )
+    assert proc.returncode == 0, proc.stderr
+    proc = run("bundle", "inspect", str(bundle), "--json")
+    assert json.loads(proc.stdout)["skus"] == ["edge-cpu", "edge-gpu"]
+
+    repo = tmp_path / "repo"
+    assert (
+        run(
+            "repo", "init", str(repo), "--root-keys", "3", "--root-threshold", "2", "--expiry", "timestamp=2"
+        ).returncode
+        == 0
+    )
+    assert json.loads((repo / "repo.json").read_text())["expiry_days"]["timestamp"] == 2
+    proc = run("repo", "add", str(repo), str(bundle))
+    assert proc.returncode == 0, proc.stderr
+    assert "classifier/1.2.0/edge-cpu+edge-gpu.bundle" in proc.stdout
+    root = repo / "metadata" / "1.root.json"
+    for role in ("targets", "root"):
+        assert run("repo", "rotate", str(repo), "--role", role).returncode == 0
+    assert run("repo", "refresh", str(repo)).returncode == 0
+    listing = json.loads(run("repo", "list", str(repo), "--json").stdout)
+    assert listing[0]["custom"]["version"] == "1.2.0"
+
+    target = "classifier/1.2.0/edge-cpu+edge-gpu.bundle"
+    out = tmp_path / "dir.bundle"
+    proc = run(
+        "repo",
+        "verify",
+        "--repo",
+        str(repo),
+        "--trusted-root",
+        str(root),
+        "--target",
+        target,
+        "--out",
+        str(out),
+        "--cache",
+        str(tmp_path / "c1"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == bundle.read_bytes()
+    with RepoHTTPServer(repo) as server:
+        out2 = tmp_path / "http.bundle"
+        proc = run(
+            "repo",
+            "verify",
+            "--repo",
+            server.url,
+            "--trusted-root",
+            str(root),
+            "--target",
+            target,
+            "--out",
+            str(out2),
+            "--cache",
+            str(tmp_path / "c2"),
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "every file verified" in proc.stdout
+
+
+def test_errors_are_one_line(sample_payload: Path, tmp_path: Path) -> None:
+    assert_one_line_error(run("bundle", "inspect", str(tmp_path / "missing.bundle")), "no such bundle file")
+    junk = tmp_path / "junk.bundle"
+    junk.write_bytes(b"junk" * 200)
+    assert_one_line_error(run("bundle", "inspect", str(junk)), "bundle")
+    assert_one_line_error(
+        run(
+            "bundle",
+            "pack",
+            str(sample_payload),
+            "--name",
+            "c",
+            "--version",
+            "1.0",
+            "--sku",
+            "s",
+            "-o",
+            str(tmp_path / "x.bundle"),
+        ),
+        "not a semantic version",
+    )
+    assert not (tmp_path / "x.bundle").exists()
+
+    repo = tmp_path / "repo"
+    run("repo", "init", str(repo))
+    bundle = tmp_path / "c.bundle"
+    run(
+        "bundle",
+        "pack",
+        str(sample_payload),
+        "--name",
+        "c",
+        "--version",
+        "1.0.0",
+        "--sku",
+        "s",
+        "-o",
+        str(bundle),
+    )
+    for key in (repo / "keys" / "targets").glob("*.pem"):
+        key.unlink()
+    assert_one_line_error(run("repo", "add", str(repo), str(bundle)), "private key")
+    assert_one_line_error(run("repo", "refresh", str(tmp_path / "nowhere")), "no such repository")
+    assert_one_line_error(run("repo", "rotate", str(repo), "--role", "admin"), "unknown role")
+
+    other = tmp_path / "other"
+    run("repo", "init", str(other))
+    proc = run(
+        "repo",
+        "verify",
+        "--repo",
+        str(repo),
+        "--trusted-root",
+        str(other / "metadata" / "1.root.json"),
+        "--cache",
+        str(tmp_path / "cache"),
+    )
+    assert_one_line_error(proc, "signature")
+    assert_one_line_error(
+        run("repo", "verify", "--repo", str(repo), "--trusted-root", str(tmp_path / "none.json")),
+        "cannot read trusted root",
+    )
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    proc = run("--debug", "bundle", "inspect", str(tmp_path / "missing.bundle"))
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_to_the_end(tmp_path: Path) -> None:
+    proc = run("demo", "--workdir", str(tmp_path / "demo"))
+    assert proc.returncode == 0, proc.stderr
+    for tag in ("[bundle]", "[repo]", "[device]", "[rotate]", "[tamper]", "[gates]", "[done]"):
+        assert tag in proc.stdout
+    assert "COMPLETE" in proc.stdout

@@ -1,0 +1,62 @@
+"""The `tidegate` command: each package owns its group; this module only mounts them
+and turns deliberate errors into one line and a non-zero exit."""
+
+import sys
+import traceback
+
+import typer
+
+from shared.bundle.cli import app as bundle_app
+from shared.errors import TidegateError
+from shared.trust.cli import app as repo_app
+from tidegate import __version__
+from tidegate.demo import app as demo_app
+
+app = typer.Typer(
+    name="tidegate",
+    help="Ship ML models safely to fleets of vehicles, edge devices and cloud endpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(repo_app, name="repo")
+app.add_typer(bundle_app, name="bundle")
+app.add_typer(demo_app, name="demo")
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tidegate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.", envvar="TIDEGATE_DEBUG"),
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_version, is_eager=True
+    ),
+) -> None:
+    """Ship ML models safely to fleets of vehicles, edge devices and cloud endpoints."""
+    _state["debug"] = debug
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one clear line on error (traceback only with --debug), non-zero exit.
+
+    Usage errors and --help are handled by Typer (exit 2 and 0); a deliberate
+    `TidegateError` from any command ends here.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        app(args=args, prog_name="tidegate")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except TidegateError as exc:
+        if _state["debug"] or "--debug" in args:
+            traceback.print_exc()
+        typer.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    return 0
