@@ -8,6 +8,7 @@ exception is mapped to one of ours at this boundary.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
-from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+from tuf.ngclient import Updater, UpdaterConfig
 
+from shared.fsutil import fsync_dir
 from shared.trust.errors import (
     ExpiredMetadataError,
     FetchError,
@@ -27,7 +29,7 @@ from shared.trust.errors import (
     TooLargeError,
     TrustError,
 )
-from shared.trust.fetcher import TidegateFetcher, source_to_url
+from shared.trust.fetcher import ProgressCallback, TidegateFetcher, source_to_url
 from shared.trust.repository import CUSTOM_KEY
 
 
@@ -104,18 +106,20 @@ class TrustClient:
         repository: str | Path,
         trusted_root: bytes,
         cache_dir: Path,
-        fetcher: FetcherInterface | None = None,
+        fetcher: TidegateFetcher | None = None,
         limits: TrustLimits = TrustLimits(),
     ) -> None:
         base = source_to_url(repository)
         self.repository = str(repository)
+        self._target_base = base + "targets/"
+        self._fetcher = fetcher or TidegateFetcher()
         cache_dir.mkdir(parents=True, exist_ok=True)
         with translate_errors("trusted root"):
             self._updater = Updater(
                 metadata_dir=str(cache_dir),
                 metadata_base_url=base + "metadata/",
                 target_base_url=base + "targets/",
-                fetcher=fetcher or TidegateFetcher(),
+                fetcher=self._fetcher,
                 config=limits.updater_config(),
                 bootstrap=trusted_root,
             )
@@ -146,11 +150,41 @@ class TrustClient:
             raise TargetNotFoundError(f"target {path!r} is not in the signed targets metadata")
         return _info(tf)
 
-    def download(self, target: TargetInfo, dest: Path) -> Path:
-        """Fetch a target to `dest`; the file exists only if length and hash verified."""
+    def target_url(self, target: TargetInfo) -> str:
+        """Where the target's bytes live: with consistent snapshots, under their hash."""
+        dirname, sep, basename = target.path.rpartition("/")
+        if self._updater._trusted_set.root.consistent_snapshot:
+            basename = f"{target.sha256}.{basename}"
+        return f"{self._target_base}{dirname}{sep}{basename}"
+
+    def download(
+        self, target: TargetInfo, dest: Path, *, on_progress: ProgressCallback | None = None
+    ) -> Path:
+        """Fetch a target to `dest`; `dest` exists only once length and SHA-256 match
+        the signed metadata.
+
+        Bytes accumulate in ``dest + ".part"``, which survives a crash or a
+        dropped link and is resumed on the next call. A resumed file whose
+        hash does not match is discarded and fetched once more from scratch
+        (its prefix may have been damaged by a power cut).
+        """
         self._ensure_fresh()
-        with translate_errors(f"target {target.path!r}"):
-            return Path(self._updater.download_target(target.tuf, str(dest)))
+        part = dest.with_name(dest.name + ".part")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        url = self.target_url(target)
+        what = f"target {target.path!r}"
+        for attempt in (1, 2):
+            resumed = part.exists() and part.stat().st_size > 0
+            with translate_errors(what):
+                digest = self._fetcher.fetch_to_file(url, part, target.length, on_progress)
+            if digest == target.sha256:
+                os.replace(part, dest)
+                fsync_dir(dest.parent)
+                return dest
+            part.unlink(missing_ok=True)
+            if not resumed or attempt == 2:
+                break
+        raise HashMismatchError(f"{what}: sha256 {digest} does not match the signed {target.sha256}")
 
 
 def _info(tf: TargetFile) -> TargetInfo:

@@ -2,13 +2,20 @@
 explicit timeouts, or a local directory through ``file://`` URLs (USB sticks,
 bench rigs, tests).
 
-ngclient asks a fetcher only for an iterator of byte chunks; everything else
-(length limits, verification) stays in ngclient.
+ngclient asks a fetcher only for an iterator of byte chunks (metadata). For
+targets, `TidegateFetcher.fetch_to_file` adds what ngclient lacks and device
+users ask for: a partial file that survives restarts and resumes with an HTTP
+``Range`` request, retries with exponential backoff and jitter, progress
+callbacks, and SHA-256 computed while the bytes arrive (no second pass).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +28,9 @@ from tuf.ngclient import FetcherInterface
 
 CHUNK = 1 << 20
 
+ProgressCallback = Callable[[int, int], None]
+"""Called with (bytes on disk so far, total expected)."""
+
 
 @dataclass(frozen=True)
 class Timeouts:
@@ -28,6 +38,23 @@ class Timeouts:
 
     connect: float = 5.0
     read: float = 30.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of a target download after transient failures (timeouts, dropped links, 5xx).
+
+    The attempt counter resets whenever an attempt made progress, so a slow
+    link that keeps moving is never given up on.
+    """
+
+    max_attempts: int = 6
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Full-jitter exponential backoff (AWS architecture blog's recommendation)."""
+        return rng.uniform(0, min(self.max_delay, self.base_delay * (2 ** (attempt - 1))))
 
 
 def source_to_url(source: str | Path) -> str:
@@ -38,14 +65,29 @@ def source_to_url(source: str | Path) -> str:
     return Path(text).resolve().as_uri() + "/"
 
 
+def _name(url: str) -> str:
+    return unquote(urlparse(url).path).rpartition("/")[2]
+
+
 class TidegateFetcher(FetcherInterface):
-    def __init__(self, timeouts: Timeouts = Timeouts(), user_agent: str = "tidegate") -> None:
-        self._timeouts = timeouts
+    def __init__(
+        self,
+        timeouts: Timeouts = Timeouts(),
+        retry: RetryPolicy = RetryPolicy(),
+        user_agent: str = "tidegate",
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.timeouts = timeouts
+        self.retry = retry
+        self._sleep = sleep
+        self._rng = random.Random()
         self._pool = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=timeouts.connect, read=timeouts.read),
             retries=False,
             headers={"User-Agent": user_agent},
         )
+
+    # ---- ngclient's interface (metadata) ---------------------------------------------------
 
     @contextmanager
     def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
@@ -54,29 +96,88 @@ class TidegateFetcher(FetcherInterface):
             with super().download_file(url, max_length) as fh:
                 yield fh
         except tuf_exc.DownloadLengthMismatchError as exc:
-            name = unquote(urlparse(url).path).rpartition("/")[2]
-            raise tuf_exc.DownloadLengthMismatchError(f"{name}: {exc}") from None
+            raise tuf_exc.DownloadLengthMismatchError(f"{_name(url)}: {exc}") from None
 
     def _fetch(self, url: str) -> Iterator[bytes]:
+        return self._open(url, 0)[0]
+
+    # ---- resumable target download -----------------------------------------------------------
+
+    def fetch_to_file(
+        self, url: str, part: Path, length: int, on_progress: ProgressCallback | None = None
+    ) -> str:
+        """Bring `part` up to `length` bytes from `url`, resuming what is already there.
+
+        Returns the SHA-256 of the whole file. Raises
+        `DownloadLengthMismatchError` if the source sends more than `length`
+        (endless data), `DownloadHTTPError` for a non-retriable status, and the
+        last transient error once retries are exhausted.
+        """
+        h = hashlib.sha256()
+        offset = _hash_existing(part, length, h)
+        attempt = 0
+        with part.open("ab") as out:
+            while offset < length:
+                start = offset
+                try:
+                    chunks, from_offset = self._open(url, offset)
+                    if from_offset != offset:  # the server ignored Range: start over
+                        out.truncate(0)
+                        out.seek(0)
+                        h = hashlib.sha256()
+                        offset = 0
+                    for chunk in chunks:
+                        if offset + len(chunk) > length:
+                            raise tuf_exc.DownloadLengthMismatchError(
+                                f"{_name(url)}: more than the signed length of {length} bytes"
+                            )
+                        out.write(chunk)
+                        h.update(chunk)
+                        offset += len(chunk)
+                        if on_progress is not None:
+                            on_progress(offset, length)
+                    if offset < length:
+                        raise tuf_exc.DownloadError(
+                            f"{_name(url)}: connection ended at byte {offset} of {length}"
+                        )
+                except tuf_exc.DownloadLengthMismatchError:
+                    raise
+                except tuf_exc.DownloadHTTPError as exc:
+                    if exc.status_code < 500 and exc.status_code != 429:
+                        raise
+                    attempt = self._backoff(attempt, start, offset, exc)
+                except (tuf_exc.DownloadError, OSError) as exc:
+                    if isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError):
+                        raise  # a local I/O error (disk full, permissions) is not transient
+                    attempt = self._backoff(attempt, start, offset, exc)
+            out.flush()
+            os.fsync(out.fileno())
+        return h.hexdigest()
+
+    def _backoff(self, attempt: int, start: int, offset: int, exc: Exception) -> int:
+        attempt = 1 if offset > start else attempt + 1
+        if attempt >= self.retry.max_attempts:
+            raise exc
+        self._sleep(self.retry.delay(attempt, self._rng))
+        return attempt
+
+    # ---- transports --------------------------------------------------------------------------
+
+    def _open(self, url: str, offset: int) -> tuple[Iterator[bytes], int]:
+        """Open `url` from byte `offset`; returns the chunks and the offset they really start at."""
         parsed = urlparse(url)
         if parsed.scheme == "file":
-            return self._fetch_file(Path(unquote(parsed.path)))
+            return _file_chunks(Path(unquote(parsed.path)), offset), offset
         if parsed.scheme in ("http", "https"):
-            return self._fetch_http(url)
+            return self._http_chunks(url, offset)
         raise tuf_exc.DownloadError(f"unsupported URL scheme in {url!r}")
 
-    @staticmethod
-    def _fetch_file(path: Path) -> Iterator[bytes]:
+    def _http_chunks(self, url: str, offset: int) -> tuple[Iterator[bytes], int]:
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
         try:
-            fh = path.open("rb")
-        except (FileNotFoundError, NotADirectoryError):
-            # ngclient treats 404 (and 403) as "no newer root", which ends root rotation.
-            raise tuf_exc.DownloadHTTPError(f"{path}: not found", 404) from None
-        return _chunks(fh)
-
-    def _fetch_http(self, url: str) -> Iterator[bytes]:
-        try:
-            resp = self._pool.request("GET", url, preload_content=False)
+            resp = self._pool.request(
+                "GET", url, headers=headers, preload_content=False, enforce_content_length=False
+            )
         except urllib3.exceptions.TimeoutError as exc:
             raise tuf_exc.SlowRetrievalError(f"{url}: timed out") from exc
         except urllib3.exceptions.HTTPError as exc:
@@ -84,16 +185,42 @@ class TidegateFetcher(FetcherInterface):
         if resp.status >= 400:
             resp.release_conn()
             raise tuf_exc.DownloadHTTPError(f"{url}: HTTP {resp.status}", resp.status)
-        return _http_chunks(resp, url)
+        start = offset if resp.status == 206 else 0
+        return _stream(resp, url), start
 
 
-def _chunks(fh: BinaryIO) -> Iterator[bytes]:
+def _hash_existing(part: Path, length: int, h: hashlib._Hash) -> int:
+    """Feed an existing partial file into `h`; discard it if it cannot be a prefix."""
+    try:
+        size = part.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if size > length:
+        part.unlink()
+        return 0
+    with part.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return size
+
+
+def _file_chunks(path: Path, offset: int) -> Iterator[bytes]:
+    try:
+        fh: BinaryIO = path.open("rb")
+    except (FileNotFoundError, NotADirectoryError):
+        # ngclient treats 404 (and 403) as "no newer root", which ends root rotation.
+        raise tuf_exc.DownloadHTTPError(f"{path}: not found", 404) from None
+    return _read_from(fh, offset)
+
+
+def _read_from(fh: BinaryIO, offset: int) -> Iterator[bytes]:
     with fh:
+        fh.seek(offset)
         while chunk := fh.read(CHUNK):
             yield chunk
 
 
-def _http_chunks(resp: urllib3.BaseHTTPResponse, url: str) -> Iterator[bytes]:
+def _stream(resp: urllib3.BaseHTTPResponse, url: str) -> Iterator[bytes]:
     try:
         yield from resp.stream(CHUNK)
     except urllib3.exceptions.TimeoutError as exc:
