@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 
-from bench import bundle_read
+from bench import agent_install, bundle_read
 
 
 def main() -> None:
     size_mb = int(os.environ.get("TIDEGATE_BENCH_MB", "128"))
     bundle_read.run(size_mb)
+    sizes = [int(s) for s in os.environ.get("TIDEGATE_BENCH_INSTALL_MB", "256,1024").split(",")]
+    agent_install.run(sizes)
 
 
 if __name__ == "__main__":

@@ -360,3 +360,15 @@ def test_trial_that_keeps_crashing_rolls_back(world: World, tmp_path: Path) -> N
     assert r is not None and r.outcome is Outcome.ROLLED_BACK
     assert "trial interrupted 4 times" in r.reason
     assert device_view(device)["version"] == "1.0.0"
+
+
+def test_slot_damaged_between_boots_is_never_committed(world: World, tmp_path: Path) -> None:
+    device, repo = world.copy(tmp_path)
+    assert install_killed_at(device, repo, world.targets["v2"], "after:pointer") is not None
+    victim = next((device / "slots" / "b" / "weights").glob("*.bin"))
+    victim.write_bytes(b"\0" * victim.stat().st_size)  # same size, different bytes
+    r = Agent(device).recover()
+    assert r is not None and r.outcome is Outcome.ROLLED_BACK
+    assert "damaged after the flip" in r.reason
+    assert "sha256" in r.reason
+    assert device_view(device)["version"] == "1.0.0"

@@ -257,3 +257,15 @@ def test_extraction_never_writes_outside_dest(tmp_path: Path) -> None:
     with pytest.raises(UnsafePathError):
         read_bundle(hostile(tmp_path, members), dest)
     assert not (tmp_path / "outside").exists()
+
+
+def test_read_manifest_reads_only_the_first_member(sample_payload: Path, tmp_path: Path) -> None:
+    from shared.bundle import read_manifest
+
+    bundle = build_bundle(sample_payload, tmp_path / "b.bundle", compression="zstd")
+    assert read_manifest(bundle).name == "classifier"
+    members = good_members()
+    members[2] = Member("model.onnx", b"X" * len(BASIC_FILES["model.onnx"]))
+    assert read_manifest(hostile(tmp_path, members)).version == "1.0.0"  # payload not read here
+    with pytest.raises(DigestMismatchError):
+        verify_bundle(hostile(tmp_path, members))

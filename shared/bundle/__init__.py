@@ -30,7 +30,7 @@ from shared.bundle.manifest import (
     SelfTestSpec,
     Tolerance,
 )
-from shared.bundle.reader import ReaderLimits, read_bundle, verify_bundle, verify_tree
+from shared.bundle.reader import ReaderLimits, read_bundle, read_manifest, verify_bundle, verify_tree
 from shared.bundle.writer import describe_files, sha256_file, write_bundle
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "UnsafePathError",
     "describe_files",
     "read_bundle",
+    "read_manifest",
     "sha256_file",
     "verify_bundle",
     "verify_tree",
