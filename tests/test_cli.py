@@ -196,6 +196,8 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
 def test_demo_runs_to_the_end(tmp_path: Path) -> None:
     proc = run("demo", "--workdir", str(tmp_path / "demo"))
     assert proc.returncode == 0, proc.stderr
-    for tag in ("[bundle]", "[repo]", "[device]", "[rotate]", "[tamper]", "[gates]", "[done]"):
+    for tag in ("[bundle]", "[repo]", "[device]", "[rotate]", "[agent]", "[tamper]", "[gates]", "[done]"):
         assert tag in proc.stdout
+    assert "rolled_back: self-test failed" in proc.stdout
+    assert "vehicle-1 runs 1.3.0" in proc.stdout
     assert "COMPLETE" in proc.stdout

@@ -2,8 +2,10 @@
 
 It grows with each capability; today: a real model packed into a bundle,
 signed and published into a TUF repository, served over HTTP, verified and
-fetched as a device would, keys rotated without stranding old clients,
-tampering refused, and a rollout plan advanced by the gate engine.
+fetched as a device would, keys rotated without stranding old clients, an A/B
+device that installs, rolls a bad model back by itself and survives a power
+cut mid-write, tampering refused, and a rollout plan advanced by the gate
+engine.
 """
 
 import shutil
@@ -57,13 +59,83 @@ def _pack(payload: Path, out: Path, *, name: str, version: str, sku: str) -> Bun
     return manifest
 
 
+def _agent_story(workdir: Path, repo: UpdateRepository, payload: Path, url: str) -> None:
+    """A device with A/B slots: install, upgrade, a bad model that rolls itself back, a power cut."""
+    import os
+    import signal
+
+    import numpy as np
+
+    from agent.device import DeviceConfig, DeviceRoot
+    from agent.engine import Agent
+    from agent.faults import ENV
+
+    good = workdir / "payload-1.1.0"
+    shutil.copytree(payload, good)
+    bad = workdir / "payload-1.2.0-bad"
+    shutil.copytree(payload, bad)
+    golden = bad / "selftest" / "outputs.npz"
+    with np.load(golden) as f:
+        shifted = {k: f[k] + 0.25 for k in f.files}
+    with golden.open("wb") as fh:
+        np.savez(fh, **shifted)
+    for version, src in (("1.1.0", good), ("1.2.0", bad), ("1.3.0", good)):
+        out = workdir / "bundles" / f"classifier-{version}-edge-cpu-x86.bundle"
+        _pack(src, out, name="classifier", version=version, sku="edge-cpu-x86")
+        repo.add_bundle(out)
+    _say("repo", "published classifier 1.1.0, 1.2.0 (golden outputs do not match its model) and 1.3.0")
+
+    root = workdir / "vehicle-1"
+    DeviceRoot.provision(
+        root,
+        DeviceConfig(device_id="vehicle-1", sku="edge-cpu-x86"),
+        (repo.metadata_dir / "1.root.json").read_bytes(),
+    )
+    _say("agent", f"provisioned vehicle-1 (edge-cpu-x86) with A/B slots in {root}")
+    for version in ("1.0.0", "1.1.0"):
+        r = Agent(root).install(repository=url, target=f"classifier/{version}/edge-cpu-x86.bundle")
+        st = r.figures.get("self_test", {})
+        _say(
+            "agent",
+            f"{r.outcome.value}: {r.reason} (self-test p95 {st.get('p95_ms', 0):.2f} ms, "
+            f"peak {st.get('peak_rss_mb', 0):.0f} MB)",
+        )
+    r = Agent(root).install(repository=url, target="classifier/1.2.0/edge-cpu-x86.bundle")
+    _say("agent", f"{r.outcome.value}: {r.reason}")
+
+    pid = os.fork()
+    if pid == 0:  # a power cut in the middle of writing 1.3.0 into the inactive slot
+        os.environ[ENV] = "after:writing"
+        try:
+            Agent(root).install(repository=url, target="classifier/1.3.0/edge-cpu-x86.bundle")
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    rec = Agent(root).recover()
+    assert rec is not None
+    _say("agent", f"power cut while writing 1.3.0; on boot, recover: {rec.reason}")
+    r = Agent(root).install(repository=url, target="classifier")
+    _say("agent", f"the job retried: {r.outcome.value}: {r.reason}")
+    now_running = Agent(root).status()
+    slots = ", ".join(
+        f"{k}={v['status']} {v['bundle']['version'] if v['bundle'] else ''}".strip()
+        for k, v in now_running["slots"].items()
+    )
+    _say(
+        "agent",
+        f"vehicle-1 runs {now_running['active_version']} from slot {now_running['active_slot']} ({slots})",
+    )
+
+
 @app.callback(invoke_without_command=True)
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes everything (wiped first).")] = Path(
         ".demo"
     ),
 ) -> None:
-    """Build, sign, publish, serve and verify a bundle; rotate keys; refuse tampering; gate a rollout."""
+    """Build, sign, publish, serve and verify bundles; install them on an A/B device (a bad one rolls
+    itself back, a power cut is recovered); rotate keys; refuse tampering; gate a rollout."""
     t0 = time.monotonic()
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -117,6 +189,7 @@ def demo(
             f"rotated targets and root keys (root now v{repo.root().version}); a device "
             "holding only root v1 still updated through the root chain",
         )
+        _agent_story(workdir, repo, payload, server.url)
 
     tampered = workdir / "tampered-repository"
     shutil.copytree(repo_dir, tampered, ignore=shutil.ignore_patterns("keys"))
@@ -127,7 +200,7 @@ def demo(
     evil = TrustClient(
         repository=tampered, trusted_root=trusted_root, cache_dir=workdir / "device" / "trust2"
     )
-    info = next(t for t in evil.targets() if victim.name.endswith(t.path.rpartition("/")[2]))
+    info = next(t for t in evil.targets() if victim.name.startswith(t.sha256))
     try:
         evil.download(info, workdir / "device" / "evil.bundle")
         raise TidegateError("tampered target was accepted: this is a bug")
