@@ -161,3 +161,41 @@ def test_backoff_is_bounded_full_jitter() -> None:
         for _ in range(50):
             d = policy.delay(attempt, rng)
             assert 0 <= d <= min(8.0, 2 ** (attempt - 1))
+
+
+def test_read_timeout_on_a_stalled_link_then_resume(repo: UpdateRepository, tmp_path: Path) -> None:
+    """A server that goes silent mid-transfer trips the read timeout; the retry resumes."""
+    import time as _time
+
+    from shared.trust.fetcher import Timeouts
+
+    stalls = [True]
+
+    server = FlakyRepo(repo.dir, cuts=[])
+    handler = server.httpd.RequestHandlerClass
+    original = handler.do_GET  # type: ignore[attr-defined]
+
+    def do_get(self: object) -> None:
+        if "/targets/" in self.path and stalls:  # type: ignore[attr-defined]
+            stalls.pop()
+            self.send_response(200)  # type: ignore[attr-defined]
+            self.send_header("Content-Length", "99999999")  # type: ignore[attr-defined]
+            self.end_headers()  # type: ignore[attr-defined]
+            self.wfile.flush()  # type: ignore[attr-defined]
+            _time.sleep(1.5)
+            return
+        original(self)
+
+    handler.do_GET = do_get  # type: ignore[attr-defined]
+    try:
+        sleeps: list[float] = []
+        fetcher = TidegateFetcher(Timeouts(connect=2, read=0.3), RetryPolicy(3, 0.01), sleep=sleeps.append)
+        root = (repo.metadata_dir / "1.root.json").read_bytes()
+        c = TrustClient(repository=server.url, trusted_root=root, cache_dir=tmp_path / "c", fetcher=fetcher)
+        t0 = _time.monotonic()
+        got = c.download(c.targets()[0], tmp_path / "b.bundle")
+        assert _time.monotonic() - t0 < 1.4  # gave up on the silent connection before it ended
+        assert got.read_bytes() == (tmp_path / "v1.bundle").read_bytes()
+        assert len(sleeps) == 1
+    finally:
+        server.close()
