@@ -118,3 +118,32 @@ def recover(root: Root = DEFAULT_ROOT) -> None:
         typer.echo("nothing to recover")
         return
     typer.echo(f"recovered: {report.outcome.value}: {report.reason}")
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", help="agent.toml")],
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """The daemon: AWS IoT Jobs over MQTT, preconditions, installs, telemetry, thermal, batcher, health."""
+    import asyncio
+    import logging
+    import signal
+
+    from agent.config import AgentConfig
+    from agent.runtime import AgentDaemon
+
+    cfg = AgentConfig.load(config)
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format='{"at":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}',
+    )
+
+    async def main() -> None:
+        daemon = AgentDaemon(cfg)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.stop)
+        await daemon.run()
+
+    asyncio.run(main())

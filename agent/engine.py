@@ -30,8 +30,10 @@ from agent.errors import (
     DowngradeError,
     InstallInProgressError,
     InstallRefusedError,
+    KnownBadBundleError,
     NotEnoughDiskError,
     NothingToRollBackToError,
+    PreconditionsUnmetError,
     SkuMismatchError,
 )
 from agent.selftest import run_selftest
@@ -72,10 +74,19 @@ class InstallReport:
     reason: str
     version: str | None = None
     figures: dict[str, Any] = field(default_factory=dict)
+    refused: bool = False  # the job does not fit this device (SKU, agent version, downgrade, unknown)
+    deferred: bool = False  # stopped before the flip because preconditions no longer hold; retry later
 
     @property
     def ok(self) -> bool:
         return self.outcome is Outcome.COMMITTED
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """Refusals say the job does not fit this device (AWS IoT Jobs: REJECTED), not that it broke."""
+    return isinstance(exc, InstallRefusedError | TargetNotFoundError) and not isinstance(
+        exc, NotEnoughDiskError
+    )
 
 
 class Agent:
@@ -88,11 +99,13 @@ class Agent:
         clock: Callable[[], datetime] = _utcnow,
         on_progress: ProgressFn | None = None,
         agent_version: str = TIDEGATE_VERSION,
+        before_flip: Callable[[], str | None] | None = None,
     ) -> None:
         self.dev = DeviceRoot(root)
         self.clock = clock
         self.on_progress = on_progress
         self.agent_version = agent_version
+        self.before_flip = before_flip
 
     # ---- persistence ------------------------------------------------------------------------
 
@@ -104,9 +117,18 @@ class Agent:
         state.install.updated_at = self.clock()
         self.dev.state.save(state)
         faults.checkpoint(f"after:{phase}")
+        if self.on_progress is not None:
+            self.on_progress(phase.value, 0, 0)
 
     def _finish(
-        self, state: AgentState, outcome: Outcome, reason: str, figures: dict[str, Any]
+        self,
+        state: AgentState,
+        outcome: Outcome,
+        reason: str,
+        figures: dict[str, Any],
+        *,
+        refused: bool = False,
+        deferred: bool = False,
     ) -> InstallReport:
         rec = state.install
         version = rec.bundle.version if rec is not None else None
@@ -121,12 +143,13 @@ class Agent:
         state.install = None
         self.dev.state.save(state)
         faults.checkpoint(f"after:{outcome}")
-        return InstallReport(outcome, reason, version, figures)
+        return InstallReport(outcome, reason, version, figures, refused=refused, deferred=deferred)
 
-    def _refuse(self, state: AgentState, target: str | None, reason: str) -> InstallReport:
+    def _refuse(self, state: AgentState, target: str | None, exc: TidegateError) -> InstallReport:
+        reason = str(exc)
         state.last_result = LastResult(outcome=Outcome.FAILED, reason=reason, target=target, at=self.clock())
         self.dev.state.save(state)
-        return InstallReport(Outcome.FAILED, reason)
+        return InstallReport(Outcome.FAILED, reason, refused=_is_refusal(exc))
 
     # ---- install ------------------------------------------------------------------------------
 
@@ -153,7 +176,7 @@ class Agent:
                 active = self.dev.slots.active()
                 already = self._precheck(cfg, state, active, info)
             except TidegateError as exc:
-                return self._refuse(state, target, str(exc))
+                return self._refuse(state, target, exc)
             if already is not None:
                 return already
             now = self.clock()
@@ -180,9 +203,18 @@ class Agent:
                 path = self._download(state, client, info, bundle, cfg, figures)
                 manifest = self._verify(state, path, info, cfg, figures)
                 self._write(state, path, manifest, figures)
+                why = self.before_flip() if self.before_flip is not None else None
+                if why is not None:
+                    raise PreconditionsUnmetError(f"not flipping: {why}")
             except (TidegateError, OSError) as exc:
+                deferred = isinstance(exc, PreconditionsUnmetError)
                 return self._abandon(
-                    state, f"{type(exc).__name__}: {exc}", figures, keep_download=isinstance(exc, FetchError)
+                    state,
+                    f"{type(exc).__name__}: {exc}",
+                    figures,
+                    keep_download=deferred or isinstance(exc, FetchError),
+                    refused=_is_refusal(exc),
+                    deferred=deferred,
                 )
             if bundle is None:
                 path.unlink(missing_ok=True)  # the slot now holds the verified payload
@@ -236,6 +268,15 @@ class Agent:
         needed = SemVer.parse(str(meta.get("min_agent_version", "0.0.0")))
         if needed > SemVer.parse(self.agent_version):
             raise AgentTooOldError(f"{info.path} needs agent {needed}, this agent is {self.agent_version}")
+        for name, slot in state.slots.items():
+            if (
+                slot.status is SlotStatus.BAD
+                and slot.bundle is not None
+                and slot.bundle.sha256 == info.sha256
+            ):
+                raise KnownBadBundleError(
+                    f"{info.path} already failed its trial on this device (slot {name})"
+                )
         if active is None:
             return None
         current = state.slots[active]
@@ -339,7 +380,14 @@ class Agent:
         figures["write_bytes"] = manifest.total_size
 
     def _abandon(
-        self, state: AgentState, reason: str, figures: dict[str, Any], *, keep_download: bool
+        self,
+        state: AgentState,
+        reason: str,
+        figures: dict[str, Any],
+        *,
+        keep_download: bool,
+        refused: bool = False,
+        deferred: bool = False,
     ) -> InstallReport:
         """Undo an install that failed (or was interrupted) before the flip."""
         rec = state.install
@@ -348,7 +396,7 @@ class Agent:
             state.slots[rec.to_slot] = SlotInfo(status=SlotStatus.INVALID)
         if not keep_download and rec.local_bundle is None:
             (self.dev.downloads / f"{rec.bundle.sha256}.bundle").unlink(missing_ok=True)
-        return self._finish(state, Outcome.FAILED, reason, figures)
+        return self._finish(state, Outcome.FAILED, reason, figures, refused=refused, deferred=deferred)
 
     # ---- flip, trial, commit, rollback -----------------------------------------------------------
 

@@ -49,3 +49,11 @@ class NotEnoughDiskError(InstallRefusedError):
 
 class NothingToRollBackToError(AgentError):
     """There is no other committed slot to go back to."""
+
+
+class KnownBadBundleError(AgentError):
+    """This exact bundle already failed its trial here; it is not tried again."""
+
+
+class PreconditionsUnmetError(AgentError):
+    """Device-side preconditions stopped the install before the flip; it is retried later."""

@@ -1,0 +1,184 @@
+"""Local dynamic batcher for on-device inference over the active slot's model.
+
+Callers `await infer(sample)`; workers gather up to `max_batch` samples or
+wait at most `max_delay_ms` after the first, run one batched inference in a
+thread (ONNX Runtime releases the GIL), and hand each caller its row. The
+queue is bounded: when it is full `infer` raises `OverloadedError` at once
+(backpressure) instead of queueing without limit. `reload` swaps the model
+between batches, so a committed flip drops no request. The thermal governor
+lowers `max_batch` and `concurrency` and adds pacing through `set_limits`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from agent.errors import AgentError
+from shared.bundle import MANIFEST_NAME, BundleManifest
+
+
+class OverloadedError(AgentError):
+    """The batcher's queue is full; try again later."""
+
+
+class NoModelError(AgentError):
+    """No committed model is active."""
+
+
+class Runner(Protocol):
+    input_name: str
+    output_names: list[str]
+
+    def run_batch(self, batch: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]: ...
+
+
+class OnnxRunner:
+    """The active slot's entry model in ONNX Runtime (first input batched)."""
+
+    def __init__(self, slot_dir: Path, *, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        manifest = BundleManifest.from_json_bytes((slot_dir / MANIFEST_NAME).read_bytes())
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        self.version = manifest.version
+        self._sess = ort.InferenceSession(
+            str(slot_dir / manifest.entry_model), opts, providers=["CPUExecutionProvider"]
+        )
+        self.input_name = self._sess.get_inputs()[0].name
+        self.output_names = [o.name for o in self._sess.get_outputs()]
+
+    def run_batch(self, batch: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]:
+        return list(self._sess.run(self.output_names, {self.input_name: batch}))
+
+
+@dataclass
+class BatcherStats:
+    count: int = 0
+    errors: int = 0
+    batches: int = 0
+    rejected: int = 0
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        runner: Runner | None,
+        *,
+        max_batch: int = 32,
+        max_delay_ms: float = 5.0,
+        max_queue: int = 1024,
+        concurrency: int = 2,
+    ) -> None:
+        self.runner = runner
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_ms / 1000
+        self.concurrency = concurrency
+        self.pacing_s = 0.0
+        self._base_concurrency = concurrency
+        self._queue: asyncio.Queue[tuple[np.ndarray[Any, Any], asyncio.Future[dict[str, Any]]]] = (
+            asyncio.Queue(max_queue)
+        )
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="batcher")
+        self._workers: list[asyncio.Task[None]] = []
+        self._latencies: deque[float] = deque(maxlen=2048)
+        self.stats = BatcherStats()
+
+    def start(self) -> None:
+        self._workers = [asyncio.create_task(self._work(i)) for i in range(self._base_concurrency)]
+
+    async def stop(self) -> None:
+        for w in self._workers:
+            w.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._pool.shutdown(wait=True)
+
+    def set_limits(self, *, max_batch: int, concurrency: int, pacing_ms: float) -> None:
+        self.max_batch = max(1, max_batch)
+        self.concurrency = max(1, min(concurrency, self._base_concurrency))
+        self.pacing_s = pacing_ms / 1000
+
+    def reload(self, runner: Runner) -> None:
+        """Use `runner` from the next batch on; batches already running finish on the old one."""
+        self.runner = runner
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def latency_ms(self, q: float) -> float | None:
+        if not self._latencies:
+            return None
+        ordered = sorted(self._latencies)
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)] * 1000
+
+    async def infer(self, sample: np.ndarray[Any, Any]) -> dict[str, Any]:
+        """One sample (no batch axis) in, that sample's outputs out."""
+        if self.runner is None:
+            raise NoModelError("no committed model is active")
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait((sample, fut))
+        except asyncio.QueueFull:
+            self.stats.rejected += 1
+            raise OverloadedError(f"inference queue is full ({self._queue.maxsize} waiting)") from None
+        return await fut
+
+    async def _gather(self) -> list[tuple[np.ndarray[Any, Any], asyncio.Future[dict[str, Any]]]]:
+        items = [await self._queue.get()]
+        deadline = time.monotonic() + self.max_delay_s
+        while len(items) < self.max_batch:
+            try:
+                items.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                items.append(await asyncio.wait_for(self._queue.get(), left))
+            except TimeoutError:
+                break
+        return items
+
+    async def _work(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if index >= self.concurrency:  # throttled: this worker sits out
+                await asyncio.sleep(0.05)
+                continue
+            items = await self._gather()
+            runner = self.runner
+            t0 = time.perf_counter()
+            try:
+                if runner is None:
+                    raise NoModelError("no committed model is active")
+                batch = np.stack([s for s, _ in items])
+                outputs = await loop.run_in_executor(self._pool, runner.run_batch, batch)
+            except Exception as exc:
+                self.stats.errors += len(items)
+                for _, fut in items:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            elapsed = time.perf_counter() - t0
+            self.stats.batches += 1
+            self.stats.count += len(items)
+            for row, (_, fut) in enumerate(items):
+                self._latencies.append(elapsed)
+                if not fut.done():
+                    fut.set_result(
+                        {name: out[row] for name, out in zip(runner.output_names, outputs, strict=True)}
+                    )
+            if self.pacing_s:
+                await asyncio.sleep(self.pacing_s)

@@ -1,0 +1,56 @@
+"""Telemetry the agent publishes and the fleet server stores: health beacons and
+install receipts. One schema, used by both ends."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+BEACON_TOPIC = "tidegate/things/{thing}/beacon"
+RECEIPT_TOPIC = "tidegate/things/{thing}/receipt"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InferenceStats(_Model):
+    count: int = 0
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    errors: int = 0
+    ood: int = 0
+
+
+class HealthBeacon(_Model):
+    kind: Literal["beacon"] = "beacon"
+    schema_version: int = 1
+    seq: int = Field(ge=0)
+    device_id: str
+    sku: str
+    at: datetime
+    agent_version: str
+    active_version: str | None = None
+    active_slot: str | None = None
+    install_state: str = "idle"
+    temperatures_c: dict[str, float] = Field(default_factory=dict)
+    throttle_level: int = 0
+    inference: InferenceStats = InferenceStats()
+    free_disk_mb: float | None = None
+    dropped_telemetry: int = 0
+
+
+class InstallReceipt(_Model):
+    kind: Literal["receipt"] = "receipt"
+    schema_version: int = 1
+    seq: int = Field(ge=0)
+    device_id: str
+    at: datetime
+    job_id: str | None = None
+    target: str | None = None
+    version: str | None = None
+    outcome: Literal["committed", "failed", "rolled_back", "rejected"]
+    reason: str
+    figures: dict[str, object] = Field(default_factory=dict)
