@@ -12,6 +12,7 @@ lowers `max_batch` and `concurrency` and adds pacing through `set_limits`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
@@ -85,9 +86,13 @@ class DynamicBatcher:
         self.concurrency = concurrency
         self.pacing_s = 0.0
         self._base_concurrency = concurrency
-        self._queue: asyncio.Queue[tuple[np.ndarray[Any, Any], asyncio.Future[dict[str, Any]]]] = (
-            asyncio.Queue(max_queue)
-        )
+        self.max_queue = max_queue
+        self._queue: deque[tuple[np.ndarray[Any, Any], asyncio.Future[dict[str, Any]]]] = deque()
+        self._nonempty = asyncio.Event()
+        self._enough = asyncio.Event()  # the batch being gathered can be filled now
+        self._want = 0
+        self._running = 0  # batches in inference right now
+        self._gathering = asyncio.Lock()  # one worker forms a batch while others run theirs
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="batcher")
         self._workers: list[asyncio.Task[None]] = []
         self._latencies: deque[float] = deque(maxlen=2048)
@@ -113,7 +118,7 @@ class DynamicBatcher:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     def latency_ms(self, q: float) -> float | None:
         if not self._latencies:
@@ -125,31 +130,43 @@ class DynamicBatcher:
         """One sample (no batch axis) in, that sample's outputs out."""
         if self.runner is None:
             raise NoModelError("no committed model is active")
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait((sample, fut))
-        except asyncio.QueueFull:
+        if len(self._queue) >= self.max_queue:
             self.stats.rejected += 1
-            raise OverloadedError(f"inference queue is full ({self._queue.maxsize} waiting)") from None
+            raise OverloadedError(f"inference queue is full ({self.max_queue} waiting)")
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._queue.append((sample, fut))
+        self._nonempty.set()
+        if self._want and len(self._queue) >= self._want:
+            self._enough.set()
         return await fut
 
+    def _take(self, items: list[tuple[np.ndarray[Any, Any], asyncio.Future[dict[str, Any]]]]) -> None:
+        while self._queue and len(items) < self.max_batch:
+            items.append(self._queue.popleft())
+        if not self._queue:
+            self._nonempty.clear()
+
     async def _gather(self) -> list[tuple[np.ndarray[Any, Any], asyncio.Future[dict[str, Any]]]]:
-        items = [await self._queue.get()]
-        deadline = time.monotonic() + self.max_delay_s
-        while len(items) < self.max_batch:
-            try:
-                items.append(self._queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                items.append(await asyncio.wait_for(self._queue.get(), left))
-            except TimeoutError:
-                break
-        return items
+        """Wait for a first request; then, while another batch is running, until the batch is
+        full or `max_delay` has passed.
+
+        A constant number of waits per batch, not per request: a request costs a deque append.
+        """
+        async with self._gathering:
+            items: list[tuple[np.ndarray[Any, Any], asyncio.Future[dict[str, Any]]]] = []
+            while not items:
+                await self._nonempty.wait()
+                self._take(items)
+            # Waiting only pays while the model is busy: with every worker idle, go now.
+            if len(items) < self.max_batch and self.max_delay_s > 0 and self._running > 0:
+                self._want = self.max_batch - len(items)
+                self._enough.clear()
+                if len(self._queue) < self._want:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._enough.wait(), self.max_delay_s)
+                self._want = 0
+                self._take(items)
+            return items
 
     async def _work(self, index: int) -> None:
         loop = asyncio.get_running_loop()
@@ -164,7 +181,11 @@ class DynamicBatcher:
                 if runner is None:
                     raise NoModelError("no committed model is active")
                 batch = np.stack([s for s, _ in items])
-                outputs = await loop.run_in_executor(self._pool, runner.run_batch, batch)
+                self._running += 1
+                try:
+                    outputs = await loop.run_in_executor(self._pool, runner.run_batch, batch)
+                finally:
+                    self._running -= 1
             except Exception as exc:
                 self.stats.errors += len(items)
                 for _, fut in items:

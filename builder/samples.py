@@ -43,6 +43,43 @@ def make_classifier(path: Path, *, features: int = 16, classes: int = 4, seed: i
     return path
 
 
+def make_mlp(
+    path: Path, *, features: int = 256, hidden: int = 512, layers: int = 3, classes: int = 10, seed: int = 0
+) -> Path:
+    """A ``[N, features] -> [N, classes]`` multi-layer perceptron: enough compute per sample
+    that batching and threading show up in benchmarks the way a real model's would."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    prev, width = "input", features
+    for i in range(layers):
+        w = (rng.standard_normal((width, hidden)) / np.sqrt(width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        nodes += [
+            helper.make_node("MatMul", [prev, f"W{i}"], [f"h{i}"]),
+            helper.make_node("Relu", [f"h{i}"], [f"r{i}"]),
+        ]
+        prev, width = f"r{i}", hidden
+    wo = (rng.standard_normal((width, classes)) / np.sqrt(width)).astype(np.float32)
+    inits.append(numpy_helper.from_array(wo, "Wo"))
+    nodes += [
+        helper.make_node("MatMul", [prev, "Wo"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tidegate")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
 def write_selftest(model: Path, out_dir: Path, *, batch: int = 8, seed: int = 1) -> tuple[Path, Path]:
     """Golden inputs and the model's own outputs on them, as ``inputs.npz`` and ``outputs.npz``."""
     import onnxruntime as ort
@@ -88,9 +125,9 @@ def write_inference_config(model: Path, path: Path) -> Path:
     return path
 
 
-def make_sample_payload(directory: Path, *, seed: int = 0) -> Path:
+def make_sample_payload(directory: Path, *, seed: int = 0, mlp: bool = False) -> Path:
     """A complete bundle payload directory: model, inference config and golden self-test data."""
-    model = make_classifier(directory / "model.onnx", seed=seed)
+    model = (make_mlp if mlp else make_classifier)(directory / "model.onnx", seed=seed)
     write_inference_config(model, directory / "inference_config.json")
     write_selftest(model, directory / "selftest")
     return directory
