@@ -75,22 +75,25 @@ class AgentDaemon:
         self.device = self.dev.load_config()
         thing = self.device.device_id
         m = config.mqtt
-        self.transport: Transport = transport or PahoTransport(
-            MqttSettings(
-                host=m.host,
-                port=m.port,
-                client_id=thing,
-                keepalive_s=m.keepalive_s,
-                session_expiry_s=m.session_expiry_s,
-                reconnect_min_s=m.reconnect_min_s,
-                reconnect_max_s=m.reconnect_max_s,
-                ca_file=m.ca_file,
-                cert_file=m.cert_file,
-                key_file=m.key_file,
-                username=m.username,
-                password=m.password,
-            )
+        settings = MqttSettings(
+            host=m.host,
+            port=m.port,
+            client_id=thing,
+            keepalive_s=m.keepalive_s,
+            session_expiry_s=m.session_expiry_s,
+            reconnect_min_s=m.reconnect_min_s,
+            reconnect_max_s=m.reconnect_max_s,
+            ca_file=m.ca_file,
+            cert_file=m.cert_file,
+            key_file=m.key_file,
+            username=m.username,
+            password=m.password,
         )
+        if transport is None and m.transport == "awsiot":
+            from agent.mqtt_awsiot import AwsIotTransport
+
+            transport = AwsIotTransport(settings)
+        self.transport: Transport = transport or PahoTransport(settings)
         self.jobs = JobsClient(self.transport, thing, timeout_s=config.jobs.reply_timeout_s)
         self.jobs.on_notify_next = lambda execution: self._wake_jobs.set()
         self.outbox = Outbox(self.dev.root / "telemetry.sqlite", max_messages=config.telemetry.queue_max)

@@ -177,12 +177,16 @@ class Collector:
 # ---- the protocol, end to end ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("transport", ["paho", "awsiot"])
 def test_notify_start_next_progress_succeeded(
-    world: World, tmp_path: Path, broker: Broker, endpoint: JobsEndpoint
+    world: World, tmp_path: Path, broker: Broker, endpoint: JobsEndpoint, transport: str
 ) -> None:
+    """The same protocol over both transports: paho-mqtt and the AWS IoT Device SDK v2 (awscrt)."""
     device, _ = world.copy(tmp_path)
     receipts = Collector(broker.port, f"tidegate/things/{THING}/receipt", "receipts")
-    with DaemonThread(make_config(tmp_path, device, broker.port)) as d:
+    with DaemonThread(make_config(tmp_path, device, broker.port, mqtt={"transport": transport})) as d:
+        expected = {"paho": "PahoTransport", "awsiot": "AwsIotTransport"}[transport]
+        assert type(d.daemon.transport).__name__ == expected  # type: ignore[union-attr]
         endpoint.add_job(THING, "job-1", job_doc(world, "v2"))
         ex = endpoint.wait_status(THING, "job-1", {"SUCCEEDED", "FAILED", "REJECTED"})
         assert ex.status == "SUCCEEDED", ex.history
