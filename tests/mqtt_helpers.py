@@ -4,6 +4,7 @@ endpoint that plays the service side of the protocol over it."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -30,15 +31,26 @@ def free_port() -> int:
 class Broker:
     """A private Mosquitto with persistence, so sessions and queued QoS 1 messages survive a restart."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, tls: tuple[Path, Path, Path] | None = None) -> None:
+        """`tls` = (CA file, server cert, server key) adds a second, mutual-TLS listener on `tls_port`."""
         self.port = free_port()
+        self.tls_port = free_port() if tls else None
         self.dir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(
+        text = (
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
             f"persistence_location {workdir}/\nmax_queued_messages 100000\nlog_dest file {workdir}/log\n"
         )
+        if os.geteuid() == 0:
+            text += "user root\n"  # else mosquitto drops to 'mosquitto', who cannot read the test's files
+        if tls:
+            ca, cert, key = tls
+            text += (
+                f"listener {self.tls_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+                "require_certificate true\nuse_identity_as_username true\n"
+            )
+        self.conf.write_text(text)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Broker:

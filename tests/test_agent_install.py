@@ -372,3 +372,32 @@ def test_slot_damaged_between_boots_is_never_committed(world: World, tmp_path: P
     assert "damaged after the flip" in r.reason
     assert "sha256" in r.reason
     assert device_view(device)["version"] == "1.0.0"
+
+
+def test_preconditions_checked_again_before_the_flip(world: World, tmp_path: Path) -> None:
+    """A vehicle that starts driving during the write: the flip is not made, the install is
+    deferred (not failed), the download is kept, and the retry completes."""
+    device, repo = world.copy(tmp_path)
+    r = Agent(device, before_flip=lambda: "parked: vehicle not parked").install(
+        repository=str(repo), target=world.targets["v2"]
+    )
+    assert r.outcome is Outcome.FAILED and r.deferred and not r.refused
+    assert "not flipping: parked: vehicle not parked" in r.reason
+    view = device_view(device)
+    assert view["version"] == "1.0.0" and view["other"] == "invalid"
+    assert len(list((device / "downloads").glob("*.bundle"))) == 1  # kept for the retry
+    assert (
+        Agent(device, before_flip=lambda: None).install(repository=str(repo), target=world.targets["v2"]).ok
+    )
+    assert device_view(device)["version"] == "2.0.0"
+
+
+def test_a_bundle_that_failed_its_trial_is_not_tried_again(world: World, tmp_path: Path) -> None:
+    device, repo = world.copy(tmp_path)
+    assert (
+        Agent(device).install(repository=str(repo), target=world.targets["v3-bad"]).outcome
+        is Outcome.ROLLED_BACK
+    )
+    r = Agent(device).install(repository=str(repo), target=world.targets["v3-bad"])
+    assert r.outcome is Outcome.FAILED and "already failed its trial" in r.reason
+    assert "self_test" not in r.figures  # refused before any work

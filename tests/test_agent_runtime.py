@@ -506,3 +506,62 @@ def test_corrupt_config_fails_at_start(tmp_path: Path) -> None:
         assert p.returncode != 0
         lines = [x for x in p.stderr.splitlines() if x.strip()]
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in p.stderr, p.stderr
+
+
+def test_mutual_tls_with_a_device_certificate(world: World, tmp_path: Path) -> None:
+    import ssl
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from shared.pki import issue, make_ca
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ca = make_ca("tidegate test CA")
+    server = issue(ca, "broker", server_names=["127.0.0.1", "localhost"], client=False)
+    device_cert = issue(ca, THING)
+    files = {}
+    for name, pair in (("ca", ca), ("server", server), ("device", device_cert)):
+        (pki / f"{name}.pem").write_bytes(pair.cert_pem)
+        (pki / f"{name}.key").write_bytes(pair.key_pem)
+        files[name] = (pki / f"{name}.pem", pki / f"{name}.key")
+    broker = Broker(tmp_path / "tls-broker", tls=(files["ca"][0], *files["server"])).start()
+    endpoint = JobsEndpoint(broker.port)  # the service side on the plain localhost listener
+    try:
+        device, _ = world.copy(tmp_path)
+        mqtt_cfg = {
+            "port": broker.tls_port,
+            "ca_file": str(files["ca"][0]),
+            "cert_file": str(files["device"][0]),
+            "key_file": str(files["device"][1]),
+        }
+        with DaemonThread(make_config(tmp_path, device, broker.port, mqtt=mqtt_cfg)):
+            endpoint.add_job(THING, "tls", job_doc(world, "v2"))
+            assert endpoint.wait_status(THING, "tls", {"SUCCEEDED", "FAILED"}).status == "SUCCEEDED"
+        # a certificate from another CA is refused at the handshake
+        rogue_ca = make_ca("rogue")
+        rogue = issue(rogue_ca, THING)
+        (pki / "rogue.pem").write_bytes(rogue.cert_pem)
+        (pki / "rogue.key").write_bytes(rogue.key_pem)
+        c = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id="rogue", protocol=mqtt.MQTTv5
+        )
+        c.tls_set(
+            ca_certs=str(files["ca"][0]),
+            certfile=str(pki / "rogue.pem"),
+            keyfile=str(pki / "rogue.key"),
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            c.connect("127.0.0.1", broker.tls_port)
+            c.loop_start()
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and not c.is_connected():
+                time.sleep(0.05)
+            c.loop_stop()
+            if not c.is_connected():
+                raise ConnectionError("refused")
+    finally:
+        endpoint.close()
+        broker.stop()
