@@ -88,7 +88,10 @@ class AwsIotTransport:
             fut = self._client.publish(
                 mqtt5.PublishPacket(topic=topic, payload=payload, qos=mqtt5.QoS.AT_LEAST_ONCE)
             )
-            result = await asyncio.wait_for(asyncio.wrap_future(fut), self.settings.publish_timeout_s)
+            # shield: a timeout here must not cancel the SDK's future, which it completes later
+            result = await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(fut)), self.settings.publish_timeout_s
+            )
         except (TimeoutError, Exception) as exc:  # awscrt raises its own exception types
             log.debug("publish to %s not acknowledged: %s", topic, exc)
             return False
