@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.common import best_of, print_table, write_result
 from builder.samples import make_sample_payload
-from shared.bundle import BundleManifest, describe_files, write_bundle
+from shared.bundle import pack_directory
 from shared.trust import UpdateRepository
 
 
@@ -31,27 +31,16 @@ def _bundle(work: Path, size_mb: int) -> Path:
         block = os.urandom(1 << 20)
         for i in range(size_mb):
             fh.write(block[i % 7 :] + block[: i % 7])  # distinct blocks, cheap to make
-    sources = {p.relative_to(payload).as_posix(): p for p in payload.rglob("*") if p.is_file()}
-    manifest = BundleManifest.from_obj(
-        {
-            "name": "bench",
-            "version": f"{size_mb}.0.0",
-            "skus": ["bench"],
-            "runtime": "onnxruntime",
-            "entry_model": "model.onnx",
-            "inference_config": "inference_config.json",
-            "self_test": {
-                "inputs": "selftest/inputs.npz",
-                "outputs": "selftest/outputs.npz",
-                "latency_budget_ms": 100.0,
-                "memory_ceiling_mb": 2048.0,
-            },
-            "files": [f.model_dump() for f in describe_files(sources)],
-            "provenance": {"builder_version": "bench", "created": "2026-01-01T00:00:00Z"},
-        }
-    )
     out = work / f"bench-{size_mb}.bundle"
-    write_bundle(out, manifest, sources)
+    pack_directory(
+        payload,
+        out,
+        name="bench",
+        version=f"{size_mb}.0.0",
+        skus=["bench"],
+        latency_budget_ms=100.0,
+        memory_ceiling_mb=2048.0,
+    )
     shutil.rmtree(payload)
     return out
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import best_of, print_table, write_result
-from shared.bundle import BundleManifest, describe_files, read_bundle, verify_bundle, write_bundle
+from shared.bundle import pack_directory, read_bundle, verify_bundle
 
 
 def _make_bundle(workdir: Path, size_mb: int) -> Path:
@@ -23,27 +23,8 @@ def _make_bundle(workdir: Path, size_mb: int) -> Path:
     (payload / "inference_config.json").write_text("{}")
     (payload / "selftest" / "inputs.npz").write_bytes(b"i")
     (payload / "selftest" / "outputs.npz").write_bytes(b"o")
-    sources = {p.relative_to(payload).as_posix(): p for p in payload.rglob("*") if p.is_file()}
-    manifest = BundleManifest.from_obj(
-        {
-            "name": "bench",
-            "version": "1.0.0",
-            "skus": ["bench"],
-            "runtime": "onnxruntime",
-            "entry_model": "model.onnx",
-            "inference_config": "inference_config.json",
-            "self_test": {
-                "inputs": "selftest/inputs.npz",
-                "outputs": "selftest/outputs.npz",
-                "latency_budget_ms": 1.0,
-                "memory_ceiling_mb": 1.0,
-            },
-            "files": [f.model_dump() for f in describe_files(sources)],
-            "provenance": {"builder_version": "bench", "created": "2026-01-01T00:00:00Z"},
-        }
-    )
     out = workdir / "bench.bundle"
-    write_bundle(out, manifest, sources)
+    pack_directory(payload, out, name="bench", version="1.0.0", skus=["bench"])
     shutil.rmtree(payload)
     return out
 

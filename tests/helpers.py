@@ -8,29 +8,18 @@ import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from shared.bundle import BundleManifest, describe_files, write_bundle
+from shared.bundle import BundleManifest, pack, write_bundle
 
 
 def manifest_for(sources: dict[str, Path], **overrides: object) -> BundleManifest:
-    raw: dict[str, object] = {
-        "name": "classifier",
-        "version": "1.0.0",
-        "skus": ["edge-cpu"],
-        "runtime": "onnxruntime",
-        "entry_model": "model.onnx",
-        "inference_config": "inference_config.json",
-        "self_test": {
-            "inputs": "selftest/inputs.npz",
-            "outputs": "selftest/outputs.npz",
-            "latency_budget_ms": 50.0,
-            "memory_ceiling_mb": 512.0,
-        },
-        "files": [f.model_dump() for f in describe_files(sources)],
-        "provenance": {"builder_version": "0.1.0", "created": "2026-01-01T00:00:00Z"},
-    }
-    raw.update(overrides)
-    return BundleManifest.from_obj(raw)
+    """The test suite's default bundle: classifier 1.0.0 for edge-cpu; `overrides` replace fields."""
+    settings: dict[str, Any] = {"name": "classifier", "version": "1.0.0", "skus": ["edge-cpu"]}
+    for key in ("name", "version", "skus"):
+        if key in overrides:
+            settings[key] = overrides.pop(key)
+    return pack.manifest_for(sources, created="2026-01-01T00:00:00Z", **settings, **overrides)
 
 
 def payload_sources(payload: Path) -> dict[str, Path]:

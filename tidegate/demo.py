@@ -18,15 +18,13 @@ import typer
 
 from builder.samples import make_sample_payload
 from shared.bundle import verify_bundle
-from shared.bundle.cli import collect_payload
 from shared.bundle.manifest import BundleManifest
-from shared.bundle.writer import describe_files, write_bundle
+from shared.bundle.pack import pack_directory
 from shared.errors import TidegateError
 from shared.gates import Comparator, Condition, Gate, RolloutPlan, Sample, Step, decide, start
 from shared.gates.plan import Action
 from shared.trust import HashMismatchError, TrustClient, UpdateRepository
 from shared.trust.http import RepoHTTPServer
-from shared.version import TIDEGATE_VERSION
 
 app = typer.Typer(help="Run the end-to-end demonstration on this machine.")
 
@@ -36,27 +34,16 @@ def _say(step: str, text: str) -> None:
 
 
 def _pack(payload: Path, out: Path, *, name: str, version: str, sku: str) -> BundleManifest:
-    sources = collect_payload(payload)
-    manifest = BundleManifest.from_obj(
-        {
-            "name": name,
-            "version": version,
-            "skus": [sku],
-            "runtime": "onnxruntime",
-            "entry_model": "model.onnx",
-            "inference_config": "inference_config.json",
-            "self_test": {
-                "inputs": "selftest/inputs.npz",
-                "outputs": "selftest/outputs.npz",
-                "latency_budget_ms": 20.0,
-                "memory_ceiling_mb": 256.0,
-            },
-            "files": [f.model_dump() for f in describe_files(sources)],
-            "provenance": {"builder_version": TIDEGATE_VERSION, "created": "2026-01-01T00:00:00Z"},
-        }
+    return pack_directory(
+        payload,
+        out,
+        compression="zstd",
+        name=name,
+        version=version,
+        skus=[sku],
+        latency_budget_ms=20.0,
+        memory_ceiling_mb=256.0,
     )
-    write_bundle(out, manifest, sources, compression="zstd")
-    return manifest
 
 
 def _agent_story(workdir: Path, repo: UpdateRepository, payload: Path, url: str) -> None:

@@ -30,6 +30,7 @@ from shared.bundle.manifest import (
     SelfTestSpec,
     Tolerance,
 )
+from shared.bundle.pack import collect_payload, manifest_for, pack_directory
 from shared.bundle.reader import ReaderLimits, read_bundle, read_manifest, verify_bundle, verify_tree
 from shared.bundle.writer import describe_files, sha256_file, write_bundle
 
@@ -55,7 +56,10 @@ __all__ = [
     "TotalSizeError",
     "UnlistedMemberError",
     "UnsafePathError",
+    "collect_payload",
     "describe_files",
+    "manifest_for",
+    "pack_directory",
     "read_bundle",
     "read_manifest",
     "sha256_file",

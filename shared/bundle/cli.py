@@ -7,30 +7,13 @@ from typing import Annotated
 
 import typer
 
-from shared.bundle.errors import BundleError
-from shared.bundle.manifest import BundleManifest, Runtime
+from shared.bundle.manifest import Runtime
+from shared.bundle.pack import pack_directory
 from shared.bundle.reader import verify_bundle
-from shared.bundle.writer import describe_files, write_bundle
-from shared.version import TIDEGATE_VERSION
 
 app = typer.Typer(
     help="Bundles: pack a payload directory, inspect and verify a bundle file.", no_args_is_help=True
 )
-
-
-def collect_payload(directory: Path) -> dict[str, Path]:
-    """Every regular file under `directory` by its relative POSIX path (links refused)."""
-    if not directory.is_dir():
-        raise BundleError(f"{directory}: not a directory")
-    out: dict[str, Path] = {}
-    for p in sorted(directory.rglob("*")):
-        if p.is_symlink():
-            raise BundleError(f"{p}: links cannot go into a bundle")
-        if p.is_file():
-            out[p.relative_to(directory).as_posix()] = p
-    if not out:
-        raise BundleError(f"{directory}: no files to pack")
-    return out
 
 
 @app.command()
@@ -55,32 +38,25 @@ def pack(
     zstd: Annotated[bool, typer.Option(help="Compress with zstd.")] = False,
 ) -> None:
     """Pack DIRECTORY into one verified bundle file."""
-    sources = collect_payload(directory)
-    manifest = BundleManifest.from_obj(
-        {
-            "name": name,
-            "version": version,
-            "skus": sku,
-            "runtime": runtime.value,
-            "entry_model": entry,
-            "inference_config": inference_config,
-            "self_test": {
-                "inputs": selftest_inputs,
-                "outputs": selftest_outputs,
-                "tolerance": {"atol": atol, "rtol": rtol},
-                "latency_budget_ms": latency_budget_ms,
-                "memory_ceiling_mb": memory_ceiling_mb,
-            },
-            "files": [f.model_dump() for f in describe_files(sources)],
-            "min_agent_version": min_agent_version,
-            "provenance": {
-                "builder_version": TIDEGATE_VERSION,
-                "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            },
-        },
-        source="bundle options",
+    manifest = pack_directory(
+        directory,
+        out,
+        compression="zstd" if zstd else "none",
+        name=name,
+        version=version,
+        skus=sku,
+        runtime=runtime.value,
+        entry_model=entry,
+        inference_config=inference_config,
+        selftest_inputs=selftest_inputs,
+        selftest_outputs=selftest_outputs,
+        latency_budget_ms=latency_budget_ms,
+        memory_ceiling_mb=memory_ceiling_mb,
+        atol=atol,
+        rtol=rtol,
+        min_agent_version=min_agent_version,
+        created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
-    write_bundle(out, manifest, sources, compression="zstd" if zstd else "none")
     typer.echo(
         f"packed {manifest.name} {manifest.version} ({len(manifest.files)} files, "
         f"{manifest.total_size} bytes) -> {out}"
