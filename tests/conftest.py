@@ -21,3 +21,37 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             "agent fault injection: {kill_points} SIGKILL points, {killed} reached, devices ended on "
             "old {old} / new {new}, left without a committed verified slot: {bricked}".format(**KILL_STATS)
         )
+
+
+def _database_urls() -> list[str]:
+    import os
+
+    urls = ["sqlite"]
+    if os.environ.get("TIDEGATE_TEST_PG_URL"):
+        urls.append("postgresql")
+    return urls
+
+
+@pytest.fixture(params=_database_urls())
+def db(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A migrated, empty fleet database: SQLite always, PostgreSQL when TIDEGATE_TEST_PG_URL is set."""
+    import os
+
+    from sqlalchemy import text
+
+    from fleet_server.db import Base, Database
+    from fleet_server.migrate import upgrade
+
+    url = (
+        f"sqlite:///{tmp_path / 'fleet.db'}"
+        if request.param == "sqlite"
+        else os.environ["TIDEGATE_TEST_PG_URL"]
+    )
+    database = Database(url)
+    if request.param == "postgresql":  # a shared server: start from nothing
+        Base.metadata.drop_all(database.engine)
+        with database.engine.begin() as conn:
+            conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    upgrade(database)
+    yield database
+    database.engine.dispose()

@@ -1,0 +1,1 @@
+"""Devices: registration and inventory."""

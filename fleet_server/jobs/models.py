@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from fleet_server.db import Base, UTCDateTime
+
+
+class JobExecution(Base):
+    """One device's execution of one job, with AWS IoT Jobs' states and version numbers."""
+
+    __tablename__ = "job_executions"
+    __table_args__ = (
+        UniqueConstraint("job_id", "thing_name", name="uq_execution_job_thing"),
+        Index("ix_execution_thing_status", "thing_name", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    thing_name: Mapped[str] = mapped_column(String(128), ForeignKey("devices.thing_name"))
+    campaign_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    status_details: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    version_number: Mapped[int] = mapped_column(Integer, default=1)
+    execution_number: Mapped[int] = mapped_column(Integer, default=1)
+    queued_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    step_timeout_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    in_progress_timeout_min: Mapped[int | None] = mapped_column(Integer)
+    last_notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ExecutionEvent(Base):
+    """Every transition of every execution, in order: the audit trail campaigns are judged on."""
+
+    __tablename__ = "execution_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    execution_id: Mapped[int] = mapped_column(ForeignKey("job_executions.id"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    from_status: Mapped[str | None] = mapped_column(String(16))
+    to_status: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(16))
+    details: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)

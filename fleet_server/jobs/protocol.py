@@ -1,0 +1,359 @@
+"""The service side of the AWS IoT Jobs MQTT protocol, over the database.
+
+`handle` takes one device request (topic and payload) and returns the
+replies and notifications to publish; `create_execution` queues a job for a
+device; `sweep` times out stuck executions and re-notifies devices whose
+queued job may have been missed. All take the session and the time, do no
+MQTT I/O themselves (the bridge publishes what they return), and never raise
+for bad input: every malformed request gets a ``rejected`` reply with the
+codes AWS documents.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fleet_server.devices.models import Device
+from fleet_server.jobs.models import ExecutionEvent, JobExecution
+from shared.iotjobs import (
+    DEVICE_SETTABLE,
+    JobStatus,
+    RejectedCode,
+    Topics,
+    check_status_details,
+    valid_job_id,
+    valid_thing_name,
+)
+
+PENDING = (JobStatus.QUEUED.value, JobStatus.IN_PROGRESS.value)
+MAX_NOTIFY = 15
+MAX_GET = 10
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    topic: str
+    payload: dict[str, Any]
+
+    def encode(self) -> bytes:
+        return json.dumps(self.payload, separators=(",", ":")).encode()
+
+
+class RequestError(Exception):
+    def __init__(self, code: RejectedCode, message: str, execution: JobExecution | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.execution = code, message, execution
+
+
+def _ts(dt: datetime | None) -> int | None:
+    return None if dt is None else int(dt.timestamp())
+
+
+def execution_doc(ex: JobExecution, *, include_document: bool = True) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "jobId": ex.job_id,
+        "thingName": ex.thing_name,
+        "status": ex.status,
+        "statusDetails": dict(ex.status_details or {}),
+        "queuedAt": _ts(ex.queued_at),
+        "lastUpdatedAt": _ts(ex.last_updated_at),
+        "versionNumber": ex.version_number,
+        "executionNumber": ex.execution_number,
+    }
+    if ex.started_at is not None:
+        doc["startedAt"] = _ts(ex.started_at)
+    if include_document:
+        doc["jobDocument"] = ex.document
+    return doc
+
+
+def _summary(ex: JobExecution) -> dict[str, Any]:
+    out = {
+        k: v
+        for k, v in execution_doc(ex, include_document=False).items()
+        if k in ("jobId", "queuedAt", "startedAt", "lastUpdatedAt", "versionNumber", "executionNumber")
+    }
+    return out
+
+
+def _state(ex: JobExecution) -> dict[str, Any]:
+    return {
+        "status": ex.status,
+        "statusDetails": dict(ex.status_details or {}),
+        "versionNumber": ex.version_number,
+    }
+
+
+def _pending(session: Session, thing: str) -> list[JobExecution]:
+    """IN_PROGRESS first, then QUEUED, each oldest first: the order start-next serves."""
+    rows = session.scalars(
+        select(JobExecution).where(JobExecution.thing_name == thing, JobExecution.status.in_(PENDING))
+    ).all()
+    return sorted(rows, key=lambda e: (e.status != JobStatus.IN_PROGRESS.value, e.queued_at, e.id))
+
+
+def _transition(
+    session: Session,
+    ex: JobExecution,
+    to: JobStatus,
+    now: datetime,
+    source: str,
+    details: dict[str, str] | None,
+) -> None:
+    session.add(
+        ExecutionEvent(
+            execution_id=ex.id,
+            at=now,
+            from_status=ex.status,
+            to_status=to.value,
+            source=source,
+            details=dict(details or {}),
+        )
+    )
+    ex.status = to.value
+    ex.version_number += 1
+    ex.last_updated_at = now
+
+
+def notifications(session: Session, thing: str, now: datetime) -> list[Outgoing]:
+    """notify-next (the head of the queue, or none) and notify (the pending lists) for `thing`."""
+    topics = Topics(thing)
+    pending = _pending(session, thing)
+    nxt: dict[str, Any] = {"timestamp": _ts(now)}
+    if pending:
+        nxt["execution"] = execution_doc(pending[0])
+        pending[0].last_notified_at = now
+    jobs: dict[str, list[dict[str, Any]]] = {}
+    for ex in pending[:MAX_NOTIFY]:
+        jobs.setdefault(ex.status, []).append(_summary(ex))
+    return [Outgoing(topics.notify_next, nxt), Outgoing(topics.notify, {"timestamp": _ts(now), "jobs": jobs})]
+
+
+def create_execution(
+    session: Session,
+    thing: str,
+    job_id: str,
+    document: dict[str, Any],
+    now: datetime,
+    *,
+    campaign_id: str | None = None,
+    in_progress_timeout_min: int | None = None,
+) -> list[Outgoing]:
+    """Queue `job_id` for `thing`; returns the notifications to publish (the device's queue
+    head may have changed)."""
+    if not valid_job_id(job_id):
+        raise ValueError(f"invalid job id {job_id!r}")
+    if session.get(Device, thing) is None:
+        raise LookupError(f"unknown device {thing!r}")
+    ex = JobExecution(
+        job_id=job_id,
+        thing_name=thing,
+        campaign_id=campaign_id,
+        status=JobStatus.QUEUED.value,
+        status_details={},
+        document=document,
+        version_number=1,
+        execution_number=1,
+        queued_at=now,
+        last_updated_at=now,
+        in_progress_timeout_min=in_progress_timeout_min,
+    )
+    session.add(ex)
+    session.flush()
+    session.add(
+        ExecutionEvent(
+            execution_id=ex.id, at=now, from_status=None, to_status=ex.status, source="server", details={}
+        )
+    )
+    return notifications(session, thing, now)
+
+
+def _parse(topic: str) -> tuple[str, list[str]]:
+    parts = topic.split("/")
+    if len(parts) < 5 or parts[0] != "$aws" or parts[1] != "things" or parts[3] != "jobs":
+        raise RequestError(RejectedCode.INVALID_TOPIC, f"not a jobs topic: {topic}")
+    if not valid_thing_name(parts[2]):
+        raise RequestError(RejectedCode.INVALID_TOPIC, "invalid thing name")
+    return parts[2], parts[4:]
+
+
+def _step_timeout(body: dict[str, Any], now: datetime) -> datetime | None:
+    minutes = body.get("stepTimeoutInMinutes")
+    if minutes is None:
+        return None
+    if not isinstance(minutes, int) or isinstance(minutes, bool) or not 1 <= minutes <= 10080:
+        raise RequestError(RejectedCode.INVALID_REQUEST, "stepTimeoutInMinutes must be 1..10080")
+    return now + timedelta(minutes=minutes)
+
+
+def handle(session: Session, topic: str, payload: bytes, now: datetime) -> list[Outgoing]:
+    """One device request in; the reply (accepted or rejected) and any notifications out."""
+    token: Any = None
+    try:
+        thing, rest = _parse(topic)
+        try:
+            body = json.loads(payload) if payload.strip() else {}
+        except (ValueError, UnicodeDecodeError):
+            raise RequestError(RejectedCode.INVALID_JSON, "payload is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise RequestError(RejectedCode.INVALID_JSON, "payload must be a JSON object")
+        token = body.get("clientToken")
+        if token is not None and (not isinstance(token, str) or len(token) > 64):
+            raise RequestError(
+                RejectedCode.INVALID_REQUEST, "clientToken must be a string of at most 64 chars"
+            )
+        device = session.get(Device, thing)
+        if device is None:
+            raise RequestError(RejectedCode.RESOURCE_NOT_FOUND, f"thing {thing} is not registered")
+        device.last_seen_at = now
+        if rest == ["get"]:
+            reply, extra = _get_pending(session, thing, now)
+        elif rest == ["start-next"]:
+            reply, extra = _start_next(session, thing, body, now)
+        elif len(rest) == 2 and rest[1] == "get":
+            reply, extra = _describe(session, thing, rest[0], body, now)
+        elif len(rest) == 2 and rest[1] == "update":
+            reply, extra = _update(session, thing, rest[0], body, now)
+        else:
+            raise RequestError(RejectedCode.INVALID_TOPIC, f"unknown jobs operation {'/'.join(rest)}")
+    except RequestError as err:
+        rejected: dict[str, Any] = {"code": err.code.value, "message": err.message, "timestamp": _ts(now)}
+        if token is not None and isinstance(token, str):
+            rejected["clientToken"] = token
+        if err.execution is not None:
+            rejected["executionState"] = _state(err.execution)
+        return [Outgoing(Topics.rejected(topic), rejected)]
+    reply["timestamp"] = _ts(now)
+    if token is not None:
+        reply["clientToken"] = token
+    return [Outgoing(Topics.accepted(topic), reply), *extra]
+
+
+def _get_pending(session: Session, thing: str, now: datetime) -> tuple[dict[str, Any], list[Outgoing]]:
+    pending = _pending(session, thing)
+    return {
+        "inProgressJobs": [_summary(e) for e in pending if e.status == JobStatus.IN_PROGRESS.value][:MAX_GET],
+        "queuedJobs": [_summary(e) for e in pending if e.status == JobStatus.QUEUED.value][:MAX_GET],
+    }, []
+
+
+def _start_next(
+    session: Session, thing: str, body: dict[str, Any], now: datetime
+) -> tuple[dict[str, Any], list[Outgoing]]:
+    details = body.get("statusDetails")
+    if (why := check_status_details(details)) is not None:
+        raise RequestError(RejectedCode.INVALID_REQUEST, why)
+    step = _step_timeout(body, now)
+    pending = _pending(session, thing)
+    if not pending:
+        return {}, []
+    ex = pending[0]
+    if ex.status == JobStatus.QUEUED.value:
+        if details:
+            ex.status_details = {**(ex.status_details or {}), **details}
+        _transition(session, ex, JobStatus.IN_PROGRESS, now, "device", details)
+        ex.started_at = now
+    ex.step_timeout_at = step
+    return {"execution": execution_doc(ex)}, []
+
+
+def _find(session: Session, thing: str, job_id: str) -> JobExecution:
+    if job_id == "$next":
+        pending = _pending(session, thing)
+        if not pending:
+            raise RequestError(RejectedCode.RESOURCE_NOT_FOUND, "no pending job execution")
+        return pending[0]
+    if not valid_job_id(job_id):
+        raise RequestError(RejectedCode.INVALID_TOPIC, "invalid job id")
+    ex = session.scalars(
+        select(JobExecution).where(JobExecution.thing_name == thing, JobExecution.job_id == job_id)
+    ).first()
+    if ex is None:
+        raise RequestError(RejectedCode.RESOURCE_NOT_FOUND, f"no execution of job {job_id} for {thing}")
+    return ex
+
+
+def _describe(
+    session: Session, thing: str, job_id: str, body: dict[str, Any], now: datetime
+) -> tuple[dict[str, Any], list[Outgoing]]:
+    ex = _find(session, thing, job_id)
+    number = body.get("executionNumber")
+    if number is not None and number != ex.execution_number:
+        raise RequestError(RejectedCode.RESOURCE_NOT_FOUND, f"no execution number {number}")
+    return {
+        "execution": execution_doc(ex, include_document=body.get("includeJobDocument", True) is not False)
+    }, []
+
+
+def _update(
+    session: Session, thing: str, job_id: str, body: dict[str, Any], now: datetime
+) -> tuple[dict[str, Any], list[Outgoing]]:
+    ex = _find(session, thing, job_id)
+    try:
+        status = JobStatus(str(body.get("status")))
+    except ValueError:
+        raise RequestError(
+            RejectedCode.INVALID_REQUEST, f"unknown status {body.get('status')!r}", ex
+        ) from None
+    if status not in DEVICE_SETTABLE:
+        raise RequestError(RejectedCode.INVALID_REQUEST, f"a device cannot set {status.value}", ex)
+    details = body.get("statusDetails")
+    if (why := check_status_details(details)) is not None:
+        raise RequestError(RejectedCode.INVALID_REQUEST, why, ex)
+    expected = body.get("expectedVersion")
+    if expected is not None and expected != ex.version_number:
+        raise RequestError(
+            RejectedCode.VERSION_MISMATCH, f"expected version {expected}, current {ex.version_number}", ex
+        )
+    if JobStatus(ex.status).terminal:
+        raise RequestError(RejectedCode.INVALID_STATE_TRANSITION, f"execution is already {ex.status}", ex)
+    step = _step_timeout(body, now)
+    if details is not None:
+        ex.status_details = dict(details)
+    _transition(session, ex, status, now, "device", details)
+    if status is JobStatus.IN_PROGRESS:
+        ex.started_at = ex.started_at or now
+        if step is not None or "stepTimeoutInMinutes" in body:
+            ex.step_timeout_at = step
+    else:
+        ex.step_timeout_at = None
+    reply: dict[str, Any] = {}
+    if body.get("includeJobExecutionState"):
+        reply["executionState"] = _state(ex)
+    if body.get("includeJobDocument"):
+        reply["jobDocument"] = ex.document
+    extra = notifications(session, thing, now) if status.terminal else []
+    return reply, extra
+
+
+def sweep(session: Session, now: datetime, *, renotify_after: timedelta) -> list[Outgoing]:
+    """Time out executions whose step or in-progress timer ran out (TIMED_OUT), and re-notify
+    devices whose queue head has waited unstarted longer than `renotify_after`."""
+    out: list[Outgoing] = []
+    things: set[str] = set()
+    running = session.scalars(
+        select(JobExecution).where(JobExecution.status == JobStatus.IN_PROGRESS.value)
+    ).all()
+    for ex in running:
+        limit = ex.step_timeout_at
+        if ex.in_progress_timeout_min and ex.started_at is not None:
+            overall = ex.started_at + timedelta(minutes=ex.in_progress_timeout_min)
+            limit = min(limit, overall) if limit else overall
+        if limit is not None and now >= limit:
+            _transition(session, ex, JobStatus.TIMED_OUT, now, "server", {"reason": "timed out"})
+            ex.status_details = {**(ex.status_details or {}), "reason": "timed out"}
+            things.add(ex.thing_name)
+    queued = session.scalars(select(JobExecution).where(JobExecution.status == JobStatus.QUEUED.value)).all()
+    for ex in queued:
+        seen = ex.last_notified_at or ex.queued_at
+        if now - seen >= renotify_after:
+            things.add(ex.thing_name)
+    for thing in sorted(things):
+        out += notifications(session, thing, now)
+    return out

@@ -1,0 +1,16 @@
+"""Fleet server settings, from the environment (``TIDEGATE_*``) or a ``.env`` file."""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TIDEGATE_", env_file=".env", extra="ignore")
+
+    database_url: str = "sqlite:///./tidegate.db"
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_client_id: str = "tidegate-fleet-server"
+    renotify_queued_s: float = 60.0
+    sweep_interval_s: float = 5.0

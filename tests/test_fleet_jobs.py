@@ -1,0 +1,275 @@
+"""The fleet server's AWS IoT Jobs service: protocol rules on SQLite and PostgreSQL, Alembic
+migrations, and the MQTT bridge serving the real agent daemon through Mosquitto."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import inspect, select
+
+from fleet_server.db import Database
+from fleet_server.devices.service import register_device
+from fleet_server.jobs import protocol
+from fleet_server.jobs.models import ExecutionEvent, JobExecution
+
+T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+P = "$aws/things/car-1/jobs"
+
+
+def setup_device(db: Database, *things: str) -> None:
+    with db.session() as s:
+        for t in things or ("car-1",):
+            register_device(s, thing_name=t, sku="edge-cpu", now=T0)
+
+
+def call(db: Database, topic: str, body: Any, now: datetime = T0) -> list[protocol.Outgoing]:
+    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with db.session() as s:
+        return protocol.handle(s, topic, payload, now)
+
+
+def reply(out: list[protocol.Outgoing]) -> tuple[str, dict[str, Any]]:
+    kind = out[0].topic.rsplit("/", 1)[-1]
+    return kind, out[0].payload
+
+
+def queue(
+    db: Database, job_id: str, thing: str = "car-1", now: datetime = T0, **kw: Any
+) -> list[protocol.Outgoing]:
+    with db.session() as s:
+        return protocol.create_execution(s, thing, job_id, {"operation": "tidegate.install"}, now, **kw)
+
+
+def test_migrations_create_the_schema_and_downgrade_cleanly(db: Database) -> None:
+    from fleet_server.migrate import downgrade, upgrade
+
+    assert {"devices", "job_executions", "execution_events", "alembic_version"} <= set(
+        inspect(db.engine).get_table_names()
+    )
+    downgrade(db, "base")
+    assert "devices" not in inspect(db.engine).get_table_names()
+    upgrade(db)
+    assert "job_executions" in inspect(db.engine).get_table_names()
+
+
+def test_start_next_update_and_the_event_log(db: Database) -> None:
+    setup_device(db)
+    kind, body = reply(call(db, f"{P}/start-next", {"clientToken": "t0"}))
+    assert kind == "accepted" and "execution" not in body and body["clientToken"] == "t0"
+    notes = queue(db, "job-1")
+    assert notes[0].topic == f"{P}/notify-next" and notes[0].payload["execution"]["jobId"] == "job-1"
+    queue(db, "job-2", now=T0 + timedelta(seconds=1))
+    kind, body = reply(call(db, f"{P}/get", {"clientToken": "g"}))
+    assert [j["jobId"] for j in body["queuedJobs"]] == ["job-1", "job-2"] and body["inProgressJobs"] == []
+    kind, body = reply(
+        call(
+            db,
+            f"{P}/start-next",
+            {"clientToken": "t1", "statusDetails": {"step": "accepted"}, "stepTimeoutInMinutes": 10},
+        )
+    )
+    ex = body["execution"]
+    assert (ex["jobId"], ex["status"], ex["versionNumber"]) == ("job-1", "IN_PROGRESS", 2)
+    assert ex["jobDocument"] == {"operation": "tidegate.install"} and ex["statusDetails"] == {
+        "step": "accepted"
+    }
+    # start-next again hands back the same IN_PROGRESS execution (a restarted device resumes it)
+    assert reply(call(db, f"{P}/start-next", {}))[1]["execution"]["jobId"] == "job-1"
+    out = call(
+        db,
+        f"{P}/job-1/update",
+        {
+            "status": "SUCCEEDED",
+            "expectedVersion": 2,
+            "clientToken": "u",
+            "statusDetails": {"version": "2.0.0"},
+            "includeJobExecutionState": True,
+        },
+    )
+    kind, body = reply(out)
+    assert kind == "accepted" and body["executionState"] == {
+        "status": "SUCCEEDED",
+        "versionNumber": 3,
+        "statusDetails": {"version": "2.0.0"},
+    }
+    nxt = [o for o in out if o.topic.endswith("notify-next")]
+    assert nxt and nxt[0].payload["execution"]["jobId"] == "job-2"  # the head of the queue moved
+    with db.session() as s:
+        ex1 = s.scalars(select(JobExecution).where(JobExecution.job_id == "job-1")).one()
+        events = s.scalars(
+            select(ExecutionEvent).where(ExecutionEvent.execution_id == ex1.id).order_by(ExecutionEvent.id)
+        ).all()
+        assert [(e.from_status, e.to_status) for e in events] == [
+            (None, "QUEUED"),
+            ("QUEUED", "IN_PROGRESS"),
+            ("IN_PROGRESS", "SUCCEEDED"),
+        ]
+    kind, body = reply(call(db, f"{P}/$next/get", {"clientToken": "n"}))
+    assert body["execution"]["jobId"] == "job-2"
+
+
+@pytest.mark.parametrize(
+    ("topic_suffix", "body", "code"),
+    [
+        ("job-1/update", {"status": "SUCCEEDED", "expectedVersion": 7}, "VersionMismatch"),
+        ("job-1/update", {"status": "TIMED_OUT"}, "InvalidRequest"),
+        ("job-1/update", {"status": "CANCELED"}, "InvalidRequest"),
+        ("job-1/update", {"status": "DONE"}, "InvalidRequest"),
+        ("job-1/update", {"status": "IN_PROGRESS", "statusDetails": {"bad key!": "x"}}, "InvalidRequest"),
+        ("job-1/update", {"status": "IN_PROGRESS", "statusDetails": {"k": "x" * 1025}}, "InvalidRequest"),
+        ("job-1/update", {"status": "IN_PROGRESS", "stepTimeoutInMinutes": 0}, "InvalidRequest"),
+        ("job-1/update", b"{not json", "InvalidJson"),
+        ("job-1/update", b"[1, 2]", "InvalidJson"),
+        ("nope/update", {"status": "SUCCEEDED"}, "ResourceNotFound"),
+        ("job-1/delete", {}, "InvalidTopic"),
+        ("start-next", {"clientToken": 42}, "InvalidRequest"),
+    ],
+)
+def test_bad_requests_are_rejected_with_aws_codes(
+    db: Database, topic_suffix: str, body: Any, code: str
+) -> None:
+    setup_device(db)
+    queue(db, "job-1")
+    kind, payload = reply(call(db, f"{P}/{topic_suffix}", body))
+    assert kind == "rejected" and payload["code"] == code, payload
+    if code == "VersionMismatch":
+        assert payload["executionState"]["versionNumber"] == 1
+
+
+def test_terminal_states_are_final_and_queued_may_end_at_once(db: Database) -> None:
+    setup_device(db)
+    queue(db, "job-1")
+    kind, _ = reply(call(db, f"{P}/job-1/update", {"status": "REJECTED", "statusDetails": {"reason": "sku"}}))
+    assert kind == "accepted"  # QUEUED may go straight to a terminal state
+    kind, body = reply(call(db, f"{P}/job-1/update", {"status": "IN_PROGRESS"}))
+    assert kind == "rejected" and body["code"] == "InvalidStateTransition"
+
+
+def test_unknown_thing_and_foreign_topics(db: Database) -> None:
+    kind, body = reply(call(db, "$aws/things/ghost/jobs/start-next", {"clientToken": "x"}))
+    assert kind == "rejected" and body["code"] == "ResourceNotFound" and body["clientToken"] == "x"
+    kind, body = reply(call(db, "$aws/things/bad thing/jobs/get", {}))
+    assert body["code"] == "InvalidTopic"
+    kind, body = reply(call(db, "not/a/jobs/topic", {}))
+    assert body["code"] == "InvalidTopic"
+
+
+def test_sweep_times_out_stuck_executions_and_renotifies_queued(db: Database) -> None:
+    setup_device(db, "car-1", "car-2")
+    queue(db, "stuck", in_progress_timeout_min=30)
+    call(db, f"{P}/start-next", {"stepTimeoutInMinutes": 5})
+    queue(db, "missed", thing="car-2")
+    with db.session() as s:
+        assert protocol.sweep(s, T0 + timedelta(minutes=1), renotify_after=timedelta(minutes=10)) == []
+    with db.session() as s:
+        out = protocol.sweep(s, T0 + timedelta(minutes=6), renotify_after=timedelta(minutes=5))
+    topics = {o.topic for o in out}
+    assert "$aws/things/car-2/jobs/notify-next" in topics  # re-notified: it may have missed the first
+    with db.session() as s:
+        stuck = s.scalars(select(JobExecution).where(JobExecution.job_id == "stuck")).one()
+        assert stuck.status == "TIMED_OUT" and stuck.status_details["reason"] == "timed out"
+    _, body = reply(call(db, f"{P}/stuck/update", {"status": "SUCCEEDED"}))
+    assert body["code"] == "InvalidStateTransition"  # a device cannot revive a timed-out execution
+    # progress updates push a step timer forward
+    queue(db, "alive")
+    call(db, f"{P}/start-next", {"stepTimeoutInMinutes": 5}, T0 + timedelta(minutes=7))
+    call(
+        db,
+        f"{P}/alive/update",
+        {"status": "IN_PROGRESS", "stepTimeoutInMinutes": 5},
+        T0 + timedelta(minutes=11),
+    )
+    with db.session() as s:
+        protocol.sweep(s, T0 + timedelta(minutes=13), renotify_after=timedelta(hours=1))
+        assert (
+            s.scalars(select(JobExecution).where(JobExecution.job_id == "alive")).one().status
+            == "IN_PROGRESS"
+        )
+
+
+def test_bridge_serves_the_real_agent(db: Database, tmp_path: Path, sample_payload: Path) -> None:
+    """The agent daemon, unchanged, against the fleet server's jobs service over Mosquitto."""
+    from fleet_server.jobs.bridge import JobsBridge
+    from tests.agent_world import build_world, device_view
+    from tests.mqtt_helpers import MOSQUITTO, Broker
+    from tests.test_agent_runtime import DaemonThread, job_doc, make_config
+
+    if not Path(MOSQUITTO).exists():
+        pytest.skip("mosquitto binary not installed")
+    world = build_world(tmp_path / "world", sample_payload)
+    broker = Broker(tmp_path / "broker").start()
+    bridge = JobsBridge(db, port=broker.port, sweep_interval_s=0.5).start()
+    try:
+        device, _ = world.copy(tmp_path / "d")
+        with db.session() as s:
+            register_device(s, thing_name="dev-1", sku="edge-cpu", now=datetime.now(UTC))
+        with DaemonThread(make_config(tmp_path / "d", device, broker.port)):
+            bridge.queue_job("dev-1", "campaign-1-wave-1", job_doc(world, "v2"))
+            bridge.queue_job("dev-1", "bad-model", job_doc(world, "v3-bad"))
+            deadline = datetime.now(UTC) + timedelta(seconds=60)
+            while datetime.now(UTC) < deadline:
+                with db.session() as s:
+                    done = s.scalars(
+                        select(JobExecution).where(
+                            JobExecution.status.in_(("SUCCEEDED", "FAILED", "REJECTED"))
+                        )
+                    ).all()
+                    if len(done) == 2:
+                        break
+                import time
+
+                time.sleep(0.1)
+        with db.session() as s:
+            rows = {e.job_id: e for e in s.scalars(select(JobExecution)).all()}
+            assert rows["campaign-1-wave-1"].status == "SUCCEEDED"
+            assert rows["campaign-1-wave-1"].status_details["version"] == "2.0.0"
+            assert rows["bad-model"].status == "FAILED"
+            assert "self-test failed" in rows["bad-model"].status_details["reason"]
+            steps = [
+                e.details.get("step")
+                for e in s.scalars(
+                    select(ExecutionEvent).where(ExecutionEvent.execution_id == rows["campaign-1-wave-1"].id)
+                ).all()
+            ]
+            assert "writing" in steps and "self_testing" in steps
+        assert device_view(device)["version"] == "2.0.0"
+    finally:
+        bridge.stop()
+        broker.stop()
+
+
+def test_server_cli_registers_devices_and_queues_jobs(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tidegate", "server", *args, "--db", url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    assert run("migrate").returncode == 0
+    assert run("device-add", "car-9", "--sku", "edge-cpu").returncode == 0
+    doc = json.dumps({"operation": "tidegate.install", "target": "x", "repository": "y"})
+    assert run("job-create", "car-9", "--job-id", "j1", "--document", doc).returncode == 0
+    for args, needle in [
+        (("job-create", "car-9", "--job-id", "j1", "--document", doc), "could not queue j1"),
+        (("job-create", "ghost", "--job-id", "j2", "--document", doc), "unknown device 'ghost'"),
+        (("job-create", "car-9", "--job-id", "bad id!", "--document", doc), "invalid job id"),
+        (("job-create", "car-9", "--job-id", "j3", "--document", "{oops"), "not valid JSON"),
+        (("device-add", "bad thing", "--sku", "s"), "invalid thing name"),
+    ]:
+        p = run(*args)
+        lines = [x for x in p.stderr.splitlines() if x.strip()]
+        assert p.returncode != 0 and len(lines) == 1 and needle in lines[0], p.stderr
+    db = Database(url)
+    with db.session() as s:
+        assert [e.job_id for e in s.scalars(select(JobExecution)).all()] == ["j1"]
