@@ -20,11 +20,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from agent.batcher import DynamicBatcher, NoModelError, OnnxRunner, OverloadedError
 from agent.config import AgentConfig
@@ -35,26 +35,13 @@ from agent.jobs import JobsClient, JobsRejectedError, JobsTimeoutError
 from agent.mqtt import MqttSettings, PahoTransport, Transport
 from agent.outbox import Outbox
 from agent.thermal import SysfsThermal, ThermalPolicy, Throttle, next_level, throttle_for
-from agent.vehicle import JsonFileVehicleState, Preconditions, evaluate_preconditions
+from agent.vehicle import JsonFileVehicleState, evaluate_preconditions
 from shared.iotjobs import JobStatus
+from shared.jobdoc import JobDocument, Preconditions
 from shared.telemetry import BEACON_TOPIC, RECEIPT_TOPIC, HealthBeacon, InferenceStats, InstallReceipt
 from shared.version import TIDEGATE_VERSION
 
 log = logging.getLogger("tidegate.agent")
-
-
-class JobDocument(BaseModel):
-    """The job document Tidegate's fleet server sends (unknown fields are refused)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    operation: Literal["tidegate.install"]
-    target: str = Field(min_length=1, max_length=512)
-    repository: str = Field(min_length=1, max_length=2048)
-    version: str | None = None
-    skus: list[str] | None = None
-    campaign: str | None = None
-    preconditions: Preconditions = Preconditions()
 
 
 @dataclass

@@ -16,9 +16,8 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared.jobdoc import Network, Preconditions
 from shared.semver import InvalidVersionError, SemVer
-
-Network = Literal["wifi", "cellular", "ethernet", "none"]
 
 
 class VehicleState(BaseModel):
@@ -53,20 +52,6 @@ class JsonFileVehicleState:
             if datetime.now(UTC) - at > self.max_age:
                 return VehicleState()
         return state
-
-
-class Preconditions(BaseModel):
-    """Device-side preconditions carried in the job document."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_battery_pct: float | None = Field(default=None, ge=0, le=100)
-    require_parked: bool = False
-    require_ignition_off: bool = False
-    networks: list[Network] | None = None
-    min_firmware: str | None = None
-    min_free_disk_mb: float | None = Field(default=None, ge=0)
-    max_temperature_c: float | None = None
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ import pytest
 from agent.batcher import DynamicBatcher, NoModelError, OnnxRunner, OverloadedError
 from agent.outbox import Outbox
 from agent.thermal import SysfsThermal, ThermalPolicy, next_level, throttle_for
-from agent.vehicle import JsonFileVehicleState, Preconditions, VehicleState, evaluate_preconditions
+from agent.vehicle import JsonFileVehicleState, VehicleState, evaluate_preconditions
 from shared.iotjobs import Topics, check_status_details, clean_status_details
+from shared.jobdoc import Preconditions
 from tests.helpers import build_bundle
 
 GOOD = VehicleState(battery_pct=80, ignition="off", parked=True, network="wifi", firmware="2.0.0")

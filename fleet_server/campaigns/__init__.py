@@ -1,0 +1,1 @@
+"""Campaigns: cohorts, waves, gates, rate and concurrency limits, blackout windows."""

@@ -1,0 +1,145 @@
+"""The campaign planner: campaign state + clock + counts in, actions out. No I/O.
+
+One tick decides which devices to notify now (respecting the wave, the
+concurrency cap, the rate and blackout windows), whether the error gate
+stops the campaign, and whether the current wave's success gate and soak
+allow the next wave. The scheduler loop applies the decision and records it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from fleet_server.campaigns.spec import CampaignSpec
+from shared.gates import MetricsSnapshot, Sample, Verdict, evaluate_gate
+from shared.iotjobs import JobStatus
+
+FAILURES = frozenset({JobStatus.FAILED.value, JobStatus.TIMED_OUT.value, JobStatus.REJECTED.value})
+
+
+@dataclass(frozen=True)
+class MemberState:
+    thing: str
+    status: str | None  # None: not queued yet
+    queued_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class CampaignState:
+    wave: int  # index of the current wave
+    wave_started_at: datetime
+    members: tuple[MemberState, ...]  # in wave order (see `order_members`)
+    advance_requested: bool = False  # an operator's "start next wave now"
+
+
+@dataclass
+class Decision:
+    queue: list[str] = field(default_factory=list)
+    advance_to: int | None = None
+    pause_reason: str | None = None
+    complete: bool = False
+    log: list[str] = field(default_factory=list)
+
+
+def order_members(things: list[str], seed: int) -> list[str]:
+    """Seeded shuffle, so a wave is a random slice of the fleet rather than one region or uplink,
+    and the same seed gives the same order (recorded with the campaign)."""
+    ordered = sorted(things)
+    random.Random(seed).shuffle(ordered)
+    return ordered
+
+
+def wave_bounds(spec: CampaignSpec, population: int) -> list[int]:
+    """Cumulative member counts at the end of each wave."""
+    out = []
+    for w in spec.waves:
+        n = math.ceil(population * w.percent / 100 - 1e-9) if w.percent is not None else w.count or 0
+        out.append(min(population, max(n, 1 if population else 0)))
+    return out
+
+
+def metrics(members: tuple[MemberState, ...]) -> MetricsSnapshot:
+    done = [m for m in members if m.status is not None and JobStatus(m.status).terminal and m.finished_at]
+    return {
+        "success_rate": [
+            Sample(m.finished_at, 1.0 if m.status == "SUCCEEDED" else 0.0)
+            for m in done
+            if m.finished_at is not None
+        ],
+        "failure_rate": [
+            Sample(m.finished_at, 1.0 if m.status in FAILURES else 0.0)
+            for m in done
+            if m.finished_at is not None
+        ],
+    }
+
+
+def plan_tick(spec: CampaignSpec, state: CampaignState, now: datetime) -> Decision:
+    d = Decision()
+    bounds = wave_bounds(spec, len(state.members))
+    if not state.members:
+        d.log.append("no devices in the cohort yet")
+        return d
+    wave = min(state.wave, len(bounds) - 1)
+    reached = state.members[: bounds[wave]]
+    snap = metrics(reached)
+    executed = sum(1 for m in reached if m.status is not None and JobStatus(m.status).terminal)
+
+    error = evaluate_gate(spec.error_gate.gate("error", len(reached)), snap, now)
+    if error.verdict is Verdict.FAIL:
+        d.pause_reason = f"error gate: {error.reason}"
+        d.log.append(d.pause_reason)
+        return d
+
+    in_flight = sum(
+        1 for m in state.members if m.status in (JobStatus.QUEUED.value, JobStatus.IN_PROGRESS.value)
+    )
+    blackout = next((w for w in spec.blackouts if w.window().is_open(now)), None)
+    if blackout is not None:
+        d.log.append(f"blackout window {blackout.cron!r} ({blackout.timezone}) open: nothing queued")
+    else:
+        succeeded = sum(1 for m in state.members if m.status == JobStatus.SUCCEEDED.value)
+        per_minute = spec.rate.per_minute(succeeded)
+        last_minute = sum(
+            1 for m in state.members if m.queued_at is not None and now - m.queued_at < timedelta(minutes=1)
+        )
+        budget = min(spec.max_concurrent - in_flight, per_minute - last_minute)
+        if budget > 0:
+            d.queue = [m.thing for m in reached if m.status is None][:budget]
+        if d.queue:
+            d.log.append(
+                f"wave {wave + 1}: notifying {len(d.queue)} device(s) "
+                f"({in_flight} in flight, {per_minute}/min)"
+            )
+
+    all_done = executed == len(reached) and not d.queue
+    success = evaluate_gate(spec.success_gate.gate("success", len(reached)), snap, now)
+    if success.verdict is not Verdict.PASS:
+        if all_done:
+            d.pause_reason = f"wave {wave + 1} finished below its success gate: {success.reason}"
+            d.log.append(d.pause_reason)
+        return d
+    if wave == len(bounds) - 1:
+        if all_done:
+            d.complete = True
+            d.log.append(f"final wave passed ({success.reason}); campaign complete")
+        return d
+    soak = timedelta(seconds=spec.waves[wave].soak_s)
+    if not all_done:
+        return d  # the wave's devices are still running
+    last_done = max(
+        (m.finished_at for m in reached if m.finished_at is not None), default=state.wave_started_at
+    )
+    if now - last_done < soak:  # soak: quiet time after the wave's last device finished
+        d.log.append(f"wave {wave + 1} soaking, {(soak - (now - last_done)).total_seconds():.0f}s left")
+        return d
+    if spec.waves[wave].manual_advance and not state.advance_requested:
+        d.log.append(f"wave {wave + 1} passed; waiting for an operator to start wave {wave + 2}")
+        return d
+    d.advance_to = wave + 1
+    d.log.append(f"wave {wave + 1} passed ({success.reason}); starting wave {wave + 2}")
+    return d

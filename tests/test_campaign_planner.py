@@ -1,0 +1,224 @@
+"""The campaign planner, pure: waves, gates, soak, concurrency, rate ramp, blackout windows.
+
+A simulated fleet of 200 devices runs whole campaigns tick by tick under an
+injected clock, and the recorded timestamps are checked against every limit.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from fleet_server.campaigns.cron import Cron, CronError, Window
+from fleet_server.campaigns.planner import CampaignState, MemberState, order_members, plan_tick, wave_bounds
+from fleet_server.campaigns.spec import CampaignSpec
+
+T0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)  # a Monday
+
+
+def spec(**kw: Any) -> CampaignSpec:
+    base: dict[str, Any] = {
+        "name": "c",
+        "target": "classifier",
+        "repository": "http://repo",
+        "cohort": {"sku": "edge-cpu"},
+        "waves": [{"percent": 5}, {"percent": 25}, {"percent": 100}],
+    }
+    base.update(kw)
+    return CampaignSpec.model_validate(base)
+
+
+def test_wave_bounds_and_seeded_membership() -> None:
+    s = spec()
+    assert wave_bounds(s, 200) == [10, 50, 200]
+    assert wave_bounds(spec(waves=[{"count": 3}, {"count": 500}]), 200) == [3, 200]
+    things = [f"car-{i:03d}" for i in range(200)]
+    a, b, c = order_members(things, 7), order_members(list(reversed(things)), 7), order_members(things, 8)
+    assert a == b and a != c and sorted(a) == things
+
+
+def test_spec_validation() -> None:
+    with pytest.raises(ValidationError, match="cumulative"):
+        spec(waves=[{"percent": 50}, {"percent": 10}])
+    with pytest.raises(ValidationError, match="exactly one"):
+        spec(waves=[{"percent": 5, "count": 3}])
+    with pytest.raises(ValidationError, match="time zone"):
+        spec(blackouts=[{"cron": "0 8 * * 1-5", "duration_minutes": 60, "timezone": "Mars/Olympus"}])
+    with pytest.raises(ValidationError, match="5 fields"):
+        spec(blackouts=[{"cron": "0 8 * *", "duration_minutes": 60}])
+    with pytest.raises(ValidationError, match="extra"):
+        spec(surprise=True)
+
+
+def test_cron_windows() -> None:
+    assert Cron.parse("*/15 8-17 * * 1-5").matches(datetime(2026, 11, 23, 9, 30))
+    assert not Cron.parse("*/15 8-17 * * 1-5").matches(datetime(2026, 11, 22, 9, 30))  # Sunday
+    assert Cron.parse("0 0 1 * 0").matches(
+        datetime(2026, 11, 29, 0, 0)
+    )  # Sunday, not the 1st: either matches
+    w = Window.parse("0 9 * * 1-5", 120, "Europe/Berlin")  # 09:00-11:00 Berlin = 08:00-10:00 UTC in winter
+    assert w.is_open(datetime(2026, 11, 23, 8, 30, tzinfo=UTC))
+    assert not w.is_open(datetime(2026, 11, 23, 10, 0, tzinfo=UTC))
+    with pytest.raises(CronError):
+        Cron.parse("61 * * * *")
+
+
+def members(n: int, status: str | None = None, at: datetime = T0) -> tuple[MemberState, ...]:
+    return tuple(
+        MemberState(
+            f"d{i:03d}",
+            status,
+            at if status else None,
+            at if status and status not in ("QUEUED", "IN_PROGRESS") else None,
+        )
+        for i in range(n)
+    )
+
+
+def test_first_tick_queues_the_first_wave_within_the_cap() -> None:
+    d = plan_tick(spec(max_concurrent=4), CampaignState(0, T0, members(200)), T0)
+    assert d.queue == ["d000", "d001", "d002", "d003"] and d.advance_to is None and not d.pause_reason
+
+
+def test_error_gate_pauses_with_the_reason() -> None:
+    ms = list(members(200))
+    for i in range(50):
+        ms[i] = MemberState(ms[i].thing, "FAILED" if i < 5 else "SUCCEEDED", T0, T0)
+    d = plan_tick(spec(), CampaignState(1, T0, tuple(ms)), T0 + timedelta(minutes=1))
+    assert d.pause_reason is not None and d.pause_reason.startswith("error gate: failure_rate")
+    assert "0.1 <= 0.05 breached over 50 samples" in d.pause_reason
+    assert d.queue == []
+
+
+def test_success_gate_soak_and_manual_advance() -> None:
+    s = spec(waves=[{"percent": 5, "soak_s": 600, "manual_advance": True}, {"percent": 100}])
+    done = tuple(MemberState(m.thing, "SUCCEEDED", T0, T0) for m in members(10)) + members(190)[10:]
+    state = CampaignState(0, T0, done)
+    d = plan_tick(s, state, T0 + timedelta(minutes=5))
+    assert d.advance_to is None and any("soaking, 300s left" in line for line in d.log)
+    d = plan_tick(s, state, T0 + timedelta(minutes=11))
+    assert d.advance_to is None and any("waiting for an operator" in line for line in d.log)
+    d = plan_tick(s, replace(state, advance_requested=True), T0 + timedelta(minutes=11))
+    assert d.advance_to == 1
+
+
+def test_wave_that_ends_below_its_success_gate_pauses() -> None:
+    s = spec(
+        waves=[{"count": 10}, {"count": 100}],
+        error_gate={
+            "conditions": [
+                {"metric": "failure_rate", "comparator": "<=", "threshold": 0.5, "min_samples": 10}
+            ]
+        },
+    )
+    ms = tuple(MemberState(f"d{i:03d}", "FAILED" if i == 0 else "SUCCEEDED", T0, T0) for i in range(10))
+    d = plan_tick(s, CampaignState(0, T0, ms + members(100)[10:]), T0)
+    assert d.pause_reason is not None and "finished below its success gate" in d.pause_reason
+
+
+# ---- a whole campaign, simulated ------------------------------------------------------------------
+
+
+def simulate(
+    s: CampaignSpec,
+    n: int,
+    *,
+    fail: set[str] = frozenset(),
+    minutes: int = 600,  # type: ignore[assignment]
+    seed: int = 1,
+) -> dict[str, Any]:
+    """Tick every 30 s; a notified device starts at once and finishes 1-3 minutes later."""
+    rng = random.Random(seed)
+    things = order_members([f"car-{i:03d}" for i in range(n)], s.seed)
+    status: dict[str, MemberState] = {t: MemberState(t, None) for t in things}
+    finish_at: dict[str, datetime] = {}
+    wave, wave_started, now = 0, T0, T0
+    queued_log: list[tuple[datetime, str]] = []
+    in_flight_log: list[int] = []
+    waves_log: list[tuple[datetime, int]] = [(T0, 0)]
+    outcome = "running"
+    for _ in range(minutes * 2):
+        for t, at in list(finish_at.items()):
+            if now >= at:
+                status[t] = MemberState(t, "FAILED" if t in fail else "SUCCEEDED", status[t].queued_at, at)
+                del finish_at[t]
+        d = plan_tick(s, CampaignState(wave, wave_started, tuple(status[t] for t in things)), now)
+        for t in d.queue:
+            status[t] = MemberState(t, "IN_PROGRESS", now)
+            finish_at[t] = now + timedelta(seconds=rng.randint(60, 180))
+            queued_log.append((now, t))
+        in_flight_log.append(sum(1 for m in status.values() if m.status == "IN_PROGRESS"))
+        if d.pause_reason:
+            outcome = f"paused: {d.pause_reason}"
+            break
+        if d.complete:
+            outcome = "complete"
+            break
+        if d.advance_to is not None:
+            wave, wave_started = d.advance_to, now
+            waves_log.append((now, wave))
+        now += timedelta(seconds=30)
+    return {
+        "outcome": outcome,
+        "queued": queued_log,
+        "in_flight": in_flight_log,
+        "waves": waves_log,
+        "order": things,
+        "status": status,
+        "end": now,
+    }
+
+
+def test_a_200_device_campaign_holds_every_limit() -> None:
+    s = spec(
+        waves=[{"percent": 5, "soak_s": 300}, {"percent": 25}, {"percent": 100}],
+        max_concurrent=20,
+        rate={
+            "maximum_per_minute": 40,
+            "base_rate_per_minute": 5,
+            "increment_factor": 2,
+            "increase_after_succeeded": 10,
+        },
+        blackouts=[{"cron": "0 12 * * *", "duration_minutes": 60}],  # lunch: 12:00-13:00 UTC
+        seed=42,
+    )
+    r = simulate(s, 200)
+    assert r["outcome"] == "complete", r["outcome"]
+    assert len(r["queued"]) == 200 and len({t for _, t in r["queued"]}) == 200  # each device exactly once
+    assert max(r["in_flight"]) <= 20  # concurrency cap
+    times = [at for at, _ in r["queued"]]
+    for at in times:  # rate: never more than 40 queued in any minute
+        assert sum(1 for x in times if at - timedelta(minutes=1) < x <= at) <= 40
+    first_minute = [x for x in times if x < T0 + timedelta(minutes=1)]
+    assert len(first_minute) <= 5  # the ramp starts at the base rate
+    assert not [x for x in times if 12 <= x.hour < 13]  # nothing notified in the blackout window
+    assert [w for _, w in r["waves"]] == [0, 1, 2]  # waves in order
+    order = r["order"]
+    first_wave = {t for t in order[:10]}
+    wave2_start = r["waves"][1][0]
+    assert {t for at, t in r["queued"] if at < wave2_start} == first_wave  # wave 1 alone until it passed
+    wave1_done = max(m.finished_at for t, m in r["status"].items() if t in first_wave)
+    assert wave2_start - wave1_done >= timedelta(seconds=300)  # soak
+
+
+def test_a_failing_wave_stops_the_campaign() -> None:
+    s = spec(
+        waves=[{"percent": 10}, {"percent": 100}],
+        max_concurrent=50,
+        seed=3,
+        error_gate={
+            "conditions": [
+                {"metric": "failure_rate", "comparator": "<=", "threshold": 0.05, "min_samples": 10}
+            ]
+        },
+    )
+    order = order_members([f"car-{i:03d}" for i in range(200)], 3)
+    bad = set(order[:20:4])  # 5 of the first wave's 20 devices fail
+    r = simulate(s, 200, fail=bad)
+    assert r["outcome"].startswith("paused: error gate: failure_rate")
+    assert len(r["queued"]) == 20  # nothing beyond the first wave was notified
