@@ -43,6 +43,7 @@ def test_wave_bounds_and_seeded_membership() -> None:
 
 
 def test_spec_validation() -> None:
+    assert wave_bounds(spec(waves=[{"count": 3}, {"percent": 1}, {"percent": 100}]), 200) == [3, 3, 200]
     with pytest.raises(ValidationError, match="cumulative"):
         spec(waves=[{"percent": 50}, {"percent": 10}])
     with pytest.raises(ValidationError, match="exactly one"):

@@ -55,10 +55,11 @@ def order_members(things: list[str], seed: int) -> list[str]:
 
 def wave_bounds(spec: CampaignSpec, population: int) -> list[int]:
     """Cumulative member counts at the end of each wave."""
-    out = []
+    out: list[int] = []
     for w in spec.waves:
         n = math.ceil(population * w.percent / 100 - 1e-9) if w.percent is not None else w.count or 0
-        out.append(min(population, max(n, 1 if population else 0)))
+        n = min(population, max(n, 1 if population else 0))
+        out.append(max(n, out[-1]) if out else n)
     return out
 
 

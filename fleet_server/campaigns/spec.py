@@ -127,10 +127,10 @@ class CampaignSpec(_Spec):
     @field_validator("waves")
     @classmethod
     def _cumulative(cls, waves: list[WaveSpec]) -> list[WaveSpec]:
-        kinds = {w.percent is not None for w in waves}
-        if len(kinds) > 1:
-            raise ValueError("waves must all be percentages or all counts")
-        sizes = [w.percent if w.percent is not None else float(w.count or 0) for w in waves]
-        if any(b < a for a, b in itertools.pairwise(sizes)):
-            raise ValueError("wave sizes are cumulative and must not decrease")
+        # Counts and percentages may mix ("10 devices, then 25 %, then 100 %"); within each
+        # kind the sizes are cumulative, and the planner never lets a wave shrink the reach.
+        for kind in ("percent", "count"):
+            sizes = [float(getattr(w, kind)) for w in waves if getattr(w, kind) is not None]
+            if any(b < a for a, b in itertools.pairwise(sizes)):
+                raise ValueError(f"wave {kind}s are cumulative and must not decrease")
         return waves

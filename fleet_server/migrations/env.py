@@ -3,8 +3,9 @@
 from alembic import context
 from sqlalchemy import Connection, engine_from_config, pool
 
+from fleet_server.campaigns import models as _campaigns  # noqa: F401  (register tables)
 from fleet_server.db import Base
-from fleet_server.devices import models as _devices  # noqa: F401  (register tables)
+from fleet_server.devices import models as _devices  # noqa: F401
 from fleet_server.jobs import models as _jobs  # noqa: F401
 
 config = context.config

@@ -1,0 +1,262 @@
+"""Campaign lifecycle and the scheduler tick. Keyword-only functions inside the caller's
+transaction; `tick` returns the MQTT notifications to publish after the commit.
+
+States: draft → waiting_for_approval → scheduled → running ⇄ paused → completed | canceled.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fleet_server.campaigns.models import Campaign, CampaignDecision
+from fleet_server.campaigns.planner import CampaignState, MemberState, order_members, plan_tick
+from fleet_server.campaigns.spec import CampaignSpec, Cohort
+from fleet_server.devices.models import Device
+from fleet_server.jobs import protocol
+from fleet_server.jobs.models import ExecutionEvent, JobExecution
+from shared.errors import TidegateError
+from shared.iotjobs import JobStatus
+from shared.jobdoc import JobDocument
+
+
+class Lifecycle(StrEnum):
+    DRAFT = "draft"
+    WAITING_FOR_APPROVAL = "waiting_for_approval"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    CANCELED = "canceled"
+
+
+S = Lifecycle
+
+
+class CampaignError(TidegateError):
+    """An operation the campaign's state does not allow, or a campaign that does not exist."""
+
+
+class NotFoundError(CampaignError):
+    pass
+
+
+def _log(session: Session, c: Campaign, now: datetime, kind: str, actor: str, message: str) -> None:
+    session.add(CampaignDecision(campaign_id=c.id, at=now, kind=kind, actor=actor, message=message))
+
+
+def get(session: Session, campaign_id: str) -> Campaign:
+    c = session.get(Campaign, campaign_id)
+    if c is None:
+        raise NotFoundError(f"no campaign {campaign_id!r}")
+    return c
+
+
+def create(session: Session, *, spec: CampaignSpec, actor: str, now: datetime) -> Campaign:
+    c = Campaign(
+        id=f"c-{uuid.uuid4().hex[:12]}",
+        name=spec.name,
+        state=S.DRAFT.value,
+        spec=spec.model_dump(mode="json"),
+        members=[],
+        wave=0,
+        advance_requested=False,
+        created_by=actor,
+        created_at=now,
+    )
+    session.add(c)
+    session.flush()
+    _log(session, c, now, "created", actor, f"campaign {spec.name!r} created for {spec.cohort.sku}")
+    return c
+
+
+def _move(
+    session: Session, c: Campaign, allowed: set[S], to: S, *, actor: str, now: datetime, why: str
+) -> None:
+    if S(c.state) not in allowed:
+        raise CampaignError(f"campaign {c.id} is {c.state}; cannot {to.value.replace('_', ' ')} it")
+    c.state = to.value
+    _log(session, c, now, to.value, actor, why)
+
+
+def submit(session: Session, *, campaign_id: str, actor: str, now: datetime) -> Campaign:
+    c = get(session, campaign_id)
+    _move(session, c, {S.DRAFT}, S.WAITING_FOR_APPROVAL, actor=actor, now=now, why="submitted for approval")
+    return c
+
+
+def approve(session: Session, *, campaign_id: str, actor: str, now: datetime) -> Campaign:
+    c = get(session, campaign_id)
+    _move(session, c, {S.WAITING_FOR_APPROVAL}, S.SCHEDULED, actor=actor, now=now, why=f"approved by {actor}")
+    c.approved_by = actor
+    return c
+
+
+def pause(session: Session, *, campaign_id: str, actor: str, now: datetime, reason: str) -> Campaign:
+    c = get(session, campaign_id)
+    _move(session, c, {S.RUNNING, S.SCHEDULED}, S.PAUSED, actor=actor, now=now, why=reason)
+    c.paused_reason = reason
+    return c
+
+
+def resume(session: Session, *, campaign_id: str, actor: str, now: datetime) -> Campaign:
+    c = get(session, campaign_id)
+    _move(
+        session,
+        c,
+        {S.PAUSED},
+        S.RUNNING if c.started_at else S.SCHEDULED,
+        actor=actor,
+        now=now,
+        why="resumed",
+    )
+    c.paused_reason = None
+    return c
+
+
+def next_wave(session: Session, *, campaign_id: str, actor: str, now: datetime) -> Campaign:
+    c = get(session, campaign_id)
+    if S(c.state) is not S.RUNNING:
+        raise CampaignError(f"campaign {c.id} is {c.state}; only a running campaign has a next wave")
+    c.advance_requested = True
+    _log(session, c, now, "next_wave", actor, "operator asked to start the next wave")
+    return c
+
+
+def cancel(
+    session: Session, *, campaign_id: str, actor: str, now: datetime, force: bool
+) -> list[protocol.Outgoing]:
+    """Cancel: queued executions become CANCELED; with `force`, in-progress ones too."""
+    c = get(session, campaign_id)
+    _move(
+        session,
+        c,
+        {S.DRAFT, S.WAITING_FOR_APPROVAL, S.SCHEDULED, S.RUNNING, S.PAUSED},
+        S.CANCELED,
+        actor=actor,
+        now=now,
+        why="canceled" + (" (forced)" if force else ""),
+    )
+    c.finished_at = now
+    states = [JobStatus.QUEUED.value] + ([JobStatus.IN_PROGRESS.value] if force else [])
+    things: set[str] = set()
+    for ex in session.scalars(
+        select(JobExecution).where(JobExecution.job_id == c.id, JobExecution.status.in_(states))
+    ).all():
+        session.add(
+            ExecutionEvent(
+                execution_id=ex.id,
+                at=now,
+                from_status=ex.status,
+                to_status=JobStatus.CANCELED.value,
+                source="server",
+                details={},
+            )
+        )
+        ex.status, ex.version_number, ex.last_updated_at = (
+            JobStatus.CANCELED.value,
+            ex.version_number + 1,
+            now,
+        )
+        things.add(ex.thing_name)
+    out: list[protocol.Outgoing] = []
+    for thing in sorted(things):
+        out += protocol.notifications(session, thing, now)
+    return out
+
+
+def cohort_things(session: Session, cohort: Cohort) -> list[str]:
+    q = select(Device).where(Device.sku == cohort.sku)
+    if cohort.regions:
+        q = q.where(Device.region.in_(cohort.regions))
+    if cohort.customers:
+        q = q.where(Device.customer.in_(cohort.customers))
+    if cohort.things:
+        q = q.where(Device.thing_name.in_(cohort.things))
+    devices = session.scalars(q).all()
+    return [
+        d.thing_name
+        for d in devices
+        if all(str((d.attributes or {}).get(k)) == v for k, v in cohort.attributes.items())
+    ]
+
+
+def tick(session: Session, *, campaign_id: str, now: datetime) -> list[protocol.Outgoing]:
+    """One planner step for one campaign: returns the notifications to publish after commit."""
+    c = get(session, campaign_id)
+    spec = CampaignSpec.model_validate(c.spec)
+    if S(c.state) is S.SCHEDULED:
+        c.state, c.started_at, c.wave, c.wave_started_at = S.RUNNING.value, now, 0, now
+        c.members = order_members(cohort_things(session, spec.cohort), spec.seed)
+        _log(
+            session,
+            c,
+            now,
+            "started",
+            "scheduler",
+            f"started with {len(c.members)} devices (seed {spec.seed})",
+        )
+    if S(c.state) is not S.RUNNING:
+        return []
+    if spec.targeting == "continuous":  # devices that joined the cohort later join the last waves
+        known = set(c.members)
+        joined = [t for t in order_members(cohort_things(session, spec.cohort), spec.seed) if t not in known]
+        if joined:
+            c.members = [*c.members, *joined]
+            _log(session, c, now, "joined", "scheduler", f"{len(joined)} device(s) joined the cohort")
+    executions = {
+        e.thing_name: e
+        for e in session.scalars(select(JobExecution).where(JobExecution.job_id == c.id)).all()
+    }
+    members = tuple(
+        MemberState(t, ex.status, ex.queued_at, ex.last_updated_at if JobStatus(ex.status).terminal else None)
+        if (ex := executions.get(t)) is not None
+        else MemberState(t, None)
+        for t in c.members
+    )
+    state = CampaignState(c.wave, c.wave_started_at or now, members, c.advance_requested)
+    decision = plan_tick(spec, state, now)
+    out: list[protocol.Outgoing] = []
+    document = JobDocument(
+        operation="tidegate.install",
+        target=spec.target,
+        repository=spec.repository,
+        skus=[spec.cohort.sku],
+        campaign=c.id,
+        preconditions=spec.preconditions,
+    )
+    doc = document.model_dump(mode="json", exclude_none=True)
+    for thing in decision.queue:
+        out += protocol.create_execution(
+            session,
+            thing,
+            c.id,
+            doc,
+            now,
+            campaign_id=c.id,
+            in_progress_timeout_min=spec.in_progress_timeout_min,
+        )
+    if decision.queue:
+        _log(session, c, now, "queued", "scheduler", decision.log[0] if decision.log else "queued devices")
+    if decision.advance_to is not None:
+        c.wave, c.wave_started_at, c.advance_requested = decision.advance_to, now, False
+        _log(session, c, now, "advanced", "scheduler", decision.log[-1])
+    if decision.pause_reason is not None:
+        c.state, c.paused_reason = S.PAUSED.value, decision.pause_reason
+        _log(session, c, now, "paused", "scheduler", decision.pause_reason)
+    if decision.complete:
+        c.state, c.finished_at = S.COMPLETED.value, now
+        _log(session, c, now, "completed", "scheduler", decision.log[-1])
+    return out
+
+
+def active_ids(session: Session) -> list[str]:
+    return list(
+        session.scalars(
+            select(Campaign.id).where(Campaign.state.in_((S.SCHEDULED.value, S.RUNNING.value)))
+        ).all()
+    )

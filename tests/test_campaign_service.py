@@ -1,0 +1,200 @@
+"""Campaigns in the database (SQLite and PostgreSQL): lifecycle, ticks that queue real job
+executions, simulated devices answering through the AWS IoT Jobs protocol handler."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from fleet_server.campaigns import service
+from fleet_server.campaigns.models import CampaignDecision
+from fleet_server.campaigns.spec import CampaignSpec
+from fleet_server.db import Database
+from fleet_server.devices.service import register_device
+from fleet_server.jobs import protocol
+from fleet_server.jobs.models import JobExecution
+
+T0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+
+
+def fleet(db: Database, n: int, sku: str = "edge-cpu") -> list[str]:
+    things = [f"car-{i:03d}" for i in range(n)]
+    with db.session() as s:
+        for i, t in enumerate(things):
+            register_device(s, thing_name=t, sku=sku, region="eu" if i % 2 else "us", now=T0)
+        register_device(s, thing_name="other-sku-car", sku="edge-gpu", now=T0)
+    return things
+
+
+def make(db: Database, **kw: object) -> str:
+    raw: dict[str, object] = {
+        "name": "roll",
+        "target": "classifier",
+        "repository": "http://repo",
+        "cohort": {"sku": "edge-cpu"},
+        "waves": [{"percent": 10}, {"percent": 100}],
+        "max_concurrent": 100,
+    }
+    raw.update(kw)
+    with db.session() as s:
+        c = service.create(s, spec=CampaignSpec.model_validate(raw), actor="op", now=T0)
+        service.submit(s, campaign_id=c.id, actor="op", now=T0)
+        service.approve(s, campaign_id=c.id, actor="admin", now=T0)
+        return c.id
+
+
+def devices_answer(db: Database, now: datetime, fail: set[str] = frozenset()) -> int:  # type: ignore[assignment]
+    """Every device with a queued execution starts it and reports, as the agent would."""
+    with db.session() as s:
+        queued = s.scalars(select(JobExecution).where(JobExecution.status == "QUEUED")).all()
+        things = sorted({e.thing_name for e in queued})
+    for t in things:
+        with db.session() as s:
+            out = protocol.handle(s, f"$aws/things/{t}/jobs/start-next", b"{}", now)
+        ex = out[0].payload["execution"]
+        status = "FAILED" if t in fail else "SUCCEEDED"
+        body = {"status": status, "expectedVersion": ex["versionNumber"], "statusDetails": {"reason": "sim"}}
+        with db.session() as s:
+            reply = protocol.handle(
+                s, f"$aws/things/{t}/jobs/{ex['jobId']}/update", json.dumps(body).encode(), now
+            )
+        assert reply[0].topic.endswith("accepted"), reply[0].payload
+    return len(things)
+
+
+def state(db: Database, cid: str) -> tuple[str, int]:
+    with db.session() as s:
+        c = service.get(s, cid)
+        return c.state, c.wave
+
+
+def test_a_campaign_runs_wave_by_wave_to_completion(db: Database) -> None:
+    things = fleet(db, 40)
+    cid = make(db)
+    now = T0
+    with db.session() as s:
+        out = service.tick(s, campaign_id=cid, now=now)
+    assert state(db, cid) == ("running", 0)
+    notified = {o.topic.split("/")[2] for o in out if o.topic.endswith("notify-next")}
+    assert len(notified) == 4 and notified <= set(things)  # 10 % of 40, seeded random members
+    with db.session() as s:  # ticking again queues nobody twice
+        assert service.tick(s, campaign_id=cid, now=now) == []
+    for _ in range(10):
+        now += timedelta(minutes=1)
+        devices_answer(db, now)
+        with db.session() as s:
+            service.tick(s, campaign_id=cid, now=now)
+        if state(db, cid)[0] == "completed":
+            break
+    assert state(db, cid) == ("completed", 1)
+    with db.session() as s:
+        rows = s.scalars(select(JobExecution).where(JobExecution.job_id == cid)).all()
+        assert len(rows) == 40 and {r.status for r in rows} == {"SUCCEEDED"}
+        assert "other-sku-car" not in {r.thing_name for r in rows}
+        kinds = [
+            d.kind
+            for d in s.scalars(
+                select(CampaignDecision)
+                .where(CampaignDecision.campaign_id == cid)
+                .order_by(CampaignDecision.id)
+            ).all()
+        ]
+        assert kinds[:4] == ["created", "waiting_for_approval", "scheduled", "started"]
+        assert "advanced" in kinds and kinds[-1] == "completed"
+        doc = rows[0].document
+        assert (
+            doc["operation"] == "tidegate.install" and doc["campaign"] == cid and doc["skus"] == ["edge-cpu"]
+        )
+
+
+def test_failures_pause_the_campaign_and_record_why(db: Database) -> None:
+    fleet(db, 100)
+    cid = make(
+        db,
+        waves=[{"percent": 20}, {"percent": 100}],
+        error_gate={
+            "conditions": [
+                {"metric": "failure_rate", "comparator": "<=", "threshold": 0.05, "min_samples": 10}
+            ]
+        },
+    )
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=T0)
+        first = s.scalars(select(JobExecution.thing_name).where(JobExecution.job_id == cid)).all()
+    devices_answer(db, T0 + timedelta(minutes=1), fail=set(first[:3]))
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=T0 + timedelta(minutes=1))
+        c = service.get(s, cid)
+        assert c.state == "paused" and c.paused_reason is not None
+        assert c.paused_reason.startswith("error gate: failure_rate")
+    with db.session() as s:
+        assert service.tick(s, campaign_id=cid, now=T0 + timedelta(minutes=2)) == []  # paused: nothing moves
+        assert s.query(JobExecution).filter(JobExecution.job_id == cid).count() == 20
+
+
+def test_operator_actions_and_illegal_transitions(db: Database) -> None:
+    fleet(db, 20)
+    with db.session() as s:
+        c = service.create(
+            s,
+            spec=CampaignSpec.model_validate(
+                {
+                    "name": "x",
+                    "target": "t",
+                    "repository": "r",
+                    "cohort": {"sku": "edge-cpu", "regions": ["eu"]},
+                    "waves": [{"count": 2, "manual_advance": True}, {"percent": 100}],
+                }
+            ),
+            actor="op",
+            now=T0,
+        )
+        cid = c.id
+        with pytest.raises(service.CampaignError, match="is draft; cannot scheduled"):
+            service.approve(s, campaign_id=cid, actor="admin", now=T0)
+    with db.session() as s:
+        service.submit(s, campaign_id=cid, actor="op", now=T0)
+        service.approve(s, campaign_id=cid, actor="admin", now=T0)
+        service.tick(s, campaign_id=cid, now=T0)
+    assert len(service_members(db, cid)) == 10  # the region filter: eu only
+    devices_answer(db, T0 + timedelta(minutes=1))
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=T0 + timedelta(minutes=1))
+    assert state(db, cid) == ("running", 0)  # passed, but waits for an operator
+    with db.session() as s:
+        service.next_wave(s, campaign_id=cid, actor="op", now=T0 + timedelta(minutes=2))
+        service.tick(s, campaign_id=cid, now=T0 + timedelta(minutes=2))
+    assert state(db, cid) == ("running", 1)
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=T0 + timedelta(minutes=3))  # queues wave 2
+        service.pause(s, campaign_id=cid, actor="op", now=T0 + timedelta(minutes=3), reason="look at logs")
+        service.resume(s, campaign_id=cid, actor="op", now=T0 + timedelta(minutes=4))
+        out = service.cancel(s, campaign_id=cid, actor="op", now=T0 + timedelta(minutes=5), force=False)
+        assert out  # devices whose queue changed are notified
+    with db.session() as s:
+        statuses = {e.status for e in s.scalars(select(JobExecution).where(JobExecution.job_id == cid)).all()}
+        assert statuses == {"SUCCEEDED", "CANCELED"}
+        with pytest.raises(service.CampaignError, match="is canceled"):
+            service.resume(s, campaign_id=cid, actor="op", now=T0)
+        with pytest.raises(service.NotFoundError):
+            service.get(s, "nope")
+
+
+def service_members(db: Database, cid: str) -> list[str]:
+    with db.session() as s:
+        return list(service.get(s, cid).members)
+
+
+def test_continuous_targeting_picks_up_devices_that_join_later(db: Database) -> None:
+    fleet(db, 10)
+    cid = make(db, targeting="continuous", waves=[{"percent": 100}])
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=T0)
+        register_device(s, thing_name="late-car", sku="edge-cpu", now=T0)
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=T0 + timedelta(minutes=1))
+        assert "late-car" in service.get(s, cid).members
+        assert s.query(JobExecution).filter(JobExecution.thing_name == "late-car").count() == 1
