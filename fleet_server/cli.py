@@ -2,9 +2,7 @@
 device/job commands for operators until the HTTP API lands."""
 
 import json
-import signal
-import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
@@ -42,34 +40,51 @@ def migrate(db: DbOpt = None) -> None:
 @app.command()
 def run(
     db: DbOpt = None,
+    host: Annotated[str, typer.Option(help="HTTP address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8700,
     mqtt_host: Annotated[str | None, typer.Option(help="MQTT broker host.")] = None,
     mqtt_port: Annotated[int | None, typer.Option(help="MQTT broker port.")] = None,
+    tick_s: Annotated[float, typer.Option(help="Seconds between campaign scheduler ticks.")] = 1.0,
 ) -> None:
-    """Serve the AWS IoT Jobs protocol to devices over the broker until interrupted."""
-    from fleet_server.jobs.bridge import JobsBridge
+    """Serve the API (/api/v1, /openapi.json, /metrics), the AWS IoT Jobs protocol over MQTT and
+    the campaign scheduler until interrupted."""
+    from fleet_server.server import FleetServer
 
     settings = Settings()
+    if mqtt_host:
+        settings.mqtt_host = mqtt_host
+    if mqtt_port:
+        settings.mqtt_port = mqtt_port
     database = _db(db)
+    server = FleetServer(database, settings, host=host, port=port, tick_s=tick_s)
+    typer.echo(f"fleet server: http://{host}:{port}  mqtt://{settings.mqtt_host}:{settings.mqtt_port}")
     try:
-        bridge = JobsBridge(
-            database,
-            host=mqtt_host or settings.mqtt_host,
-            port=mqtt_port or settings.mqtt_port,
-            client_id=settings.mqtt_client_id,
-            renotify_after=timedelta(seconds=settings.renotify_queued_s),
-            sweep_interval_s=settings.sweep_interval_s,
-        ).start()
+        server.run()
     except TimeoutError as exc:
         raise TidegateError(str(exc)) from None
-    typer.echo(f"jobs service on mqtt://{bridge.host}:{bridge.port} (Ctrl-C to stop)")
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *a: done.set())
+
+
+token_app = typer.Typer(help="Operator API tokens.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[str, typer.Option(help="viewer, operator or admin.")],
+    name: Annotated[str, typer.Option(help="Who or what holds the token.")],
+    db: DbOpt = None,
+) -> None:
+    """Create an operator API token; it is printed once and stored only as a hash."""
+    from fleet_server.auth.service import Role, create_token
+
     try:
-        done.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        bridge.stop()
+        r = Role(role)
+    except ValueError:
+        raise TidegateError(f"unknown role {role!r}; one of viewer, operator, admin") from None
+    database = _db(db)
+    with database.session() as s:
+        token = create_token(s, name=name, role=r, now=datetime.now(UTC))
+    typer.echo(token)
 
 
 @app.command("device-add")

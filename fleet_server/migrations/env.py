@@ -3,6 +3,7 @@
 from alembic import context
 from sqlalchemy import Connection, engine_from_config, pool
 
+from fleet_server.auth import models as _auth  # noqa: F401
 from fleet_server.campaigns import models as _campaigns  # noqa: F401  (register tables)
 from fleet_server.db import Base
 from fleet_server.devices import models as _devices  # noqa: F401

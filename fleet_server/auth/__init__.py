@@ -1,0 +1,1 @@
+"""Operator API tokens with roles, and the audit log of operator actions."""

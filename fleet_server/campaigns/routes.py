@@ -1,0 +1,265 @@
+"""/api/v1/campaigns — thin: validate, call the service in one transaction, audit, answer."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fleet_server.auth.deps import Principal, require
+from fleet_server.auth.service import Role, audit
+from fleet_server.campaigns import service
+from fleet_server.campaigns.models import Campaign, CampaignDecision
+from fleet_server.campaigns.planner import wave_bounds
+from fleet_server.campaigns.spec import CampaignSpec
+from fleet_server.jobs.models import JobExecution
+from fleet_server.jobs.protocol import Outgoing
+
+router = APIRouter(prefix="/api/v1/campaigns", tags=["campaigns"])
+Viewer = Annotated[Principal, Depends(require(Role.VIEWER))]
+Operator = Annotated[Principal, Depends(require(Role.OPERATOR))]
+Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
+
+
+class WaveCounts(BaseModel):
+    index: int
+    size: int
+    counts: dict[str, int]
+
+
+class CampaignPublic(BaseModel):
+    id: str
+    name: str
+    state: str
+    wave: int
+    waves: list[WaveCounts]
+    regions: dict[str, dict[str, int]]
+    errors: dict[str, int]
+    paused_reason: str | None
+    created_by: str
+    approved_by: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    spec: dict[str, Any]
+
+
+class DecisionPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    at: datetime
+    kind: str
+    actor: str
+    message: str
+
+
+class PauseBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(default="paused by operator", min_length=1, max_length=1000)
+
+
+class CancelBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    force: bool = False
+
+
+def present(s: Session, c: Campaign) -> CampaignPublic:
+    from fleet_server.devices.models import Device
+
+    spec = CampaignSpec.model_validate(c.spec)
+    rows = s.scalars(select(JobExecution).where(JobExecution.job_id == c.id)).all()
+    by_thing = {r.thing_name: r for r in rows}
+    bounds = wave_bounds(spec, len(c.members))
+    waves, start = [], 0
+    for i, end in enumerate(bounds):
+        counts = Counter(by_thing[t].status if t in by_thing else "NOT_STARTED" for t in c.members[start:end])
+        waves.append(WaveCounts(index=i, size=end - start, counts=dict(counts)))
+        start = end
+    regions: dict[str, Counter[str]] = {}
+    if rows:
+        found = s.execute(
+            select(Device.thing_name, Device.region).where(Device.thing_name.in_(list(by_thing)))
+        )
+        region_of: dict[str, str | None] = {thing: region for thing, region in found}
+        for r in rows:
+            regions.setdefault(region_of.get(r.thing_name) or "unknown", Counter())[r.status] += 1
+    errors = Counter(
+        (r.status_details or {}).get("reason", r.status)[:80]
+        for r in rows
+        if r.status in ("FAILED", "TIMED_OUT", "REJECTED")
+    )
+    return CampaignPublic(
+        id=c.id,
+        name=c.name,
+        state=c.state,
+        wave=c.wave,
+        waves=waves,
+        regions={k: dict(v) for k, v in regions.items()},
+        errors=dict(errors.most_common(10)),
+        paused_reason=c.paused_reason,
+        created_by=c.created_by,
+        approved_by=c.approved_by,
+        created_at=c.created_at,
+        started_at=c.started_at,
+        finished_at=c.finished_at,
+        spec=c.spec,
+    )
+
+
+def _act(
+    request: Request,
+    who: Principal,
+    action: str,
+    campaign_id: str | None,
+    fn: Callable[[Session, datetime], Any],
+) -> CampaignPublic:
+    now = request.app.state.clock()
+    out: list[Outgoing] = []
+    try:
+        with request.app.state.db.session() as s:
+            result = fn(s, now)
+            if isinstance(result, list):
+                out = result
+            cid = campaign_id or (result.id if isinstance(result, Campaign) else None)
+            audit(s, actor=who.name, role=who.role.value, action=action, target=cid, outcome="ok", now=now)
+            s.flush()
+            answer = present(s, service.get(s, cid or ""))
+    except service.NotFoundError as exc:
+        raise HTTPException(404, str(exc)) from None
+    except service.CampaignError as exc:
+        with request.app.state.db.session() as s:
+            audit(
+                s,
+                actor=who.name,
+                role=who.role.value,
+                action=action,
+                target=campaign_id,
+                outcome=f"refused: {exc}",
+                now=now,
+            )
+        raise HTTPException(409, str(exc)) from None
+    request.app.state.publish(out)
+    return answer
+
+
+@router.get("", response_model=list[CampaignPublic])
+def list_campaigns(
+    request: Request, who: Viewer, state: Annotated[str | None, Query(max_length=32)] = None
+) -> list[CampaignPublic]:
+    with request.app.state.db.session() as s:
+        q = select(Campaign).order_by(Campaign.created_at.desc()).limit(200)
+        if state:
+            q = q.where(Campaign.state == state)
+        return [present(s, c) for c in s.scalars(q).all()]
+
+
+@router.post("", response_model=CampaignPublic, status_code=201)
+def create_campaign(request: Request, body: CampaignSpec, who: Operator) -> CampaignPublic:
+    return _act(
+        request,
+        who,
+        "campaign.create",
+        None,
+        lambda s, now: service.create(s, spec=body, actor=who.name, now=now),
+    )
+
+
+@router.get("/{campaign_id}", response_model=CampaignPublic)
+def get_campaign(request: Request, campaign_id: str, who: Viewer) -> CampaignPublic:
+    with request.app.state.db.session() as s:
+        try:
+            return present(s, service.get(s, campaign_id))
+        except service.NotFoundError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+
+@router.get("/{campaign_id}/decisions", response_model=list[DecisionPublic])
+def decisions(request: Request, campaign_id: str, who: Viewer) -> list[CampaignDecision]:
+    with request.app.state.db.session() as s:
+        try:
+            service.get(s, campaign_id)
+        except service.NotFoundError as exc:
+            raise HTTPException(404, str(exc)) from None
+        return list(
+            s.scalars(
+                select(CampaignDecision)
+                .where(CampaignDecision.campaign_id == campaign_id)
+                .order_by(CampaignDecision.id)
+            ).all()
+        )
+
+
+@router.post("/{campaign_id}/submit", response_model=CampaignPublic)
+def submit(request: Request, campaign_id: str, who: Operator) -> CampaignPublic:
+    return _act(
+        request,
+        who,
+        "campaign.submit",
+        campaign_id,
+        lambda s, now: service.submit(s, campaign_id=campaign_id, actor=who.name, now=now),
+    )
+
+
+@router.post("/{campaign_id}/approve", response_model=CampaignPublic)
+def approve(request: Request, campaign_id: str, who: Admin) -> CampaignPublic:
+    return _act(
+        request,
+        who,
+        "campaign.approve",
+        campaign_id,
+        lambda s, now: service.approve(s, campaign_id=campaign_id, actor=who.name, now=now),
+    )
+
+
+@router.post("/{campaign_id}/pause", response_model=CampaignPublic)
+def pause(request: Request, campaign_id: str, who: Operator, body: PauseBody | None = None) -> CampaignPublic:
+    reason = (body or PauseBody()).reason
+    return _act(
+        request,
+        who,
+        "campaign.pause",
+        campaign_id,
+        lambda s, now: service.pause(s, campaign_id=campaign_id, actor=who.name, now=now, reason=reason),
+    )
+
+
+@router.post("/{campaign_id}/resume", response_model=CampaignPublic)
+def resume(request: Request, campaign_id: str, who: Operator) -> CampaignPublic:
+    return _act(
+        request,
+        who,
+        "campaign.resume",
+        campaign_id,
+        lambda s, now: service.resume(s, campaign_id=campaign_id, actor=who.name, now=now),
+    )
+
+
+@router.post("/{campaign_id}/next-wave", response_model=CampaignPublic)
+def next_wave(request: Request, campaign_id: str, who: Operator) -> CampaignPublic:
+    return _act(
+        request,
+        who,
+        "campaign.next_wave",
+        campaign_id,
+        lambda s, now: service.next_wave(s, campaign_id=campaign_id, actor=who.name, now=now),
+    )
+
+
+@router.post("/{campaign_id}/cancel", response_model=CampaignPublic)
+def cancel(
+    request: Request, campaign_id: str, who: Operator, body: CancelBody | None = None
+) -> CampaignPublic:
+    force = (body or CancelBody()).force
+    return _act(
+        request,
+        who,
+        "campaign.cancel",
+        campaign_id,
+        lambda s, now: service.cancel(s, campaign_id=campaign_id, actor=who.name, now=now, force=force),
+    )

@@ -1,0 +1,89 @@
+"""/api/v1/devices — thin: validate, call the service, shape the answer."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from fleet_server.auth.deps import Principal, require
+from fleet_server.auth.service import Role, audit
+from fleet_server.devices.models import Device
+from fleet_server.devices.service import register_device
+
+router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
+Viewer = Annotated[Principal, Depends(require(Role.VIEWER))]
+Operator = Annotated[Principal, Depends(require(Role.OPERATOR))]
+
+
+class DeviceCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    thing_name: str = Field(min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9:_-]+$")
+    sku: str = Field(min_length=1, max_length=64)
+    region: str | None = Field(default=None, max_length=64)
+    customer: str | None = Field(default=None, max_length=128)
+    regulatory_domain: str | None = Field(default=None, max_length=64)
+    firmware: str | None = Field(default=None, max_length=64)
+    agent_version: str | None = Field(default=None, max_length=64)
+    attributes: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+
+class DevicePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    thing_name: str
+    sku: str
+    region: str | None
+    customer: str | None
+    regulatory_domain: str | None
+    firmware: str | None
+    agent_version: str | None
+    attributes: dict[str, Any]
+    registered_at: datetime
+    last_seen_at: datetime | None
+
+
+@router.get("", response_model=list[DevicePublic])
+def list_devices(
+    request: Request,
+    who: Viewer,
+    sku: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> list[Device]:
+    with request.app.state.db.session() as s:
+        q = select(Device).order_by(Device.thing_name).limit(limit).offset(offset)
+        if sku:
+            q = q.where(Device.sku == sku)
+        return list(s.scalars(q).all())
+
+
+@router.post("", response_model=DevicePublic, status_code=201)
+def create_device(request: Request, body: DeviceCreate, who: Operator) -> Device:
+    now = request.app.state.clock()
+    with request.app.state.db.session() as s:
+        device = register_device(s, now=now, **body.model_dump())
+        audit(
+            s,
+            actor=who.name,
+            role=who.role.value,
+            action="device.register",
+            target=body.thing_name,
+            outcome="ok",
+            now=now,
+        )
+        s.flush()
+        return device
+
+
+@router.get("/{thing_name}", response_model=DevicePublic)
+def get_device(request: Request, thing_name: str, who: Viewer) -> Device:
+    with request.app.state.db.session() as s:
+        device: Device | None = s.get(Device, thing_name)
+        if device is None:
+            raise HTTPException(404, f"no device {thing_name!r}")
+        return device

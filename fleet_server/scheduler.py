@@ -1,0 +1,56 @@
+"""The one loop that advances campaigns: for each active campaign, one planner tick in one
+transaction, then the notifications are published. All state is in the database, so a
+restarted server picks up where the last tick committed, and nothing is queued twice
+(an execution per campaign and device is unique)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime
+
+from fleet_server.campaigns import service
+from fleet_server.db import Database
+from fleet_server.jobs.protocol import Outgoing
+
+log = logging.getLogger("tidegate.server.scheduler")
+
+
+class CampaignScheduler:
+    def __init__(
+        self,
+        db: Database,
+        publish: Callable[[list[Outgoing]], None],
+        clock: Callable[[], datetime],
+        *,
+        interval_s: float = 1.0,
+    ) -> None:
+        self.db, self.publish, self.clock, self.interval_s = db, publish, clock, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="campaign-scheduler", daemon=True)
+        self.ticks = 0
+
+    def start(self) -> CampaignScheduler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def tick_all(self) -> None:
+        with self.db.session() as s:
+            ids = service.active_ids(s)
+        for cid in ids:
+            try:
+                with self.db.session() as s:
+                    out = service.tick(s, campaign_id=cid, now=self.clock())
+                self.publish(out)
+            except Exception:
+                log.exception("tick of campaign %s failed", cid)
+        self.ticks += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.tick_all()

@@ -1,0 +1,57 @@
+"""`tidegate server run`: HTTP API, the AWS IoT Jobs service over MQTT and the campaign
+scheduler in one process."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime, timedelta
+
+import uvicorn
+
+from fleet_server.app import create_app
+from fleet_server.db import Database
+from fleet_server.jobs.bridge import JobsBridge
+from fleet_server.scheduler import CampaignScheduler
+from fleet_server.settings import Settings
+
+log = logging.getLogger("tidegate.server")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class FleetServer:
+    def __init__(
+        self, db: Database, settings: Settings, *, host: str, port: int, tick_s: float = 1.0
+    ) -> None:
+        self.db = db
+        self.bridge = JobsBridge(
+            db,
+            host=settings.mqtt_host,
+            port=settings.mqtt_port,
+            client_id=settings.mqtt_client_id,
+            renotify_after=timedelta(seconds=settings.renotify_queued_s),
+            sweep_interval_s=settings.sweep_interval_s,
+        )
+        self.scheduler = CampaignScheduler(db, self.bridge.publish, _utcnow, interval_s=tick_s)
+        self.app = create_app(db, publish=self.bridge.publish)
+        self.http = uvicorn.Server(
+            uvicorn.Config(self.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        )
+
+    def run(self) -> None:
+        """Blocks until SIGINT/SIGTERM (uvicorn's handlers), then stops everything."""
+        self.bridge.start()
+        self.scheduler.start()
+        try:
+            self.http.run()
+        finally:
+            self.scheduler.stop()
+            self.bridge.stop()
+
+    def start_in_thread(self) -> threading.Thread:
+        t = threading.Thread(target=self.run, daemon=True)
+        t.start()
+        return t

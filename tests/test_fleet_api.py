@@ -1,0 +1,156 @@
+"""The fleet server's HTTP API: roles on every endpoint, validation, audit, a campaign by API."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from fleet_server.app import create_app
+from fleet_server.auth.models import AuditEntry
+from fleet_server.auth.service import Role, create_token
+from fleet_server.db import Database
+from fleet_server.jobs.protocol import Outgoing
+from fleet_server.scheduler import CampaignScheduler
+
+T0 = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
+CAMPAIGN = {
+    "name": "roll",
+    "target": "classifier",
+    "repository": "http://repo",
+    "cohort": {"sku": "edge-cpu"},
+    "waves": [{"percent": 50}, {"percent": 100}],
+    "success_gate": {
+        "conditions": [{"metric": "success_rate", "comparator": ">=", "threshold": 0.9, "min_samples": 1}]
+    },
+}
+
+
+@pytest.fixture
+def api(db: Database) -> tuple[TestClient, dict[str, dict[str, str]], list[Outgoing]]:
+    published: list[Outgoing] = []
+    app = create_app(db, publish=published.extend, clock=lambda: T0)
+    headers = {}
+    with db.session() as s:
+        for role in Role:
+            headers[role.value] = {
+                "Authorization": f"Bearer {create_token(s, name=f'{role}-1', role=role, now=T0)}"
+            }
+    return TestClient(app), headers, published
+
+
+ENDPOINTS: list[tuple[str, str, Role, Any]] = [
+    ("GET", "/api/v1/devices", Role.VIEWER, None),
+    ("GET", "/api/v1/devices/car-1", Role.VIEWER, None),
+    ("POST", "/api/v1/devices", Role.OPERATOR, {"thing_name": "car-x", "sku": "edge-cpu"}),
+    ("GET", "/api/v1/campaigns", Role.VIEWER, None),
+    ("POST", "/api/v1/campaigns", Role.OPERATOR, CAMPAIGN),
+    ("GET", "/api/v1/campaigns/c-none", Role.VIEWER, None),
+    ("GET", "/api/v1/campaigns/c-none/decisions", Role.VIEWER, None),
+    ("POST", "/api/v1/campaigns/c-none/submit", Role.OPERATOR, None),
+    ("POST", "/api/v1/campaigns/c-none/approve", Role.ADMIN, None),
+    ("POST", "/api/v1/campaigns/c-none/pause", Role.OPERATOR, {"reason": "x"}),
+    ("POST", "/api/v1/campaigns/c-none/resume", Role.OPERATOR, None),
+    ("POST", "/api/v1/campaigns/c-none/next-wave", Role.OPERATOR, None),
+    ("POST", "/api/v1/campaigns/c-none/cancel", Role.OPERATOR, {"force": True}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "needed", "body"), ENDPOINTS)
+def test_each_role_can_do_exactly_what_it_should(
+    api: tuple[TestClient, dict[str, dict[str, str]], list[Outgoing]],
+    method: str,
+    path: str,
+    needed: Role,
+    body: Any,
+) -> None:
+    client, headers, _ = api
+    assert client.request(method, path, json=body).status_code == 401
+    assert (
+        client.request(method, path, json=body, headers={"Authorization": "Bearer tg_wrong"}).status_code
+        == 401
+    )
+    for role in Role:
+        code = client.request(method, path, json=body, headers=headers[role.value]).status_code
+        if role.allows(needed):
+            assert code not in (401, 403), (role, code)
+            assert code < 500
+        else:
+            assert code == 403, (role, code)
+
+
+def test_bad_bodies_are_4xx_with_a_message(
+    api: tuple[TestClient, dict[str, dict[str, str]], list[Outgoing]],
+) -> None:
+    client, headers, _ = api
+    op = headers["operator"]
+    for body in (
+        {},
+        {"thing_name": "bad name!", "sku": "x"},
+        {"thing_name": "a", "sku": "x", "extra": 1},
+        {"thing_name": "a" * 200, "sku": "x"},
+    ):
+        r = client.post("/api/v1/devices", json=body, headers=op)
+        assert r.status_code == 422 and r.json()["detail"], body
+    for bad in (
+        {**CAMPAIGN, "waves": []},
+        {**CAMPAIGN, "waves": [{"percent": 50}, {"percent": 10}]},
+        {**CAMPAIGN, "blackouts": [{"cron": "nope", "duration_minutes": 5}]},
+        {**CAMPAIGN, "max_concurrent": 0},
+    ):
+        r = client.post("/api/v1/campaigns", json=bad, headers=op)
+        assert r.status_code == 422, bad
+    r = client.post("/api/v1/campaigns/c-none/submit", headers=op)
+    assert r.status_code == 404 and "no campaign" in r.json()["detail"]
+    assert client.get("/api/v1/devices?limit=0", headers=op).status_code == 422
+
+
+def test_a_campaign_through_the_api(
+    api: tuple[TestClient, dict[str, dict[str, str]], list[Outgoing]], db: Database
+) -> None:
+    client, headers, published = api
+    op, admin = headers["operator"], headers["admin"]
+    for i in range(6):
+        assert (
+            client.post(
+                "/api/v1/devices",
+                json={"thing_name": f"car-{i}", "sku": "edge-cpu", "region": "eu" if i % 2 else "us"},
+                headers=op,
+            ).status_code
+            == 201
+        )
+    c = client.post("/api/v1/campaigns", json=CAMPAIGN, headers=op).json()
+    assert c["state"] == "draft"
+    r = client.post(f"/api/v1/campaigns/{c['id']}/approve", headers=admin)
+    assert r.status_code == 409 and "is draft" in r.json()["detail"]
+    assert (
+        client.post(f"/api/v1/campaigns/{c['id']}/submit", headers=op).json()["state"]
+        == "waiting_for_approval"
+    )
+    assert client.post(f"/api/v1/campaigns/{c['id']}/approve", headers=admin).json()["state"] == "scheduled"
+    CampaignScheduler(db, published.extend, lambda: T0).tick_all()
+    body = client.get(f"/api/v1/campaigns/{c['id']}", headers=headers["viewer"]).json()
+    assert body["state"] == "running"
+    assert body["waves"][0] == {"index": 0, "size": 3, "counts": {"QUEUED": 3}}
+    assert body["waves"][1]["counts"] == {"NOT_STARTED": 3}
+    assert sum(sum(v.values()) for v in body["regions"].values()) == 3
+    assert len([o for o in published if o.topic.endswith("notify-next")]) == 3
+    paused = client.post(
+        f"/api/v1/campaigns/{c['id']}/pause", json={"reason": "checking dashboards"}, headers=op
+    )
+    assert paused.json()["state"] == "paused" and paused.json()["paused_reason"] == "checking dashboards"
+    kinds = [d["kind"] for d in client.get(f"/api/v1/campaigns/{c['id']}/decisions", headers=op).json()]
+    assert kinds == ["created", "waiting_for_approval", "scheduled", "started", "queued", "paused"]
+    with db.session() as s:
+        actions = [
+            (a.actor, a.action, a.outcome[:7]) for a in s.scalars(select(AuditEntry).order_by(AuditEntry.id))
+        ]
+    assert ("admin-1", "campaign.approve", "refused") in actions
+    assert ("admin-1", "campaign.approve", "ok") in actions
+    assert ("operator-1", "campaign.pause", "ok") in actions
+    spec = client.get("/openapi.json").json()
+    assert "/api/v1/campaigns/{campaign_id}/next-wave" in spec["paths"]
+    assert 'tidegate_campaigns{state="paused"} 1.0' in client.get("/metrics").text
