@@ -8,6 +8,7 @@ import typer
 
 from agent.cli import app as agent_app
 from fleet_server.cli import app as server_app
+from fleet_server.sim.cli import app as sim_app
 from shared.bundle.cli import app as bundle_app
 from shared.errors import TidegateError
 from shared.trust.cli import app as repo_app
@@ -24,6 +25,7 @@ app = typer.Typer(
 app.add_typer(agent_app, name="agent")
 app.add_typer(repo_app, name="repo")
 app.add_typer(server_app, name="server")
+app.add_typer(sim_app, name="sim")
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(demo_app, name="demo")
 

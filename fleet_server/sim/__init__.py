@@ -1,0 +1,1 @@
+"""A fleet simulator: many protocol-accurate simulated agents in one process."""

@@ -1,0 +1,203 @@
+"""Simulated devices that speak the AWS IoT Jobs device protocol exactly as the agent does
+(notify-next → start-next → IN_PROGRESS progress → SUCCEEDED / FAILED / waiting on unmet
+preconditions), thousands of them in one process.
+
+To reach fleet scale on one machine they share one MQTT connection (each device's messages
+still go to and come from its own ``$aws/things/<thing>/jobs/...`` topics); per-device
+connections and certificates are what the real agent and the broker ACL test.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+
+@dataclass
+class SimSettings:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    install_s: tuple[float, float] = (0.05, 0.2)
+    fail_rate: float = 0.0
+    unmet_rate: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class SimStats:
+    started: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    waiting: int = 0
+    updates_sent: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+class SimulatedFleet:
+    def __init__(self, things: list[str], settings: SimSettings) -> None:
+        self.things = set(things)
+        self.s = settings
+        self.stats = SimStats()
+        self._rng = random.Random(settings.seed)
+        self._fail = {t for t in sorted(things) if self._rng.random() < settings.fail_rate}
+        self._unmet = {
+            t for t in sorted(things) if t not in self._fail and self._rng.random() < settings.unmet_rate
+        }
+        self._lock = threading.Lock()
+        self._timers: list[tuple[float, int, str, str, int]] = []  # (due, seq, thing, job, version)
+        self._seq = 0
+        self._busy: set[str] = set()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.connected = threading.Event()
+        c = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"tidegate-sim-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        c.max_inflight_messages_set(1000)
+        c.max_queued_messages_set(0)
+        c.on_connect = self._on_connect
+        c.on_message = self._on_message
+        self._c = c
+        self._timer_thread = threading.Thread(target=self._timer_loop, daemon=True, name="sim-timers")
+
+    def start(self) -> SimulatedFleet:
+        self._c.connect(self.s.host, self.s.port, keepalive=30)
+        self._c.loop_start()
+        if not self.connected.wait(10):
+            raise TimeoutError("simulator could not connect to the broker")
+        self._timer_thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._c.disconnect()
+        self._c.loop_stop()
+
+    def poll_all(self) -> None:
+        """start-next for every device, as agents do on connect."""
+        for t in sorted(self.things):
+            self._start_next(t)
+
+    # ---- protocol ---------------------------------------------------------------------------------
+
+    def _pub(self, topic: str, body: dict[str, Any]) -> None:
+        self._c.publish(topic, json.dumps(body), qos=1)
+
+    def _start_next(self, thing: str) -> None:
+        self._pub(f"$aws/things/{thing}/jobs/start-next", {"clientToken": uuid.uuid4().hex[:16]})
+
+    def _update(self, thing: str, job: str, status: str, version: int, details: dict[str, str]) -> None:
+        with self._lock:
+            self.stats.updates_sent += 1
+        self._pub(
+            f"$aws/things/{thing}/jobs/{job}/update",
+            {
+                "status": status,
+                "statusDetails": details,
+                "expectedVersion": version,
+                "includeJobExecutionState": True,
+                "clientToken": uuid.uuid4().hex[:16],
+            },
+        )
+
+    def _on_connect(self, c: mqtt.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
+        opts = SubscribeOptions(qos=1)
+        c.subscribe(
+            [
+                ("$aws/things/+/jobs/notify-next", opts),
+                ("$aws/things/+/jobs/start-next/accepted", opts),
+                ("$aws/things/+/jobs/start-next/rejected", opts),
+                ("$aws/things/+/jobs/+/update/accepted", opts),
+                ("$aws/things/+/jobs/+/update/rejected", opts),
+            ]
+        )
+        time.sleep(0.2)  # let the SUBACK land before the first requests
+        self.connected.set()
+
+    def _on_message(self, c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+        parts = msg.topic.split("/")
+        thing = parts[2]
+        if thing not in self.things:
+            return
+        try:
+            body = json.loads(msg.payload)
+        except ValueError:
+            return
+        if parts[-1] == "notify-next":
+            if body.get("execution") and thing not in self._busy:
+                self._start_next(thing)
+        elif parts[-2:] == ["start-next", "accepted"]:
+            ex = body.get("execution")
+            if not ex or thing in self._busy:
+                return
+            self._begin(thing, ex)
+        elif parts[-1] == "rejected":
+            with self._lock:
+                self.stats.rejected[str(body.get("code"))] += 1
+        elif parts[-2:] == ["update", "accepted"]:
+            state = body.get("executionState") or {}
+            if state.get("status") in ("SUCCEEDED", "FAILED", "REJECTED"):
+                with self._lock:
+                    self._busy.discard(thing)
+
+    def _begin(self, thing: str, ex: dict[str, Any]) -> None:
+        job, version = ex["jobId"], int(ex["versionNumber"])
+        with self._lock:
+            self._busy.add(thing)
+            self.stats.started += 1
+        if thing in self._unmet:
+            with self._lock:
+                self.stats.waiting += 1
+            self._update(
+                thing, job, "IN_PROGRESS", version, {"step": "waiting", "unmet": "battery: 12% < 30%"}
+            )
+            return
+        self._update(thing, job, "IN_PROGRESS", version, {"step": "downloading"})
+        due = time.monotonic() + self._rng.uniform(*self.s.install_s)
+        with self._lock:
+            self._seq += 1
+            heapq.heappush(self._timers, (due, self._seq, thing, job, version + 1))
+        self._wake.set()
+
+    def _timer_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                nxt = self._timers[0][0] if self._timers else None
+            if nxt is None:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            delay = nxt - time.monotonic()
+            if delay > 0:
+                self._wake.wait(min(delay, 0.5))
+                self._wake.clear()
+                continue
+            with self._lock:
+                _, _, thing, job, version = heapq.heappop(self._timers)
+            failed = thing in self._fail
+            with self._lock:
+                if failed:
+                    self.stats.failed += 1
+                else:
+                    self.stats.succeeded += 1
+            self._update(
+                thing,
+                job,
+                "FAILED" if failed else "SUCCEEDED",
+                version,
+                {"reason": "self-test failed (simulated)" if failed else "committed"},
+            )
