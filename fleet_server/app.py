@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from sqlalchemy import func, select
 
@@ -45,6 +46,13 @@ def create_app(
     @app.exception_handler(ValueError)
     async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    page = (Path(__file__).parent / "dashboard" / "page.html").read_bytes()
+
+    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
+    def dashboard() -> HTMLResponse:
+        """The operators' live page; it reads the API with the operator's own token."""
+        return HTMLResponse(page)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -1,0 +1,1 @@
+"""The operators' live dashboard: one self-contained page over the API."""

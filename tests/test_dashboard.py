@@ -1,0 +1,134 @@
+"""The operators' dashboard in a real headless Chromium (Debian's chromium, driven by Playwright):
+live tiles per campaign, the decision log, and the pause and resume buttons."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from fleet_server.app import create_app
+from fleet_server.auth.service import Role, create_token
+from fleet_server.campaigns import service
+from fleet_server.campaigns.spec import CampaignSpec
+from fleet_server.db import Database
+from fleet_server.devices.service import register_device
+from fleet_server.jobs import protocol
+from fleet_server.migrate import upgrade
+from tests.mqtt_helpers import free_port
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_dashboard_page_is_served_without_secrets(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    db = Database(f"sqlite:///{tmp_path / 'd.db'}")
+    upgrade(db)
+    page = TestClient(create_app(db)).get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/api/v1/campaigns" in page.text and "tg_" not in page.text
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium (Debian package chromium) not installed")
+def test_dashboard_live_in_headless_chromium(tmp_path: Path) -> None:
+    playwright = pytest.importorskip("playwright.sync_api")
+    db = Database(f"sqlite:///{tmp_path / 'd.db'}")
+    upgrade(db)
+    now = datetime.now(UTC)
+    with db.session() as s:
+        token = create_token(s, name="ops", role=Role.ADMIN, now=now)
+        for i in range(4):
+            register_device(s, thing_name=f"car-{i}", sku="edge-cpu", region="eu" if i % 2 else "us", now=now)
+        c = service.create(
+            s,
+            spec=CampaignSpec.model_validate(
+                {
+                    "name": "classifier 2.0",
+                    "target": "t",
+                    "repository": "r",
+                    "cohort": {"sku": "edge-cpu"},
+                    "waves": [{"percent": 50}, {"percent": 100}],
+                }
+            ),
+            actor="ops",
+            now=now,
+        )
+        service.submit(s, campaign_id=c.id, actor="ops", now=now)
+        service.approve(s, campaign_id=c.id, actor="ops", now=now)
+        service.tick(s, campaign_id=c.id, now=now)
+        cid = c.id
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(db), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM,
+                args=[
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-first-run",
+                ],
+            )
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/#token={token}")
+            card = page.locator(f"[data-campaign='{cid}']")
+            card.wait_for(timeout=10_000)
+            assert "RUNNING" in card.inner_text().upper() and "classifier 2.0" in card.inner_text()
+            assert "QUEUED" in card.inner_text()
+            # a device answers: the tiles update live, without a reload
+            thing = next(t for t in ("car-0", "car-1", "car-2", "car-3") if _has_execution(db, t))
+            with db.session() as s:
+                out = protocol.handle(s, f"$aws/things/{thing}/jobs/start-next", b"{}", datetime.now(UTC))
+                ver = out[0].payload["execution"]["versionNumber"]
+                protocol.handle(
+                    s,
+                    f"$aws/things/{thing}/jobs/{cid}/update",
+                    f'{{"status":"SUCCEEDED","expectedVersion":{ver}}}'.encode(),
+                    datetime.now(UTC),
+                )
+            page.wait_for_function(
+                f"document.querySelector(\"[data-campaign='{cid}'] .tile.SUCCEEDED\") !== null",
+                timeout=10_000,
+            )
+            card.get_by_role("button", name="Pause").click()
+            page.wait_for_function(
+                f"document.querySelector(\"[data-campaign='{cid}'] .state.paused\") !== null", timeout=10_000
+            )
+            assert "paused from the dashboard" in card.inner_text()
+            card.get_by_role("button", name="Decision log").click()
+            page.wait_for_selector(f"[data-campaign='{cid}'] .log", timeout=10_000)
+            assert "paused (ops)" in card.locator(".log").inner_text()
+            page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+            card.get_by_role("button", name="Resume").click()
+            page.wait_for_function(
+                f"document.querySelector(\"[data-campaign='{cid}'] .state.running\") !== null", timeout=10_000
+            )
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    with db.session() as s:
+        assert service.get(s, cid).state == "running"
+
+
+def _has_execution(db: Database, thing: str) -> bool:
+    from sqlalchemy import select
+
+    from fleet_server.jobs.models import JobExecution
+
+    with db.session() as s:
+        return s.scalars(select(JobExecution).where(JobExecution.thing_name == thing)).first() is not None
