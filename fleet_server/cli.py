@@ -3,6 +3,7 @@ device/job commands for operators until the HTTP API lands."""
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -129,3 +130,49 @@ def job_create(
     except Exception as exc:
         raise TidegateError(f"could not queue {job_id} for {thing}: {str(exc).splitlines()[0]}") from None
     typer.echo(f"queued {job_id} for {thing}")
+
+
+ca_app = typer.Typer(
+    help="The device PKI: a private CA, device certificates, broker mTLS + ACL.", no_args_is_help=True
+)
+app.add_typer(ca_app, name="ca")
+
+PkiDir = Annotated[Path, typer.Option("--dir", help="PKI directory (keys are written mode 0600).")]
+
+
+@ca_app.command("init")
+def ca_init(
+    directory: PkiDir,
+    server_name: Annotated[list[str], typer.Option(help="Broker DNS name or IP (repeatable).")] = [],  # noqa: B006
+) -> None:
+    """Create the device CA and the broker's server certificate."""
+    from fleet_server.pki.service import init_ca
+
+    init_ca(directory, server_names=server_name or None)
+    typer.echo(f"device CA created in {directory}")
+
+
+@app.command("device-cert")
+def device_cert(
+    thing: Annotated[str, typer.Argument(help="Thing name; becomes the certificate's CN.")],
+    directory: PkiDir,
+    days: Annotated[int, typer.Option(min=1, max=3650, help="Validity.")] = 825,
+) -> None:
+    """Issue a device's MQTT client certificate from the device CA."""
+    from fleet_server.pki.service import issue_device
+
+    cert, key = issue_device(directory, thing, days=days)
+    typer.echo(f"issued {cert} (key {key}, mode 0600)")
+
+
+@ca_app.command("broker-config")
+def ca_broker_config(
+    directory: PkiDir,
+    port: Annotated[int, typer.Option(help="mTLS listener port.")] = 8883,
+) -> None:
+    """Write mosquitto.conf and an ACL that keeps every device to its own topics."""
+    from fleet_server.pki.service import broker_config, issue_service
+
+    issue_service(directory, "tidegate-fleet-server")
+    conf = broker_config(directory, port=port)
+    typer.echo(f"wrote {conf} and {directory / 'acl'}; fleet server identity in {directory / 'services'}")

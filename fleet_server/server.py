@@ -34,6 +34,9 @@ class FleetServer:
             client_id=settings.mqtt_client_id,
             renotify_after=timedelta(seconds=settings.renotify_queued_s),
             sweep_interval_s=settings.sweep_interval_s,
+            tls=(settings.mqtt_ca_file, settings.mqtt_cert_file, settings.mqtt_key_file)
+            if settings.mqtt_ca_file and settings.mqtt_cert_file and settings.mqtt_key_file
+            else None,
         )
         self.scheduler = CampaignScheduler(db, self.bridge.publish, _utcnow, interval_s=tick_s)
         self.app = create_app(db, publish=self.bridge.publish)

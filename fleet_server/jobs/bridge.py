@@ -11,9 +11,11 @@ missed a notification. A request that breaks the handler gets an
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -45,7 +47,9 @@ class JobsBridge:
         clock: Callable[[], datetime] = _utcnow,
         renotify_after: timedelta = timedelta(seconds=60),
         sweep_interval_s: float = 5.0,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
+        """`tls` = (CA file, client certificate, key) for a mutual-TLS broker."""
         self.db, self.clock = db, clock
         self.renotify_after, self.sweep_interval_s = renotify_after, sweep_interval_s
         self.host, self.port = host, port
@@ -61,6 +65,9 @@ class JobsBridge:
         c.on_message = self._on_message
         c.max_inflight_messages_set(100)
         c.max_queued_messages_set(0)
+        if tls is not None:
+            ca, cert, key = tls
+            c.tls_set(ca_certs=str(ca), certfile=str(cert), keyfile=str(key), cert_reqs=ssl.CERT_REQUIRED)
         self._client = c
 
     def start(self, *, wait_s: float = 10.0) -> JobsBridge:
