@@ -4,6 +4,7 @@ migrations, and the MQTT bridge serving the real agent daemon through Mosquitto.
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -220,8 +221,6 @@ def test_bridge_serves_the_real_agent(db: Database, tmp_path: Path, sample_paylo
                     ).all()
                     if len(done) == 2:
                         break
-                import time
-
                 time.sleep(0.1)
         with db.session() as s:
             rows = {e.job_id: e for e in s.scalars(select(JobExecution)).all()}
@@ -236,6 +235,16 @@ def test_bridge_serves_the_real_agent(db: Database, tmp_path: Path, sample_paylo
                 ).all()
             ]
             assert "writing" in steps and "self_testing" in steps
+        from fleet_server.telemetry.models import TelemetryRecord
+
+        deadline = datetime.now(UTC) + timedelta(seconds=10)
+        while datetime.now(UTC) < deadline:  # receipts and beacons reach the server's store
+            with db.session() as s:
+                kinds = {(r.kind, r.payload.get("job_id")) for r in s.scalars(select(TelemetryRecord)).all()}
+            if ("receipt", "campaign-1-wave-1") in kinds and ("beacon", None) in kinds:
+                break
+            time.sleep(0.1)
+        assert ("receipt", "campaign-1-wave-1") in kinds and ("receipt", "bad-model") in kinds
         assert device_view(device)["version"] == "2.0.0"
     finally:
         bridge.stop()
@@ -273,3 +282,59 @@ def test_server_cli_registers_devices_and_queues_jobs(tmp_path: Path) -> None:
     db = Database(url)
     with db.session() as s:
         assert [e.job_id for e in s.scalars(select(JobExecution)).all()] == ["j1"]
+
+
+def test_telemetry_is_stored_deduped_bounded_and_checked(db: Database) -> None:
+    from fleet_server.devices.models import Device
+    from fleet_server.telemetry import service as telemetry
+    from fleet_server.telemetry.models import TelemetryRecord
+
+    setup_device(db, "car-1", "car-2")
+
+    def beacon(seq: int, device: str = "car-1", **kw: Any) -> bytes:
+        body = {
+            "seq": seq,
+            "device_id": device,
+            "sku": "edge-cpu",
+            "at": T0.isoformat(),
+            "agent_version": "0.1.0",
+            "active_version": "2.0.0",
+            "throttle_level": 1,
+            **kw,
+        }
+        return json.dumps(body).encode()
+
+    with db.session() as s:
+        assert telemetry.ingest(s, "tidegate/things/car-1/beacon", beacon(1), T0) == "stored"
+        assert telemetry.ingest(s, "tidegate/things/car-1/beacon", beacon(1), T0) == "duplicate"
+    for payload, topic, needle in [
+        (beacon(2, device="car-2"), "tidegate/things/car-1/beacon", "names device car-2"),
+        (b"{oops", "tidegate/things/car-1/beacon", "beacon from car-1"),
+        (beacon(3, surprise=1), "tidegate/things/car-1/beacon", "beacon from car-1"),
+        (beacon(4, device="ghost"), "tidegate/things/ghost/beacon", "unregistered"),
+        (beacon(5), "tidegate/things/car-1/secrets", "not a telemetry topic"),
+    ]:
+        with db.session() as s, pytest.raises(telemetry.TelemetryRejectedError, match=needle):
+            telemetry.ingest(s, topic, payload, T0)
+    receipt = {
+        "seq": 9,
+        "device_id": "car-1",
+        "at": T0.isoformat(),
+        "job_id": "j",
+        "outcome": "committed",
+        "reason": "ok",
+    }
+    with db.session() as s:
+        assert (
+            telemetry.ingest(s, "tidegate/things/car-1/receipt", json.dumps(receipt).encode(), T0) == "stored"
+        )
+    for seq in range(10, 10 + telemetry.HISTORY + 20):
+        with db.session() as s:
+            telemetry.ingest(s, "tidegate/things/car-1/beacon", beacon(seq), T0)
+    with db.session() as s:
+        beacons = s.scalars(select(TelemetryRecord.seq).where(TelemetryRecord.kind == "beacon")).all()
+        assert len(beacons) == telemetry.HISTORY and min(beacons) == 30  # the oldest went first
+        assert s.query(TelemetryRecord).filter(TelemetryRecord.kind == "receipt").count() == 1
+        device = s.get(Device, "car-1")
+        assert device is not None and device.active_version == "2.0.0"
+        assert device.last_beacon is not None and device.last_beacon["seq"] == 10 + telemetry.HISTORY + 19

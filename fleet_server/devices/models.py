@@ -22,3 +22,5 @@ class Device(Base):
     attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    active_version: Mapped[str | None] = mapped_column(String(64))
+    last_beacon: Mapped[dict[str, Any] | None] = mapped_column(JSON)

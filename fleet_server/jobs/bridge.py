@@ -26,10 +26,12 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fleet_server.db import Database
 from fleet_server.jobs import protocol
+from fleet_server.telemetry.service import TelemetryRejectedError, ingest
 from shared.iotjobs import Topics
 
 log = logging.getLogger("tidegate.server.jobs")
 REQUESTS = "$aws/things/+/jobs/#"
+TELEMETRY = "tidegate/things/+/+"
 
 
 def _utcnow() -> datetime:
@@ -57,6 +59,8 @@ class JobsBridge:
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="jobs-sweeper", daemon=True)
         self.handled = 0
+        self.telemetry_stored = 0
+        self.telemetry_rejected = 0
         c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
         )
@@ -100,11 +104,19 @@ class JobsBridge:
         if reason.is_failure:
             log.error("broker refused the jobs bridge: %s", reason)
             return
-        client.subscribe(REQUESTS, options=SubscribeOptions(qos=1, noLocal=True))
+        client.subscribe(
+            [
+                (REQUESTS, SubscribeOptions(qos=1, noLocal=True)),
+                (TELEMETRY, SubscribeOptions(qos=1, noLocal=True)),
+            ]
+        )
         self.connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         topic = msg.topic
+        if topic.startswith("tidegate/things/"):
+            self._telemetry(topic, bytes(msg.payload))
+            return
         last = topic.rsplit("/", 1)[-1]
         if last in ("accepted", "rejected", "notify", "notify-next"):
             return
@@ -121,6 +133,18 @@ class JobsBridge:
             ]
         self.handled += 1
         self.publish(out)
+
+    def _telemetry(self, topic: str, payload: bytes) -> None:
+        try:
+            with self.db.session() as s:
+                ingest(s, topic, payload, self.clock())
+            self.telemetry_stored += 1
+        except TelemetryRejectedError as exc:
+            self.telemetry_rejected += 1
+            log.warning("telemetry refused: %s", exc)
+        except Exception:
+            self.telemetry_rejected += 1
+            log.exception("telemetry on %s failed", topic)
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.sweep_interval_s):
