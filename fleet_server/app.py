@@ -17,6 +17,8 @@ from fleet_server.db import Database
 from fleet_server.devices.routes import router as devices_router
 from fleet_server.jobs.models import JobExecution
 from fleet_server.jobs.protocol import Outgoing
+from fleet_server.releases.routes import router as releases_router
+from shared.trust import UpdateRepository
 from shared.version import TIDEGATE_VERSION
 
 
@@ -29,6 +31,7 @@ def create_app(
     *,
     publish: Callable[[list[Outgoing]], None] = lambda out: None,
     clock: Callable[[], datetime] = _utcnow,
+    repository: UpdateRepository | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="Tidegate fleet server",
@@ -36,8 +39,10 @@ def create_app(
         description="Devices, campaigns in gated waves, and the AWS IoT Jobs protocol.",
     )
     app.state.db, app.state.publish, app.state.clock = db, publish, clock
+    app.state.repository = repository
     app.include_router(devices_router)
     app.include_router(campaigns_router)
+    app.include_router(releases_router)
 
     registry = CollectorRegistry()
     campaigns = Gauge("tidegate_campaigns", "Campaigns by state", ["state"], registry=registry)

@@ -14,6 +14,7 @@ from fleet_server.db import Database
 from fleet_server.jobs.bridge import JobsBridge
 from fleet_server.scheduler import CampaignScheduler
 from fleet_server.settings import Settings
+from shared.trust import UpdateRepository
 
 log = logging.getLogger("tidegate.server")
 
@@ -39,7 +40,8 @@ class FleetServer:
             else None,
         )
         self.scheduler = CampaignScheduler(db, self.bridge.publish, _utcnow, interval_s=tick_s)
-        self.app = create_app(db, publish=self.bridge.publish)
+        repo = UpdateRepository(settings.repository_dir) if settings.repository_dir else None
+        self.app = create_app(db, publish=self.bridge.publish, repository=repo)
         self.http = uvicorn.Server(
             uvicorn.Config(self.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
         )

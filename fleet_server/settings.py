@@ -17,5 +17,6 @@ class Settings(BaseSettings):
     mqtt_ca_file: Path | None = None
     mqtt_cert_file: Path | None = None
     mqtt_key_file: Path | None = None
+    repository_dir: Path | None = None  # the TUF repository the server signs into and serves at /repo
     renotify_queued_s: float = 60.0
     sweep_interval_s: float = 5.0

@@ -42,7 +42,7 @@ def make(db: Database, **kw: object) -> str:
     with db.session() as s:
         c = service.create(s, spec=CampaignSpec.model_validate(raw), actor="op", now=T0)
         service.submit(s, campaign_id=c.id, actor="op", now=T0)
-        service.approve(s, campaign_id=c.id, actor="admin", now=T0)
+        service.approve(s, campaign_id=c.id, actor="admin", now=T0, override_reason="test fleet: no bench")
         return c.id
 
 
@@ -102,7 +102,7 @@ def test_a_campaign_runs_wave_by_wave_to_completion(db: Database) -> None:
                 .order_by(CampaignDecision.id)
             ).all()
         ]
-        assert kinds[:4] == ["created", "waiting_for_approval", "scheduled", "started"]
+        assert kinds[:5] == ["created", "waiting_for_approval", "override", "scheduled", "started"]
         assert "advanced" in kinds and kinds[-1] == "completed"
         doc = rows[0].document
         assert (
@@ -154,10 +154,10 @@ def test_operator_actions_and_illegal_transitions(db: Database) -> None:
         )
         cid = c.id
         with pytest.raises(service.CampaignError, match="is draft; cannot scheduled"):
-            service.approve(s, campaign_id=cid, actor="admin", now=T0)
+            service.approve(s, campaign_id=cid, actor="admin", now=T0, override_reason="test fleet: no bench")
     with db.session() as s:
         service.submit(s, campaign_id=cid, actor="op", now=T0)
-        service.approve(s, campaign_id=cid, actor="admin", now=T0)
+        service.approve(s, campaign_id=cid, actor="admin", now=T0, override_reason="test fleet: no bench")
         service.tick(s, campaign_id=cid, now=T0)
     assert len(service_members(db, cid)) == 10  # the region filter: eu only
     devices_answer(db, T0 + timedelta(minutes=1))

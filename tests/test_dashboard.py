@@ -60,7 +60,7 @@ def test_dashboard_live_in_headless_chromium(tmp_path: Path) -> None:
             now=now,
         )
         service.submit(s, campaign_id=c.id, actor="ops", now=now)
-        service.approve(s, campaign_id=c.id, actor="ops", now=now)
+        service.approve(s, campaign_id=c.id, actor="ops", now=now, override_reason="test fleet: no bench")
         service.tick(s, campaign_id=c.id, now=now)
         cid = c.id
     port = free_port()

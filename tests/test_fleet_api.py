@@ -56,6 +56,10 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("POST", "/api/v1/campaigns/c-none/resume", Role.OPERATOR, None),
     ("POST", "/api/v1/campaigns/c-none/next-wave", Role.OPERATOR, None),
     ("POST", "/api/v1/campaigns/c-none/cancel", Role.OPERATOR, {"force": True}),
+    ("GET", "/api/v1/releases", Role.VIEWER, None),
+    ("POST", "/api/v1/releases/999/stage", Role.ADMIN, {"stage": "staging"}),
+    ("POST", "/api/v1/releases/999/model-card", Role.OPERATOR, {"section": "canary", "content": {}}),
+    ("POST", "/api/v1/releases/999/bench-reports", Role.OPERATOR, {"sku": "edge-cpu", "passed": True}),
 ]
 
 
@@ -130,7 +134,15 @@ def test_a_campaign_through_the_api(
         client.post(f"/api/v1/campaigns/{c['id']}/submit", headers=op).json()["state"]
         == "waiting_for_approval"
     )
-    assert client.post(f"/api/v1/campaigns/{c['id']}/approve", headers=admin).json()["state"] == "scheduled"
+    r = client.post(f"/api/v1/campaigns/{c['id']}/approve", headers=admin)
+    assert r.status_code == 409 and "no release" not in r.json()["detail"]
+    assert "is not a release in the registry" in r.json()["detail"]
+    r = client.post(
+        f"/api/v1/campaigns/{c['id']}/approve",
+        json={"override_reason": "hotfix, bench rig down"},
+        headers=admin,
+    )
+    assert r.json()["state"] == "scheduled"
     CampaignScheduler(db, published.extend, lambda: T0).tick_all()
     body = client.get(f"/api/v1/campaigns/{c['id']}", headers=headers["viewer"]).json()
     assert body["state"] == "running"
@@ -143,7 +155,15 @@ def test_a_campaign_through_the_api(
     )
     assert paused.json()["state"] == "paused" and paused.json()["paused_reason"] == "checking dashboards"
     kinds = [d["kind"] for d in client.get(f"/api/v1/campaigns/{c['id']}/decisions", headers=op).json()]
-    assert kinds == ["created", "waiting_for_approval", "scheduled", "started", "queued", "paused"]
+    assert kinds == [
+        "created",
+        "waiting_for_approval",
+        "override",
+        "scheduled",
+        "started",
+        "queued",
+        "paused",
+    ]
     with db.session() as s:
         actions = [
             (a.actor, a.action, a.outcome[:7]) for a in s.scalars(select(AuditEntry).order_by(AuditEntry.id))

@@ -76,7 +76,9 @@ def launch(st: dict[str, Any], spec: dict[str, Any], **sim: Any) -> tuple[str, S
     with st["db"].session() as s:
         c = service.create(s, spec=CampaignSpec.model_validate(spec), actor="op", now=st["clock"]())
         service.submit(s, campaign_id=c.id, actor="op", now=st["clock"]())
-        service.approve(s, campaign_id=c.id, actor="admin", now=st["clock"]())
+        service.approve(
+            s, campaign_id=c.id, actor="admin", now=st["clock"](), override_reason="test fleet: no bench"
+        )
         cid = c.id
     st["scheduler"].start()
     return cid, fleet

@@ -141,7 +141,9 @@ def test_campaign_survives_a_server_sigkill(
         }
         cid = httpx.post(server.url + "/api/v1/campaigns", json=spec, headers=h).json()["id"]
         httpx.post(f"{server.url}/api/v1/campaigns/{cid}/submit", headers=h).raise_for_status()
-        httpx.post(f"{server.url}/api/v1/campaigns/{cid}/approve", headers=h).raise_for_status()
+        httpx.post(
+            f"{server.url}/api/v1/campaigns/{cid}/approve", json={"override_reason": "test rig"}, headers=h
+        ).raise_for_status()
 
         def first_wave_done() -> bool:
             body = httpx.get(f"{server.url}/api/v1/campaigns/{cid}", headers=h).json()

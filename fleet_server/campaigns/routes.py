@@ -64,6 +64,16 @@ class PauseBody(BaseModel):
     reason: str = Field(default="paused by operator", min_length=1, max_length=1000)
 
 
+class ApproveBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    override_reason: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1000,
+        description="Start without a passing bench report, and say why.",
+    )
+
+
 class CancelBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     force: bool = False
@@ -207,13 +217,18 @@ def submit(request: Request, campaign_id: str, who: Operator) -> CampaignPublic:
 
 
 @router.post("/{campaign_id}/approve", response_model=CampaignPublic)
-def approve(request: Request, campaign_id: str, who: Admin) -> CampaignPublic:
+def approve(
+    request: Request, campaign_id: str, who: Admin, body: ApproveBody | None = None
+) -> CampaignPublic:
+    reason = (body or ApproveBody()).override_reason
     return _act(
         request,
         who,
         "campaign.approve",
         campaign_id,
-        lambda s, now: service.approve(s, campaign_id=campaign_id, actor=who.name, now=now),
+        lambda s, now: service.approve(
+            s, campaign_id=campaign_id, actor=who.name, now=now, override_reason=reason
+        ),
     )
 
 

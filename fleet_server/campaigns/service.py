@@ -89,8 +89,22 @@ def submit(session: Session, *, campaign_id: str, actor: str, now: datetime) -> 
     return c
 
 
-def approve(session: Session, *, campaign_id: str, actor: str, now: datetime) -> Campaign:
+def approve(
+    session: Session, *, campaign_id: str, actor: str, now: datetime, override_reason: str | None = None
+) -> Campaign:
+    """Approve for start. The bench gate: the release must have a passing HIL report for the
+    cohort's SKU, unless the (admin) approver overrides it with a reason, which is recorded."""
+    from fleet_server.releases.service import bench_gate
+
     c = get(session, campaign_id)
+    spec = CampaignSpec.model_validate(c.spec)
+    blocked = bench_gate(session, target=spec.target, sku=spec.cohort.sku)
+    if blocked is not None and S(c.state) is S.WAITING_FOR_APPROVAL:
+        if not override_reason:
+            raise CampaignError(
+                f"cannot approve campaign {c.id}: {blocked}; an admin may override with a reason"
+            )
+        _log(session, c, now, "override", actor, f"bench gate overridden ({blocked}): {override_reason}")
     _move(session, c, {S.WAITING_FOR_APPROVAL}, S.SCHEDULED, actor=actor, now=now, why=f"approved by {actor}")
     c.approved_by = actor
     return c

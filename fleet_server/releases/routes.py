@@ -1,0 +1,246 @@
+"""/api/v1/releases (registry, bench reports) and /repo (the update repository, with Range)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from fleet_server.auth.deps import Principal, require
+from fleet_server.auth.service import Role, audit
+from fleet_server.releases import service
+from fleet_server.releases.models import BenchReport, Release
+from shared.errors import TidegateError
+from shared.trust import UpdateRepository
+from shared.trust.http import parse_range, resolve_repo_path
+
+router = APIRouter(tags=["releases"])
+Viewer = Annotated[Principal, Depends(require(Role.VIEWER))]
+Operator = Annotated[Principal, Depends(require(Role.OPERATOR))]
+Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
+MAX_UPLOAD = 8 << 30
+
+
+class ReleasePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    version: str
+    target: str
+    sha256: str
+    length: int
+    skus: list[str]
+    runtime: str
+    stage: str
+    lineage: dict[str, Any]
+    model_card: list[dict[str, Any]]
+    created_at: datetime
+    created_by: str
+
+
+class StageBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    stage: service.Stage
+
+
+class CardBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    section: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_-]+$")
+    content: dict[str, Any]
+
+
+class BenchBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sku: str = Field(min_length=1, max_length=64)
+    passed: bool
+    summary: dict[str, Any] = Field(default_factory=dict)
+
+
+class BenchPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    sku: str
+    passed: bool
+    summary: dict[str, Any]
+    uploaded_at: datetime
+    uploaded_by: str
+
+
+def _repo(request: Request) -> UpdateRepository:
+    repo: UpdateRepository | None = request.app.state.repository
+    if repo is None:
+        raise HTTPException(503, "this server has no update repository configured (TIDEGATE_REPOSITORY_DIR)")
+    return repo
+
+
+@router.get("/api/v1/releases", response_model=list[ReleasePublic])
+def list_releases(
+    request: Request, who: Viewer, name: Annotated[str | None, Query(max_length=64)] = None
+) -> list[Release]:
+    with request.app.state.db.session() as s:
+        q = select(Release).order_by(Release.created_at.desc()).limit(500)
+        if name:
+            q = q.where(Release.name == name)
+        return list(s.scalars(q).all())
+
+
+@router.post(
+    "/api/v1/releases",
+    response_model=ReleasePublic,
+    status_code=201,
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "required": True,
+        }
+    },
+)
+async def publish(request: Request, who: Operator) -> Release:
+    """Upload a bundle (raw body): it is verified, signed into the repository and registered."""
+    repo = _repo(request)
+    fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".bundle", dir=repo.dir)
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_UPLOAD:
+                    raise HTTPException(413, f"bundle above {MAX_UPLOAD} bytes")
+                fh.write(chunk)
+        if size == 0:
+            raise HTTPException(422, "empty body: send the bundle file as application/octet-stream")
+        now = request.app.state.clock()
+        try:
+            with request.app.state.db.session() as s:
+                release = service.publish(s, repo=repo, bundle=Path(tmp), actor=who.name, now=now)
+                audit(
+                    s,
+                    actor=who.name,
+                    role=who.role.value,
+                    action="release.publish",
+                    target=release.target,
+                    outcome="ok",
+                    now=now,
+                )
+                s.flush()
+                return release
+        except TidegateError as exc:
+            raise HTTPException(422, f"bundle refused: {exc}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _release_action(request: Request, who: Principal, action: str, release_id: int, fn: Any) -> Release:
+    now = request.app.state.clock()
+    try:
+        with request.app.state.db.session() as s:
+            result: Release = fn(s, now)
+            audit(
+                s,
+                actor=who.name,
+                role=who.role.value,
+                action=action,
+                target=str(release_id),
+                outcome="ok",
+                now=now,
+            )
+            s.flush()
+            return service.get(s, release_id) if not isinstance(result, Release) else result
+    except service.ReleaseNotFoundError as exc:
+        raise HTTPException(404, str(exc)) from None
+    except service.ReleaseError as exc:
+        raise HTTPException(409, str(exc)) from None
+
+
+@router.post("/api/v1/releases/{release_id}/stage", response_model=ReleasePublic)
+def set_stage(request: Request, release_id: int, body: StageBody, who: Admin) -> Release:
+    return _release_action(
+        request,
+        who,
+        "release.stage",
+        release_id,
+        lambda s, now: service.set_stage(s, release_id=release_id, stage=body.stage, actor=who.name, now=now),
+    )
+
+
+@router.post("/api/v1/releases/{release_id}/model-card", response_model=ReleasePublic)
+def add_card(request: Request, release_id: int, body: CardBody, who: Operator) -> Release:
+    return _release_action(
+        request,
+        who,
+        "release.model_card",
+        release_id,
+        lambda s, now: service.append_card(
+            s, release_id=release_id, section=body.section, content=body.content, actor=who.name, now=now
+        ),
+    )
+
+
+@router.post("/api/v1/releases/{release_id}/bench-reports", response_model=BenchPublic, status_code=201)
+def add_bench(request: Request, release_id: int, body: BenchBody, who: Operator) -> BenchReport:
+    now = request.app.state.clock()
+    try:
+        with request.app.state.db.session() as s:
+            report = service.add_bench_report(
+                s,
+                release_id=release_id,
+                sku=body.sku,
+                passed=body.passed,
+                summary=body.summary,
+                actor=who.name,
+                now=now,
+            )
+            audit(
+                s,
+                actor=who.name,
+                role=who.role.value,
+                action="release.bench_report",
+                target=str(release_id),
+                outcome="passed" if body.passed else "failed",
+                now=now,
+            )
+            s.flush()
+            return report
+    except service.ReleaseNotFoundError as exc:
+        raise HTTPException(404, str(exc)) from None
+    except service.ReleaseError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+@router.get("/repo/{path:path}", include_in_schema=False)
+def repository_file(request: Request, path: str) -> Response:
+    """The update repository for devices: metadata/ and targets/ only, single ranges supported."""
+    repo = _repo(request)
+    file = resolve_repo_path(repo.dir, "/" + path)
+    if file is None:
+        raise HTTPException(404, "not found")
+    size = file.stat().st_size
+    header = request.headers.get("range")
+    rng = parse_range(header, size) if size else (0, -1)
+    if rng is None:
+        return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+    start, end = rng
+
+    def body() -> Iterator[bytes]:
+        with file.open("rb") as fh:
+            fh.seek(start)
+            left = end - start + 1
+            while left > 0 and (chunk := fh.read(min(1 << 20, left))):
+                left -= len(chunk)
+                yield chunk
+
+    headers = {"Accept-Ranges": "bytes", "Content-Length": str(max(0, end - start + 1))}
+    if header:
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    return StreamingResponse(
+        body(), status_code=206 if header else 200, headers=headers, media_type="application/octet-stream"
+    )

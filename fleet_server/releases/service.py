@@ -1,0 +1,159 @@
+"""Publishing releases into the update repository, the registry's stages and model cards, and
+the bench (HIL) gate that campaigns must pass before they start."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fleet_server.releases.models import BenchReport, Release
+from shared.bundle import read_manifest
+from shared.errors import TidegateError
+from shared.trust import UpdateRepository
+
+
+class Stage(StrEnum):
+    CANDIDATE = "candidate"
+    STAGING = "staging"
+    PRODUCTION = "production"
+    RETIRED = "retired"
+
+
+NEXT_STAGES = {
+    Stage.CANDIDATE: {Stage.STAGING, Stage.RETIRED},
+    Stage.STAGING: {Stage.PRODUCTION, Stage.CANDIDATE, Stage.RETIRED},
+    Stage.PRODUCTION: {Stage.RETIRED},
+    Stage.RETIRED: set(),
+}
+
+
+class ReleaseError(TidegateError):
+    pass
+
+
+class ReleaseNotFoundError(ReleaseError):
+    pass
+
+
+def publish(
+    session: Session,
+    *,
+    repo: UpdateRepository,
+    bundle: Path,
+    actor: str,
+    now: datetime,
+    lineage: dict[str, Any] | None = None,
+) -> Release:
+    """Verify and sign the bundle into the repository (immutable per path) and record it."""
+    published = repo.add_bundle(bundle)
+    manifest = read_manifest(bundle)
+    existing = session.scalars(select(Release).where(Release.target == published.path)).first()
+    if existing is not None:
+        return existing
+    release = Release(
+        name=manifest.name,
+        version=manifest.version,
+        target=published.path,
+        sha256=published.sha256,
+        length=published.length,
+        skus=list(manifest.skus),
+        runtime=manifest.runtime.value,
+        stage=Stage.CANDIDATE.value,
+        lineage={**manifest.provenance.lineage, **(lineage or {})},
+        model_card=[],
+        created_at=now,
+        created_by=actor,
+    )
+    session.add(release)
+    session.flush()
+    return release
+
+
+def get(session: Session, release_id: int) -> Release:
+    r = session.get(Release, release_id)
+    if r is None:
+        raise ReleaseNotFoundError(f"no release {release_id}")
+    return r
+
+
+def by_target(session: Session, target: str) -> Release | None:
+    return session.scalars(select(Release).where(Release.target == target)).first()
+
+
+def set_stage(session: Session, *, release_id: int, stage: Stage, actor: str, now: datetime) -> Release:
+    r = get(session, release_id)
+    current = Stage(r.stage)
+    if stage not in NEXT_STAGES[current]:
+        raise ReleaseError(f"release {r.name} {r.version} is {current.value}; cannot move to {stage.value}")
+    r.stage = stage.value
+    append_card(
+        session,
+        release_id=release_id,
+        section="stage",
+        content={"from": current.value, "to": stage.value},
+        actor=actor,
+        now=now,
+    )
+    return r
+
+
+def append_card(
+    session: Session, *, release_id: int, section: str, content: dict[str, Any], actor: str, now: datetime
+) -> Release:
+    """Model-card sections are appended, never edited: campaigns, canaries and benches add theirs."""
+    r = get(session, release_id)
+    r.model_card = [
+        *r.model_card,
+        {"section": section, "at": now.isoformat(), "by": actor, "content": content},
+    ]
+    return r
+
+
+def add_bench_report(
+    session: Session,
+    *,
+    release_id: int,
+    sku: str,
+    passed: bool,
+    summary: dict[str, Any],
+    actor: str,
+    now: datetime,
+) -> BenchReport:
+    r = get(session, release_id)
+    if sku not in r.skus:
+        raise ReleaseError(f"release {r.name} {r.version} is not built for SKU {sku} ({', '.join(r.skus)})")
+    report = BenchReport(
+        release_id=r.id, sku=sku, passed=passed, summary=summary, uploaded_at=now, uploaded_by=actor
+    )
+    session.add(report)
+    append_card(
+        session,
+        release_id=r.id,
+        section="bench",
+        content={"sku": sku, "passed": passed, **summary},
+        actor=actor,
+        now=now,
+    )
+    return report
+
+
+def bench_gate(session: Session, *, target: str, sku: str) -> str | None:
+    """Why a campaign for `target` on `sku` may not start (None: the newest report for it passed)."""
+    r = by_target(session, target)
+    if r is None:
+        return f"{target} is not a release in the registry"
+    report = session.scalars(
+        select(BenchReport)
+        .where(BenchReport.release_id == r.id, BenchReport.sku == sku)
+        .order_by(BenchReport.id.desc())
+    ).first()
+    if report is None:
+        return f"no bench (HIL) report for {r.name} {r.version} on {sku}"
+    if not report.passed:
+        return f"the newest bench report for {r.name} {r.version} on {sku} failed"
+    return None
