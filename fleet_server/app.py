@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from sqlalchemy import func, select
 
+from fleet_server.auth.deps import principal_from_header
 from fleet_server.campaigns.models import Campaign
 from fleet_server.campaigns.routes import router as campaigns_router
 from fleet_server.db import Database
@@ -40,13 +42,34 @@ def create_app(
     )
     app.state.db, app.state.publish, app.state.clock = db, publish, clock
     app.state.repository = repository
-    app.include_router(devices_router)
-    app.include_router(campaigns_router)
-    app.include_router(releases_router)
+    # Declares the bearer scheme in /openapi.json; the middleware and `require` enforce it.
+    documented = [
+        Depends(HTTPBearer(auto_error=False, description="A token from `tidegate server token create`."))
+    ]
+    app.include_router(devices_router, dependencies=documented)
+    app.include_router(campaigns_router, dependencies=documented)
+    app.include_router(releases_router, dependencies=documented)
 
     registry = CollectorRegistry()
     campaigns = Gauge("tidegate_campaigns", "Campaigns by state", ["state"], registry=registry)
     executions = Gauge("tidegate_job_executions", "Job executions by status", ["status"], registry=registry)
+
+    @app.middleware("http")
+    async def authenticate_first(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        """Every /api/ call is authenticated before anything else looks at it, so a caller
+        without a valid token learns nothing (not even how its body would be validated)."""
+        if request.url.path.startswith("/api/"):
+            principal = principal_from_header(db, request.headers.get("authorization"))
+            if principal is None:
+                return JSONResponse(
+                    {"detail": "missing, invalid or revoked bearer token"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            request.state.principal = principal
+        return await call_next(request)
 
     @app.exception_handler(ValueError)
     async def _value_error(request: Request, exc: ValueError) -> JSONResponse:

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import HTTPException, Request, status
 
 from fleet_server.auth.service import Role, authenticate
-
-_bearer = HTTPBearer(auto_error=False, description="An operator token from `tidegate server token create`.")
+from fleet_server.db import Database
 
 
 @dataclass(frozen=True)
@@ -20,22 +17,23 @@ class Principal:
     role: Role
 
 
+def principal_from_header(db: Database, header: str | None) -> Principal | None:
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    with db.session() as s:
+        row = authenticate(s, token=token.strip())
+        return None if row is None else Principal(row.name, Role(row.role))
+
+
 def require(role: Role) -> Callable[..., Principal]:
-    def dependency(
-        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-    ) -> Principal:
-        if credentials is None or not credentials.credentials:
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED, "missing bearer token", headers={"WWW-Authenticate": "Bearer"}
-            )
-        with request.app.state.db.session() as s:
-            token = authenticate(s, token=credentials.credentials)
-            principal = None if token is None else Principal(token.name, Role(token.role))
+    def dependency(request: Request) -> Principal:
+        principal: Principal | None = getattr(request.state, "principal", None)
+        if principal is None:  # the app's middleware authenticates every /api/ call first
+            principal = principal_from_header(request.app.state.db, request.headers.get("authorization"))
         if principal is None:
             raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                "invalid or revoked token",
-                headers={"WWW-Authenticate": "Bearer"},
+                status.HTTP_401_UNAUTHORIZED, "missing bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
         if not principal.role.allows(role):
             raise HTTPException(

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -22,6 +23,7 @@ from fleet_server.jobs.models import JobExecution
 from fleet_server.jobs.protocol import Outgoing
 
 router = APIRouter(prefix="/api/v1/campaigns", tags=["campaigns"])
+CampaignId = Annotated[str, PathParam(min_length=1, max_length=64)]
 Viewer = Annotated[Principal, Depends(require(Role.VIEWER))]
 Operator = Annotated[Principal, Depends(require(Role.OPERATOR))]
 Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
@@ -181,7 +183,7 @@ def create_campaign(request: Request, body: CampaignSpec, who: Operator) -> Camp
 
 
 @router.get("/{campaign_id}", response_model=CampaignPublic)
-def get_campaign(request: Request, campaign_id: str, who: Viewer) -> CampaignPublic:
+def get_campaign(request: Request, campaign_id: CampaignId, who: Viewer) -> CampaignPublic:
     with request.app.state.db.session() as s:
         try:
             return present(s, service.get(s, campaign_id))
@@ -190,7 +192,7 @@ def get_campaign(request: Request, campaign_id: str, who: Viewer) -> CampaignPub
 
 
 @router.get("/{campaign_id}/decisions", response_model=list[DecisionPublic])
-def decisions(request: Request, campaign_id: str, who: Viewer) -> list[CampaignDecision]:
+def decisions(request: Request, campaign_id: CampaignId, who: Viewer) -> list[CampaignDecision]:
     with request.app.state.db.session() as s:
         try:
             service.get(s, campaign_id)
@@ -206,7 +208,7 @@ def decisions(request: Request, campaign_id: str, who: Viewer) -> list[CampaignD
 
 
 @router.post("/{campaign_id}/submit", response_model=CampaignPublic)
-def submit(request: Request, campaign_id: str, who: Operator) -> CampaignPublic:
+def submit(request: Request, campaign_id: CampaignId, who: Operator) -> CampaignPublic:
     return _act(
         request,
         who,
@@ -218,7 +220,7 @@ def submit(request: Request, campaign_id: str, who: Operator) -> CampaignPublic:
 
 @router.post("/{campaign_id}/approve", response_model=CampaignPublic)
 def approve(
-    request: Request, campaign_id: str, who: Admin, body: ApproveBody | None = None
+    request: Request, campaign_id: CampaignId, who: Admin, body: ApproveBody | None = None
 ) -> CampaignPublic:
     reason = (body or ApproveBody()).override_reason
     return _act(
@@ -233,7 +235,9 @@ def approve(
 
 
 @router.post("/{campaign_id}/pause", response_model=CampaignPublic)
-def pause(request: Request, campaign_id: str, who: Operator, body: PauseBody | None = None) -> CampaignPublic:
+def pause(
+    request: Request, campaign_id: CampaignId, who: Operator, body: PauseBody | None = None
+) -> CampaignPublic:
     reason = (body or PauseBody()).reason
     return _act(
         request,
@@ -245,7 +249,7 @@ def pause(request: Request, campaign_id: str, who: Operator, body: PauseBody | N
 
 
 @router.post("/{campaign_id}/resume", response_model=CampaignPublic)
-def resume(request: Request, campaign_id: str, who: Operator) -> CampaignPublic:
+def resume(request: Request, campaign_id: CampaignId, who: Operator) -> CampaignPublic:
     return _act(
         request,
         who,
@@ -256,7 +260,7 @@ def resume(request: Request, campaign_id: str, who: Operator) -> CampaignPublic:
 
 
 @router.post("/{campaign_id}/next-wave", response_model=CampaignPublic)
-def next_wave(request: Request, campaign_id: str, who: Operator) -> CampaignPublic:
+def next_wave(request: Request, campaign_id: CampaignId, who: Operator) -> CampaignPublic:
     return _act(
         request,
         who,
@@ -268,7 +272,7 @@ def next_wave(request: Request, campaign_id: str, who: Operator) -> CampaignPubl
 
 @router.post("/{campaign_id}/cancel", response_model=CampaignPublic)
 def cancel(
-    request: Request, campaign_id: str, who: Operator, body: CancelBody | None = None
+    request: Request, campaign_id: CampaignId, who: Operator, body: CancelBody | None = None
 ) -> CampaignPublic:
     force = (body or CancelBody()).force
     return _act(

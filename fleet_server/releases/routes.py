@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
@@ -27,6 +28,7 @@ Viewer = Annotated[Principal, Depends(require(Role.VIEWER))]
 Operator = Annotated[Principal, Depends(require(Role.OPERATOR))]
 Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
 MAX_UPLOAD = 8 << 30
+ReleaseId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 
 
 class ReleasePublic(BaseModel):
@@ -139,7 +141,7 @@ async def publish(request: Request, who: Operator) -> Release:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _release_action(request: Request, who: Principal, action: str, release_id: int, fn: Any) -> Release:
+def _release_action(request: Request, who: Principal, action: str, release_id: ReleaseId, fn: Any) -> Release:
     now = request.app.state.clock()
     try:
         with request.app.state.db.session() as s:
@@ -162,7 +164,7 @@ def _release_action(request: Request, who: Principal, action: str, release_id: i
 
 
 @router.post("/api/v1/releases/{release_id}/stage", response_model=ReleasePublic)
-def set_stage(request: Request, release_id: int, body: StageBody, who: Admin) -> Release:
+def set_stage(request: Request, release_id: ReleaseId, body: StageBody, who: Admin) -> Release:
     return _release_action(
         request,
         who,
@@ -173,7 +175,7 @@ def set_stage(request: Request, release_id: int, body: StageBody, who: Admin) ->
 
 
 @router.post("/api/v1/releases/{release_id}/model-card", response_model=ReleasePublic)
-def add_card(request: Request, release_id: int, body: CardBody, who: Operator) -> Release:
+def add_card(request: Request, release_id: ReleaseId, body: CardBody, who: Operator) -> Release:
     return _release_action(
         request,
         who,
@@ -186,7 +188,7 @@ def add_card(request: Request, release_id: int, body: CardBody, who: Operator) -
 
 
 @router.post("/api/v1/releases/{release_id}/bench-reports", response_model=BenchPublic, status_code=201)
-def add_bench(request: Request, release_id: int, body: BenchBody, who: Operator) -> BenchReport:
+def add_bench(request: Request, release_id: ReleaseId, body: BenchBody, who: Operator) -> BenchReport:
     now = request.app.state.clock()
     try:
         with request.app.state.db.session() as s:
