@@ -30,7 +30,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -
 def test_help_for_every_group() -> None:
     top = run("--help")
     assert top.returncode == 0
-    for group in ("repo", "bundle", "demo"):
+    for group in ("agent", "repo", "bundle", "server", "sim", "demo"):
         assert group in top.stdout
     for cmd in (
         ["repo", "init"],
@@ -201,3 +201,8 @@ def test_demo_runs_to_the_end(tmp_path: Path) -> None:
     assert "rolled_back: self-test failed" in proc.stdout
     assert "vehicle-1 runs 1.3.0" in proc.stdout
     assert "COMPLETE" in proc.stdout
+    if "[fleet] skipped" not in proc.stdout:  # the fleet part needs a Mosquitto binary to embed
+        assert "vehicle-c waits, reporting 'parked: vehicle not parked'" in proc.stdout
+        assert "completed — wave 1: SUCCEEDED 1 | wave 2: SUCCEEDED 2" in proc.stdout
+        for v in ("vehicle-a", "vehicle-b", "vehicle-c"):
+            assert f"[fleet] {v}: runs 1.3.0" in proc.stdout

@@ -7,17 +7,15 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
+import schemathesis
 from hypothesis import HealthCheck, settings
 
-schemathesis = pytest.importorskip("schemathesis")
-
-from fleet_server.app import create_app  # noqa: E402
-from fleet_server.auth.service import Role, create_token  # noqa: E402
-from fleet_server.db import Database  # noqa: E402
-from fleet_server.devices.service import register_device  # noqa: E402
-from fleet_server.migrate import upgrade  # noqa: E402
-from shared.trust import UpdateRepository  # noqa: E402
+from fleet_server.app import create_app
+from fleet_server.auth.service import Role, create_token
+from fleet_server.db import Database
+from fleet_server.devices.service import register_device
+from fleet_server.migrate import upgrade
+from shared.trust import UpdateRepository
 
 _dir = Path(tempfile.mkdtemp(prefix="tidegate-fuzz-"))
 _db = Database(f"sqlite:///{_dir / 'fuzz.db'}")

@@ -115,11 +115,27 @@ def _agent_story(workdir: Path, repo: UpdateRepository, payload: Path, url: str)
     )
 
 
+def _fleet_story(workdir: Path, repo: UpdateRepository, keep_running: bool) -> None:
+    from fleet_server.broker import EmbeddedBroker
+    from tidegate.demo_fleet import run_fleet
+
+    try:
+        EmbeddedBroker(workdir / "probe")  # is there a Mosquitto to embed?
+    except TidegateError as exc:
+        _say("fleet", f"skipped: {exc}")
+        return
+    bundle = workdir / "bundles" / "classifier-1.3.0-edge-cpu-x86.bundle"
+    run_fleet(workdir, repo, bundle, _say, keep_running=keep_running)
+
+
 @app.callback(invoke_without_command=True)
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes everything (wiped first).")] = Path(
         ".demo"
     ),
+    keep_running: Annotated[
+        bool, typer.Option(help="Leave the fleet server and dashboard up at the end.")
+    ] = False,
 ) -> None:
     """Build, sign, publish, serve and verify bundles; install them on an A/B device (a bad one rolls
     itself back, a power cut is recovered); rotate keys; refuse tampering; gate a rollout."""
@@ -177,6 +193,7 @@ def demo(
             "holding only root v1 still updated through the root chain",
         )
         _agent_story(workdir, repo, payload, server.url)
+    _fleet_story(workdir, repo, keep_running)
 
     tampered = workdir / "tampered-repository"
     shutil.copytree(repo_dir, tampered, ignore=shutil.ignore_patterns("keys"))

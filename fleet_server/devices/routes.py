@@ -45,6 +45,8 @@ class DevicePublic(BaseModel):
     attributes: dict[str, Any]
     registered_at: datetime
     last_seen_at: datetime | None
+    active_version: str | None = None
+    last_beacon: dict[str, Any] | None = None
 
 
 @router.get("", response_model=list[DevicePublic])

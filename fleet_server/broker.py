@@ -1,0 +1,72 @@
+"""An embedded MQTT broker for a single machine: a private Mosquitto on a free localhost port.
+
+Production points the server and agents at a real broker (Mosquitto, EMQX, HiveMQ, AWS IoT
+Core); the demo and a one-box install start this one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from shared.errors import TidegateError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedBroker:
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        binary = shutil.which("mosquitto") or (
+            "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+        )
+        if binary is None:
+            raise TidegateError(
+                "no MQTT broker: install Mosquitto (Debian: apt-get install mosquitto) "
+                "or point TIDEGATE_MQTT_HOST/PORT at a broker"
+            )
+        self.binary, self.dir, self.port = binary, workdir, port or _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 10.0) -> EmbeddedBroker:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        conf = self.dir / "mosquitto.conf"
+        text = (
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"persistence_location {self.dir}/\nmax_queued_messages 100000\n"
+        )
+        if os.geteuid() == 0:
+            text += "user root\n"
+        conf.write_text(text)
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise TidegateError(f"the embedded Mosquitto did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
