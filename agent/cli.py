@@ -1,6 +1,8 @@
 """`tidegate agent`: the device-side commands bench engineers and boot scripts run."""
 
 import json
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -142,8 +144,26 @@ def run(
     async def main() -> None:
         daemon = AgentDaemon(cfg)
         loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            # A stop must end the process: if anything hangs in shutdown, dump every thread's
+            # stack (for the bug report) and exit rather than wait for systemd's SIGKILL.
+            timer = threading.Timer(20.0, _hard_exit)
+            timer.daemon = True
+            timer.start()
+            daemon.stop()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, daemon.stop)
+            loop.add_signal_handler(sig, stop)
         await daemon.run()
 
     asyncio.run(main())
+
+
+def _hard_exit() -> None:
+    import faulthandler
+    import os
+
+    sys.stderr.write("agent did not stop within 20 s; thread stacks follow\n")
+    faulthandler.dump_traceback(all_threads=True)
+    os._exit(3)

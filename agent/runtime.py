@@ -352,7 +352,12 @@ class AgentDaemon:
                     await self._update(job, JobStatus.IN_PROGRESS, pending.pop(0), final=False)
 
         def before_flip() -> str | None:
-            unmet = asyncio.run_coroutine_threadsafe(self._unmet_async(doc.preconditions), loop).result(30)
+            if self._stop.is_set() or loop.is_closed():
+                return "the agent is stopping"
+            try:
+                unmet = asyncio.run_coroutine_threadsafe(self._unmet_async(doc.preconditions), loop).result(5)
+            except Exception:  # the loop went away or is too busy to answer: do not flip now
+                return "could not re-check the preconditions"
             return "; ".join(unmet) if unmet else None
 
         agent = Agent(self.dev.root, on_progress=progress, before_flip=before_flip)
