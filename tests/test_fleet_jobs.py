@@ -222,6 +222,18 @@ def test_bridge_serves_the_real_agent(db: Database, tmp_path: Path, sample_paylo
                     if len(done) == 2:
                         break
                 time.sleep(0.1)
+            from fleet_server.telemetry.models import TelemetryRecord
+
+            wanted = {("receipt", "campaign-1-wave-1"), ("receipt", "bad-model"), ("beacon", None)}
+            deadline = datetime.now(UTC) + timedelta(seconds=20)
+            while datetime.now(UTC) < deadline:  # receipts and beacons reach the server's store
+                with db.session() as s:
+                    kinds = {
+                        (r.kind, r.payload.get("job_id")) for r in s.scalars(select(TelemetryRecord)).all()
+                    }
+                if wanted <= kinds:
+                    break
+                time.sleep(0.1)
         with db.session() as s:
             rows = {e.job_id: e for e in s.scalars(select(JobExecution)).all()}
             assert rows["campaign-1-wave-1"].status == "SUCCEEDED"
@@ -235,15 +247,6 @@ def test_bridge_serves_the_real_agent(db: Database, tmp_path: Path, sample_paylo
                 ).all()
             ]
             assert "writing" in steps and "self_testing" in steps
-        from fleet_server.telemetry.models import TelemetryRecord
-
-        deadline = datetime.now(UTC) + timedelta(seconds=10)
-        while datetime.now(UTC) < deadline:  # receipts and beacons reach the server's store
-            with db.session() as s:
-                kinds = {(r.kind, r.payload.get("job_id")) for r in s.scalars(select(TelemetryRecord)).all()}
-            if ("receipt", "campaign-1-wave-1") in kinds and ("beacon", None) in kinds:
-                break
-            time.sleep(0.1)
         assert ("receipt", "campaign-1-wave-1") in kinds and ("receipt", "bad-model") in kinds
         assert device_view(device)["version"] == "2.0.0"
     finally:
