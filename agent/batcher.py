@@ -92,6 +92,7 @@ class DynamicBatcher:
         self._enough = asyncio.Event()  # the batch being gathered can be filled now
         self._want = 0
         self._running = 0  # batches in inference right now
+        self._closed = False
         self._gathering = asyncio.Lock()  # one worker forms a batch while others run theirs
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="batcher")
         self._workers: list[asyncio.Task[None]] = []
@@ -102,10 +103,12 @@ class DynamicBatcher:
         self._workers = [asyncio.create_task(self._work(i)) for i in range(self._base_concurrency)]
 
     async def stop(self) -> None:
+        self._closed = True
         for w in self._workers:
             w.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._pool.shutdown(wait=True)
+        if self._workers:
+            await asyncio.wait(self._workers, timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def set_limits(self, *, max_batch: int, concurrency: int, pacing_ms: float) -> None:
         self.max_batch = max(1, max_batch)
@@ -170,7 +173,7 @@ class DynamicBatcher:
 
     async def _work(self, index: int) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closed:  # a flag as well as the cancel: 3.11's wait_for can swallow one
             if index >= self.concurrency:  # throttled: this worker sits out
                 await asyncio.sleep(0.05)
                 continue

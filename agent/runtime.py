@@ -210,7 +210,9 @@ class AgentDaemon:
         self.notifier.notify("STOPPING=1")
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        _, pending = await asyncio.wait(self._tasks, timeout=10)
+        for t in pending:
+            log.error("task %s did not stop in time", t.get_coro())
         if self.batcher is not None:
             await self.batcher.stop()
         await self.health.stop()
@@ -244,7 +246,7 @@ class AgentDaemon:
     # ---- jobs ---------------------------------------------------------------------------------
 
     async def _jobs_loop(self) -> None:
-        while True:
+        while not self._stop.is_set():  # 3.11's wait_for can swallow a cancel
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_jobs.wait(), self.cfg.jobs.poll_s)
             self._wake_jobs.clear()
@@ -298,6 +300,8 @@ class AgentDaemon:
             report = await self._install(job, doc)
             if not report.deferred:
                 break
+            if self._stop.is_set():
+                return  # the job stays IN_PROGRESS; after the restart start-next hands it back
         status = (
             JobStatus.SUCCEEDED if report.ok else JobStatus.REJECTED if report.refused else JobStatus.FAILED
         )
@@ -345,7 +349,7 @@ class AgentDaemon:
             loop.call_soon_threadsafe(enqueue, details)
 
         async def sender() -> None:
-            while True:
+            while not self._stop.is_set():  # 3.11's wait_for can swallow a cancel
                 await wake.wait()
                 wake.clear()
                 while pending:
@@ -387,7 +391,7 @@ class AgentDaemon:
         if not final and details == job.last_details:
             return True
         attempts = 0
-        while True:
+        while not self._stop.is_set() or attempts == 0:
             attempts += 1
             try:
                 reply = await self.jobs.update(
@@ -414,6 +418,7 @@ class AgentDaemon:
                     return False
                 log.info("update of job %s not acknowledged (%s); retrying", job.job_id, exc)
                 await asyncio.sleep(min(30.0, 0.5 * attempts))
+        return False
 
     async def _finish_job(
         self,
@@ -499,7 +504,7 @@ class AgentDaemon:
         )
 
     async def _beacon_loop(self) -> None:
-        while True:
+        while not self._stop.is_set():  # 3.11's wait_for can swallow a cancel
             beacon = await asyncio.to_thread(self.beacon)
             await asyncio.to_thread(
                 self.outbox.put,
@@ -511,7 +516,7 @@ class AgentDaemon:
 
     async def _outbox_loop(self) -> None:
         """Send queued telemetry in order, one message in flight, deleting each once acknowledged."""
-        while True:
+        while not self._stop.is_set():  # 3.11's wait_for can swallow a cancel
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_outbox.wait(), 5.0)
             self._wake_outbox.clear()
@@ -545,7 +550,7 @@ class AgentDaemon:
         return self.throttle
 
     async def _thermal_loop(self) -> None:
-        while True:
+        while not self._stop.is_set():  # 3.11's wait_for can swallow a cancel
             temps = await asyncio.to_thread(self.thermal.read)
             before = self.throttle.level
             after = self.apply_temperatures(temps).level
@@ -558,6 +563,6 @@ class AgentDaemon:
         interval = self.notifier.watchdog_interval_s
         if interval is None:
             return
-        while True:
+        while not self._stop.is_set():  # 3.11's wait_for can swallow a cancel
             self.notifier.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
