@@ -12,9 +12,9 @@ import pytest
 from shared.trust.http import RepoHTTPServer
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tidegate", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+        [sys.executable, "-m", "tidegate", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
     )
 
 
@@ -194,7 +194,7 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_runs_to_the_end(tmp_path: Path) -> None:
-    proc = run("demo", "--workdir", str(tmp_path / "demo"))
+    proc = run("demo", "--workdir", str(tmp_path / "demo"), timeout=400)  # a loaded CI host is slow
     assert proc.returncode == 0, proc.stderr
     for tag in ("[bundle]", "[repo]", "[device]", "[rotate]", "[agent]", "[tamper]", "[gates]", "[done]"):
         assert tag in proc.stdout

@@ -55,7 +55,7 @@ class _Daemon:
     def stop(self) -> None:
         if self.loop is not None and self.daemon is not None:
             self.loop.call_soon_threadsafe(self.daemon.stop)
-        self.thread.join(30)
+        self.thread.join(10)
 
 
 def _vehicle(path: Path, parked: bool) -> None:
@@ -195,7 +195,14 @@ def run_fleet(
                         say("campaign", "vehicle-c parks; its install starts")
                         parked_c = True
                 time.sleep(0.5)
-            for name in ("vehicle-a", "vehicle-b", "vehicle-c"):
+            names = ("vehicle-a", "vehicle-b", "vehicle-c")
+            deadline = time.monotonic() + 20  # the next beacon carries the new active version
+            while time.monotonic() < deadline and any(
+                http.get(f"/api/v1/devices/{n}").json().get("active_version") != release["version"]
+                for n in names
+            ):
+                time.sleep(0.5)
+            for name in names:
                 d = http.get(f"/api/v1/devices/{name}").json()
                 say("fleet", f"{name}: runs {d['active_version'] or '?'} (last beacon {d['last_seen_at']})")
             if keep_running:

@@ -183,6 +183,9 @@ class TidegateFetcher(FetcherInterface):
         except urllib3.exceptions.HTTPError as exc:
             raise tuf_exc.DownloadError(f"{url}: {exc}") from exc
         if resp.status >= 400:
+            # Close rather than release: an unread error body left on a pooled keep-alive
+            # connection would be read as the next response's status line.
+            resp.close()
             resp.release_conn()
             raise tuf_exc.DownloadHTTPError(f"{url}: HTTP {resp.status}", resp.status)
         start = offset if resp.status == 206 else 0
@@ -221,11 +224,15 @@ def _read_from(fh: BinaryIO, offset: int) -> Iterator[bytes]:
 
 
 def _stream(resp: urllib3.BaseHTTPResponse, url: str) -> Iterator[bytes]:
+    complete = False
     try:
         yield from resp.stream(CHUNK)
+        complete = True
     except urllib3.exceptions.TimeoutError as exc:
         raise tuf_exc.SlowRetrievalError(f"{url}: read timed out") from exc
     except urllib3.exceptions.HTTPError as exc:
         raise tuf_exc.DownloadError(f"{url}: {exc}") from exc
     finally:
+        if not complete:  # the caller stopped early (too long, an error): never reuse this connection
+            resp.close()
         resp.release_conn()
