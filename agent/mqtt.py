@@ -66,7 +66,9 @@ class Transport(Protocol):
         """QoS 1; True once the broker acknowledged it, False on timeout."""
 
 
-class PahoTransport:
+class TransportBase:
+    """What every transport keeps the same way: handlers, the topics to hold, connection state."""
+
     def __init__(self, settings: MqttSettings) -> None:
         self.settings = settings
         self._topics: list[str] = []
@@ -74,6 +76,21 @@ class PahoTransport:
         self._on_connect: ConnectHandler = lambda: None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def set_handlers(self, on_message: MessageHandler, on_connect: ConnectHandler) -> None:
+        self._on_message, self._on_connect = on_message, on_connect
+
+    def _remember(self, topics: list[str]) -> None:
+        self._topics = list(dict.fromkeys([*self._topics, *topics]))
+
+
+class PahoTransport(TransportBase):
+    def __init__(self, settings: MqttSettings) -> None:
+        super().__init__(settings)
         self._closing = False
         self._rng = random.Random()
         c = mqtt.Client(
@@ -99,15 +116,8 @@ class PahoTransport:
         self._jitter_reconnect(c)
         self._client = c
 
-    @property
-    def connected(self) -> bool:
-        return self._connected
-
-    def set_handlers(self, on_message: MessageHandler, on_connect: ConnectHandler) -> None:
-        self._on_message, self._on_connect = on_message, on_connect
-
     def subscribe(self, topics: list[str]) -> None:
-        self._topics = list(dict.fromkeys([*self._topics, *topics]))
+        self._remember(topics)
         if self._connected:
             self._client.subscribe([(t, SubscribeOptions(qos=1)) for t in topics])
 

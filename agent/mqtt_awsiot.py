@@ -13,12 +13,12 @@ import logging
 from typing import Any
 
 from agent.errors import AgentError
-from agent.mqtt import ConnectHandler, MessageHandler, MqttSettings
+from agent.mqtt import MqttSettings, TransportBase
 
 log = logging.getLogger(__name__)
 
 
-class AwsIotTransport:
+class AwsIotTransport(TransportBase):
     def __init__(self, settings: MqttSettings) -> None:
         try:
             from awscrt import io, mqtt5
@@ -26,13 +26,8 @@ class AwsIotTransport:
             raise AgentError(
                 "mqtt.transport = 'awsiot' needs the 'aws' extra: pip install 'tidegate[aws]'"
             ) from None
+        super().__init__(settings)
         self._mqtt5 = mqtt5
-        self.settings = settings
-        self._topics: list[str] = []
-        self._on_message: MessageHandler = lambda t, p: None
-        self._on_connect: ConnectHandler = lambda: None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._connected = False
         tls = None
         if settings.cert_file and settings.key_file:
             opts = io.TlsContextOptions.create_client_with_mtls_from_path(
@@ -64,15 +59,8 @@ class AwsIotTransport:
             )
         )
 
-    @property
-    def connected(self) -> bool:
-        return self._connected
-
-    def set_handlers(self, on_message: MessageHandler, on_connect: ConnectHandler) -> None:
-        self._on_message, self._on_connect = on_message, on_connect
-
     def subscribe(self, topics: list[str]) -> None:
-        self._topics = list(dict.fromkeys([*self._topics, *topics]))
+        self._remember(topics)  # subscribed on every connect
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +14,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from fleet_server.auth.deps import Principal, require
 from fleet_server.auth.service import Role, audit
@@ -141,7 +142,13 @@ async def publish(request: Request, who: Operator) -> Release:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _release_action(request: Request, who: Principal, action: str, release_id: ReleaseId, fn: Any) -> Release:
+def _release_action(
+    request: Request,
+    who: Principal,
+    action: str,
+    release_id: ReleaseId,
+    fn: Callable[[Session, datetime], Release],
+) -> Release:
     now = request.app.state.clock()
     try:
         with request.app.state.db.session() as s:
@@ -156,7 +163,7 @@ def _release_action(request: Request, who: Principal, action: str, release_id: R
                 now=now,
             )
             s.flush()
-            return service.get(s, release_id) if not isinstance(result, Release) else result
+            return result
     except service.ReleaseNotFoundError as exc:
         raise HTTPException(404, str(exc)) from None
     except service.ReleaseError as exc:
