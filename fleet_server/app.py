@@ -16,6 +16,7 @@ from fleet_server.auth.deps import principal_from_header
 from fleet_server.campaigns.models import Campaign
 from fleet_server.campaigns.routes import router as campaigns_router
 from fleet_server.db import Database
+from fleet_server.devices.groups import router as groups_router
 from fleet_server.devices.routes import router as devices_router
 from fleet_server.jobs.models import JobExecution
 from fleet_server.jobs.protocol import Outgoing
@@ -47,6 +48,7 @@ def create_app(
         Depends(HTTPBearer(auto_error=False, description="A token from `tidegate server token create`."))
     ]
     app.include_router(devices_router, dependencies=documented)
+    app.include_router(groups_router, dependencies=documented)
     app.include_router(campaigns_router, dependencies=documented)
     app.include_router(releases_router, dependencies=documented)
 

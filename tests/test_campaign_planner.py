@@ -223,3 +223,120 @@ def test_a_failing_wave_stops_the_campaign() -> None:
     r = simulate(s, 200, fail=bad)
     assert r["outcome"].startswith("paused: error gate: failure_rate")
     assert len(r["queued"]) == 20  # nothing beyond the first wave was notified
+
+
+# ---- retries, server-side preconditions, schedule ---------------------------------------------------
+
+
+def test_retries_per_failure_type_with_exponential_backoff() -> None:
+    s = spec(
+        waves=[{"count": 3}],
+        retry={
+            "criteria": [{"failure_type": "TIMED_OUT", "retries": 2}, {"failure_type": "ALL", "retries": 1}],
+            "backoff_s": 60,
+            "backoff_factor": 3,
+        },
+    )
+    assert s.retry.allowed("TIMED_OUT") == 2 and s.retry.allowed("FAILED") == 1
+    assert s.retry.allowed("REJECTED") == 0  # a refusal is final
+    assert [s.retry.delay(a).total_seconds() for a in (1, 2, 3)] == [60, 180, 540]
+    ms = (
+        MemberState("a", "TIMED_OUT", T0, T0, attempt=1),
+        MemberState("b", "FAILED", T0, T0, attempt=1),
+        MemberState("c", "REJECTED", T0, T0, attempt=1),
+    )
+    d = plan_tick(s, CampaignState(0, T0, ms), T0 + timedelta(seconds=30))
+    assert d.retry == [] and not d.complete and not d.pause_reason  # still backing off: not judged yet
+    d = plan_tick(s, CampaignState(0, T0, ms), T0 + timedelta(seconds=60))
+    assert d.retry == ["a", "b"]
+    # second failures: a (TIMED_OUT, 2 retries) waits 180 s more; b (FAILED, 1 retry) is final now
+    ms2 = (
+        MemberState("a", "TIMED_OUT", T0, T0 + timedelta(minutes=2), attempt=2),
+        MemberState("b", "FAILED", T0, T0 + timedelta(minutes=2), attempt=2),
+        ms[2],
+    )
+    d = plan_tick(s, CampaignState(0, T0, ms2), T0 + timedelta(minutes=4))
+    assert d.retry == []
+    d = plan_tick(s, CampaignState(0, T0, ms2), T0 + timedelta(minutes=5))
+    assert d.retry == ["a"]
+    ms3 = (MemberState("a", "TIMED_OUT", T0, T0 + timedelta(minutes=6), attempt=3), *ms2[1:])
+    d = plan_tick(s, CampaignState(0, T0, ms3), T0 + timedelta(hours=5))
+    assert d.retry == [] and d.pause_reason is not None  # every retry spent: now the gate judges
+
+
+def test_retries_count_against_the_concurrency_cap() -> None:
+    s = spec(
+        waves=[{"count": 10}], max_concurrent=3, retry={"criteria": [{"failure_type": "ALL", "retries": 1}]}
+    )
+    ms = (
+        MemberState("a", "FAILED", T0, T0),
+        MemberState("b", "IN_PROGRESS", T0),
+        *(MemberState(f"n{i}", None) for i in range(8)),
+    )
+    d = plan_tick(s, CampaignState(0, T0, ms), T0 + timedelta(hours=1))
+    assert d.retry == ["a"] and d.queue == ["n0"]  # 3 - 1 in flight = 2: the retry first
+
+
+def test_server_preconditions_defer_devices_without_holding_the_wave() -> None:
+    pre = spec().server_preconditions.model_validate(
+        {"online_within_s": 300, "firmware_min": "2.0.0", "regions": ["eu"]}
+    )
+    now = T0
+    assert pre.unmet(now=now, last_seen_at=None, firmware="2.1.0", region="eu") == "offline"
+    assert (
+        pre.unmet(now=now, last_seen_at=now - timedelta(minutes=6), firmware="2.1.0", region="eu")
+        == "offline"
+    )
+    assert pre.unmet(now=now, last_seen_at=now, firmware="1.9.9", region="eu") == "firmware below 2.0.0"
+    assert (
+        pre.unmet(now=now, last_seen_at=now, firmware="banana", region="eu")
+        == "firmware 'banana' is not a version"
+    )
+    assert pre.unmet(now=now, last_seen_at=now, firmware="2.0.0", region="us") == "region 'us' not allowed"
+    assert pre.unmet(now=now, last_seen_at=now, firmware="2.0.0", region="eu") is None
+    with pytest.raises(ValidationError, match="semantic version"):
+        spec(server_preconditions={"firmware_min": "two"})
+
+    s = spec(
+        waves=[{"count": 4}, {"count": 8}],
+        success_gate={
+            "conditions": [{"metric": "success_rate", "comparator": ">=", "threshold": 1.0, "min_samples": 1}]
+        },
+    )
+    ms = [MemberState(f"d{i}", None, unmet="offline" if i in (1, 5) else None) for i in range(8)]
+    d = plan_tick(s, CampaignState(0, T0, tuple(ms)), T0)
+    assert d.queue == ["d0", "d2", "d3"] and any(
+        "deferred" in line and "offline (1)" in line for line in d.log
+    )
+    done = [MemberState(m.thing, "SUCCEEDED", T0, T0) if m.unmet is None else m for m in ms[:4]] + ms[4:]
+    d = plan_tick(s, CampaignState(0, T0, tuple(done)), T0 + timedelta(minutes=1))
+    assert d.advance_to == 1  # the offline device does not hold wave 1 back
+    # it comes online in wave 2 and is notified then
+    done[1] = MemberState("d1", None)
+    d = plan_tick(s, CampaignState(1, T0, tuple(done)), T0 + timedelta(minutes=2))
+    assert d.queue == ["d1", "d4", "d6", "d7"]
+    # an all-deferred wave waits rather than failing its success gate
+    d = plan_tick(
+        s, CampaignState(0, T0, tuple(MemberState(f"d{i}", None, unmet="offline") for i in range(8))), T0
+    )
+    assert d.queue == [] and d.pause_reason is None and not d.complete
+
+
+def test_schedule_start_and_end_behaviour() -> None:
+    from fleet_server.campaigns.planner import plan_start
+
+    start, end = T0 + timedelta(hours=2), T0 + timedelta(hours=4)
+    s = spec(schedule={"start_at": start.isoformat(), "end_at": end.isoformat(), "end_behavior": "cancel"})
+    assert not plan_start(s, T0) and plan_start(s, start)
+    d = plan_tick(s, CampaignState(0, start, members(200)), start)
+    assert d.queue and d.end is None
+    d = plan_tick(s, CampaignState(0, start, members(200)), end)
+    assert d.end == "cancel" and d.queue == [] and "end time" in d.log[-1]
+    with pytest.raises(ValidationError, match="time zone"):
+        spec(schedule={"start_at": "2026-12-01T02:00:00"})
+    with pytest.raises(ValidationError, match="after start_at"):
+        spec(schedule={"start_at": end.isoformat(), "end_at": start.isoformat()})
+    with pytest.raises(ValidationError, match="one retry criterion"):
+        spec(
+            retry={"criteria": [{"failure_type": "ALL", "retries": 1}, {"failure_type": "ALL", "retries": 2}]}
+        )

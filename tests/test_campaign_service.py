@@ -13,9 +13,10 @@ from fleet_server.campaigns import service
 from fleet_server.campaigns.models import CampaignDecision
 from fleet_server.campaigns.spec import CampaignSpec
 from fleet_server.db import Database
+from fleet_server.devices.models import Device
 from fleet_server.devices.service import register_device
 from fleet_server.jobs import protocol
-from fleet_server.jobs.models import JobExecution
+from fleet_server.jobs.models import ExecutionEvent, JobExecution
 
 T0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 
@@ -198,3 +199,115 @@ def test_continuous_targeting_picks_up_devices_that_join_later(db: Database) -> 
         service.tick(s, campaign_id=cid, now=T0 + timedelta(minutes=1))
         assert "late-car" in service.get(s, cid).members
         assert s.query(JobExecution).filter(JobExecution.thing_name == "late-car").count() == 1
+
+
+def test_a_failed_device_is_retried_with_the_next_execution_number(db: Database) -> None:
+    things = fleet(db, 4)
+    cid = make(
+        db,
+        waves=[{"percent": 100}],
+        retry={"criteria": [{"failure_type": "FAILED", "retries": 1}], "backoff_s": 120},
+        error_gate={"conditions": [{"metric": "failure_rate", "comparator": "<=", "threshold": 1.0}]},
+        success_gate={"conditions": [{"metric": "success_rate", "comparator": ">=", "threshold": 0.5}]},
+    )
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=T0)
+    devices_answer(db, T0 + timedelta(minutes=1), fail={things[0]})
+    with db.session() as s:  # within the backoff: nothing, and the campaign does not finish
+        assert service.tick(s, campaign_id=cid, now=T0 + timedelta(minutes=2)) == []
+    assert state(db, cid) == ("running", 0)
+    with db.session() as s:
+        out = service.tick(s, campaign_id=cid, now=T0 + timedelta(minutes=3, seconds=1))
+    nxt = next(o.payload for o in out if o.topic == f"$aws/things/{things[0]}/jobs/notify-next")
+    assert nxt["execution"]["executionNumber"] == 2 and nxt["execution"]["status"] == "QUEUED"
+    devices_answer(db, T0 + timedelta(minutes=4), fail={things[0]})  # fails again: retries spent
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=T0 + timedelta(hours=1))
+        ex = s.scalars(select(JobExecution).where(JobExecution.thing_name == things[0])).one()
+        assert (ex.status, ex.execution_number) == ("FAILED", 2)
+        trail = [
+            (e.from_status, e.to_status)
+            for e in s.scalars(
+                select(ExecutionEvent).where(ExecutionEvent.execution_id == ex.id).order_by(ExecutionEvent.id)
+            )
+        ]
+        assert trail == [
+            (None, "QUEUED"),
+            ("QUEUED", "IN_PROGRESS"),
+            ("IN_PROGRESS", "FAILED"),
+            ("FAILED", "QUEUED"),
+            ("QUEUED", "IN_PROGRESS"),
+            ("IN_PROGRESS", "FAILED"),
+        ]
+    assert state(db, cid) == ("completed", 0)  # 3 of 4 >= 50 %
+
+    # the failed device is retried as a new campaign, which needs approval like any other
+    with db.session() as s:
+        new = service.retry_failed(s, campaign_id=cid, actor="op", now=T0 + timedelta(hours=2))
+        new_id = new.id
+        assert new.state == "draft" and new.spec["cohort"]["things"] == [things[0]]
+        assert new.spec["name"] == "retry of roll"
+    with db.session() as s:
+        service.submit(s, campaign_id=new_id, actor="op", now=T0)
+        service.approve(s, campaign_id=new_id, actor="admin", now=T0, override_reason="test fleet: no bench")
+        service.tick(s, campaign_id=new_id, now=T0 + timedelta(hours=2))
+        assert service.get(s, new_id).members == [things[0]]
+        with pytest.raises(service.CampaignError, match="no failed devices"):
+            service.retry_failed(s, campaign_id=new_id, actor="op", now=T0)
+
+
+def test_static_groups_target_a_campaign(db: Database) -> None:
+    from fleet_server.devices import service as devices
+
+    things = fleet(db, 10)
+    with db.session() as s:
+        devices.create_group(s, name="pilot", description="test cars", things=things[:3], now=T0)
+        assert devices.change_members(s, name="pilot", add=[things[5]], remove=[things[0]]) == [
+            things[1],
+            things[2],
+            things[5],
+        ]
+    with db.session() as s, pytest.raises(devices.GroupError, match="unknown device"):
+        devices.change_members(s, name="pilot", add=["ghost"], remove=[things[1]])
+    with db.session() as s:  # nothing changed by the refused request
+        assert devices.group_members(s, "pilot") == [things[1], things[2], things[5]]
+    with pytest.raises(service.CampaignError, match="group 'nope'"):
+        make(db, cohort={"sku": "edge-cpu", "groups": ["nope"]})
+    cid = make(db, cohort={"sku": "edge-cpu", "groups": ["pilot"]}, waves=[{"percent": 100}])
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=T0)
+    assert sorted(service_members(db, cid)) == [things[1], things[2], things[5]]
+
+
+def test_schedule_and_server_preconditions(db: Database) -> None:
+    things = fleet(db, 6)
+    with db.session() as s:
+        for t in things[:4]:
+            s.get(Device, t).last_seen_at = T0 + timedelta(hours=1)  # type: ignore[union-attr]
+    start = T0 + timedelta(hours=1)
+    cid = make(
+        db,
+        waves=[{"percent": 100}],
+        schedule={
+            "start_at": start.isoformat(),
+            "end_at": (start + timedelta(hours=1)).isoformat(),
+            "end_behavior": "force_cancel",
+        },
+        server_preconditions={"online_within_s": 600},
+    )
+    with db.session() as s:
+        assert service.tick(s, campaign_id=cid, now=T0) == []
+    assert state(db, cid) == ("scheduled", 0)  # not before its start time
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=start)
+        queued = set(s.scalars(select(JobExecution.thing_name).where(JobExecution.job_id == cid)).all())
+    assert queued == set(things[:4])  # the two never seen online are deferred
+    with db.session() as s:
+        s.get(Device, things[4]).last_seen_at = start + timedelta(minutes=5)  # type: ignore[union-attr]
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=start + timedelta(minutes=6))
+        assert s.query(JobExecution).filter(JobExecution.thing_name == things[4]).count() == 1
+    with db.session() as s:  # the end time: force_cancel cancels queued and in-progress executions
+        service.tick(s, campaign_id=cid, now=start + timedelta(hours=1))
+        statuses = {e.status for e in s.scalars(select(JobExecution).where(JobExecution.job_id == cid)).all()}
+    assert statuses == {"CANCELED"} and state(db, cid) == ("canceled", 0)

@@ -1,15 +1,22 @@
 """The campaign planner: campaign state + clock + counts in, actions out. No I/O.
 
 One tick decides which devices to notify now (respecting the wave, the
-concurrency cap, the rate and blackout windows), whether the error gate
-stops the campaign, and whether the current wave's success gate and soak
-allow the next wave. The scheduler loop applies the decision and records it.
+concurrency cap, the rate, blackout windows and server-side preconditions),
+which failed devices to retry (per failure type, after an exponential
+backoff), whether the error gate stops the campaign, whether the end time has
+come, and whether the current wave's success gate and soak allow the next
+wave. The scheduler loop applies the decision and records it.
+
+A failure that will still be retried is not counted by the gates yet; a
+device deferred by a server-side precondition is neither counted nor allowed
+to hold a wave back once every other device in it has finished.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -26,6 +33,8 @@ class MemberState:
     status: str | None  # None: not queued yet
     queued_at: datetime | None = None
     finished_at: datetime | None = None
+    attempt: int = 1  # the execution number
+    unmet: str | None = None  # why a server-side precondition defers it now
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,8 @@ class CampaignState:
 @dataclass
 class Decision:
     queue: list[str] = field(default_factory=list)
+    retry: list[str] = field(default_factory=list)
+    end: str | None = None  # the schedule's end behaviour, once its end time has come
     advance_to: int | None = None
     pause_reason: str | None = None
     complete: bool = False
@@ -79,6 +90,15 @@ def metrics(members: tuple[MemberState, ...]) -> MetricsSnapshot:
     }
 
 
+def retry_pending(spec: CampaignSpec, m: MemberState) -> bool:
+    return m.status is not None and m.attempt <= spec.retry.allowed(m.status)
+
+
+def plan_start(spec: CampaignSpec, now: datetime) -> bool:
+    """Whether an approved campaign may start now."""
+    return spec.schedule.start_at is None or now >= spec.schedule.start_at
+
+
 def plan_tick(spec: CampaignSpec, state: CampaignState, now: datetime) -> Decision:
     d = Decision()
     bounds = wave_bounds(spec, len(state.members))
@@ -87,8 +107,11 @@ def plan_tick(spec: CampaignSpec, state: CampaignState, now: datetime) -> Decisi
         return d
     wave = min(state.wave, len(bounds) - 1)
     reached = state.members[: bounds[wave]]
-    snap = metrics(reached)
-    executed = sum(1 for m in reached if m.status is not None and JobStatus(m.status).terminal)
+    retrying = [m for m in state.members if retry_pending(spec, m)]
+    settled = tuple(m for m in reached if not retry_pending(spec, m))
+    snap = metrics(settled)
+    executed = sum(1 for m in settled if m.status is not None and JobStatus(m.status).terminal)
+    deferred = [m for m in reached if m.status is None and m.unmet is not None]
 
     error = evaluate_gate(spec.error_gate.gate("error", len(reached)), snap, now)
     if error.verdict is Verdict.FAIL:
@@ -96,9 +119,21 @@ def plan_tick(spec: CampaignSpec, state: CampaignState, now: datetime) -> Decisi
         d.log.append(d.pause_reason)
         return d
 
+    end_at = spec.schedule.end_at
+    if end_at is not None and now >= end_at:
+        d.end = spec.schedule.end_behavior
+        d.log.append(f"end time {end_at.isoformat()} reached: {d.end.replace('_', ' ')}")
+        return d
+
     in_flight = sum(
         1 for m in state.members if m.status in (JobStatus.QUEUED.value, JobStatus.IN_PROGRESS.value)
     )
+    if deferred:
+        why = Counter(m.unmet for m in deferred)
+        d.log.append(
+            f"{len(deferred)} device(s) deferred by server-side preconditions: "
+            + ", ".join(f"{reason} ({n})" for reason, n in sorted(why.items(), key=lambda kv: str(kv[0])))
+        )
     blackout = next((w for w in spec.blackouts if w.window().is_open(now)), None)
     if blackout is not None:
         d.log.append(f"blackout window {blackout.cron!r} ({blackout.timezone}) open: nothing queued")
@@ -110,30 +145,41 @@ def plan_tick(spec: CampaignSpec, state: CampaignState, now: datetime) -> Decisi
         )
         budget = min(spec.max_concurrent - in_flight, per_minute - last_minute)
         if budget > 0:
-            d.queue = [m.thing for m in reached if m.status is None][:budget]
+            due = [
+                m.thing
+                for m in retrying
+                if m.finished_at is not None and now - m.finished_at >= spec.retry.delay(m.attempt)
+            ]
+            d.retry = due[:budget]
+            d.queue = [m.thing for m in reached if m.status is None and m.unmet is None][
+                : budget - len(d.retry)
+            ]
+        if d.retry:
+            d.log.append(f"retrying {len(d.retry)} failed device(s) after backoff")
         if d.queue:
             d.log.append(
                 f"wave {wave + 1}: notifying {len(d.queue)} device(s) "
                 f"({in_flight} in flight, {per_minute}/min)"
             )
 
-    all_done = executed == len(reached) and not d.queue
+    all_done = executed + len(deferred) == len(reached) and not d.queue and not retrying
     success = evaluate_gate(spec.success_gate.gate("success", len(reached)), snap, now)
     if success.verdict is not Verdict.PASS:
-        if all_done:
+        if all_done and not deferred:
             d.pause_reason = f"wave {wave + 1} finished below its success gate: {success.reason}"
             d.log.append(d.pause_reason)
         return d
     if wave == len(bounds) - 1:
         if all_done:
             d.complete = True
-            d.log.append(f"final wave passed ({success.reason}); campaign complete")
+            skipped = f"; {len(deferred)} deferred device(s) not notified" if deferred else ""
+            d.log.append(f"final wave passed ({success.reason}); campaign complete{skipped}")
         return d
     soak = timedelta(seconds=spec.waves[wave].soak_s)
     if not all_done:
         return d  # the wave's devices are still running
     last_done = max(
-        (m.finished_at for m in reached if m.finished_at is not None), default=state.wave_started_at
+        (m.finished_at for m in settled if m.finished_at is not None), default=state.wave_started_at
     )
     if now - last_done < soak:  # soak: quiet time after the wave's last device finished
         d.log.append(f"wave {wave + 1} soaking, {(soak - (now - last_done)).total_seconds():.0f}s left")

@@ -282,3 +282,15 @@ def cancel(
         campaign_id,
         lambda s, now: service.cancel(s, campaign_id=campaign_id, actor=who.name, now=now, force=force),
     )
+
+
+@router.post("/{campaign_id}/retry-failed", response_model=CampaignPublic, status_code=201)
+def retry_failed(request: Request, campaign_id: CampaignId, who: Operator) -> CampaignPublic:
+    """A new draft campaign over this campaign's failed devices (it needs approval like any)."""
+    return _act(
+        request,
+        who,
+        "campaign.retry_failed",
+        None,
+        lambda s, now: service.retry_failed(s, campaign_id=campaign_id, actor=who.name, now=now),
+    )

@@ -14,9 +14,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleet_server.campaigns.models import Campaign, CampaignDecision
-from fleet_server.campaigns.planner import CampaignState, MemberState, order_members, plan_tick
+from fleet_server.campaigns.planner import (
+    FAILURES,
+    CampaignState,
+    MemberState,
+    order_members,
+    plan_start,
+    plan_tick,
+)
 from fleet_server.campaigns.spec import CampaignSpec, Cohort
-from fleet_server.devices.models import Device
+from fleet_server.devices.models import Device, DeviceGroup, GroupMember
 from fleet_server.jobs import protocol
 from fleet_server.jobs.models import ExecutionEvent, JobExecution
 from shared.errors import TidegateError
@@ -57,6 +64,9 @@ def get(session: Session, campaign_id: str) -> Campaign:
 
 
 def create(session: Session, *, spec: CampaignSpec, actor: str, now: datetime) -> Campaign:
+    for group in spec.cohort.groups or []:
+        if session.get(DeviceGroup, group) is None:
+            raise CampaignError(f"the cohort names group {group!r}, which does not exist")
     c = Campaign(
         id=f"c-{uuid.uuid4().hex[:12]}",
         name=spec.name,
@@ -156,6 +166,12 @@ def cancel(
         why="canceled" + (" (forced)" if force else ""),
     )
     c.finished_at = now
+    return _cancel_executions(session, c, now, force=force)
+
+
+def _cancel_executions(
+    session: Session, c: Campaign, now: datetime, *, force: bool
+) -> list[protocol.Outgoing]:
     states = [JobStatus.QUEUED.value] + ([JobStatus.IN_PROGRESS.value] if force else [])
     things: set[str] = set()
     for ex in session.scalars(
@@ -191,6 +207,12 @@ def cohort_things(session: Session, cohort: Cohort) -> list[str]:
         q = q.where(Device.customer.in_(cohort.customers))
     if cohort.things:
         q = q.where(Device.thing_name.in_(cohort.things))
+    if cohort.groups:
+        q = q.where(
+            Device.thing_name.in_(
+                select(GroupMember.thing_name).where(GroupMember.group_name.in_(cohort.groups))
+            )
+        )
     devices = session.scalars(q).all()
     return [
         d.thing_name
@@ -204,6 +226,8 @@ def tick(session: Session, *, campaign_id: str, now: datetime) -> list[protocol.
     c = get(session, campaign_id)
     spec = CampaignSpec.model_validate(c.spec)
     if S(c.state) is S.SCHEDULED:
+        if not plan_start(spec, now):
+            return []
         c.state, c.started_at, c.wave, c.wave_started_at = S.RUNNING.value, now, 0, now
         c.members = order_members(cohort_things(session, spec.cohort), spec.seed)
         _log(
@@ -226,10 +250,17 @@ def tick(session: Session, *, campaign_id: str, now: datetime) -> list[protocol.
         e.thing_name: e
         for e in session.scalars(select(JobExecution).where(JobExecution.job_id == c.id)).all()
     }
+    unmet = _unmet(session, spec, [t for t in c.members if t not in executions], now)
     members = tuple(
-        MemberState(t, ex.status, ex.queued_at, ex.last_updated_at if JobStatus(ex.status).terminal else None)
+        MemberState(
+            t,
+            ex.status,
+            ex.queued_at,
+            ex.last_updated_at if JobStatus(ex.status).terminal else None,
+            ex.execution_number,
+        )
         if (ex := executions.get(t)) is not None
-        else MemberState(t, None)
+        else MemberState(t, None, unmet=unmet.get(t))
         for t in c.members
     )
     state = CampaignState(c.wave, c.wave_started_at or now, members, c.advance_requested)
@@ -254,8 +285,23 @@ def tick(session: Session, *, campaign_id: str, now: datetime) -> list[protocol.
             campaign_id=c.id,
             in_progress_timeout_min=spec.in_progress_timeout_min,
         )
+    for thing in decision.retry:
+        ex = executions[thing]
+        allowed = spec.retry.allowed(ex.status)
+        out += protocol.requeue_execution(
+            session, ex, now, reason=f"attempt {ex.execution_number + 1} of {allowed + 1} after {ex.status}"
+        )
+    if decision.retry:
+        _log(
+            session, c, now, "retried", "scheduler", f"retrying {len(decision.retry)} device(s) after backoff"
+        )
     if decision.queue:
-        _log(session, c, now, "queued", "scheduler", decision.log[0] if decision.log else "queued devices")
+        _log(session, c, now, "queued", "scheduler", next(m for m in decision.log if "notifying" in m))
+    if decision.end is not None:
+        c.state, c.finished_at = (S.COMPLETED if decision.end == "stop_rollout" else S.CANCELED).value, now
+        _log(session, c, now, c.state, "scheduler", decision.log[-1])
+        if decision.end != "stop_rollout":
+            out += _cancel_executions(session, c, now, force=decision.end == "force_cancel")
     if decision.advance_to is not None:
         c.wave, c.wave_started_at, c.advance_requested = decision.advance_to, now, False
         _log(session, c, now, "advanced", "scheduler", decision.log[-1])
@@ -266,6 +312,54 @@ def tick(session: Session, *, campaign_id: str, now: datetime) -> list[protocol.
         c.state, c.finished_at = S.COMPLETED.value, now
         _log(session, c, now, "completed", "scheduler", decision.log[-1])
     return out
+
+
+def _unmet(session: Session, spec: CampaignSpec, things: list[str], now: datetime) -> dict[str, str]:
+    """Server-side preconditions of the devices not notified yet: thing → why it must wait."""
+    pre = spec.server_preconditions
+    if not things or (pre.online_within_s is None and pre.firmware_min is None and pre.regions is None):
+        return {}
+    out: dict[str, str] = {}
+    wanted = set(things)
+    rows = session.execute(
+        select(Device.thing_name, Device.last_seen_at, Device.firmware, Device.region).where(
+            Device.sku == spec.cohort.sku
+        )
+    ).all()
+    for thing, last_seen_at, firmware, region in rows:
+        if thing in wanted:
+            why = pre.unmet(now=now, last_seen_at=last_seen_at, firmware=firmware, region=region)
+            if why is not None:
+                out[thing] = why
+    return out
+
+
+def retry_failed(session: Session, *, campaign_id: str, actor: str, now: datetime) -> Campaign:
+    """A new draft campaign, same release and rules, over the devices whose execution in
+    `campaign_id` ended in failure (after its own retries). It still needs approval."""
+    old = get(session, campaign_id)
+    failed = sorted(
+        session.scalars(
+            select(JobExecution.thing_name).where(
+                JobExecution.job_id == old.id, JobExecution.status.in_(sorted(FAILURES))
+            )
+        ).all()
+    )
+    if not failed:
+        raise CampaignError(f"campaign {old.id} has no failed devices to retry")
+    spec = CampaignSpec.model_validate(old.spec)
+    spec = spec.model_copy(
+        update={
+            "name": f"retry of {spec.name}"[:128],
+            "cohort": Cohort(sku=spec.cohort.sku, things=failed),
+            "targeting": "snapshot",
+            "schedule": spec.schedule.model_copy(update={"start_at": None, "end_at": None}),
+        }
+    )
+    new = create(session, spec=spec, actor=actor, now=now)
+    _log(session, new, now, "retry_of", actor, f"retries {len(failed)} failed device(s) of {old.id}")
+    _log(session, old, now, "retried_as", actor, f"{len(failed)} failed device(s) retried as {new.id}")
+    return new
 
 
 def active_ids(session: Session) -> list[str]:

@@ -9,6 +9,7 @@ continuous targeting, in-progress timeouts and retries.
 from __future__ import annotations
 
 import itertools
+from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fleet_server.campaigns.cron import CronError, Window
 from shared.gates import Comparator, Condition, Gate
 from shared.jobdoc import Preconditions
+from shared.semver import InvalidVersionError, SemVer
 
 Metric = Literal["success_rate", "failure_rate"]
 
@@ -94,6 +96,103 @@ class WindowSpec(_Spec):
         return Window.parse(self.cron, self.duration_minutes, self.timezone)
 
 
+FailureType = Literal["FAILED", "TIMED_OUT", "ALL"]
+
+
+class RetryCriterion(_Spec):
+    """AWS's jobExecutionsRetryConfig criterion: retry this failure type up to N times.
+    REJECTED is never retried: the device refused the job on purpose."""
+
+    failure_type: FailureType
+    retries: int = Field(ge=1, le=10)
+
+
+class RetrySpec(_Spec):
+    """Retries per failure type, each after an exponential backoff from the failure."""
+
+    criteria: list[RetryCriterion] = Field(default_factory=list, max_length=3)
+    backoff_s: float = Field(default=30.0, ge=0, le=86_400)
+    backoff_factor: float = Field(default=2.0, ge=1.0, le=10.0)
+    backoff_max_s: float = Field(default=3600.0, ge=0, le=7 * 86_400)
+
+    @field_validator("criteria")
+    @classmethod
+    def _distinct(cls, criteria: list[RetryCriterion]) -> list[RetryCriterion]:
+        kinds = [c.failure_type for c in criteria]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError("one retry criterion per failure type")
+        return criteria
+
+    def allowed(self, status: str) -> int:
+        """Retries allowed after a failure of `status`; a specific type beats ALL."""
+        if status not in ("FAILED", "TIMED_OUT"):
+            return 0
+        by_type: dict[str, int] = {c.failure_type: c.retries for c in self.criteria}
+        return by_type.get(status, by_type.get("ALL", 0))
+
+    def delay(self, attempt: int) -> timedelta:
+        """Backoff before attempt `attempt + 1`, after attempt `attempt` failed."""
+        seconds = self.backoff_s * self.backoff_factor ** max(0, attempt - 1)
+        return timedelta(seconds=min(seconds, self.backoff_max_s))
+
+
+class ScheduleSpec(_Spec):
+    """AWS's SchedulingConfig: start no earlier than `start_at`; at `end_at` stop notifying
+    (`stop_rollout`), also cancel queued executions (`cancel`), or in-progress ones too
+    (`force_cancel`)."""
+
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    end_behavior: Literal["stop_rollout", "cancel", "force_cancel"] = "stop_rollout"
+
+    @model_validator(mode="after")
+    def _aware_and_ordered(self) -> ScheduleSpec:
+        for name in ("start_at", "end_at"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
+                raise ValueError(f"{name} needs a time zone (e.g. 2026-12-01T02:00:00Z)")
+        if self.start_at and self.end_at and self.end_at <= self.start_at:
+            raise ValueError("end_at must be after start_at")
+        return self
+
+
+class ServerPreconditions(_Spec):
+    """Checked by the server when it is about to notify a device; a device that does not meet
+    them is deferred (not failed) and notified once it does."""
+
+    online_within_s: int | None = Field(default=None, ge=1, le=30 * 86_400)
+    firmware_min: str | None = Field(default=None, max_length=64)
+    regions: list[str] | None = Field(default=None, min_length=1)
+
+    @field_validator("firmware_min")
+    @classmethod
+    def _semver(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                SemVer.parse(value)
+            except InvalidVersionError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    def unmet(
+        self, *, now: datetime, last_seen_at: datetime | None, firmware: str | None, region: str | None
+    ) -> str | None:
+        """Why a device may not be notified now, or None."""
+        if self.online_within_s is not None and (
+            last_seen_at is None or (now - last_seen_at).total_seconds() > self.online_within_s
+        ):
+            return "offline"
+        if self.firmware_min is not None:
+            try:
+                if firmware is None or SemVer.parse(firmware) < SemVer.parse(self.firmware_min):
+                    return f"firmware below {self.firmware_min}"
+            except InvalidVersionError:
+                return f"firmware {firmware!r} is not a version"
+        if self.regions is not None and region not in self.regions:
+            return f"region {region!r} not allowed"
+        return None
+
+
 class Cohort(_Spec):
     """Which devices: a SKU plus equality filters over inventory fields and attributes."""
 
@@ -102,6 +201,7 @@ class Cohort(_Spec):
     customers: list[str] | None = None
     attributes: dict[str, str] = Field(default_factory=dict)
     things: list[str] | None = None
+    groups: list[str] | None = None  # static groups: a device in any of them
 
 
 class CampaignSpec(_Spec):
@@ -120,7 +220,10 @@ class CampaignSpec(_Spec):
     max_concurrent: int = Field(default=1000, ge=1)
     rate: RateSpec = RateSpec()
     blackouts: list[WindowSpec] = Field(default_factory=list)
-    preconditions: Preconditions = Preconditions()
+    preconditions: Preconditions = Preconditions()  # device-side, sent in the job document
+    server_preconditions: ServerPreconditions = ServerPreconditions()
+    retry: RetrySpec = RetrySpec()
+    schedule: ScheduleSpec = ScheduleSpec()
     in_progress_timeout_min: int | None = Field(default=None, ge=1, le=10080)
     seed: int = 0
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, String
+from sqlalchemy import JSON, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from fleet_server.db import Base, UTCDateTime
@@ -24,3 +24,23 @@ class Device(Base):
     last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     active_version: Mapped[str | None] = mapped_column(String(64))
     last_beacon: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class DeviceGroup(Base):
+    """A static group: a named list of devices an operator maintains by hand (AWS thing groups,
+    hawkBit target tags), as opposed to a cohort, which is a filter evaluated when used."""
+
+    __tablename__ = "device_groups"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    description: Mapped[str] = mapped_column(String(1024), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class GroupMember(Base):
+    __tablename__ = "device_group_members"
+
+    group_name: Mapped[str] = mapped_column(
+        ForeignKey("device_groups.name", ondelete="CASCADE"), primary_key=True
+    )
+    thing_name: Mapped[str] = mapped_column(ForeignKey("devices.thing_name"), primary_key=True, index=True)

@@ -174,6 +174,18 @@ def create_execution(
     return notifications(session, thing, now)
 
 
+def requeue_execution(session: Session, ex: JobExecution, now: datetime, *, reason: str) -> list[Outgoing]:
+    """Retry a failed or timed-out execution: it is QUEUED again with the next execution
+    number (as AWS counts retries), fresh timers and empty status details."""
+    if ex.status not in (JobStatus.FAILED.value, JobStatus.TIMED_OUT.value):
+        raise ValueError(f"execution {ex.job_id}/{ex.thing_name} is {ex.status}; only a failure is retried")
+    _transition(session, ex, JobStatus.QUEUED, now, "server", {"retry": reason})
+    ex.execution_number += 1
+    ex.status_details, ex.queued_at, ex.started_at, ex.step_timeout_at = {}, now, None, None
+    ex.last_notified_at = None
+    return notifications(session, ex.thing_name, now)
+
+
 def _parse(topic: str) -> tuple[str, list[str]]:
     parts = topic.split("/")
     if len(parts) < 5 or parts[0] != "$aws" or parts[1] != "things" or parts[3] != "jobs":
