@@ -1,10 +1,12 @@
-"""`make bench`: run every benchmark; sizes scale with TIDEGATE_BENCH_MB (default 128)."""
+"""`make bench`: run every benchmark. Sizes: TIDEGATE_BENCH_MB (bundle read, default 128),
+TIDEGATE_BENCH_INSTALL_MB, TIDEGATE_BENCH_IDLE_S, TIDEGATE_BENCH_DEVICES (fleet, default 10000);
+TIDEGATE_BENCH_PG_URL adds a PostgreSQL run of the fleet campaign."""
 
 from __future__ import annotations
 
 import os
 
-from bench import agent_install, agent_runtime, bundle_read
+from bench import agent_install, agent_runtime, bundle_read, fleet_campaign
 
 
 def main() -> None:
@@ -13,6 +15,7 @@ def main() -> None:
     sizes = [int(s) for s in os.environ.get("TIDEGATE_BENCH_INSTALL_MB", "256,1024").split(",")]
     agent_install.run(sizes)
     agent_runtime.run(float(os.environ.get("TIDEGATE_BENCH_IDLE_S", "60")))
+    fleet_campaign.run(int(os.environ.get("TIDEGATE_BENCH_DEVICES", "10000")))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -10,6 +10,8 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from fleet_server.auth.deps import principal_from_header
@@ -29,13 +31,25 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class _Totals(Collector):
+    def __init__(self, read: Callable[[], dict[str, float]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, value in self.read().items():
+            yield CounterMetricFamily(f"tidegate_{name}", name.replace("_", " "), value=value)
+
+
 def create_app(
     db: Database,
     *,
     publish: Callable[[list[Outgoing]], None] = lambda out: None,
     clock: Callable[[], datetime] = _utcnow,
     repository: UpdateRepository | None = None,
+    counters: Callable[[], dict[str, float]] | None = None,
 ) -> FastAPI:
+    """`counters`: monotonic totals from the MQTT side (the bridge's `counters`), exported on
+    /metrics as ``tidegate_<name>_total``."""
     app = FastAPI(
         title="Tidegate fleet server",
         version=TIDEGATE_VERSION,
@@ -55,6 +69,8 @@ def create_app(
     registry = CollectorRegistry()
     campaigns = Gauge("tidegate_campaigns", "Campaigns by state", ["state"], registry=registry)
     executions = Gauge("tidegate_job_executions", "Job executions by status", ["status"], registry=registry)
+    if counters is not None:
+        registry.register(_Totals(counters))
 
     @app.middleware("http")
     async def authenticate_first(

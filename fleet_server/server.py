@@ -41,7 +41,7 @@ class FleetServer:
         )
         self.scheduler = CampaignScheduler(db, self.bridge.publish, _utcnow, interval_s=tick_s)
         repo = UpdateRepository(settings.repository_dir) if settings.repository_dir else None
-        self.app = create_app(db, publish=self.bridge.publish, repository=repo)
+        self.app = create_app(db, publish=self.bridge.publish, repository=repo, counters=self.bridge.counters)
         self.http = uvicorn.Server(
             uvicorn.Config(self.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
         )

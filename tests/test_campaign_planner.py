@@ -340,3 +340,15 @@ def test_schedule_start_and_end_behaviour() -> None:
         spec(
             retry={"criteria": [{"failure_type": "ALL", "retries": 1}, {"failure_type": "ALL", "retries": 2}]}
         )
+
+
+def test_the_readme_campaign_example_is_a_valid_spec() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"```json\n(.*?)```", readme, re.S)
+    assert block is not None
+    s = CampaignSpec.model_validate(json.loads(block.group(1)))
+    assert s.retry.allowed("TIMED_OUT") == 2 and s.cohort.groups == ["pilot"]

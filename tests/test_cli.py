@@ -206,3 +206,4 @@ def test_demo_runs_to_the_end(tmp_path: Path) -> None:
         assert "completed — wave 1: SUCCEEDED 1 | wave 2: SUCCEEDED 2" in proc.stdout
         for v in ("vehicle-a", "vehicle-b", "vehicle-c"):
             assert f"[fleet] {v}: runs 1.3.0" in proc.stdout
+        assert "[scale] completed in" in proc.stdout and "retry round" in proc.stdout

@@ -199,3 +199,43 @@ def test_read_timeout_on_a_stalled_link_then_resume(repo: UpdateRepository, tmp_
         assert len(sleeps) == 1
     finally:
         server.close()
+
+
+def test_an_error_body_never_poisons_the_next_request_on_a_pooled_connection() -> None:
+    """A keep-alive server answers 404 with a body, then 200: the fetcher must not hand the
+    connection back to its pool with the 404 body unread, or the next response is garbage
+    (`{"detail":"not found"}HTTP/1.1 200 OK` read as a status line)."""
+    from tuf.api import exceptions as tuf_exc
+
+    connections: list[int] = []
+
+    class KeepAlive(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            connections.append(1)
+
+        def do_GET(self) -> None:
+            body = b'{"detail":"not found"}' if self.path.endswith("missing") else b"metadata bytes"
+            self.send_response(404 if self.path.endswith("missing") else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        fetcher = TidegateFetcher(retry=RetryPolicy(max_attempts=1))
+        for _ in range(3):
+            with pytest.raises(tuf_exc.DownloadHTTPError, match="404"):
+                fetcher.fetch(base + "/metadata/9.root.json.missing")
+            assert b"".join(fetcher.fetch(base + "/metadata/timestamp.json")) == b"metadata bytes"
+        assert len(connections) >= 2  # the poisoned connection was closed, not pooled
+    finally:
+        server.shutdown()
+        server.server_close()

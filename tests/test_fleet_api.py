@@ -46,6 +46,12 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("GET", "/api/v1/devices", Role.VIEWER, None),
     ("GET", "/api/v1/devices/car-1", Role.VIEWER, None),
     ("POST", "/api/v1/devices", Role.OPERATOR, {"thing_name": "car-x", "sku": "edge-cpu"}),
+    (
+        "POST",
+        "/api/v1/devices/batch",
+        Role.OPERATOR,
+        {"devices": [{"thing_name": "car-y", "sku": "edge-cpu"}]},
+    ),
     ("GET", "/api/v1/campaigns", Role.VIEWER, None),
     ("POST", "/api/v1/campaigns", Role.OPERATOR, CAMPAIGN),
     ("GET", "/api/v1/campaigns/c-none", Role.VIEWER, None),
@@ -161,6 +167,25 @@ def test_bad_bodies_are_4xx_with_a_message(
     ):
         r = client.post("/api/v1/campaigns", json=bad, headers=op)
         assert r.status_code == 422, bad
+    r = client.post(
+        "/api/v1/devices/batch",
+        json={"devices": [{"thing_name": "twice", "sku": "x"}, {"thing_name": "twice", "sku": "x"}]},
+        headers=op,
+    )
+    assert r.status_code == 422 and "twice" in r.json()["detail"]
+    r = client.post(
+        "/api/v1/devices/batch",
+        json={"devices": [{"thing_name": "fine", "sku": "x"}, {"thing_name": "bad name!", "sku": "x"}]},
+        headers=op,
+    )
+    assert r.status_code == 422
+    assert client.get("/api/v1/devices/fine", headers=op).status_code == 404  # all or nothing
+    r = client.post(
+        "/api/v1/devices/batch",
+        json={"devices": [{"thing_name": f"b-{i}", "sku": "x"} for i in range(3)]},
+        headers=op,
+    )
+    assert r.status_code == 201 and r.json() == {"registered": 3}
     r = client.post("/api/v1/campaigns/c-none/submit", headers=op)
     assert r.status_code == 404 and "no campaign" in r.json()["detail"]
     assert client.get("/api/v1/devices?limit=0", headers=op).status_code == 422

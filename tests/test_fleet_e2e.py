@@ -5,6 +5,7 @@ restarted, and nothing is lost or counted twice."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -179,3 +180,81 @@ def test_campaign_survives_a_server_sigkill(
         assert kinds.count("started") == 1 and kinds.count("advanced") == 1 and kinds[-1] == "completed"
     for thing in things:
         assert device_view(tmp_path / thing / "device")["version"] == "2.0.0"
+
+
+def test_the_sim_cli_runs_a_fleet_through_a_campaign(server_env: tuple[Broker, str]) -> None:
+    """`tidegate sim`: registers its devices in batches, then answers jobs as agents do; a
+    campaign over them completes, with the simulated failures recorded as FAILED."""
+    broker, db_url = server_env
+    token = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tidegate",
+            "server",
+            "token",
+            "create",
+            "--role",
+            "admin",
+            "--name",
+            "ops",
+            "--db",
+            db_url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    h = {"Authorization": f"Bearer {token}"}
+    server = Server(db_url, broker.port).start()
+    args = ["--devices", "300", "--server", server.url, "--sku", "sim-sku", "--mqtt-port", str(broker.port)]
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "tidegate", "sim", *args, "--fail-rate", "0.02", "--duration-s", "120"],
+        env={**os.environ, "TIDEGATE_TOKEN": token},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait(
+            lambda: (
+                len(httpx.get(server.url + "/api/v1/devices?sku=sim-sku&limit=1000", headers=h).json()) == 300
+            ),
+            what="the simulator registered its devices",
+        )
+        time.sleep(1.5)  # its MQTT session is up once registration is done
+        spec = {
+            "name": "sim",
+            "target": "m.bundle",
+            "repository": "http://repo",
+            "cohort": {"sku": "sim-sku"},
+            "waves": [{"percent": 10}, {"percent": 100}],
+            "success_gate": {
+                "conditions": [{"metric": "success_rate", "comparator": ">=", "threshold": 0.9}]
+            },
+            "error_gate": {"conditions": [{"metric": "failure_rate", "comparator": "<=", "threshold": 0.1}]},
+        }
+        cid = httpx.post(server.url + "/api/v1/campaigns", json=spec, headers=h).json()["id"]
+        httpx.post(f"{server.url}/api/v1/campaigns/{cid}/submit", headers=h).raise_for_status()
+        httpx.post(f"{server.url}/api/v1/campaigns/{cid}/approve", json={"override_reason": "sim"}, headers=h)
+        body = wait(
+            lambda: (
+                (b := httpx.get(f"{server.url}/api/v1/campaigns/{cid}", headers=h).json())["state"]
+                == "completed"
+                and b
+            ),
+            timeout=90,
+            what="the campaign completed",
+        )
+        counts: dict[str, int] = {}
+        for w in body["waves"]:
+            for k, v in w["counts"].items():
+                counts[k] = counts.get(k, 0) + v
+        assert counts.get("SUCCEEDED", 0) + counts.get("FAILED", 0) == 300
+        assert 0 < counts.get("FAILED", 0) <= 20  # 2 % simulated, seeded
+        assert "simulated" in "".join(body["errors"])
+    finally:
+        sim.terminate()
+        out, err = sim.communicate(timeout=30)
+        server.stop()
+    assert "300 simulated devices (sim-sku) online" in out, err

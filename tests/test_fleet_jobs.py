@@ -358,3 +358,98 @@ def test_the_migrations_build_exactly_the_models_schema(db: Database) -> None:
         d for d in diff if d[0] in ("add_table", "remove_table", "add_column", "remove_column")
     ]
     assert tables_and_columns == []
+
+
+def test_bridge_batches_are_ordered_isolated_and_never_lose_a_message(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One batch, one transaction: a device's requests apply in order within it, bad input is
+    rejected in place, and a message that breaks the handler costs only itself."""
+    from fleet_server.jobs.bridge import JobsBridge, _Inbound
+
+    setup_device(db, "car-1", "car-2", "car-3")
+    queue(db, "job-1")
+    queue(db, "job-1", thing="car-3")
+    bridge = JobsBridge(db, port=1)  # never started: the batch is handed over directly
+    sent: list[protocol.Outgoing] = []
+    monkeypatch.setattr(bridge, "publish", sent.extend)
+
+    def msg(topic: str, body: Any) -> _Inbound:
+        return _Inbound(topic, body if isinstance(body, bytes) else json.dumps(body).encode(), 0, 0)
+
+    update = f"{P}/job-1/update"
+    bridge._process(
+        [
+            msg(f"{P}/start-next", {"clientToken": "a"}),
+            msg(update, {"status": "IN_PROGRESS", "expectedVersion": 2, "clientToken": "b"}),
+            msg(update, {"status": "SUCCEEDED", "expectedVersion": 2, "clientToken": "c"}),  # stale
+            msg(update, {"status": "SUCCEEDED", "expectedVersion": 3, "clientToken": "d"}),
+            msg(f"{P}/start-next", b"{not json"),
+            msg("$aws/things/car-2/jobs/start-next", {"clientToken": "e"}),
+        ]
+    )
+    replies = [
+        (o.topic.rsplit("/", 1)[-1], o.payload.get("clientToken"), o.payload.get("code")) for o in sent
+    ]
+    replies = [r for r in replies if r[0] in ("accepted", "rejected")]
+    assert replies == [
+        ("accepted", "a", None),
+        ("accepted", "b", None),
+        ("rejected", "c", "VersionMismatch"),
+        ("accepted", "d", None),
+        ("rejected", None, "InvalidJson"),
+        ("accepted", "e", None),
+    ]
+    with db.session() as s:
+        ex = s.scalars(select(JobExecution).where(JobExecution.thing_name == "car-1")).one()
+        assert (ex.status, ex.version_number) == ("SUCCEEDED", 4)
+
+    # a message that breaks the handler: InternalError for it, the rest of its batch still applies
+    sent.clear()
+    real = protocol.handle
+
+    def flaky(session: Any, topic: str, payload: bytes, now: datetime) -> list[protocol.Outgoing]:
+        if "car-2" in topic:
+            raise RuntimeError("disk on fire")
+        return real(session, topic, payload, now)
+
+    monkeypatch.setattr(protocol, "handle", flaky)
+    bridge._process(
+        [
+            msg("$aws/things/car-3/jobs/start-next", {"clientToken": "f"}),
+            msg("$aws/things/car-2/jobs/get", {"clientToken": "g"}),
+        ]
+    )
+    replies = [
+        (o.topic.rsplit("/", 1)[-1], o.payload.get("code"))
+        for o in sent
+        if "accepted" in o.topic or "rejected" in o.topic
+    ]
+    assert replies == [("accepted", None), ("rejected", "InternalError")]
+    with db.session() as s:
+        ex = s.scalars(select(JobExecution).where(JobExecution.thing_name == "car-3")).one()
+        assert ex.status == "IN_PROGRESS"  # committed once, in the one-by-one redo
+        events = s.scalars(select(ExecutionEvent).where(ExecutionEvent.execution_id == ex.id)).all()
+        assert [e.to_status for e in events] == ["QUEUED", "IN_PROGRESS"]
+    assert bridge.handled == 6 + 2
+
+
+def test_a_concurrent_writer_cannot_be_overwritten(db: Database) -> None:
+    """versionNumber is the ORM's version column: two transactions that both change one
+    execution cannot both commit (the loser fails and is redone), so no transition is lost."""
+    setup_device(db)
+    queue(db, "job-1")
+    a = db._sessions()
+    try:
+        ex_a = a.scalars(select(JobExecution)).one()
+        with db.session() as b:  # the sweeper, say, moves it on first
+            ex_b = b.scalars(select(JobExecution)).one()
+            ex_b.status, ex_b.version_number = "CANCELED", ex_b.version_number + 1
+        ex_a.status, ex_a.version_number = "IN_PROGRESS", ex_a.version_number + 1
+        with pytest.raises(Exception, match="(?i)stale|locked|expected to update"):
+            a.commit()
+    finally:
+        a.rollback()
+        a.close()
+    with db.session() as s:
+        assert s.scalars(select(JobExecution)).one().status == "CANCELED"

@@ -205,6 +205,7 @@ def run_fleet(
             for name in names:
                 d = http.get(f"/api/v1/devices/{name}").json()
                 say("fleet", f"{name}: runs {d['active_version'] or '?'} (last beacon {d['last_seen_at']})")
+            _at_scale(http, broker.port, say)
             if keep_running:
                 say("fleet", f"dashboard: {url}/#token={token}  (Ctrl-C to stop)")
                 while True:
@@ -214,3 +215,66 @@ def run_fleet(
                 d.stop()
             server.http.should_exit = True
             time.sleep(0.5)
+
+
+def _at_scale(
+    http: httpx.Client, mqtt_port: int, say: Callable[[str, str], None], devices: int = 2000
+) -> None:
+    """The same server at fleet scale: simulated agents (`tidegate sim`'s engine) through a
+    five-wave campaign with retries; the devices that still fail become a retry campaign."""
+    from fleet_server.sim.fleet import SimSettings, SimulatedFleet
+
+    things = [f"sim-{i:05d}" for i in range(devices)]
+    http.post(
+        "/api/v1/devices/batch", json={"devices": [{"thing_name": t, "sku": "sim-edge"} for t in things]}
+    ).raise_for_status()
+    sim = SimulatedFleet(things, SimSettings(port=mqtt_port, install_s=(0.05, 0.3), fail_rate=0.005, seed=3))
+    sim.start()
+    try:
+        sim.poll_all()  # agents ask for work when they connect; the server marks them online
+        say("scale", f"{devices} simulated devices online (one MQTT connection, the agent's protocol)")
+        spec = {
+            "name": f"scale test: {devices} simulated devices",
+            "target": "classifier/1.3.0/sim-edge.bundle",
+            "repository": "http://127.0.0.1/repo",
+            "cohort": {"sku": "sim-edge"},
+            "waves": [{"percent": p} for p in (5, 25, 50, 75, 100)],
+            "max_concurrent": devices,
+            "rate": {"maximum_per_minute": 100_000},
+            "retry": {"criteria": [{"failure_type": "FAILED", "retries": 1}], "backoff_s": 1},
+            "server_preconditions": {"online_within_s": 300},
+        }
+        cid = http.post("/api/v1/campaigns", json=spec).json()["id"]
+        http.post(f"/api/v1/campaigns/{cid}/submit").raise_for_status()
+        http.post(
+            f"/api/v1/campaigns/{cid}/approve", json={"override_reason": "simulated fleet: no bench report"}
+        ).raise_for_status()
+        say("scale", "campaign: 5 waves, retry FAILED once after 1 s, only devices seen in the last 5 min")
+        t0 = time.monotonic()
+        c: dict[str, Any] = {}
+        while time.monotonic() - t0 < 120:
+            c = http.get(f"/api/v1/campaigns/{cid}").json()
+            if c["state"] not in ("scheduled", "running"):
+                break
+            time.sleep(0.5)
+        took = time.monotonic() - t0
+        totals: dict[str, int] = {}
+        for w in c["waves"]:
+            for k, v in w["counts"].items():
+                totals[k] = totals.get(k, 0) + v
+        retried = [d for d in http.get(f"/api/v1/campaigns/{cid}/decisions").json() if d["kind"] == "retried"]
+        say(
+            "scale",
+            f"{c['state']} in {took:.1f} s ({devices / took:,.0f} devices/s): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(totals.items()))
+            + f"; {len(retried)} retry round(s)",
+        )
+        if totals.get("FAILED"):
+            again = http.post(f"/api/v1/campaigns/{cid}/retry-failed").json()
+            say(
+                "scale",
+                f"the {totals['FAILED']} devices that failed twice are campaign {again['id']} "
+                f"({again['state']}; an operator submits it for approval)",
+            )
+    finally:
+        sim.stop()

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from fleet_server.auth.deps import Principal, require
@@ -84,27 +84,38 @@ class CancelBody(BaseModel):
 def present(s: Session, c: Campaign) -> CampaignPublic:
     from fleet_server.devices.models import Device
 
+    # Counted by the database: the dashboard polls this during campaigns of 10,000s.
     spec = CampaignSpec.model_validate(c.spec)
-    rows = s.scalars(select(JobExecution).where(JobExecution.job_id == c.id)).all()
-    by_thing = {r.thing_name: r for r in rows}
     bounds = wave_bounds(spec, len(c.members))
+    per_wave: dict[int, Counter[str]] = {}
+    for wave, status, n in s.execute(
+        select(JobExecution.wave, JobExecution.status, func.count())
+        .where(JobExecution.job_id == c.id)
+        .group_by(JobExecution.wave, JobExecution.status)
+    ):
+        per_wave.setdefault(wave or 0, Counter())[status] += n
     waves, start = [], 0
     for i, end in enumerate(bounds):
-        counts = Counter(by_thing[t].status if t in by_thing else "NOT_STARTED" for t in c.members[start:end])
+        counts = per_wave.get(i, Counter())
+        if (waiting := end - start - sum(counts.values())) > 0:
+            counts["NOT_STARTED"] = waiting
         waves.append(WaveCounts(index=i, size=end - start, counts=dict(counts)))
         start = end
     regions: dict[str, Counter[str]] = {}
-    if rows:
-        found = s.execute(
-            select(Device.thing_name, Device.region).where(Device.thing_name.in_(list(by_thing)))
-        )
-        region_of: dict[str, str | None] = {thing: region for thing, region in found}
-        for r in rows:
-            regions.setdefault(region_of.get(r.thing_name) or "unknown", Counter())[r.status] += 1
+    for region, status, n in s.execute(
+        select(Device.region, JobExecution.status, func.count())
+        .join(Device, Device.thing_name == JobExecution.thing_name)
+        .where(JobExecution.job_id == c.id)
+        .group_by(Device.region, JobExecution.status)
+    ):
+        regions.setdefault(region or "unknown", Counter())[status] += n
     errors = Counter(
-        (r.status_details or {}).get("reason", r.status)[:80]
-        for r in rows
-        if r.status in ("FAILED", "TIMED_OUT", "REJECTED")
+        (details or {}).get("reason", status)[:80]
+        for status, details in s.execute(
+            select(JobExecution.status, JobExecution.status_details).where(
+                JobExecution.job_id == c.id, JobExecution.status.in_(("FAILED", "TIMED_OUT", "REJECTED"))
+            )
+        )
     )
     return CampaignPublic(
         id=c.id,

@@ -6,6 +6,7 @@ States: draft → waiting_for_approval → scheduled → running ⇄ paused → 
 
 from __future__ import annotations
 
+import bisect
 import uuid
 from datetime import datetime
 from enum import StrEnum
@@ -21,6 +22,7 @@ from fleet_server.campaigns.planner import (
     order_members,
     plan_start,
     plan_tick,
+    wave_bounds,
 )
 from fleet_server.campaigns.spec import CampaignSpec, Cohort
 from fleet_server.devices.models import Device, DeviceGroup, GroupMember
@@ -246,9 +248,18 @@ def tick(session: Session, *, campaign_id: str, now: datetime) -> list[protocol.
         if joined:
             c.members = [*c.members, *joined]
             _log(session, c, now, "joined", "scheduler", f"{len(joined)} device(s) joined the cohort")
+    # Plain tuples, not ORM objects: this runs every tick over every member.
     executions = {
-        e.thing_name: e
-        for e in session.scalars(select(JobExecution).where(JobExecution.job_id == c.id)).all()
+        row.thing_name: row
+        for row in session.execute(
+            select(
+                JobExecution.thing_name,
+                JobExecution.status,
+                JobExecution.queued_at,
+                JobExecution.last_updated_at,
+                JobExecution.execution_number,
+            ).where(JobExecution.job_id == c.id)
+        )
     }
     unmet = _unmet(session, spec, [t for t in c.members if t not in executions], now)
     members = tuple(
@@ -275,21 +286,32 @@ def tick(session: Session, *, campaign_id: str, now: datetime) -> list[protocol.
         preconditions=spec.preconditions,
     )
     doc = document.model_dump(mode="json", exclude_none=True)
-    for thing in decision.queue:
-        out += protocol.create_execution(
+    by_wave: dict[int, list[str]] = {}
+    if decision.queue:
+        bounds, position = wave_bounds(spec, len(c.members)), {t: i for i, t in enumerate(c.members)}
+        for thing in decision.queue:
+            by_wave.setdefault(bisect.bisect_right(bounds, position[thing]), []).append(thing)
+    for wave, things in sorted(by_wave.items()):
+        out += protocol.create_executions(
             session,
-            thing,
+            things,
             c.id,
             doc,
             now,
             campaign_id=c.id,
             in_progress_timeout_min=spec.in_progress_timeout_min,
+            wave=wave,
         )
     for thing in decision.retry:
-        ex = executions[thing]
-        allowed = spec.retry.allowed(ex.status)
+        failed = session.scalars(
+            select(JobExecution).where(JobExecution.job_id == c.id, JobExecution.thing_name == thing)
+        ).one()
+        allowed = spec.retry.allowed(failed.status)
         out += protocol.requeue_execution(
-            session, ex, now, reason=f"attempt {ex.execution_number + 1} of {allowed + 1} after {ex.status}"
+            session,
+            failed,
+            now,
+            reason=f"attempt {failed.execution_number + 1} of {allowed + 1} after {failed.status}",
         )
     if decision.retry:
         _log(

@@ -82,6 +82,39 @@ def create_device(request: Request, body: DeviceCreate, who: Operator) -> Device
         return device
 
 
+class DeviceBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    devices: list[DeviceCreate] = Field(min_length=1, max_length=10_000)
+
+
+class BatchResult(BaseModel):
+    registered: int
+
+
+@router.post("/batch", response_model=BatchResult, status_code=201)
+def create_devices(request: Request, body: DeviceBatch, who: Operator) -> BatchResult:
+    """Register or update up to 10,000 devices in one transaction (an inventory import): all
+    of them, or none if any is refused."""
+    names = [d.thing_name for d in body.devices]
+    if len(set(names)) != len(names):
+        raise HTTPException(422, "a thing name appears twice in the batch")
+    now = request.app.state.clock()
+    with request.app.state.db.session() as s:
+        for d in body.devices:
+            register_device(s, now=now, **d.model_dump())
+        audit(
+            s,
+            actor=who.name,
+            role=who.role.value,
+            action="device.register_batch",
+            target=f"{len(names)} devices",
+            outcome="ok",
+            now=now,
+        )
+    return BatchResult(registered=len(names))
+
+
 @router.get("/{thing_name}", response_model=DevicePublic)
 def get_device(request: Request, thing_name: str, who: Viewer) -> Device:
     with request.app.state.db.session() as s:

@@ -1,19 +1,32 @@
 """The MQTT side of the jobs service: device requests in, replies and notifications out.
 
 One paho client subscribes to every thing's jobs topics (``no_local``, so it
-never hears its own replies); each request is handled in one database
-transaction and its replies are published only after the commit. A sweeper
-thread times out stuck executions and re-notifies devices that may have
-missed a notification. A request that breaks the handler gets an
-``InternalError`` reply; nothing stops the bridge.
+never hears its own replies). Paho's thread only queues what arrives; one
+worker thread takes whatever has queued up (up to `batch_max` messages),
+handles it in one database transaction, publishes the replies after the
+commit and only then acknowledges the messages to the broker (manual QoS 1
+acks): a server killed mid-batch has acknowledged nothing it did not commit,
+and the broker redelivers the rest to its persistent session. Batching is
+what lets one process keep up with a fleet (one commit per batch instead of
+one per message); under light load a batch is a single message.
+
+A request that breaks the handler gets an ``InternalError`` reply, and the
+rest of its batch is redone one message per transaction, so one bad message
+never costs the others; nothing stops the bridge. A sweeper thread times out
+stuck executions and re-notifies devices that may have missed a
+notification.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import ssl
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,11 +36,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from fleet_server.db import Database
+from fleet_server.devices.models import Device
 from fleet_server.jobs import protocol
 from fleet_server.telemetry.service import TelemetryRejectedError, ingest
-from shared.iotjobs import Topics
+from shared.iotjobs import Topics, valid_thing_name
 
 log = logging.getLogger("tidegate.server.jobs")
 REQUESTS = "$aws/things/+/jobs/#"
@@ -36,6 +52,14 @@ TELEMETRY = "tidegate/things/+/+"
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class _Inbound:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
 
 
 class JobsBridge:
@@ -50,9 +74,12 @@ class JobsBridge:
         renotify_after: timedelta = timedelta(seconds=60),
         sweep_interval_s: float = 5.0,
         tls: tuple[Path, Path, Path] | None = None,
+        batch_max: int = 500,
     ) -> None:
         """`tls` = (CA file, client certificate, key) for a mutual-TLS broker."""
-        self.db, self.clock = db, clock
+        self.db, self.clock, self.batch_max = db, clock, batch_max
+        self._inbox: queue.Queue[_Inbound] = queue.Queue()
+        self._worker = threading.Thread(target=self._work_loop, name="jobs-worker", daemon=True)
         self.renotify_after, self.sweep_interval_s = renotify_after, sweep_interval_s
         self.host, self.port = host, port
         self.connected = threading.Event()
@@ -61,8 +88,13 @@ class JobsBridge:
         self.handled = 0
         self.telemetry_stored = 0
         self.telemetry_rejected = 0
+        self.batches = 0
+        self.busy_s = 0.0  # time spent handling batches: requests / busy_s is the capacity
         c = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
         )
         c.on_connect = self._on_connect
         c.on_disconnect = lambda *a: self.connected.clear()
@@ -78,6 +110,7 @@ class JobsBridge:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         self._client.connect_async(self.host, self.port, keepalive=30, clean_start=False, properties=props)
+        self._worker.start()
         self._client.loop_start()
         if not self.connected.wait(wait_s):
             raise TimeoutError(f"could not reach the MQTT broker at {self.host}:{self.port}")
@@ -85,7 +118,10 @@ class JobsBridge:
         return self
 
     def stop(self) -> None:
+        """Stop taking messages; what was queued but not committed is not acknowledged, so
+        the broker redelivers it to the next session."""
         self._stop.set()
+        self._worker.join(10)
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -113,38 +149,98 @@ class JobsBridge:
         self.connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        topic = msg.topic
-        if topic.startswith("tidegate/things/"):
-            self._telemetry(topic, bytes(msg.payload))
+        last = msg.topic.rsplit("/", 1)[-1]
+        if msg.topic.startswith("$aws/") and last in ("accepted", "rejected", "notify", "notify-next"):
+            client.ack(msg.mid, msg.qos)  # our own kind of message, echoed: nothing to do
             return
-        last = topic.rsplit("/", 1)[-1]
-        if last in ("accepted", "rejected", "notify", "notify-next"):
-            return
-        try:
-            with self.db.session() as s:
-                out = protocol.handle(s, topic, bytes(msg.payload), self.clock())
-        except Exception:
-            log.exception("jobs request on %s failed", topic)
-            out = [
-                protocol.Outgoing(
-                    Topics.rejected(topic),
-                    {"code": "InternalError", "message": "the server could not process it"},
-                )
-            ]
-        self.handled += 1
-        self.publish(out)
+        self._inbox.put(_Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
 
-    def _telemetry(self, topic: str, payload: bytes) -> None:
+    # ---- the worker thread -----------------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = [self._inbox.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            while len(batch) < self.batch_max:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            self._process(batch)
+
+    def counters(self) -> dict[str, float]:
+        """Monotonic totals for /metrics."""
+        return {
+            "jobs_requests": self.handled,
+            "jobs_batches": self.batches,
+            "jobs_busy_seconds": self.busy_s,
+            "telemetry_stored": self.telemetry_stored,
+            "telemetry_rejected": self.telemetry_rejected,
+        }
+
+    def _process(self, batch: list[_Inbound]) -> None:
+        started = time.perf_counter()
+        out: list[protocol.Outgoing] = []
+        tally: Counter[str] = Counter()
         try:
-            with self.db.session() as s:
-                ingest(s, topic, payload, self.clock())
-            self.telemetry_stored += 1
-        except TelemetryRejectedError as exc:
-            self.telemetry_rejected += 1
-            log.warning("telemetry refused: %s", exc)
+            with self.db.session() as s, s.no_autoflush:
+                # One flush at commit instead of one per query; the batch's devices and their
+                # pending executions loaded in one SELECT each (held here: the identity map is weak).
+                things = sorted({p[2] for m in batch if len(p := m.topic.split("/")) > 2})
+                held = [*s.scalars(select(Device).where(Device.thing_name.in_(things)))] if things else []
+                held += protocol.prefetch_pending(s, [t for t in things if valid_thing_name(t)])
+                now = self.clock()
+                for m in batch:
+                    out += self._handle(s, m, now, tally)
+                del held
         except Exception:
-            self.telemetry_rejected += 1
-            log.exception("telemetry on %s failed", topic)
+            if len(batch) > 1:
+                log.warning("a batch of %d failed; redoing it one message per transaction", len(batch))
+            out, tally = [], Counter()
+            for m in batch:
+                one: Counter[str] = Counter()
+                try:
+                    with self.db.session() as s:
+                        out += self._handle(s, m, self.clock(), one)
+                    tally += one
+                except Exception:
+                    log.exception("message on %s failed", m.topic)
+                    out += self._failed(m)
+                    tally["telemetry_rejected" if m.topic.startswith("tidegate/") else "handled"] += 1
+        self.handled += tally["handled"]
+        self.telemetry_stored += tally["telemetry_stored"]
+        self.telemetry_rejected += tally["telemetry_rejected"]
+        self.publish(out)
+        for m in batch:
+            if m.qos:
+                self._client.ack(m.mid, m.qos)
+        self.batches += 1
+        self.busy_s += time.perf_counter() - started
+
+    def _handle(self, s: Session, m: _Inbound, now: datetime, tally: Counter[str]) -> list[protocol.Outgoing]:
+        if m.topic.startswith("tidegate/things/"):
+            try:
+                ingest(s, m.topic, m.payload, now)
+                tally["telemetry_stored"] += 1
+            except TelemetryRejectedError as exc:  # refused before anything was written
+                tally["telemetry_rejected"] += 1
+                log.warning("telemetry refused: %s", exc)
+            return []
+        tally["handled"] += 1
+        return protocol.handle(s, m.topic, m.payload, now)
+
+    @staticmethod
+    def _failed(m: _Inbound) -> list[protocol.Outgoing]:
+        if m.topic.startswith("tidegate/things/"):
+            return []
+        return [
+            protocol.Outgoing(
+                Topics.rejected(m.topic),
+                {"code": "InternalError", "message": "the server could not process it"},
+            )
+        ]
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.sweep_interval_s):

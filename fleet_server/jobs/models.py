@@ -33,6 +33,15 @@ class JobExecution(Base):
     step_timeout_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     in_progress_timeout_min: Mapped[int | None] = mapped_column(Integer)
     last_notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    wave: Mapped[int | None] = mapped_column(Integer)  # the campaign wave that queued it
+
+    # Optimistic concurrency in the database too: an UPDATE that finds another writer moved
+    # the version on (the sweeper timing it out while a batch of device updates ran) fails
+    # with StaleDataError and is redone, instead of silently overwriting that transition.
+    __mapper_args__ = {  # noqa: RUF012 (SQLAlchemy reads it once, at class creation)
+        "version_id_col": version_number,
+        "version_id_generator": False,
+    }
 
 
 class ExecutionEvent(Base):

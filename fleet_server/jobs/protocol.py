@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from fleet_server.devices.models import Device
@@ -34,6 +34,7 @@ from shared.iotjobs import (
 PENDING = (JobStatus.QUEUED.value, JobStatus.IN_PROGRESS.value)
 MAX_NOTIFY = 15
 MAX_GET = 10
+LAST_SEEN_RESOLUTION = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,36 @@ def _state(ex: JobExecution) -> dict[str, Any]:
     }
 
 
+_PREFETCHED = "tidegate.pending_by_thing"
+
+
+def prefetch_pending(session: Session, things: list[str]) -> list[JobExecution]:
+    """Load the pending executions of `things` in one query and let this session's requests
+    for those things use them instead of querying again (the bridge does this per batch).
+    Returns the rows: the caller holds them for the batch, as the identity map is weak."""
+    by_thing: dict[str, list[JobExecution]] = {t: [] for t in things}
+    rows: list[JobExecution] = []
+    for chunk in _chunks(things):
+        rows += session.scalars(
+            select(JobExecution).where(JobExecution.thing_name.in_(chunk), JobExecution.status.in_(PENDING))
+        )
+    for ex in rows:
+        by_thing[ex.thing_name].append(ex)
+    session.info[_PREFETCHED] = by_thing
+    return rows
+
+
 def _pending(session: Session, thing: str) -> list[JobExecution]:
     """IN_PROGRESS first, then QUEUED, each oldest first: the order start-next serves."""
+    prefetched: dict[str, list[JobExecution]] | None = session.info.get(_PREFETCHED)
+    if prefetched is not None and thing in prefetched:
+        return sorted((r for r in prefetched[thing] if r.status in PENDING), key=_pending_order)
     rows = session.scalars(
         select(JobExecution).where(JobExecution.thing_name == thing, JobExecution.status.in_(PENDING))
     ).all()
-    return sorted(rows, key=lambda e: (e.status != JobStatus.IN_PROGRESS.value, e.queued_at, e.id))
+    # Filtered again in memory: a caller that batches requests without autoflush (the bridge)
+    # may hold a row whose status changed since the database last saw it.
+    return sorted((r for r in rows if r.status in PENDING), key=_pending_order)
 
 
 def _transition(
@@ -121,10 +146,13 @@ def _transition(
     ex.last_updated_at = now
 
 
-def notifications(session: Session, thing: str, now: datetime) -> list[Outgoing]:
-    """notify-next (the head of the queue, or none) and notify (the pending lists) for `thing`."""
+def _pending_order(ex: JobExecution) -> tuple[bool, datetime, int]:
+    return (ex.status != JobStatus.IN_PROGRESS.value, ex.queued_at, ex.id)
+
+
+def _notify(thing: str, pending: list[JobExecution], now: datetime) -> list[Outgoing]:
+    """notify-next (the head of `pending`, or none) and notify (the pending lists)."""
     topics = Topics(thing)
-    pending = _pending(session, thing)
     nxt: dict[str, Any] = {"timestamp": _ts(now)}
     if pending:
         nxt["execution"] = execution_doc(pending[0])
@@ -133,6 +161,11 @@ def notifications(session: Session, thing: str, now: datetime) -> list[Outgoing]
     for ex in pending[:MAX_NOTIFY]:
         jobs.setdefault(ex.status, []).append(_summary(ex))
     return [Outgoing(topics.notify_next, nxt), Outgoing(topics.notify, {"timestamp": _ts(now), "jobs": jobs})]
+
+
+def notifications(session: Session, thing: str, now: datetime) -> list[Outgoing]:
+    """notify-next and notify for `thing`, from its pending executions now."""
+    return _notify(thing, _pending(session, thing), now)
 
 
 def create_execution(
@@ -147,31 +180,85 @@ def create_execution(
 ) -> list[Outgoing]:
     """Queue `job_id` for `thing`; returns the notifications to publish (the device's queue
     head may have changed)."""
-    if not valid_job_id(job_id):
-        raise ValueError(f"invalid job id {job_id!r}")
-    if session.get(Device, thing) is None:
-        raise LookupError(f"unknown device {thing!r}")
-    ex = JobExecution(
-        job_id=job_id,
-        thing_name=thing,
+    return create_executions(
+        session,
+        [thing],
+        job_id,
+        document,
+        now,
         campaign_id=campaign_id,
-        status=JobStatus.QUEUED.value,
-        status_details={},
-        document=document,
-        version_number=1,
-        execution_number=1,
-        queued_at=now,
-        last_updated_at=now,
         in_progress_timeout_min=in_progress_timeout_min,
     )
-    session.add(ex)
+
+
+def create_executions(
+    session: Session,
+    things: list[str],
+    job_id: str,
+    document: dict[str, Any],
+    now: datetime,
+    *,
+    campaign_id: str | None = None,
+    in_progress_timeout_min: int | None = None,
+    wave: int | None = None,
+) -> list[Outgoing]:
+    """Queue `job_id` for many things in a few statements (a campaign wave is thousands):
+    one lookup of the devices, one of their pending executions, one bulk insert each of
+    executions and events. All or nothing: an unknown device fails the whole call."""
+    if not valid_job_id(job_id):
+        raise ValueError(f"invalid job id {job_id!r}")
+    if not things:
+        return []
+    if len(set(things)) != len(things):
+        raise ValueError("a device is named twice")
+    known: set[str] = set()
+    for chunk in _chunks(things):
+        known.update(session.scalars(select(Device.thing_name).where(Device.thing_name.in_(chunk))))
+    if unknown := [t for t in things if t not in known]:
+        raise LookupError(
+            f"unknown device {unknown[0]!r}" + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else "")
+        )
+    pending: dict[str, list[JobExecution]] = {t: [] for t in things}
+    for chunk in _chunks(things):
+        for ex in session.scalars(
+            select(JobExecution).where(JobExecution.thing_name.in_(chunk), JobExecution.status.in_(PENDING))
+        ):
+            pending[ex.thing_name].append(ex)
+    created = [
+        JobExecution(
+            job_id=job_id,
+            thing_name=thing,
+            campaign_id=campaign_id,
+            status=JobStatus.QUEUED.value,
+            status_details={},
+            document=document,
+            version_number=1,
+            execution_number=1,
+            queued_at=now,
+            last_updated_at=now,
+            in_progress_timeout_min=in_progress_timeout_min,
+            wave=wave,
+        )
+        for thing in things
+    ]
+    session.add_all(created)
     session.flush()
-    session.add(
+    session.add_all(
         ExecutionEvent(
             execution_id=ex.id, at=now, from_status=None, to_status=ex.status, source="server", details={}
         )
+        for ex in created
     )
-    return notifications(session, thing, now)
+    out: list[Outgoing] = []
+    for ex in created:
+        queue = sorted([*pending[ex.thing_name], ex], key=_pending_order)
+        out += _notify(ex.thing_name, queue, now)
+    return out
+
+
+def _chunks(items: list[str], size: int = 500) -> list[list[str]]:
+    """Bounded IN lists (SQLite's variable limit, PostgreSQL's plan cache)."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def requeue_execution(session: Session, ex: JobExecution, now: datetime, *, reason: str) -> list[Outgoing]:
@@ -223,7 +310,8 @@ def handle(session: Session, topic: str, payload: bytes, now: datetime) -> list[
         device = session.get(Device, thing)
         if device is None:
             raise RequestError(RejectedCode.RESOURCE_NOT_FOUND, f"thing {thing} is not registered")
-        device.last_seen_at = now
+        if device.last_seen_at is None or now - device.last_seen_at >= LAST_SEEN_RESOLUTION:
+            device.last_seen_at = now  # not on every request: an UPDATE saved per message
         if rest == ["get"]:
             reply, extra = _get_pending(session, thing, now)
         elif rest == ["start-next"]:
@@ -283,6 +371,10 @@ def _find(session: Session, thing: str, job_id: str) -> JobExecution:
         return pending[0]
     if not valid_job_id(job_id):
         raise RequestError(RejectedCode.INVALID_TOPIC, "invalid job id")
+    prefetched: dict[str, list[JobExecution]] | None = session.info.get(_PREFETCHED)
+    for candidate in (prefetched or {}).get(thing, []):
+        if candidate.job_id == job_id:
+            return candidate
     ex = session.scalars(
         select(JobExecution).where(JobExecution.thing_name == thing, JobExecution.job_id == job_id)
     ).first()
@@ -350,7 +442,10 @@ def sweep(session: Session, now: datetime, *, renotify_after: timedelta) -> list
     out: list[Outgoing] = []
     things: set[str] = set()
     running = session.scalars(
-        select(JobExecution).where(JobExecution.status == JobStatus.IN_PROGRESS.value)
+        select(JobExecution).where(
+            JobExecution.status == JobStatus.IN_PROGRESS.value,
+            or_(JobExecution.step_timeout_at <= now, JobExecution.in_progress_timeout_min.is_not(None)),
+        )
     ).all()
     for ex in running:
         limit = ex.step_timeout_at
@@ -361,11 +456,18 @@ def sweep(session: Session, now: datetime, *, renotify_after: timedelta) -> list
             _transition(session, ex, JobStatus.TIMED_OUT, now, "server", {"reason": "timed out"})
             ex.status_details = {**(ex.status_details or {}), "reason": "timed out"}
             things.add(ex.thing_name)
-    queued = session.scalars(select(JobExecution).where(JobExecution.status == JobStatus.QUEUED.value)).all()
-    for ex in queued:
-        seen = ex.last_notified_at or ex.queued_at
-        if now - seen >= renotify_after:
-            things.add(ex.thing_name)
+    cutoff = now - renotify_after
+    things.update(
+        session.scalars(
+            select(JobExecution.thing_name).where(
+                JobExecution.status == JobStatus.QUEUED.value,
+                or_(
+                    JobExecution.last_notified_at <= cutoff,
+                    and_(JobExecution.last_notified_at.is_(None), JobExecution.queued_at <= cutoff),
+                ),
+            )
+        )
+    )
     for thing in sorted(things):
         out += notifications(session, thing, now)
     return out

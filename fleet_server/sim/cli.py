@@ -29,17 +29,18 @@ def sim(
     ] = 0.0,
     duration_s: Annotated[float, typer.Option(help="Stop after this long (0: until Ctrl-C).")] = 0.0,
 ) -> None:
-    """Register the devices (POST /api/v1/devices), then answer every job as an agent would."""
+    """Register the devices (POST /api/v1/devices/batch), then answer every job as an agent would."""
     things = [f"{prefix}{i:06d}" for i in range(devices)]
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=server, headers=headers, timeout=httpx.Timeout(10.0)) as client:
-        for t in things:
+        for i in range(0, len(things), 5000):
+            batch = [{"thing_name": t, "sku": sku} for t in things[i : i + 5000]]
             try:
-                r = client.post("/api/v1/devices", json={"thing_name": t, "sku": sku})
+                r = client.post("/api/v1/devices/batch", json={"devices": batch})
             except httpx.HTTPError as exc:
                 raise TidegateError(f"{server}: {exc}") from None
             if r.status_code >= 400:
-                raise TidegateError(f"registering {t}: HTTP {r.status_code}: {r.text[:200]}")
+                raise TidegateError(f"registering devices: HTTP {r.status_code}: {r.text[:200]}")
     fleet = SimulatedFleet(
         things, SimSettings(host=mqtt_host, port=mqtt_port, fail_rate=fail_rate, unmet_rate=unmet_rate)
     )

@@ -58,6 +58,7 @@ class SimulatedFleet:
         self._timers: list[tuple[float, int, str, str, int]] = []  # (due, seq, thing, job, version)
         self._seq = 0
         self._busy: set[str] = set()
+        self.update_accepted_at: list[float] = []  # wall time of every accepted status update
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.connected = threading.Event()
@@ -149,6 +150,7 @@ class SimulatedFleet:
             with self._lock:
                 self.stats.rejected[str(body.get("code"))] += 1
         elif parts[-2:] == ["update", "accepted"]:
+            self.update_accepted_at.append(time.time())
             state = body.get("executionState") or {}
             if state.get("status") in ("SUCCEEDED", "FAILED", "REJECTED"):
                 with self._lock:
