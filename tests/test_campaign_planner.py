@@ -352,3 +352,32 @@ def test_the_readme_campaign_example_is_a_valid_spec() -> None:
     assert block is not None
     s = CampaignSpec.model_validate(json.loads(block.group(1)))
     assert s.retry.allowed("TIMED_OUT") == 2 and s.cohort.groups == ["pilot"]
+
+
+def test_rate_ramp_after_succeeded_or_after_notified() -> None:
+    by_success = spec(
+        rate={"base_rate_per_minute": 10, "increase_after_succeeded": 20, "maximum_per_minute": 70}
+    )
+    assert [by_success.rate.per_minute(n, notified=999) for n in (0, 19, 20, 40, 60, 1000)] == [
+        10,
+        10,
+        20,
+        40,
+        70,
+        70,
+    ]
+    by_notified = spec(
+        rate={"base_rate_per_minute": 10, "increase_after_notified": 30, "increment_factor": 1.5}
+    )
+    assert [by_notified.rate.per_minute(0, notified=n) for n in (0, 30, 60)] == [10, 15, 22]
+    # the planner feeds it the devices notified so far: 30 notified, none finished → 15 a minute
+    ms = tuple(
+        MemberState(f"d{i:03d}", "IN_PROGRESS" if i < 30 else None, T0 - timedelta(minutes=5))
+        for i in range(200)
+    )
+    d = plan_tick(
+        spec(rate={"base_rate_per_minute": 10, "increase_after_notified": 30, "increment_factor": 1.5}),
+        CampaignState(2, T0, ms),
+        T0,
+    )
+    assert len(d.queue) == 15

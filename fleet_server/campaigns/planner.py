@@ -139,7 +139,8 @@ def plan_tick(spec: CampaignSpec, state: CampaignState, now: datetime) -> Decisi
         d.log.append(f"blackout window {blackout.cron!r} ({blackout.timezone}) open: nothing queued")
     else:
         succeeded = sum(1 for m in state.members if m.status == JobStatus.SUCCEEDED.value)
-        per_minute = spec.rate.per_minute(succeeded)
+        notified = sum(1 for m in state.members if m.status is not None)
+        per_minute = spec.rate.per_minute(succeeded, notified)
         last_minute = sum(
             1 for m in state.members if m.queued_at is not None and now - m.queued_at < timedelta(minutes=1)
         )

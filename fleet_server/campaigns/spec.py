@@ -64,17 +64,22 @@ class WaveSpec(_Spec):
 
 class RateSpec(_Spec):
     """AWS's jobExecutionsRolloutConfig: a base rate that grows by `increment_factor` every time
-    `increase_after_succeeded` more devices succeed, capped at `maximum_per_minute`."""
+    `increase_after_succeeded` more devices succeed (or, with `increase_after_notified`, every
+    time that many more are notified), capped at `maximum_per_minute`."""
 
     maximum_per_minute: int = Field(default=1000, ge=1, le=100_000)
     base_rate_per_minute: int | None = Field(default=None, ge=1)
     increment_factor: float = Field(default=2.0, ge=1.0, le=5.0)
     increase_after_succeeded: int = Field(default=50, ge=1)
+    increase_after_notified: int | None = Field(default=None, ge=1)
 
-    def per_minute(self, succeeded: int) -> int:
+    def per_minute(self, succeeded: int, notified: int = 0) -> int:
         if self.base_rate_per_minute is None:
             return self.maximum_per_minute
-        steps = succeeded // self.increase_after_succeeded
+        if self.increase_after_notified is not None:
+            steps = notified // self.increase_after_notified
+        else:
+            steps = succeeded // self.increase_after_succeeded
         rate = self.base_rate_per_minute * self.increment_factor**steps
         return int(min(self.maximum_per_minute, rate))
 
