@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from sqlalchemy.orm.exc import StaleDataError
 
 from fleet_server.auth.deps import principal_from_header
 from fleet_server.campaigns.models import Campaign
@@ -88,6 +89,13 @@ def create_app(
                 )
             request.state.principal = principal
         return await call_next(request)
+
+    @app.exception_handler(StaleDataError)
+    async def _conflict(request: Request, exc: StaleDataError) -> JSONResponse:
+        # A device (or the sweeper) moved an execution on while this request changed it.
+        return JSONResponse(
+            status_code=409, content={"detail": "an execution changed at the same moment; try again"}
+        )
 
     @app.exception_handler(ValueError)
     async def _value_error(request: Request, exc: ValueError) -> JSONResponse:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Table, and_, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from fleet_server.devices.models import Device
 from fleet_server.jobs.models import ExecutionEvent, JobExecution
@@ -150,22 +151,41 @@ def _pending_order(ex: JobExecution) -> tuple[bool, datetime, int]:
     return (ex.status != JobStatus.IN_PROGRESS.value, ex.queued_at, ex.id)
 
 
-def _notify(thing: str, pending: list[JobExecution], now: datetime) -> list[Outgoing]:
-    """notify-next (the head of `pending`, or none) and notify (the pending lists)."""
+def _notify(
+    thing: str, pending: list[JobExecution], now: datetime
+) -> tuple[list[Outgoing], JobExecution | None]:
+    """notify-next (the head of `pending`, or none) and notify (the pending lists); also
+    returns the head, which the caller marks as notified (`_mark_notified`)."""
     topics = Topics(thing)
     nxt: dict[str, Any] = {"timestamp": _ts(now)}
-    if pending:
-        nxt["execution"] = execution_doc(pending[0])
-        pending[0].last_notified_at = now
+    head = pending[0] if pending else None
+    if head is not None:
+        nxt["execution"] = execution_doc(head)
     jobs: dict[str, list[dict[str, Any]]] = {}
     for ex in pending[:MAX_NOTIFY]:
         jobs.setdefault(ex.status, []).append(_summary(ex))
-    return [Outgoing(topics.notify_next, nxt), Outgoing(topics.notify, {"timestamp": _ts(now), "jobs": jobs})]
+    out = [Outgoing(topics.notify_next, nxt), Outgoing(topics.notify, {"timestamp": _ts(now), "jobs": jobs})]
+    return out, head
+
+
+def _mark_notified(session: Session, heads: list[JobExecution], now: datetime) -> None:
+    """Record when each head was last notified. Bookkeeping, not a transition: written with
+    a plain UPDATE outside the version check, so a device moving the execution on at the
+    same moment neither loses its transition nor makes this transaction fail."""
+    table = cast(Table, JobExecution.__table__)
+    ids = [h.id for h in heads]
+    for i in range(0, len(ids), 500):
+        session.execute(update(table).where(table.c.id.in_(ids[i : i + 500])).values(last_notified_at=now))
+    for h in heads:
+        set_committed_value(h, "last_notified_at", now)
 
 
 def notifications(session: Session, thing: str, now: datetime) -> list[Outgoing]:
     """notify-next and notify for `thing`, from its pending executions now."""
-    return _notify(thing, _pending(session, thing), now)
+    out, head = _notify(thing, _pending(session, thing), now)
+    if head is not None:
+        _mark_notified(session, [head], now)
+    return out
 
 
 def create_execution(
@@ -250,9 +270,13 @@ def create_executions(
         for ex in created
     )
     out: list[Outgoing] = []
+    heads: list[JobExecution] = []
     for ex in created:
         queue = sorted([*pending[ex.thing_name], ex], key=_pending_order)
-        out += _notify(ex.thing_name, queue, now)
+        notes, head = _notify(ex.thing_name, queue, now)
+        out += notes
+        heads += [head] if head is not None else []
+    _mark_notified(session, heads, now)
     return out
 
 
@@ -269,7 +293,6 @@ def requeue_execution(session: Session, ex: JobExecution, now: datetime, *, reas
     _transition(session, ex, JobStatus.QUEUED, now, "server", {"retry": reason})
     ex.execution_number += 1
     ex.status_details, ex.queued_at, ex.started_at, ex.step_timeout_at = {}, now, None, None
-    ex.last_notified_at = None
     return notifications(session, ex.thing_name, now)
 
 
