@@ -8,6 +8,8 @@ from shared.errors import TidegateError
 class BuildError(TidegateError):
     """Root of every builder refusal."""
 
+    exit_code = 2  # bad input: nothing was built
+
 
 class CatalogueError(BuildError):
     """The SKU catalogue is unreadable, or names no such SKU."""

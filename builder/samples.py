@@ -80,6 +80,43 @@ def make_mlp(
     return path
 
 
+def make_detector(
+    path: Path, *, features: int = 32, hidden: int = 64, classes: int = 3, seed: int = 0
+) -> Path:
+    """A detector-shaped model with two outputs: ``boxes`` ``[N, 4]`` (sigmoid, normalised
+    coordinates) and ``scores`` ``[N, classes]`` (softmax), over one shared hidden layer."""
+    rng = np.random.default_rng(seed)
+
+    def weight(name: str, rows: int, cols: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(
+            (rng.standard_normal((rows, cols)) / np.sqrt(rows)).astype(np.float32), name
+        )
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["image_features", "W1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "Wb"], ["box_logits"]),
+            helper.make_node("Sigmoid", ["box_logits"], ["boxes"]),
+            helper.make_node("MatMul", ["r", "Ws"], ["score_logits"]),
+            helper.make_node("Softmax", ["score_logits"], ["scores"], axis=1),
+        ],
+        "detector",
+        [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["batch", features])],
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", classes]),
+        ],
+        initializer=[weight("W1", features, hidden), weight("Wb", hidden, 4), weight("Ws", hidden, classes)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tidegate")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
 def write_selftest(model: Path, out_dir: Path, *, batch: int = 8, seed: int = 1) -> tuple[Path, Path]:
     """Golden inputs and the model's own outputs on them, as ``inputs.npz`` and ``outputs.npz``."""
     import onnxruntime as ort

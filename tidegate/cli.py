@@ -7,6 +7,7 @@ import traceback
 import typer
 
 from agent.cli import app as agent_app
+from builder.cli import build_command
 from fleet_server.cli import app as server_app
 from fleet_server.sim.cli import app as sim_app
 from shared.bundle.cli import app as bundle_app
@@ -28,6 +29,7 @@ app.add_typer(server_app, name="server")
 app.add_typer(sim_app, name="sim")
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(demo_app, name="demo")
+app.command("build")(build_command)
 
 _state = {"debug": False}
 
