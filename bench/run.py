@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from bench import agent_install, agent_runtime, bundle_read, fleet_campaign
+from bench import agent_install, agent_runtime, builder_build, bundle_read, fleet_campaign
 
 
 def main() -> None:
@@ -15,6 +15,7 @@ def main() -> None:
     sizes = [int(s) for s in os.environ.get("TIDEGATE_BENCH_INSTALL_MB", "256,1024").split(",")]
     agent_install.run(sizes)
     agent_runtime.run(float(os.environ.get("TIDEGATE_BENCH_IDLE_S", "60")))
+    builder_build.run()
     fleet_campaign.run(int(os.environ.get("TIDEGATE_BENCH_DEVICES", "10000")))
 
 

@@ -115,6 +115,46 @@ def _agent_story(workdir: Path, repo: UpdateRepository, payload: Path, url: str)
     )
 
 
+def _build_story(workdir: Path, repo_dir: Path) -> None:
+    """`tidegate build`: a two-output detector to three SKUs; the TensorRT one needs a GPU."""
+    import numpy as np
+
+    from builder.build import BuildRequest, build
+    from builder.catalogue import load_catalogue
+    from builder.samples import make_detector
+
+    model = make_detector(workdir / "detector" / "detector.onnx")
+    cal = workdir / "detector" / "calibration.npz"
+    np.savez(cal, image_features=np.random.default_rng(5).standard_normal((128, 32)).astype(np.float32))
+    result = build(
+        BuildRequest(
+            model=model,
+            name="detector",
+            version="1.0.0",
+            skus=["edge-cpu-x86", "edge-cpu-arm64-int8", "jetson-orin-fp16"],
+            out=workdir / "detector" / "build",
+            calibration=cal,
+            scores_output="scores",
+            repo=repo_dir,
+            allow_partial_publish=True,
+            lineage={"training_run": "demo-run-1"},
+        ),
+        load_catalogue(),
+    )
+    for r in result.skus:
+        if r.status == "built" and r.agreement:
+            _say(
+                "build",
+                f"detector 1.0.0 for {r.sku}: {r.bundle_size or 0:,} bytes, max |Δ| vs fp32 "
+                f"{r.agreement['max_abs_error']:.2g}, top-1 agreement {r.agreement['top1_agreement']:.3f}; "
+                "golden self-test data, SBOM (CycloneDX 1.6), OCI archive, Greengrass recipe",
+            )
+        else:
+            _say("build", f"detector 1.0.0 for {r.sku}: refused — {r.reason}")
+    for path in result.published:
+        _say("build", f"published {path} into the update repository")
+
+
 def _fleet_story(workdir: Path, repo: UpdateRepository, keep_running: bool) -> None:
     from fleet_server.broker import EmbeddedBroker
     from tidegate.demo_fleet import run_fleet
@@ -165,6 +205,7 @@ def demo(
     for b in bundles:
         t = repo.add_bundle(b)
         _say("repo", f"signed and published {t.path} (sha256 {t.sha256[:12]}…)")
+    _build_story(workdir, repo_dir)
 
     with RepoHTTPServer(repo_dir) as server:
         _say("serve", f"repository served at {server.url} (metadata/ and targets/ only)")
