@@ -128,6 +128,19 @@ class _TensorRTRunner:
         return [h for h, _ in outs]
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS. /proc/self/status VmHWM belongs to the current address
+    space; `ru_maxrss` does not: Linux carries the parent's high-water mark across fork/vfork
+    and exec, so a child of a large agent (or test runner) would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _percentile(sorted_ms: list[float], q: float) -> float:
     import math
 
@@ -183,7 +196,7 @@ def selftest_in_process(slot_dir: Path) -> SelfTestResult:
         times.append((time.perf_counter() - t0) * 1000)
     times.sort()
     p50, p95 = _percentile(times, 0.5), _percentile(times, 0.95)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
 
     def result(passed: bool, reason: str) -> SelfTestResult:
         return SelfTestResult(passed, reason, worst, p50, p95, peak, spec.runs)

@@ -204,3 +204,22 @@ def test_batcher_reload_drops_no_request(slot: Path) -> None:
         assert b.stats.count == 500 and b.stats.errors == 0
 
     asyncio.run(go())
+
+
+def test_the_self_test_measures_its_own_memory_not_its_parents(tmp_path: Path, sample_payload: Path) -> None:
+    """Linux carries a parent's ru_maxrss across fork and exec: a child of a 600 MB parent
+    would report 600 MB. The self-test's peak must be the child's own."""
+    from agent.selftest import run_selftest
+    from shared.bundle import read_bundle
+    from tests.helpers import build_bundle
+
+    slot = tmp_path / "slot"
+    manifest = read_bundle(build_bundle(sample_payload, tmp_path / "b.bundle"), slot)
+    (slot / "bundle.json").write_bytes(manifest.to_json_bytes())
+    ballast = bytearray(600 * 1024 * 1024)  # this process now holds 600 MB
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    result = run_selftest(slot)
+    del ballast
+    assert result.passed, result.reason
+    assert result.peak_rss_mb is not None and result.peak_rss_mb < 400
