@@ -1,0 +1,267 @@
+"""The gateway's HTTP side: ingress → auth → size cap → schema → route → model → response.
+
+`POST /v1/models/{model}/infer` with ``{"inputs": [...one sample...], "key": "...",
+"metadata": {...}}``; the answer names the version that served it. Operators drive
+releases under `/v1/admin/` with an admin key. Errors: 401 no or wrong key, 413 too
+large, 422 schema or shape, 404 unknown model, 409 a release operation the state does not
+allow, 429 overloaded, 503 the model failed and no fallback is configured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cloud_serving.canary import CanarySpec
+from cloud_serving.gateway import Gateway, GatewayError
+from cloud_serving.shadow import ShadowBudget
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[Any] | float = Field(description="One sample, without the batch axis.")
+    key: str | None = Field(default=None, max_length=256, description="Caller key for sticky assignment.")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class WeightsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weights: dict[str, float] = Field(min_length=1)
+
+
+class VersionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str = Field(min_length=1, max_length=64)
+
+
+class ShadowBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str = Field(min_length=1, max_length=64)
+    share: float = Field(default=1.0, gt=0, le=1)
+    max_diff_rate: float = Field(default=0.05, ge=0, le=1)
+    max_error_rate: float = Field(default=0.01, ge=0, le=1)
+    max_p95_ms: float | None = Field(default=None, gt=0)
+    min_samples: int = Field(default=100, ge=1)
+
+
+class CanaryBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    candidate: str = Field(min_length=1, max_length=64)
+    steps: list[float] = Field(default=[1, 5, 25, 50, 100], min_length=1, max_length=20)
+    bake_s: float = Field(default=300, ge=0)
+    min_requests: int = Field(default=50, ge=1)
+    min_success_rate: float = Field(default=0.99, ge=0, le=1)
+    slo_p95_ms: float = Field(default=100, gt=0)
+    slo_p99_ms: float = Field(default=250, gt=0)
+    window_s: float = Field(default=300, gt=0)
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _check(request: Request, allowed: frozenset[str]) -> None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token or _hash(token) not in allowed:
+        raise HTTPException(401, "missing or invalid key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _caller(request: Request) -> None:
+    _check(request, request.app.state.caller_keys)
+
+
+def _admin(request: Request) -> None:
+    _check(request, request.app.state.admin_keys)
+
+
+Caller = Annotated[None, Depends(_caller)]
+Admin = Annotated[None, Depends(_admin)]
+
+
+def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
+    cfg = gateway.config.gateway
+    registry = CollectorRegistry()
+    requests = Counter(
+        "tidegate_serving_requests",
+        "Requests by model, version and outcome",
+        ["model", "version", "outcome"],
+        registry=registry,
+    )
+    latency = Histogram(
+        "tidegate_serving_latency_seconds",
+        "Model latency by version",
+        ["model", "version"],
+        registry=registry,
+        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    )
+    queue = Gauge(
+        "tidegate_serving_queue_depth", "Batcher queue depth", ["model", "version"], registry=registry
+    )
+    batch = Gauge(
+        "tidegate_serving_mean_batch", "Mean batch size since start", ["model", "version"], registry=registry
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        if start:
+            await gateway.start()
+        yield
+        if start:
+            await gateway.stop()
+
+    app = FastAPI(title="Tidegate inference gateway", lifespan=lifespan)
+    app.state.caller_keys = frozenset(cfg.api_keys_sha256 + cfg.admin_keys_sha256)
+    app.state.admin_keys = frozenset(cfg.admin_keys_sha256)
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
+
+    @app.post(
+        "/v1/models/{model}/infer",
+        openapi_extra={
+            "requestBody": {
+                "content": {"application/json": {"schema": InferRequest.model_json_schema()}},
+                "required": True,
+            }
+        },
+    )
+    async def infer(model: str, request: Request, _: Caller) -> dict[str, Any]:
+        body = await _read_capped(request, cfg.max_body_bytes)
+        try:
+            req = InferRequest.model_validate_json(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise HTTPException(
+                422, f"{'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}"
+            ) from None
+        st = gateway.model(model)
+        sample = _sample(req.inputs, getattr(st.versions[st.production], "sample_shape", None))
+        t0 = time.perf_counter()
+        try:
+            answer = await gateway.infer(model, sample, key=req.key, metadata=req.metadata)
+        except GatewayError as exc:
+            requests.labels(model, "-", type(exc).__name__).inc()
+            raise
+        requests.labels(model, answer.version, "fallback" if answer.fallback else "ok").inc()
+        latency.labels(model, answer.version).observe(time.perf_counter() - t0)
+        return {
+            "model": model,
+            "version": answer.version,
+            "fallback": answer.fallback,
+            "outputs": {k: v.tolist() for k, v in answer.outputs.items()},
+        }
+
+    @app.get("/v1/admin/models/{model}")
+    async def status(model: str, _: Admin) -> dict[str, Any]:
+        return gateway.status(model)
+
+    @app.post("/v1/admin/models/{model}/weights")
+    async def weights(model: str, body: WeightsBody, _: Admin) -> dict[str, Any]:
+        gateway.set_weights(model, body.weights)
+        return gateway.status(model)
+
+    @app.post("/v1/admin/models/{model}/switch")
+    async def switch(model: str, body: VersionBody, _: Admin) -> dict[str, Any]:
+        await gateway.switch(model, body.version)
+        return gateway.status(model)
+
+    @app.post("/v1/admin/models/{model}/rollback")
+    async def rollback(model: str, _: Admin) -> dict[str, Any]:
+        await gateway.rollback(model)
+        return gateway.status(model)
+
+    @app.post("/v1/admin/models/{model}/shadow")
+    async def shadow(model: str, body: ShadowBody, _: Admin) -> dict[str, Any]:
+        budget = ShadowBudget(body.max_diff_rate, body.max_error_rate, body.max_p95_ms, body.min_samples)
+        gateway.start_shadow(model, body.version, share=body.share, budget=budget)
+        return gateway.status(model)
+
+    @app.delete("/v1/admin/models/{model}/shadow")
+    async def stop_shadow(model: str, _: Admin) -> dict[str, Any]:
+        return await gateway.stop_shadow(model)
+
+    @app.post("/v1/admin/models/{model}/canary")
+    async def canary(model: str, body: CanaryBody, _: Admin) -> dict[str, Any]:
+        spec = CanarySpec(**{**body.model_dump(exclude={"candidate"}), "steps": tuple(body.steps)})
+        try:
+            spec.plan()
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        gateway.start_canary(model, body.candidate, spec)
+        return gateway.status(model)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "models": ",".join(sorted(gateway.models))}
+
+    @app.get("/metrics", response_class=Response)
+    def metrics() -> Response:
+        for name, st in gateway.models.items():
+            for version, backend in st.versions.items():
+                b = getattr(backend, "batcher", None)
+                if b is not None:
+                    queue.labels(name, version).set(b.queue_depth)
+                    batch.labels(name, version).set(b.stats.count / b.stats.batches if b.stats.batches else 0)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _read_capped(request: Request, cap: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise HTTPException(413, f"request body of {declared} bytes is over the {cap}-byte cap")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise HTTPException(413, f"request body is over the {cap}-byte cap")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _sample(inputs: Any, shape: tuple[int | None, ...] | None) -> np.ndarray[Any, Any]:
+    try:
+        arr = np.asarray(inputs, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise HTTPException(422, "inputs: a (nested) list of numbers of one shape") from None
+    if not np.all(np.isfinite(arr)):
+        raise HTTPException(422, "inputs: NaN or infinite values")
+    if shape is not None and (
+        arr.ndim != len(shape)
+        or any(want is not None and got != want for got, want in zip(arr.shape, shape, strict=True))
+    ):
+        want = ["?" if d is None else d for d in shape]
+        raise HTTPException(
+            422, f"inputs: shape {list(arr.shape)}, the model takes one sample of shape {want}"
+        )
+    return arr
+
+
+def keygen() -> tuple[str, str]:
+    """A new API key and the SHA-256 line for serving.toml."""
+    import secrets
+
+    key = "tgk_" + secrets.token_urlsafe(32)
+    return key, _hash(key)
+
+
+__all__ = ["create_app", "keygen"]

@@ -1,0 +1,91 @@
+"""`serving.toml`: the gateway's models, versions, batching, fallbacks and keys.
+
+Keys are stored as SHA-256 hashes only (`tidegate serve key` makes one); the file can be
+committed without secrets. Paths are relative to the file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.errors import TidegateError
+
+
+class ConfigError(TidegateError):
+    """An unreadable or inconsistent serving configuration."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BatchingConfig(_Strict):
+    max_batch: int = Field(default=32, ge=1, le=4096)
+    max_delay_us: int = Field(default=2000, ge=0, le=1_000_000)
+    preferred_sizes: list[int] = Field(default_factory=list)
+    max_queue: int = Field(default=1024, ge=1)
+    concurrency: int = Field(default=2, ge=1, le=64)
+
+
+class VersionConfig(_Strict):
+    path: Path
+    batching: BatchingConfig = BatchingConfig()
+
+
+class FallbackConfig(_Strict):
+    kind: Literal["constant"] = "constant"
+    outputs: dict[str, list[Any]]
+
+
+class ModelConfig(_Strict):
+    production: str
+    versions: dict[str, VersionConfig] = Field(min_length=1)
+    fallback: FallbackConfig | None = None
+    scores_output: str | None = None
+    timeout_ms: float = Field(default=1000, gt=0)
+    salt: str | None = None  # sticky-assignment salt; default: the model name
+
+    @model_validator(mode="after")
+    def _production_exists(self) -> ModelConfig:
+        if self.production not in self.versions:
+            raise ValueError(f"production version {self.production!r} is not among the versions")
+        return self
+
+
+class GatewayConfig(_Strict):
+    api_keys_sha256: list[str] = Field(default_factory=list)
+    admin_keys_sha256: list[str] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    failure_dir: Path = Path("failures")
+    tick_s: float = Field(default=1.0, gt=0)
+
+
+class ServingConfig(_Strict):
+    gateway: GatewayConfig = GatewayConfig()
+    models: dict[str, ModelConfig] = Field(min_length=1)
+
+
+def load_config(path: Path) -> ServingConfig:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such serving configuration") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        cfg = ServingConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"{path}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    base = path.parent
+    for model in cfg.models.values():
+        for v in model.versions.values():
+            if not v.path.is_absolute():
+                v.path = base / v.path
+    if not cfg.gateway.failure_dir.is_absolute():
+        cfg.gateway.failure_dir = base / cfg.gateway.failure_dir
+    return cfg

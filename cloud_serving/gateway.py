@@ -1,0 +1,419 @@
+"""The gateway's core, without HTTP: models, their versions, and the release in progress.
+
+Per model: the loaded versions (backends), the production version, a routing split by
+weight with a per-release salt, and at most one of each: a shadow, a canary, a fallback.
+`infer` routes one request and never lets a candidate's failure reach the caller (the
+request is answered by production instead, and the failure counts against the candidate);
+a production failure goes to the fallback when there is one. `tick` advances canaries on
+the shared gate engine and rolls back or promotes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cloud_serving.backends import Backend, BackendError, ConstantFallback, OnnxBackend
+from cloud_serving.canary import Canary, CanarySpec
+from cloud_serving.config import BatchingConfig, ModelConfig, ServingConfig
+from cloud_serving.routing import choose, normalise
+from cloud_serving.shadow import ShadowBudget, ShadowMirror
+from shared.batching import OverloadedError
+from shared.errors import TidegateError
+from shared.gates import Action
+
+
+class GatewayError(TidegateError):
+    status = 500
+
+
+class UnknownModelError(GatewayError):
+    status = 404
+
+
+class ReleaseError(GatewayError):
+    """An operation the model's release state does not allow."""
+
+    status = 409
+
+
+class UnavailableError(GatewayError):
+    """The model failed and there is no fallback."""
+
+    status = 503
+
+
+class OverloadError(GatewayError):
+    status = 429
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Answer:
+    outputs: dict[str, np.ndarray[Any, Any]]
+    version: str
+    fallback: bool = False
+    latency_ms: float = 0.0
+
+
+@dataclass
+class ModelState:
+    name: str
+    config: ModelConfig
+    versions: dict[str, Backend]
+    production: str
+    weights: dict[str, float]
+    salt: str
+    fallback: Backend | None = None
+    shadow: ShadowMirror | None = None
+    canary: Canary | None = None
+    history: list[str] = field(default_factory=list)  # previous production versions, newest last
+    events: list[str] = field(default_factory=list)
+
+    def order(self) -> list[str]:
+        return [self.production]
+
+
+def _onnx(version: str, path: Path, b: BatchingConfig) -> OnnxBackend:
+    return OnnxBackend(
+        version,
+        path,
+        max_batch=b.max_batch,
+        max_delay_us=b.max_delay_us,
+        max_queue=b.max_queue,
+        preferred_sizes=tuple(b.preferred_sizes),
+        concurrency=b.concurrency,
+    )
+
+
+class Gateway:
+    def __init__(
+        self, config: ServingConfig, *, clock: Callable[[], datetime] = _utcnow, seed: int | None = None
+    ) -> None:
+        self.config, self.clock = config, clock
+        self.models: dict[str, ModelState] = {}
+        self._rng = random.Random(seed)
+        self._ticker: asyncio.Task[None] | None = None
+        self.on_request: Callable[[str, Answer | None, bool], None] = lambda model, answer, ok: None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, *, tick: bool = True) -> Gateway:
+        for name, mc in self.config.models.items():
+            versions: dict[str, Backend] = {
+                v: _onnx(v, vc.path, vc.batching) for v, vc in mc.versions.items()
+            }
+            fallback = ConstantFallback(mc.fallback.outputs) if mc.fallback else None
+            self.models[name] = ModelState(
+                name, mc, versions, mc.production, {mc.production: 1.0}, mc.salt or name, fallback
+            )
+            for b in versions.values():
+                await b.start()
+        if tick:
+            self._ticker = asyncio.create_task(self._tick_loop())
+        return self
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for st in self.models.values():
+            if st.shadow is not None:
+                await st.shadow.stop()
+            for b in st.versions.values():
+                await b.stop()
+
+    def model(self, name: str) -> ModelState:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UnknownModelError(f"no model {name!r}; serving {', '.join(sorted(self.models))}") from None
+
+    # ---- the request path --------------------------------------------------------------------
+
+    async def infer(
+        self,
+        name: str,
+        sample: np.ndarray[Any, Any],
+        *,
+        key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Answer:
+        st = self.model(name)
+        version = choose(st.weights, key=key, salt=st.salt, rng=self._rng, order=st.order())
+        t0 = time.perf_counter()
+        try:
+            answer = await self._run(st, version, sample)
+        except OverloadedError as exc:
+            raise OverloadError(f"{name} {version}: {exc}") from None
+        except Exception as exc:  # BackendError, TimeoutError, the runtime's own errors
+            ms = (time.perf_counter() - t0) * 1000
+            if st.canary is not None and version == st.canary.candidate:
+                st.canary.record(
+                    self.clock(),
+                    ok=False,
+                    latency_ms=ms,
+                    exchange=_exchange(key, metadata, sample, None, exc),
+                )
+                return await self._production_or_fallback(st, sample, t0)  # the caller never sees it
+            return await self._fallback(st, sample, t0, exc)
+        if st.canary is not None and version == st.canary.candidate:
+            st.canary.record(
+                self.clock(),
+                ok=True,
+                latency_ms=answer.latency_ms,
+                exchange=_exchange(key, metadata, sample, answer.outputs, None),
+            )
+        if st.shadow is not None and version == st.production:
+            st.shadow.offer(sample, answer.outputs, answer.latency_ms)
+        return answer
+
+    async def _run(self, st: ModelState, version: str, sample: np.ndarray[Any, Any]) -> Answer:
+        backend = st.versions[version]
+        t0 = time.perf_counter()
+        outputs = await asyncio.wait_for(backend.infer(sample), st.config.timeout_ms / 1000)
+        for out_name, value in outputs.items():  # guardrail: a model that emits NaN has failed
+            if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+                raise BackendError(f"{st.name} {version}: output {out_name!r} is not finite")
+        return Answer(outputs, version, latency_ms=(time.perf_counter() - t0) * 1000)
+
+    async def _production_or_fallback(
+        self, st: ModelState, sample: np.ndarray[Any, Any], t0: float
+    ) -> Answer:
+        try:
+            return await self._run(st, st.production, sample)
+        except Exception as exc:
+            return await self._fallback(st, sample, t0, exc)
+
+    async def _fallback(
+        self, st: ModelState, sample: np.ndarray[Any, Any], t0: float, exc: BaseException
+    ) -> Answer:
+        if st.fallback is None:
+            why = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+            raise UnavailableError(
+                f"{st.name}: the model failed ({why}) and no fallback is configured"
+            ) from None
+        outputs = await st.fallback.infer(sample)
+        return Answer(
+            outputs, st.fallback.version, fallback=True, latency_ms=(time.perf_counter() - t0) * 1000
+        )
+
+    # ---- release operations ------------------------------------------------------------------
+
+    def _note(self, st: ModelState, text: str) -> None:
+        st.events.append(f"{self.clock().isoformat()} {text}")
+
+    def _known(self, st: ModelState, version: str) -> None:
+        if version not in st.versions:
+            raise ReleaseError(
+                f"{st.name} has no loaded version {version!r}; loaded: {', '.join(sorted(st.versions))}"
+            )
+
+    async def load_version(
+        self, name: str, version: str, path: Path, batching: BatchingConfig | None = None
+    ) -> None:
+        st = self.model(name)
+        if version in st.versions:
+            raise ReleaseError(f"{name} {version} is loaded already")
+        backend = _onnx(version, path, batching or BatchingConfig())
+        await backend.start()
+        st.versions[version] = backend
+        self._note(st, f"loaded {version} from {path}")
+
+    async def unload_version(self, name: str, version: str) -> None:
+        st = self.model(name)
+        self._known(st, version)
+        busy = {st.production, *st.weights, *([st.canary.candidate] if st.canary else [])}
+        if st.shadow is not None and st.shadow.active:
+            busy.add(st.shadow.candidate.version)
+        if version in busy:
+            raise ReleaseError(f"{name} {version} is serving traffic; route it away first")
+        backend = st.versions.pop(version)
+        await backend.stop()
+        self._note(st, f"unloaded {version}")
+
+    def set_weights(self, name: str, weights: dict[str, float]) -> None:
+        """All at once or by weight; the largest share becomes production."""
+        st = self.model(name)
+        for v in weights:
+            self._known(st, v)
+        if st.canary is not None:
+            raise ReleaseError(f"{name} has a canary running; end it first")
+        split = normalise(weights)
+        st.weights = split
+        top = max(split, key=lambda v: split[v])
+        if top != st.production:
+            st.history.append(st.production)
+            st.production = top
+        self._note(st, f"weights {split}")
+
+    async def switch(self, name: str, version: str) -> None:
+        """Blue/green: check the other stack answers, then move all traffic at once."""
+        st = self.model(name)
+        self._known(st, version)
+        probe = np.zeros(
+            [d or 1 for d in getattr(st.versions[version], "sample_shape", ())], dtype=np.float32
+        )
+        try:
+            await self._run(st, version, probe)
+        except Exception as exc:
+            raise ReleaseError(f"{name} {version} failed its pre-switch check: {exc}") from None
+        if st.canary is not None:
+            raise ReleaseError(f"{name} has a canary running; end it first")
+        if version != st.production:
+            st.history.append(st.production)
+        st.production, st.weights = version, {version: 1.0}
+        self._note(st, f"switched all traffic to {version}")
+
+    async def rollback(self, name: str, reason: str = "operator rollback") -> str:
+        """Back to the previous production version (or, with a canary running, end it)."""
+        st = self.model(name)
+        if st.canary is not None:
+            self._end_canary(st, promoted=False, reason=reason)
+            return st.production
+        if not st.history:
+            raise ReleaseError(f"{name} has no previous version to roll back to")
+        previous = st.history.pop()
+        st.production, st.weights = previous, {previous: 1.0}
+        self._note(st, f"rolled back to {previous}: {reason}")
+        return previous
+
+    def start_shadow(
+        self, name: str, version: str, *, share: float, budget: ShadowBudget, queue_max: int = 256
+    ) -> None:
+        st = self.model(name)
+        self._known(st, version)
+        if version == st.production:
+            raise ReleaseError(f"{version} is production; shadow a candidate")
+        if st.shadow is not None and st.shadow.active:
+            raise ReleaseError(f"{name} is already shadowing {st.shadow.candidate.version}")
+        st.shadow = ShadowMirror(
+            st.versions[version],
+            share=share,
+            budget=budget,
+            scores_output=st.config.scores_output,
+            queue_max=queue_max,
+        )
+        st.shadow.start()
+        self._note(st, f"shadowing {share:.0%} of traffic to {version}")
+
+    async def stop_shadow(self, name: str) -> dict[str, Any]:
+        st = self.model(name)
+        if st.shadow is None:
+            raise ReleaseError(f"{name} has no shadow")
+        await st.shadow.stop()
+        st.shadow.noted = True
+        self._note(st, f"shadow of {st.shadow.candidate.version} stopped by an operator")
+        return st.shadow.stats.kpis()
+
+    def start_canary(self, name: str, candidate: str, spec: CanarySpec) -> Canary:
+        st = self.model(name)
+        self._known(st, candidate)
+        if candidate == st.production:
+            raise ReleaseError(f"{candidate} is production already")
+        if st.canary is not None:
+            raise ReleaseError(f"{name} already has a canary ({st.canary.candidate})")
+        st.canary = Canary.begin(name, st.production, candidate, spec, self.clock())
+        st.salt = f"{name}:{candidate}"  # a new release reshuffles who is in the first 1 %
+        self._apply_canary_weight(st)
+        self._note(st, f"canary {candidate}: {list(spec.steps)} %, bake {spec.bake_s:g} s")
+        return st.canary
+
+    def _apply_canary_weight(self, st: ModelState) -> None:
+        assert st.canary is not None
+        w = st.canary.weight
+        st.weights = {st.production: 1 - w, st.canary.candidate: w} if w < 1 else {st.canary.candidate: 1.0}
+
+    def _end_canary(self, st: ModelState, *, promoted: bool, reason: str) -> None:
+        assert st.canary is not None
+        candidate = st.canary.candidate
+        if promoted:
+            st.history.append(st.production)
+            st.production = candidate
+        st.weights = {st.production: 1.0}
+        st.canary = None
+        self._note(st, f"canary {candidate} {'promoted' if promoted else 'rolled back'}: {reason}")
+
+    def tick(self) -> list[tuple[str, str, Path | None]]:
+        """Advance every canary and check every shadow's budget: (model, what, failure bundle)."""
+        now = self.clock()
+        done: list[tuple[str, str, Path | None]] = []
+        for st in self.models.values():
+            shadow = st.shadow
+            if shadow is not None and shadow.stopped_reason and not shadow.noted:
+                shadow.noted = True
+                self._note(st, f"shadow of {shadow.candidate.version} stopped: {shadow.stopped_reason}")
+            if st.canary is None:
+                continue
+            decision = st.canary.tick(now)
+            if decision.action is Action.ADVANCE:
+                self._apply_canary_weight(st)
+                self._note(st, decision.reason)
+            elif decision.action is Action.COMPLETE:
+                self._end_canary(st, promoted=True, reason=decision.reason)
+                done.append((st.name, "promoted", None))
+            elif decision.action is Action.ABORT:
+                bundle = st.canary.write_failure_bundle(self.config.gateway.failure_dir, now, decision)
+                self._end_canary(st, promoted=False, reason=decision.reason)
+                done.append((st.name, "rolled back", bundle))
+        return done
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.gateway.tick_s)
+            self.tick()
+
+    def status(self, name: str) -> dict[str, Any]:
+        st = self.model(name)
+        return {
+            "model": name,
+            "production": st.production,
+            "versions": sorted(st.versions),
+            "weights": st.weights,
+            "history": st.history,
+            "fallback": st.fallback is not None,
+            "shadow": None
+            if st.shadow is None
+            else {
+                "candidate": st.shadow.candidate.version,
+                "share": st.shadow.share,
+                "active": st.shadow.active,
+                "stopped_reason": st.shadow.stopped_reason,
+                "kpis": st.shadow.stats.kpis(),
+            },
+            "canary": None
+            if st.canary is None
+            else {
+                "candidate": st.canary.candidate,
+                "step": st.canary.state.step,
+                "weight": st.canary.weight,
+                "log": st.canary.log,
+            },
+            "events": st.events[-50:],
+        }
+
+
+def _exchange(
+    key: str | None,
+    metadata: dict[str, Any] | None,
+    sample: np.ndarray[Any, Any],
+    outputs: dict[str, np.ndarray[Any, Any]] | None,
+    error: BaseException | None,
+) -> dict[str, Any]:
+    return {
+        "caller_key": key,
+        "metadata": metadata or {},
+        "input": sample.tolist(),
+        "outputs": {k: v.tolist() for k, v in outputs.items()} if outputs else None,
+        "error": None if error is None else (str(error) or type(error).__name__)[:300],
+    }

@@ -1,0 +1,59 @@
+"""Traffic assignment, pure: which version (or arm) serves a request.
+
+Sticky by caller key: the key and a per-release salt hash to a point in [0, 1), and the
+weights cut [0, 1) into consecutive ranges in a fixed (sorted) order. The same key stays on
+the same version while weights grow (a canary's 1 → 5 → 25 % keeps its first 1 %), and a
+new salt reshuffles callers for the next release. Requests without a key are spread by a
+random draw with the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Mapping
+
+from shared.errors import TidegateError
+
+
+class RoutingError(TidegateError, ValueError):
+    """Weights that do not describe a split."""
+
+
+def bucket(key: str, salt: str) -> float:
+    """A stable point in [0, 1) for `key` under `salt`."""
+    digest = hashlib.sha256(f"{salt}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def normalise(weights: Mapping[str, float]) -> dict[str, float]:
+    if not weights:
+        raise RoutingError("no versions to route to")
+    if any(w < 0 for w in weights.values()):
+        raise RoutingError(f"negative weight in {dict(weights)}")
+    total = sum(weights.values())
+    if total <= 0:
+        raise RoutingError(f"weights sum to {total}; at least one must be positive")
+    return {k: w / total for k, w in weights.items() if w > 0}
+
+
+def choose(
+    weights: Mapping[str, float],
+    *,
+    key: str | None,
+    salt: str,
+    rng: random.Random | None = None,
+    order: list[str] | None = None,
+) -> str:
+    """The version for this request. `order` fixes the ranges (default: the candidate
+    last, i.e. sorted keys with any name in `order` first), so growing a canary moves only
+    callers from production to the candidate, never back and forth."""
+    split = normalise(weights)
+    names = [n for n in (order or []) if n in split] + sorted(n for n in split if n not in (order or []))
+    point = bucket(key, salt) if key is not None else (rng or random).random()
+    edge = 0.0
+    for name in names:
+        edge += split[name]
+        if point < edge:
+            return name
+    return names[-1]  # rounding at the top edge

@@ -1,0 +1,400 @@
+"""The inference gateway against real in-process ONNX models: routing, shadow, canary with
+rollback and a failure bundle, blue/green under load, fallback, and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from builder.samples import make_classifier
+from cloud_serving.app import _hash, create_app
+from cloud_serving.canary import CanarySpec
+from cloud_serving.config import ServingConfig, load_config
+from cloud_serving.gateway import Gateway
+from cloud_serving.routing import RoutingError, bucket, choose
+
+KEY, ADMIN = "tgk_caller", "tgk_admin"
+
+
+def make_nan_model(path: Path, features: int = 16, classes: int = 4) -> Path:
+    """Same contract as the classifier, but every output is NaN (the square root of
+    -(|z| + 1)): a bad build that loads fine and then breaks its guardrail."""
+    w = np.random.default_rng(3).standard_normal((features, classes)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "W"], ["z"]),
+            helper.make_node("Abs", ["z"], ["a"]),
+            helper.make_node("Add", ["a", "one"], ["b"]),
+            helper.make_node("Neg", ["b"], ["c"]),
+            helper.make_node("Sqrt", ["c"], ["probabilities"]),
+        ],
+        "bad",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.float32(1.0), "one")],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save_model(m, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("serving")
+    make_classifier(d / "v1.onnx", seed=0)
+    make_classifier(d / "v2.onnx", seed=1)
+    make_nan_model(d / "bad.onnx")
+    (d / "serving.toml").write_text(
+        f"""
+[gateway]
+api_keys_sha256 = ["{_hash(KEY)}"]
+admin_keys_sha256 = ["{_hash(ADMIN)}"]
+max_body_bytes = 4096
+failure_dir = "failures"
+
+[models.classifier]
+production = "1.0.0"
+versions."1.0.0".path = "v1.onnx"
+versions."1.1.0".path = "v2.onnx"
+versions."9.9.9-bad".path = "bad.onnx"
+
+[models.guarded]
+production = "bad"
+versions.bad.path = "bad.onnx"
+fallback = {{ outputs = {{ probabilities = [0.25, 0.25, 0.25, 0.25] }} }}
+
+[models.unguarded]
+production = "bad"
+versions.bad.path = "bad.onnx"
+"""
+    )
+    return d
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def serve(
+    config: ServingConfig,
+    body: Callable[[Gateway, httpx.AsyncClient], Awaitable[None]],
+    clock: Clock | None = None,
+) -> None:
+    async def main() -> None:
+        gateway = Gateway(config, clock=clock or Clock(), seed=1)
+        await gateway.start(tick=False)
+        app = create_app(gateway, start=False)
+        try:
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30
+            ) as client:
+                await body(gateway, client)
+        finally:
+            await gateway.stop()
+
+    asyncio.run(main())
+
+
+def caller(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def direct(model: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return np.asarray(sess.run(None, {"input": x[None, :]})[0][0])
+
+
+SAMPLES = np.random.default_rng(9).standard_normal((400, 16)).astype(np.float32)
+
+
+# ---- routing, pure --------------------------------------------------------------------------
+
+
+def test_routing_shares_hold_and_callers_stay_put() -> None:
+    keys = [f"device-{i}" for i in range(20_000)]
+    at5 = [choose({"prod": 0.95, "cand": 0.05}, key=k, salt="r1", order=["prod"]) for k in keys]
+    at25 = [choose({"prod": 0.75, "cand": 0.25}, key=k, salt="r1", order=["prod"]) for k in keys]
+    share5, share25 = at5.count("cand") / len(keys), at25.count("cand") / len(keys)
+    assert abs(share5 - 0.05) < 5 * (0.05 * 0.95 / len(keys)) ** 0.5  # within 5 standard errors
+    assert abs(share25 - 0.25) < 5 * (0.25 * 0.75 / len(keys)) ** 0.5
+    # sticky: the same key, the same answer; growing the canary only moves callers onto it
+    assert all(
+        choose({"prod": 0.95, "cand": 0.05}, key=k, salt="r1", order=["prod"]) == a
+        for k, a in zip(keys[:500], at5[:500], strict=True)
+    )
+    assert all(b == "cand" for a, b in zip(at5, at25, strict=True) if a == "cand")
+    # a new release's salt reshuffles who goes first
+    other = [choose({"prod": 0.95, "cand": 0.05}, key=k, salt="r2", order=["prod"]) for k in keys]
+    overlap = sum(1 for a, b in zip(at5, other, strict=True) if a == b == "cand")
+    assert overlap < 0.2 * at5.count("cand")
+    assert 0 <= bucket("x", "s") < 1
+    rng = random.Random(0)
+    unkeyed = Counter(choose({"a": 1, "b": 3}, key=None, salt="s", rng=rng) for _ in range(8000))
+    assert abs(unkeyed["b"] / 8000 - 0.75) < 0.03
+    with pytest.raises(RoutingError):
+        choose({"a": 0}, key="k", salt="s")
+
+
+# ---- through the gateway --------------------------------------------------------------------
+
+
+def test_shadow_never_changes_the_callers_answer_and_stops_on_its_budget(models: Path) -> None:
+    config = load_config(models / "serving.toml")
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        r = await client.post(
+            "/v1/admin/models/classifier/shadow",
+            json={"version": "1.1.0", "share": 1.0, "max_diff_rate": 0.05, "min_samples": 50},
+            headers=caller(ADMIN),
+        )
+        assert r.status_code == 200, r.text
+        for i, x in enumerate(SAMPLES[:200]):
+            r = await client.post(
+                "/v1/models/classifier/infer", json={"inputs": x.tolist(), "key": f"k{i}"}, headers=caller()
+            )
+            assert r.status_code == 200
+            got = r.json()
+            assert got["version"] == "1.0.0"
+            np.testing.assert_allclose(
+                got["outputs"]["probabilities"], direct(models / "v1.onnx", x), rtol=1e-5, atol=1e-6
+            )
+            if i % 20 == 0:
+                await asyncio.sleep(0.01)  # let the mirror work
+        for _ in range(100):
+            if not gw.model("classifier").shadow.active:  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.02)
+        shadow = gw.model("classifier").shadow
+        assert shadow is not None
+        k = shadow.stats.kpis()
+        assert k["compared"] >= 50 and k["diff_rate"] > 0.05  # two differently seeded models disagree
+        assert shadow.stopped_reason is not None and "diff rate" in shadow.stopped_reason
+        assert set(k["per_class"]) and k["max_abs_diff"] > 0
+        gw.tick()
+        assert any("shadow of 1.1.0 stopped: diff rate" in e for e in gw.status("classifier")["events"])
+
+    serve(config, body)
+
+
+def test_a_bad_canary_rolls_back_and_writes_its_failure_bundle(models: Path) -> None:
+    config = load_config(models / "serving.toml")
+    clock = Clock()
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        r = await client.post(
+            "/v1/admin/models/classifier/canary",
+            json={"candidate": "9.9.9-bad", "steps": [20, 50, 100], "bake_s": 60, "min_requests": 20},
+            headers=caller(ADMIN),
+        )
+        assert r.status_code == 200, r.text
+        served = Counter()
+        for i, x in enumerate(SAMPLES[:300]):
+            r = await client.post(
+                "/v1/models/classifier/infer",
+                json={
+                    "inputs": x.tolist(),
+                    "key": f"device-{i}",
+                    "metadata": {"email": "a@b.c", "region": "eu"},
+                },
+                headers=caller(),
+            )
+            assert r.status_code == 200  # the canary's failures never reach a caller
+            served[r.json()["version"]] += 1
+            assert np.all(np.isfinite(r.json()["outputs"]["probabilities"]))
+        assert served == {"1.0.0": 300}  # its requests were answered by production
+        clock.now += timedelta(seconds=5)
+        done = gw.tick()
+        assert done and done[0][:2] == ("classifier", "rolled back")
+        bundle = done[0][2]
+        assert bundle is not None and bundle.parent == config.gateway.failure_dir
+        decision = json.loads((bundle / "decision.json").read_text())
+        assert decision["action"] == "ABORT" and "success" in decision["reason"]
+        lines = [json.loads(line) for line in (bundle / "requests.jsonl").read_text().splitlines()]
+        assert lines and all(e["error"] for e in lines)
+        assert all(
+            e["metadata"]["email"].startswith("redacted:") and e["metadata"]["region"] == "eu" for e in lines
+        )
+        assert all(e["caller_key"].startswith("redacted:") for e in lines)
+        assert json.loads((bundle / "metrics.json").read_text())["success_rate"] == 0.0
+        status = gw.status("classifier")
+        assert status["weights"] == {"1.0.0": 1.0} and status["canary"] is None
+
+    serve(config, body, clock)
+
+
+def test_a_good_canary_is_promoted_step_by_step_and_can_be_rolled_back(models: Path) -> None:
+    config = load_config(models / "serving.toml")
+    clock = Clock()
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        gw.start_canary(
+            "classifier",
+            "1.1.0",
+            CanarySpec(steps=(10, 50, 100), bake_s=60, min_requests=10, slo_p95_ms=1000, slo_p99_ms=2000),
+        )
+        weights = []
+        for _ in range(4):
+            for i, x in enumerate(SAMPLES[:200]):
+                r = await client.post(
+                    "/v1/models/classifier/infer",
+                    json={"inputs": x.tolist(), "key": f"d{i}"},
+                    headers=caller(),
+                )
+                assert r.status_code == 200
+            clock.now += timedelta(seconds=61)
+            gw.tick()
+            weights.append(dict(gw.model("classifier").weights))
+        assert weights[0] == pytest.approx({"1.0.0": 0.5, "1.1.0": 0.5})
+        assert weights[1] == {"1.1.0": 1.0}
+        assert gw.model("classifier").production == "1.1.0" and gw.model("classifier").canary is None
+        r = await client.post("/v1/admin/models/classifier/rollback", headers=caller(ADMIN))
+        assert r.json()["production"] == "1.0.0"
+
+    serve(config, body, clock)
+
+
+def test_blue_green_switch_under_concurrent_load_drops_nothing(models: Path) -> None:
+    config = load_config(models / "serving.toml")
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        seen: list[tuple[float, str]] = []
+        failures: list[str] = []
+        stop = asyncio.Event()
+
+        async def worker(n: int) -> None:
+            i = 0
+            while not stop.is_set():
+                x = SAMPLES[(n * 37 + i) % len(SAMPLES)]
+                r = await client.post(
+                    "/v1/models/classifier/infer", json={"inputs": x.tolist()}, headers=caller()
+                )
+                if r.status_code != 200:
+                    failures.append(r.text)
+                else:
+                    seen.append((asyncio.get_running_loop().time(), r.json()["version"]))
+                i += 1
+
+        tasks = [asyncio.create_task(worker(n)) for n in range(8)]
+        await asyncio.sleep(0.5)
+        r = await client.post(
+            "/v1/admin/models/classifier/switch", json={"version": "1.1.0"}, headers=caller(ADMIN)
+        )
+        assert r.status_code == 200, r.text
+        switched = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.5)
+        r = await client.post(
+            "/v1/admin/models/classifier/switch", json={"version": "1.0.0"}, headers=caller(ADMIN)
+        )
+        back = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*tasks)
+        assert failures == []
+        assert len(seen) > 100
+        middle = {v for t, v in seen if switched + 0.05 < t < back - 0.01}
+        assert middle == {"1.1.0"} and {v for t, v in seen if t > back + 0.05} == {"1.0.0"}
+        r = await client.post(
+            "/v1/admin/models/classifier/switch", json={"version": "9.9.9-bad"}, headers=caller(ADMIN)
+        )
+        assert r.status_code == 409 and "pre-switch check" in r.json()["detail"]
+
+    serve(config, body)
+
+
+def test_fallback_answers_when_the_model_fails_and_503_without_one(models: Path) -> None:
+    config = load_config(models / "serving.toml")
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        x = SAMPLES[0].tolist()
+        r = await client.post("/v1/models/guarded/infer", json={"inputs": x}, headers=caller())
+        assert r.status_code == 200
+        assert r.json()["fallback"] is True and r.json()["outputs"]["probabilities"] == [0.25] * 4
+        r = await client.post("/v1/models/unguarded/infer", json={"inputs": x}, headers=caller())
+        assert r.status_code == 503 and "no fallback is configured" in r.json()["detail"]
+
+    serve(config, body)
+
+
+def test_bad_requests_get_a_clear_4xx(models: Path) -> None:
+    config = load_config(models / "serving.toml")
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        url, ok = "/v1/models/classifier/infer", {"inputs": SAMPLES[0].tolist()}
+        assert (await client.post(url, json=ok)).status_code == 401
+        assert (await client.post(url, json=ok, headers=caller("tgk_wrong"))).status_code == 401
+        assert (
+            await client.get("/v1/admin/models/classifier", headers=caller())
+        ).status_code == 401  # not admin
+        big = await client.post(url, content=b"[" + b"0.5," * 3000 + b"0]", headers=caller())
+        assert big.status_code == 413
+        cases = [
+            ({"inputs": [1.0, 2.0]}, "shape [2]"),
+            ({"inputs": [[1.0] * 16]}, "shape [1, 16]"),
+            ({"inputs": SAMPLES[0].tolist(), "extra": 1}, "extra"),
+            ({"inputs": "sixteen"}, "inputs"),
+            ({"inputs": [1.0] * 15 + ["x"]}, "inputs"),
+        ]
+        for payload, message in cases:
+            r = await client.post(url, json=payload, headers=caller())
+            assert r.status_code == 422 and message in r.json()["detail"], (payload, r.text)
+        r = await client.post(url, content=b"{not json", headers=caller())
+        assert r.status_code == 422
+        r = await client.post(url, content=b'{"inputs": [' + b"NaN," * 15 + b"NaN]}", headers=caller())
+        assert r.status_code == 422 and "NaN" in r.json()["detail"]
+        r = await client.post("/v1/models/nope/infer", json=ok, headers=caller())
+        assert r.status_code == 404 and "no model 'nope'" in r.json()["detail"]
+        r = await client.post(
+            "/v1/admin/models/classifier/canary", json={"candidate": "1.0.0"}, headers=caller(ADMIN)
+        )
+        assert r.status_code == 409 and "production already" in r.json()["detail"]
+        r = await client.post(
+            "/v1/admin/models/classifier/weights", json={"weights": {"7.7.7": 1}}, headers=caller(ADMIN)
+        )
+        assert r.status_code == 409 and "no loaded version" in r.json()["detail"]
+        with pytest.raises(Exception, match="serving traffic"):
+            await gw.unload_version("classifier", "1.0.0")
+
+    serve(config, body)
+
+
+def test_versions_load_and_unload_while_serving(models: Path) -> None:
+    config = load_config(models / "serving.toml")
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        await gw.load_version("classifier", "2.0.0", models / "v2.onnx")
+        gw.set_weights("classifier", {"1.0.0": 1, "2.0.0": 1})
+        versions = Counter()
+        for i in range(400):
+            r = await client.post(
+                "/v1/models/classifier/infer",
+                json={"inputs": SAMPLES[i].tolist(), "key": f"u{i}"},
+                headers=caller(),
+            )
+            versions[r.json()["version"]] += 1
+        assert 150 < versions["2.0.0"] < 250 and sum(versions.values()) == 400
+        gw.set_weights("classifier", {"1.0.0": 1})
+        await gw.unload_version("classifier", "2.0.0")
+        assert "2.0.0" not in gw.status("classifier")["versions"]
+        metrics = (await client.get("/metrics")).text
+        assert 'tidegate_serving_requests_total{model="classifier",outcome="ok",version="2.0.0"}' in metrics
+
+    serve(config, body)
