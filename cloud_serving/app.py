@@ -56,20 +56,29 @@ class ShadowBody(BaseModel):
     share: float = Field(default=1.0, gt=0, le=1)
     max_diff_rate: float = Field(default=0.05, ge=0, le=1)
     max_error_rate: float = Field(default=0.01, ge=0, le=1)
-    max_p95_ms: float | None = Field(default=None, gt=0)
-    min_samples: int = Field(default=100, ge=1)
+    max_p95_ms: float | None = Field(default=None, gt=0, le=600_000)
+    min_samples: int = Field(default=100, ge=1, le=10_000_000)
 
 
 class CanaryBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     candidate: str = Field(min_length=1, max_length=64)
     steps: list[float] = Field(default=[1, 5, 25, 50, 100], min_length=1, max_length=20)
-    bake_s: float = Field(default=300, ge=0)
-    min_requests: int = Field(default=50, ge=1)
+    bake_s: float = Field(default=300, ge=0, le=30 * 86400)
+    min_requests: int = Field(default=50, ge=1, le=10_000_000)
     min_success_rate: float = Field(default=0.99, ge=0, le=1)
-    slo_p95_ms: float = Field(default=100, gt=0)
-    slo_p99_ms: float = Field(default=250, gt=0)
-    window_s: float = Field(default=300, gt=0)
+    slo_p95_ms: float = Field(default=100, gt=0, le=600_000)
+    slo_p99_ms: float = Field(default=250, gt=0, le=600_000)
+    window_s: float = Field(default=300, gt=0, le=7 * 86400)
+
+
+def _canary_spec(body: CanaryBody) -> CanarySpec:
+    spec = CanarySpec(**{**body.model_dump(exclude={"candidate"}), "steps": tuple(body.steps)})
+    try:
+        spec.plan()
+    except ValueError as exc:  # the gate engine's GateDefinitionError: steps, thresholds
+        raise HTTPException(422, str(exc)) from None
+    return spec
 
 
 def _hash(key: str) -> str:
@@ -129,6 +138,24 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
     app = FastAPI(title="Tidegate inference gateway", lifespan=lifespan)
     app.state.caller_keys = frozenset(cfg.api_keys_sha256 + cfg.admin_keys_sha256)
     app.state.admin_keys = frozenset(cfg.admin_keys_sha256)
+
+    @app.middleware("http")
+    async def authenticate_first(request: Request, call_next: Any) -> Response:
+        """Keys are checked before anything reads the body, so a caller without one learns
+        nothing, not even how its request would have been parsed."""
+        path = request.url.path
+        if path.startswith("/v1/"):
+            allowed = app.state.admin_keys if path.startswith("/v1/admin/") else app.state.caller_keys
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token or _hash(token) not in allowed:
+                return JSONResponse(
+                    {"detail": "missing or invalid key"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        response: Response = await call_next(request)
+        return response
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
@@ -200,12 +227,12 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
 
     @app.post("/v1/admin/models/{model}/canary")
     async def canary(model: str, body: CanaryBody, _: Admin) -> dict[str, Any]:
-        spec = CanarySpec(**{**body.model_dump(exclude={"candidate"}), "steps": tuple(body.steps)})
-        try:
-            spec.plan()
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
-        gateway.start_canary(model, body.candidate, spec)
+        gateway.start_canary(model, body.candidate, _canary_spec(body))
+        return gateway.status(model)
+
+    @app.post("/v1/admin/models/{model}/roll-through")
+    async def roll_through(model: str, body: CanaryBody, _: Admin) -> dict[str, Any]:
+        gateway.roll_through(model, body.candidate, _canary_spec(body))
         return gateway.status(model)
 
     @app.get("/healthz")

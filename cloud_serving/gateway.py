@@ -329,6 +329,18 @@ class Gateway:
         self._note(st, f"canary {candidate}: {list(spec.steps)} %, bake {spec.bake_s:g} s")
         return st.canary
 
+    def roll_through(self, name: str, candidate: str, spec: CanarySpec) -> Canary:
+        """Replace a failing (or superseded) canary with the next candidate: the old one is
+        rolled back and the new one starts from the first step."""
+        st = self.model(name)
+        self._known(st, candidate)
+        if st.canary is None:
+            raise ReleaseError(f"{name} has no canary to roll through")
+        if candidate in (st.canary.candidate, st.production):
+            raise ReleaseError(f"roll through to a new candidate, not {candidate}")
+        self._end_canary(st, promoted=False, reason=f"rolled through to {candidate}")
+        return self.start_canary(name, candidate, spec)
+
     def _apply_canary_weight(self, st: ModelState) -> None:
         assert st.canary is not None
         w = st.canary.weight

@@ -398,3 +398,41 @@ def test_versions_load_and_unload_while_serving(models: Path) -> None:
         assert 'tidegate_serving_requests_total{model="classifier",outcome="ok",version="2.0.0"}' in metrics
 
     serve(config, body)
+
+
+def test_roll_through_replaces_a_failing_canary_with_the_next_candidate(models: Path) -> None:
+    config = load_config(models / "serving.toml")
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        spec = {"steps": [10, 100], "bake_s": 60, "min_requests": 10}
+        r = await client.post(
+            "/v1/admin/models/classifier/canary",
+            json={"candidate": "9.9.9-bad", **spec},
+            headers=caller(ADMIN),
+        )
+        assert r.status_code == 200
+        r = await client.post(
+            "/v1/admin/models/classifier/roll-through",
+            json={"candidate": "1.1.0", **spec},
+            headers=caller(ADMIN),
+        )
+        assert r.status_code == 200, r.text
+        status = r.json()
+        assert status["canary"]["candidate"] == "1.1.0" and status["weights"] == pytest.approx(
+            {"1.0.0": 0.9, "1.1.0": 0.1}
+        )
+        assert any("canary 9.9.9-bad rolled back: rolled through to 1.1.0" in e for e in status["events"])
+        r = await client.post(
+            "/v1/admin/models/classifier/roll-through",
+            json={"candidate": "1.1.0", **spec},
+            headers=caller(ADMIN),
+        )
+        assert r.status_code == 409
+        r = await client.post(
+            "/v1/admin/models/classifier/canary",
+            json={"candidate": "1.1.0", "steps": [50, 10]},
+            headers=caller(ADMIN),
+        )
+        assert r.status_code == 422 and "cumulative" in r.json()["detail"]
+
+    serve(config, body)

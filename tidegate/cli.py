@@ -8,6 +8,7 @@ import typer
 
 from agent.cli import app as agent_app
 from builder.cli import build_command
+from cloud_serving.cli import app as serve_app
 from fleet_server.cli import app as server_app
 from fleet_server.sim.cli import app as sim_app
 from shared.bundle.cli import app as bundle_app
@@ -30,6 +31,7 @@ app.add_typer(sim_app, name="sim")
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(demo_app, name="demo")
 app.command("build")(build_command)
+app.add_typer(serve_app, name="serve")
 
 _state = {"debug": False}
 

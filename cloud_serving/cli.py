@@ -1,0 +1,45 @@
+"""`tidegate serve`: run the inference gateway from `serving.toml`; `tidegate serve key`
+makes an API key and the hash line to put in the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="The cloud inference gateway (shadow, canary, blue/green, fallback).")
+
+
+@app.callback(invoke_without_command=True)
+def serve(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option(help="The serving configuration (TOML).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8800,
+) -> None:
+    """Serve every model in CONFIG until interrupted: POST /v1/models/{model}/infer, the
+    release API under /v1/admin/, /metrics and /healthz."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if config is None:
+        raise typer.BadParameter("--config is required", param_hint="--config")
+    import uvicorn
+
+    from cloud_serving.app import create_app
+    from cloud_serving.config import load_config
+    from cloud_serving.gateway import Gateway
+
+    gateway = Gateway(load_config(config))
+    typer.echo(f"gateway: http://{host}:{port}  models: {', '.join(sorted(gateway.config.models))}")
+    uvicorn.run(create_app(gateway), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+
+
+@app.command()
+def key() -> None:
+    """Print a new API key (give it to the caller) and its SHA-256 (put it in serving.toml)."""
+    from cloud_serving.app import keygen
+
+    secret, digest = keygen()
+    typer.echo(f"key:    {secret}")
+    typer.echo(f'sha256: "{digest}"   # api_keys_sha256 or admin_keys_sha256')
