@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from bench import agent_install, agent_runtime, builder_build, bundle_read, fleet_campaign
+from bench import agent_install, agent_runtime, builder_build, bundle_read, cloud_serving, fleet_campaign
 
 
 def main() -> None:
@@ -16,6 +16,7 @@ def main() -> None:
     agent_install.run(sizes)
     agent_runtime.run(float(os.environ.get("TIDEGATE_BENCH_IDLE_S", "60")))
     builder_build.run()
+    cloud_serving.run()
     fleet_campaign.run(int(os.environ.get("TIDEGATE_BENCH_DEVICES", "10000")))
 
 

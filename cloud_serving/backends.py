@@ -17,12 +17,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from shared.batching import DynamicBatcher, OnnxModelRunner
+from shared.batching import DynamicBatcher, InferencePool, OnnxModelRunner
 from shared.errors import TidegateError
 
 
 class BackendError(TidegateError):
     """A backend could not answer (load failure, inference error, timeout)."""
+
+
+Outputs = dict[str, np.ndarray[Any, Any]]
 
 
 class Backend(Protocol):
@@ -32,7 +35,12 @@ class Backend(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def infer(self, sample: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]: ...
+    def submit(self, sample: np.ndarray[Any, Any]) -> asyncio.Future[Outputs]:
+        """Start one inference; the future gets the outputs. Raising here means refused now
+        (overloaded, not loaded); a caller may fail the future itself at its deadline."""
+        ...
+
+    async def infer(self, sample: np.ndarray[Any, Any]) -> Outputs: ...
 
 
 class OnnxBackend:
@@ -49,8 +57,9 @@ class OnnxBackend:
         preferred_sizes: tuple[int, ...] = (),
         concurrency: int = 2,
         threads: int = 1,
+        pool: InferencePool | None = None,
     ) -> None:
-        self.version = version
+        self.version, self.model_path = version, model
         try:
             runner = OnnxModelRunner(model, threads=threads, version=version)
         except Exception as exc:  # ONNX Runtime's load errors come in several types
@@ -69,6 +78,7 @@ class OnnxBackend:
             max_queue=max_queue,
             concurrency=concurrency,
             preferred_sizes=preferred_sizes,
+            pool=pool,
         )
 
     async def start(self) -> None:
@@ -77,8 +87,11 @@ class OnnxBackend:
     async def stop(self) -> None:
         await self.batcher.stop()
 
-    async def infer(self, sample: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
-        return await self.batcher.infer(sample)
+    def submit(self, sample: np.ndarray[Any, Any]) -> asyncio.Future[Outputs]:
+        return self.batcher.submit(sample)
+
+    async def infer(self, sample: np.ndarray[Any, Any]) -> Outputs:
+        return await self.batcher.submit(sample)
 
 
 class ConstantFallback:
@@ -94,6 +107,10 @@ class ConstantFallback:
     async def stop(self) -> None:
         return None
 
-    async def infer(self, sample: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
-        await asyncio.sleep(0)
-        return dict(self.outputs)
+    def submit(self, sample: np.ndarray[Any, Any]) -> asyncio.Future[Outputs]:
+        fut: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        fut.set_result(dict(self.outputs))
+        return fut
+
+    async def infer(self, sample: np.ndarray[Any, Any]) -> Outputs:
+        return await self.submit(sample)

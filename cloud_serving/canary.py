@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -80,6 +81,10 @@ class CanarySpec:
         )
 
 
+EXCHANGE_EVERY = 50  # one successful exchange in 50 goes to the failure bundle; every failure does
+TRIM_EVERY = 1000
+MAX_SAMPLES = 50_000
+
 PII_KEYS = re.compile(r"(?i)(email|phone|name|address|vin|user|ip|token|key|location|lat|lon)")
 
 
@@ -112,6 +117,7 @@ class Canary:
     samples: dict[str, list[Sample]] = field(default_factory=lambda: {"success": [], "latency_ms": []})
     exchanges: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
     log: list[str] = field(default_factory=list)
+    _seen: int = 0
 
     @classmethod
     def begin(cls, model: str, production: str, candidate: str, spec: CanarySpec, now: datetime) -> Canary:
@@ -125,17 +131,25 @@ class Canary:
         return self.spec.steps[min(self.state.step, len(self.spec.steps) - 1)] / 100
 
     def record(
-        self, now: datetime, *, ok: bool, latency_ms: float, exchange: dict[str, Any] | None = None
+        self,
+        now: datetime,
+        *,
+        ok: bool,
+        latency_ms: float,
+        exchange: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
+        """One candidate request. Cheap on the request path: samples are appended and trimmed
+        in bulk; an exchange is built (and redacted) only when it is sampled for the bundle."""
         self.samples["success"].append(Sample(now, 1.0 if ok else 0.0))
         if ok:
             self.samples["latency_ms"].append(Sample(now, latency_ms))
-        horizon = now - timedelta(seconds=self.spec.window_s * 2)
-        for name, values in self.samples.items():
-            if len(values) > 20_000 or (values and values[0].at < horizon):
-                self.samples[name] = [s for s in values if s.at >= horizon][-20_000:]
-        if exchange is not None:
-            self.exchanges.append(redact(exchange))
+        self._seen += 1
+        if exchange is not None and (not ok or self._seen % EXCHANGE_EVERY == 1):
+            self.exchanges.append(redact(exchange()))
+        if self._seen % TRIM_EVERY == 0:
+            horizon = now - timedelta(seconds=self.spec.window_s * 2)
+            for name, values in self.samples.items():
+                self.samples[name] = [s for s in values if s.at >= horizon][-MAX_SAMPLES:]
 
     def tick(self, now: datetime) -> Decision:
         d = decide(self.spec.plan(), self.state, self.samples, now)

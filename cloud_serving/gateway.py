@@ -11,8 +11,10 @@ the shared gate engine and rolls back or promotes them.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,9 +26,9 @@ import numpy as np
 from cloud_serving.backends import Backend, BackendError, ConstantFallback, OnnxBackend
 from cloud_serving.canary import Canary, CanarySpec
 from cloud_serving.config import BatchingConfig, ModelConfig, ServingConfig
-from cloud_serving.routing import choose, normalise
+from cloud_serving.routing import Split, normalise
 from cloud_serving.shadow import ShadowBudget, ShadowMirror
-from shared.batching import OverloadedError
+from shared.batching import InferencePool, OverloadedError
 from shared.errors import TidegateError
 from shared.gates import Action
 
@@ -80,12 +82,22 @@ class ModelState:
     canary: Canary | None = None
     history: list[str] = field(default_factory=list)  # previous production versions, newest last
     events: list[str] = field(default_factory=list)
+    split: Split | None = None
+    deadlines: deque[tuple[float, asyncio.Future[Any]]] = field(default_factory=deque)
 
-    def order(self) -> list[str]:
-        return [self.production]
+    def route(self) -> Split:
+        """The prepared split for the current weights (production's range first)."""
+        if self.split is None:
+            self.split = Split.of(self.weights, [self.production])
+        return self.split
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in ("weights", "production"):  # any change of routing invalidates the split
+            super().__setattr__("split", None)
 
 
-def _onnx(version: str, path: Path, b: BatchingConfig) -> OnnxBackend:
+def _onnx(version: str, path: Path, b: BatchingConfig, pool: InferencePool) -> OnnxBackend:
     return OnnxBackend(
         version,
         path,
@@ -94,6 +106,7 @@ def _onnx(version: str, path: Path, b: BatchingConfig) -> OnnxBackend:
         max_queue=b.max_queue,
         preferred_sizes=tuple(b.preferred_sizes),
         concurrency=b.concurrency,
+        pool=pool,
     )
 
 
@@ -105,6 +118,12 @@ class Gateway:
         self.models: dict[str, ModelState] = {}
         self._rng = random.Random(seed)
         self._ticker: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        # One inference pool for every loaded version: as many threads as cores, however many
+        # versions a release keeps loaded side by side.
+        self.pool = InferencePool(os.cpu_count() or 2)
+        self.shadow_pool: InferencePool | None = None
+        self._pending_starts: list[asyncio.Future[None]] = []
         self.on_request: Callable[[str, Answer | None, bool], None] = lambda model, answer, ok: None
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -112,7 +131,7 @@ class Gateway:
     async def start(self, *, tick: bool = True) -> Gateway:
         for name, mc in self.config.models.items():
             versions: dict[str, Backend] = {
-                v: _onnx(v, vc.path, vc.batching) for v, vc in mc.versions.items()
+                v: _onnx(v, vc.path, vc.batching, self.pool) for v, vc in mc.versions.items()
             }
             fallback = ConstantFallback(mc.fallback.outputs) if mc.fallback else None
             self.models[name] = ModelState(
@@ -122,16 +141,23 @@ class Gateway:
                 await b.start()
         if tick:
             self._ticker = asyncio.create_task(self._tick_loop())
+        self._sweeper = asyncio.create_task(self._sweep_deadlines())
         return self
 
     async def stop(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for st in self.models.values():
             if st.shadow is not None:
                 await st.shadow.stop()
+                await st.shadow.candidate.stop()
             for b in st.versions.values():
                 await b.stop()
+        self.pool.shutdown()
+        if self.shadow_pool is not None:
+            self.shadow_pool.shutdown()
 
     def model(self, name: str) -> ModelState:
         try:
@@ -150,7 +176,7 @@ class Gateway:
         metadata: dict[str, Any] | None = None,
     ) -> Answer:
         st = self.model(name)
-        version = choose(st.weights, key=key, salt=st.salt, rng=self._rng, order=st.order())
+        version = st.route().pick(key=key, salt=st.salt, rng=self._rng)
         t0 = time.perf_counter()
         try:
             answer = await self._run(st, version, sample)
@@ -159,11 +185,12 @@ class Gateway:
         except Exception as exc:  # BackendError, TimeoutError, the runtime's own errors
             ms = (time.perf_counter() - t0) * 1000
             if st.canary is not None and version == st.canary.candidate:
+                failure = exc
                 st.canary.record(
                     self.clock(),
                     ok=False,
                     latency_ms=ms,
-                    exchange=_exchange(key, metadata, sample, None, exc),
+                    exchange=lambda: _exchange(key, metadata, sample, None, failure),
                 )
                 return await self._production_or_fallback(st, sample, t0)  # the caller never sees it
             return await self._fallback(st, sample, t0, exc)
@@ -172,7 +199,7 @@ class Gateway:
                 self.clock(),
                 ok=True,
                 latency_ms=answer.latency_ms,
-                exchange=_exchange(key, metadata, sample, answer.outputs, None),
+                exchange=lambda: _exchange(key, metadata, sample, answer.outputs, None),
             )
         if st.shadow is not None and version == st.production:
             st.shadow.offer(sample, answer.outputs, answer.latency_ms)
@@ -181,7 +208,11 @@ class Gateway:
     async def _run(self, st: ModelState, version: str, sample: np.ndarray[Any, Any]) -> Answer:
         backend = st.versions[version]
         t0 = time.perf_counter()
-        outputs = await asyncio.wait_for(backend.infer(sample), st.config.timeout_ms / 1000)
+        fut = backend.submit(sample)
+        # Deadlines are enforced by one sweeper per model (constant timeout: FIFO order), not
+        # by a timer per request: a request costs one append.
+        st.deadlines.append((t0 + st.config.timeout_ms / 1000, fut))
+        outputs = await fut
         for out_name, value in outputs.items():  # guardrail: a model that emits NaN has failed
             if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
                 raise BackendError(f"{st.name} {version}: output {out_name!r} is not finite")
@@ -225,7 +256,7 @@ class Gateway:
         st = self.model(name)
         if version in st.versions:
             raise ReleaseError(f"{name} {version} is loaded already")
-        backend = _onnx(version, path, batching or BatchingConfig())
+        backend = _onnx(version, path, batching or BatchingConfig(), self.pool)
         await backend.start()
         st.versions[version] = backend
         self._note(st, f"loaded {version} from {path}")
@@ -297,14 +328,26 @@ class Gateway:
             raise ReleaseError(f"{version} is production; shadow a candidate")
         if st.shadow is not None and st.shadow.active:
             raise ReleaseError(f"{name} is already shadowing {st.shadow.candidate.version}")
+        # The mirror runs its own copy of the candidate on one low-priority thread: callers'
+        # requests keep the CPU first, and the shadow takes what is left.
+        source = st.versions[version]
+        path = getattr(source, "model_path", None)
+        if path is None:
+            raise ReleaseError(f"{name} {version} is not an in-process model; it cannot be shadowed")
+        if self.shadow_pool is None:
+            self.shadow_pool = InferencePool(1, nice=19)
+        mirror_backend = _onnx(
+            version, path, BatchingConfig(max_batch=32, max_delay_us=5000), self.shadow_pool
+        )
         st.shadow = ShadowMirror(
-            st.versions[version],
+            mirror_backend,
             share=share,
             budget=budget,
             scores_output=st.config.scores_output,
             queue_max=queue_max,
         )
         st.shadow.start()
+        self._pending_starts.append(asyncio.ensure_future(mirror_backend.start()))
         self._note(st, f"shadowing {share:.0%} of traffic to {version}")
 
     async def stop_shadow(self, name: str) -> dict[str, Any]:
@@ -312,6 +355,7 @@ class Gateway:
         if st.shadow is None:
             raise ReleaseError(f"{name} has no shadow")
         await st.shadow.stop()
+        await st.shadow.candidate.stop()
         st.shadow.noted = True
         self._note(st, f"shadow of {st.shadow.candidate.version} stopped by an operator")
         return st.shadow.stats.kpis()
@@ -379,6 +423,17 @@ class Gateway:
                 self._end_canary(st, promoted=False, reason=decision.reason)
                 done.append((st.name, "rolled back", bundle))
         return done
+
+    async def _sweep_deadlines(self, every_s: float = 0.01) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            now = time.perf_counter()
+            for st in self.models.values():
+                q = st.deadlines
+                while q and (q[0][1].done() or q[0][0] <= now):
+                    _, fut = q.popleft()
+                    if not fut.done():
+                        fut.set_exception(TimeoutError(f"no answer within {st.config.timeout_ms:g} ms"))
 
     async def _tick_loop(self) -> None:
         while True:

@@ -9,9 +9,11 @@ random draw with the same weights.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from shared.errors import TidegateError
 
@@ -37,6 +39,33 @@ def normalise(weights: Mapping[str, float]) -> dict[str, float]:
     return {k: w / total for k, w in weights.items() if w > 0}
 
 
+@dataclass(frozen=True)
+class Split:
+    """Weights prepared once (normalised, ordered, cumulative), so each request costs one
+    hash and one bisect: the gateway rebuilds it only when an operator changes the weights."""
+
+    names: tuple[str, ...]
+    edges: tuple[float, ...]
+
+    @classmethod
+    def of(cls, weights: Mapping[str, float], order: list[str] | None = None) -> Split:
+        split = normalise(weights)
+        first = [n for n in (order or []) if n in split]
+        names = first + sorted(n for n in split if n not in first)
+        edges, edge = [], 0.0
+        for name in names:
+            edge += split[name]
+            edges.append(edge)
+        edges[-1] = 1.0  # rounding
+        return cls(tuple(names), tuple(edges))
+
+    def pick(self, *, key: str | None, salt: str, rng: random.Random | None = None) -> str:
+        if len(self.names) == 1:
+            return self.names[0]
+        point = bucket(key, salt) if key is not None else (rng or random).random()
+        return self.names[min(bisect.bisect_right(self.edges, point), len(self.names) - 1)]
+
+
 def choose(
     weights: Mapping[str, float],
     *,
@@ -48,12 +77,4 @@ def choose(
     """The version for this request. `order` fixes the ranges (default: the candidate
     last, i.e. sorted keys with any name in `order` first), so growing a canary moves only
     callers from production to the candidate, never back and forth."""
-    split = normalise(weights)
-    names = [n for n in (order or []) if n in split] + sorted(n for n in split if n not in (order or []))
-    point = bucket(key, salt) if key is not None else (rng or random).random()
-    edge = 0.0
-    for name in names:
-        edge += split[name]
-        if point < edge:
-            return name
-    return names[-1]  # rounding at the top edge
+    return Split.of(weights, order).pick(key=key, salt=salt, rng=rng)

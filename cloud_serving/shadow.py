@@ -130,18 +130,29 @@ class ShadowMirror:
             self.stats.dropped += 1
 
     async def _work(self) -> None:
+        """Take whatever has queued (up to 32) and run it concurrently, so the candidate's
+        batcher can batch the mirror's traffic as it batches a caller's."""
         while self.active:
-            sample, production, production_ms = await self._queue.get()
-            t0 = time.perf_counter()
-            try:
-                got = await self.candidate.infer(sample)
-            except Exception:
-                self.stats.errors += 1
-                self._check_budget()
-                continue
-            ms = (time.perf_counter() - t0) * 1000
-            self._compare(production, got, production_ms, ms)
+            items = [await self._queue.get()]
+            while len(items) < 32 and not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            results = await asyncio.gather(*(self._one(sample) for sample, _, _ in items))
+            for (_, production, production_ms), (got, ms) in zip(items, results, strict=True):
+                if got is None:
+                    self.stats.errors += 1
+                else:
+                    self._compare(production, got, production_ms, ms)
             self._check_budget()
+
+    async def _one(
+        self, sample: np.ndarray[Any, Any]
+    ) -> tuple[dict[str, np.ndarray[Any, Any]] | None, float]:
+        t0 = time.perf_counter()
+        try:
+            got = await self.candidate.infer(sample)
+        except Exception:
+            return None, 0.0
+        return got, (time.perf_counter() - t0) * 1000
 
     def _compare(
         self,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +64,27 @@ class OnnxModelRunner:
         return list(self._sess.run(self.output_names, {self.input_name: batch}))
 
 
+class InferencePool:
+    """Threads that run batches, and how many batches are in them now (event-loop owned).
+
+    `nice` > 0 lowers the threads' scheduling priority (Linux sets it per thread), so work
+    that must never slow callers down, such as a shadow's, yields the CPU to them."""
+
+    def __init__(self, threads: int, *, nice: int = 0) -> None:
+        def lower_priority() -> None:
+            if nice:
+                with contextlib.suppress(OSError, AttributeError):
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+        self.executor = ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="inference", initializer=lower_priority
+        )
+        self.running = 0
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
 @dataclass
 class BatcherStats:
     count: int = 0
@@ -80,7 +103,11 @@ class DynamicBatcher:
         max_queue: int = 1024,
         concurrency: int = 2,
         preferred_sizes: tuple[int, ...] = (),
+        pool: InferencePool | None = None,
     ) -> None:
+        """`pool`: inference threads shared with other batchers (a gateway serving several
+        versions keeps them at the core count instead of oversubscribing), and with them the
+        notion of "busy" that decides whether waiting for a fuller batch pays."""
         self.runner = runner
         self.preferred_sizes = frozenset(preferred_sizes)
         self.max_batch = max_batch
@@ -93,10 +120,10 @@ class DynamicBatcher:
         self._nonempty = asyncio.Event()
         self._enough = asyncio.Event()  # the batch being gathered can be filled now
         self._want = 0
-        self._running = 0  # batches in inference right now
         self._closed = False
         self._gathering = asyncio.Lock()  # one worker forms a batch while others run theirs
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="batcher")
+        self._own_pool = pool is None
+        self._pool = pool or InferencePool(concurrency)
         self._workers: list[asyncio.Task[None]] = []
         self._latencies: deque[float] = deque(maxlen=2048)
         self.stats = BatcherStats()
@@ -110,7 +137,8 @@ class DynamicBatcher:
             w.cancel()
         if self._workers:
             await asyncio.wait(self._workers, timeout=10)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._own_pool:
+            self._pool.shutdown()
 
     def set_limits(self, *, max_batch: int, concurrency: int, pacing_ms: float) -> None:
         self.max_batch = max(1, max_batch)
@@ -133,6 +161,11 @@ class DynamicBatcher:
 
     async def infer(self, sample: np.ndarray[Any, Any]) -> dict[str, Any]:
         """One sample (no batch axis) in, that sample's outputs out."""
+        return await self.submit(sample)
+
+    def submit(self, sample: np.ndarray[Any, Any]) -> asyncio.Future[dict[str, Any]]:
+        """Queue one sample; the future gets its outputs. A caller may fail the future itself
+        (a deadline): the batch still runs and its result for that row is dropped."""
         if self.runner is None:
             raise NoModelError("no committed model is active")
         if len(self._queue) >= self.max_queue:
@@ -143,7 +176,7 @@ class DynamicBatcher:
         self._nonempty.set()
         if self._want and len(self._queue) >= self._want:
             self._enough.set()
-        return await fut
+        return fut
 
     def _take(self, items: list[tuple[np.ndarray[Any, Any], asyncio.Future[dict[str, Any]]]]) -> None:
         while self._queue and len(items) < self.max_batch:
@@ -167,7 +200,7 @@ class DynamicBatcher:
             if (
                 len(items) < self.max_batch
                 and self.max_delay_s > 0
-                and self._running > 0
+                and self._pool.running > 0
                 and len(items) not in self.preferred_sizes
             ):
                 self._want = self.max_batch - len(items)
@@ -192,11 +225,11 @@ class DynamicBatcher:
                 if runner is None:
                     raise NoModelError("no committed model is active")
                 batch = np.stack([s for s, _ in items])
-                self._running += 1
+                self._pool.running += 1
                 try:
-                    outputs = await loop.run_in_executor(self._pool, runner.run_batch, batch)
+                    outputs = await loop.run_in_executor(self._pool.executor, runner.run_batch, batch)
                 finally:
-                    self._running -= 1
+                    self._pool.running -= 1
             except Exception as exc:
                 self.stats.errors += len(items)
                 for _, fut in items:

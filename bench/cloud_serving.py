@@ -1,0 +1,187 @@
+"""Cloud gateway benchmarks, each against a baseline measured in the same run.
+
+1. Routing overhead: closed-loop throughput of 32 concurrent callers through
+   `Gateway.infer` with a canary (10 %) and sticky per-caller assignment, against the
+   same model's backend called directly (goal >= 0.9).
+2. Shadow cost to callers: p99 latency at a fixed offered load (open loop, about half of
+   this machine's capacity) with 100 % of traffic mirrored to a candidate, against no
+   mirroring (goal <= 1.1).
+3. Dynamic batching: throughput at 32 concurrent callers with batches of up to 32,
+   against batch-1 serving of the same model (goal >= 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import print_table, write_result
+from builder.samples import make_mlp
+from cloud_serving.backends import OnnxBackend
+from cloud_serving.canary import CanarySpec
+from cloud_serving.config import ServingConfig
+from cloud_serving.gateway import Gateway
+from cloud_serving.shadow import ShadowBudget
+
+FEATURES = 512
+
+
+def _config(model: Path, candidate: Path, *, max_batch: int = 32) -> ServingConfig:
+    batching = {"max_batch": max_batch, "max_delay_us": 2000, "max_queue": 100_000, "concurrency": 2}
+    return ServingConfig.model_validate(
+        {
+            "gateway": {"failure_dir": str(model.parent / "failures")},
+            "models": {
+                "m": {
+                    "production": "1",
+                    "timeout_ms": 60_000,
+                    "versions": {
+                        "1": {"path": str(model), "batching": batching},
+                        "2": {"path": str(candidate), "batching": batching},
+                    },
+                }
+            },
+        }
+    )
+
+
+async def _closed_loop(call: Any, clients: int, seconds: float) -> float:
+    x = np.random.default_rng(0).standard_normal((256, FEATURES)).astype(np.float32)
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def client(n: int) -> None:
+        nonlocal done
+        i = n
+        while time.perf_counter() < stop:
+            await call(x[i % 256], f"caller-{n}-{i % 50}")
+            done += 1
+            i += clients
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    return done / (time.perf_counter() - t0)
+
+
+async def _open_loop(call: Any, rate: float, seconds: float) -> list[float]:
+    """Requests at a fixed rate regardless of how fast they finish: the caller's latency."""
+    x = np.random.default_rng(1).standard_normal((256, FEATURES)).astype(np.float32)
+    latencies: list[float] = []
+
+    async def one(i: int) -> None:
+        t0 = time.perf_counter()
+        await call(x[i % 256], f"k{i % 1000}")
+        latencies.append(time.perf_counter() - t0)
+
+    tasks = []
+    start = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    return latencies
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)] * 1000
+
+
+async def _run(work: Path, seconds: float) -> list[dict[str, Any]]:
+    light = make_mlp(work / "light.onnx", features=FEATURES, hidden=1024, layers=3, seed=0)
+    model = make_mlp(work / "m1.onnx", features=FEATURES, hidden=2048, layers=4, seed=0)
+    candidate = make_mlp(work / "m2.onnx", features=FEATURES, hidden=2048, layers=4, seed=1)
+    rows: list[dict[str, Any]] = []
+
+    # 1. routing overhead, for a light and a heavier model
+    for label, m in (("MLP 512-1024x3, 2.6M MACs", light), ("MLP 512-2048x4, 13.6M MACs", model)):
+        direct = OnnxBackend("1", m, max_batch=32, max_delay_us=2000, max_queue=100_000)
+        await direct.start()
+        base = await _closed_loop(lambda x, key: direct.infer(x), 32, seconds)  # noqa: B023
+        await direct.stop()
+        gw = await Gateway(_config(m, m), seed=0).start(tick=False)
+        single = await _closed_loop(lambda x, key: gw.infer("m", x, key=key), 32, seconds)  # noqa: B023
+        gw.start_canary("m", "2", CanarySpec(steps=(10, 100), bake_s=3600))
+        routed = await _closed_loop(lambda x, key: gw.infer("m", x, key=key), 32, seconds)  # noqa: B023
+        await gw.stop()
+        for case, value in (
+            ("gateway, one version", single),
+            ("gateway, canary 10 % (2 versions loaded)", routed),
+        ):
+            rows.append(
+                {
+                    "case": f"{label}: 32 callers, {case}",
+                    "baseline": "the model's backend, no routing",
+                    "baseline req/s": base,
+                    "req/s": value,
+                    "ratio": value / base,
+                    "goal": ">= 0.9",
+                }
+            )
+
+    # 2. shadow: caller p99 at a fixed offered load
+    rate = max(50.0, rows[-1]["req/s"] * 0.3)
+    gw = await Gateway(_config(model, candidate), seed=0).start(tick=False)
+    plain = await _open_loop(lambda x, key: gw.infer("m", x, key=key), rate, seconds)
+    gw.start_shadow(
+        "m", "2", share=1.0, budget=ShadowBudget(max_diff_rate=1.0, min_samples=10**9), queue_max=4096
+    )
+    mirrored = await _open_loop(lambda x, key: gw.infer("m", x, key=key), rate, seconds)
+    shadow = gw.model("m").shadow
+    kpis = shadow.stats.kpis() if shadow else {}
+    await gw.stop()
+    rows.append(
+        {
+            "case": f"caller p99 at {rate:,.0f} req/s with 100 % shadow (compared {kpis.get('compared', 0)})",
+            "baseline": "no shadow",
+            "baseline req/s": rate,
+            "req/s": rate,
+            "ratio": _p99(mirrored) / _p99(plain),
+            "goal": "<= 1.1",
+            "baseline p99 ms": _p99(plain),
+            "p99 ms": _p99(mirrored),
+        }
+    )
+
+    # 3. dynamic batching
+    one = OnnxBackend("1", model, max_batch=1, max_delay_us=0, max_queue=100_000)
+    await one.start()
+    single = await _closed_loop(lambda x, key: one.infer(x), 32, seconds)
+    await one.stop()
+    batched_backend = OnnxBackend("1", model, max_batch=32, max_delay_us=2000, max_queue=100_000)
+    await batched_backend.start()
+    batched = await _closed_loop(lambda x, key: batched_backend.infer(x), 32, seconds)
+    await batched_backend.stop()
+    rows.append(
+        {
+            "case": "MLP 512-2048x4: 32 callers, dynamic batching (max 32, 2 ms)",
+            "baseline": "batch-1 serving",
+            "baseline req/s": single,
+            "req/s": batched,
+            "ratio": batched / single,
+            "goal": ">= 3",
+        }
+    )
+    return rows
+
+
+def run(seconds: float = 5.0) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory(prefix="tidegate-bench-serving-") as tmp:
+        rows = asyncio.run(_run(Path(tmp), seconds))
+    print_table("cloud gateway (single-threaded ONNX Runtime per batch, one pool of 2 threads)", rows)
+    write_result(
+        "cloud_serving", rows, notes="in-process; each ratio against a baseline measured in the same run"
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    run()
