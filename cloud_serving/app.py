@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
@@ -28,6 +28,7 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cloud_serving.canary import CanarySpec
+from cloud_serving.experiments import ExperimentSpec
 from cloud_serving.gateway import Gateway, GatewayError
 from cloud_serving.shadow import ShadowBudget
 
@@ -38,6 +39,26 @@ class InferRequest(BaseModel):
     inputs: list[Any] | float = Field(description="One sample, without the batch axis.")
     key: str | None = Field(default=None, max_length=256, description="Caller key for sticky assignment.")
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class FeedbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1, max_length=64)
+    reward: float = Field(ge=0, le=1)
+
+
+class ExperimentBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    control: str = Field(min_length=1, max_length=64)
+    treatment: str = Field(min_length=1, max_length=64)
+    treatment_share: float = Field(default=0.5, gt=0, lt=1)
+    baseline_rate: float = Field(default=0.1, gt=0, lt=1)
+    mde: float = Field(default=0.02, gt=0, lt=1)
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    power: float = Field(default=0.8, gt=0.5, lt=1)
+    mode: Literal["ab", "bandit"] = "ab"
+    burn_in: int = Field(default=200, ge=0, le=1_000_000)
+    max_error_rate: float = Field(default=0.02, ge=0, le=1)
 
 
 class WeightsBody(BaseModel):
@@ -189,12 +210,27 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
             raise
         requests.labels(model, answer.version, "fallback" if answer.fallback else "ok").inc()
         latency.labels(model, answer.version).observe(time.perf_counter() - t0)
-        return {
+        reply: dict[str, Any] = {
             "model": model,
             "version": answer.version,
             "fallback": answer.fallback,
             "outputs": {k: v.tolist() for k, v in answer.outputs.items()},
         }
+        if answer.request_id is not None:
+            reply["request_id"] = answer.request_id
+        return reply
+
+    @app.post("/v1/models/{model}/feedback")
+    async def feedback(model: str, body: FeedbackBody, _: Caller) -> dict[str, str]:
+        """The outcome (0-1) of an answered request, while an experiment runs."""
+        return {"arm": gateway.feedback(model, body.request_id, body.reward)}
+
+    @app.post("/v1/admin/models/{model}/experiment")
+    async def experiment(model: str, body: ExperimentBody, _: Admin) -> dict[str, Any]:
+        if body.baseline_rate + body.mde >= 1:
+            raise HTTPException(422, "baseline_rate + mde must stay below 1")
+        gateway.start_experiment(model, ExperimentSpec(**body.model_dump()))
+        return gateway.status(model)
 
     @app.get("/v1/admin/models/{model}")
     async def status(model: str, _: Admin) -> dict[str, Any]:

@@ -11,10 +11,12 @@ the shared gate engine and rolls back or promotes them.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import time
-from collections import deque
+import uuid
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,10 +28,12 @@ import numpy as np
 from cloud_serving.backends import Backend, BackendError, ConstantFallback, OnnxBackend
 from cloud_serving.canary import Canary, CanarySpec
 from cloud_serving.config import BatchingConfig, ModelConfig, ServingConfig
+from cloud_serving.experiments import Experiment, ExperimentSpec
 from cloud_serving.routing import Split, normalise
 from cloud_serving.shadow import ShadowBudget, ShadowMirror
 from shared.batching import InferencePool, OverloadedError
 from shared.errors import TidegateError
+from shared.fsutil import atomic_write_bytes
 from shared.gates import Action
 
 
@@ -67,6 +71,7 @@ class Answer:
     version: str
     fallback: bool = False
     latency_ms: float = 0.0
+    request_id: str | None = None  # set while an experiment runs: the caller reports its reward
 
 
 @dataclass
@@ -84,6 +89,8 @@ class ModelState:
     events: list[str] = field(default_factory=list)
     split: Split | None = None
     deadlines: deque[tuple[float, asyncio.Future[Any]]] = field(default_factory=deque)
+    experiment: Experiment | None = None
+    assigned: OrderedDict[str, str] = field(default_factory=OrderedDict)  # request id → arm
 
     def route(self) -> Split:
         """The prepared split for the current weights (production's range first)."""
@@ -176,6 +183,8 @@ class Gateway:
         metadata: dict[str, Any] | None = None,
     ) -> Answer:
         st = self.model(name)
+        if st.experiment is not None:
+            return await self._experiment_infer(st, st.experiment, sample, key)
         version = st.route().pick(key=key, salt=st.salt, rng=self._rng)
         t0 = time.perf_counter()
         try:
@@ -204,6 +213,81 @@ class Gateway:
         if st.shadow is not None and version == st.production:
             st.shadow.offer(sample, answer.outputs, answer.latency_ms)
         return answer
+
+    async def _experiment_infer(
+        self, st: ModelState, exp: Experiment, sample: np.ndarray[Any, Any], key: str | None
+    ) -> Answer:
+        spec = exp.spec
+        if exp.bandit is not None:
+            arm = exp.bandit.choose()
+        else:
+            split = Split.of(
+                {spec.control: 1 - spec.treatment_share, spec.treatment: spec.treatment_share}, [spec.control]
+            )
+            arm = split.pick(key=key, salt=f"{st.name}:experiment:{spec.treatment}", rng=self._rng)
+        exp.arms[arm].assigned += 1
+        t0 = time.perf_counter()
+        try:
+            answer = await self._run(st, arm, sample)
+        except OverloadedError as exc:
+            raise OverloadError(f"{st.name} {arm}: {exc}") from None
+        except Exception as exc:
+            exp.record_error(arm)
+            if arm == spec.treatment:  # the caller is answered by the control arm instead
+                answer = await self._production_or_fallback(st, sample, t0)
+            else:
+                answer = await self._fallback(st, sample, t0, exc)
+            return answer  # no reward for an arm that did not answer
+        answer.request_id = uuid.uuid4().hex
+        st.assigned[answer.request_id] = arm
+        while len(st.assigned) > 200_000:
+            st.assigned.popitem(last=False)
+        return answer
+
+    def feedback(self, name: str, request_id: str, reward: float) -> str:
+        """The caller's outcome for one answered request (0-1): counted for its arm."""
+        st = self.model(name)
+        if st.experiment is None:
+            raise ReleaseError(f"{name} has no experiment running")
+        arm = st.assigned.pop(request_id, None)
+        if arm is None:
+            raise UnknownModelError(f"no experiment request {request_id!r} (unknown, or its reward is in)")
+        st.experiment.feedback(arm, reward)
+        return arm
+
+    def start_experiment(self, name: str, spec: ExperimentSpec) -> Experiment:
+        st = self.model(name)
+        self._known(st, spec.control)
+        self._known(st, spec.treatment)
+        if spec.control == spec.treatment:
+            raise ReleaseError("an experiment needs two different versions")
+        if st.canary is not None or st.experiment is not None:
+            raise ReleaseError(f"{name} has a canary or an experiment running; end it first")
+        st.experiment = Experiment(spec, self.clock().isoformat())
+        st.assigned.clear()
+        self._note(st, f"experiment {spec.mode}: {spec.control} vs {spec.treatment}")
+        return st.experiment
+
+    def _conclude(self, st: ModelState, decision: str) -> Path:
+        exp = st.experiment
+        assert exp is not None
+        exp.decision = decision
+        if decision == "treatment_wins":
+            if exp.spec.treatment != st.production:
+                st.history.append(st.production)
+            st.production, st.weights = exp.spec.treatment, {exp.spec.treatment: 1.0}
+        else:
+            st.weights = {st.production: 1.0}  # flags revert: everyone back on production
+        out = self.config.gateway.failure_dir.parent / "experiments" / f"{st.name}-{exp.spec.treatment}"
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "ab_summary.json", json.dumps(exp.summary(), indent=2).encode())
+        st.experiment = None
+        self._note(
+            st,
+            f"experiment ended: {decision}"
+            + (f"; {st.production} promoted" if decision == "treatment_wins" else ""),
+        )
+        return out / "ab_summary.json"
 
     async def _run(self, st: ModelState, version: str, sample: np.ndarray[Any, Any]) -> Answer:
         backend = st.versions[version]
@@ -278,8 +362,8 @@ class Gateway:
         st = self.model(name)
         for v in weights:
             self._known(st, v)
-        if st.canary is not None:
-            raise ReleaseError(f"{name} has a canary running; end it first")
+        if st.canary is not None or st.experiment is not None:
+            raise ReleaseError(f"{name} has a canary or an experiment running; end it first")
         split = normalise(weights)
         st.weights = split
         top = max(split, key=lambda v: split[v])
@@ -409,6 +493,8 @@ class Gateway:
             if shadow is not None and shadow.stopped_reason and not shadow.noted:
                 shadow.noted = True
                 self._note(st, f"shadow of {shadow.candidate.version} stopped: {shadow.stopped_reason}")
+            if st.experiment is not None and (verdict := st.experiment.analyse()) is not None:
+                done.append((st.name, verdict, self._conclude(st, verdict)))
             if st.canary is None:
                 continue
             decision = st.canary.tick(now)
@@ -466,6 +552,7 @@ class Gateway:
                 "weight": st.canary.weight,
                 "log": st.canary.log,
             },
+            "experiment": st.experiment.summary() if st.experiment else None,
             "events": st.events[-50:],
         }
 

@@ -22,6 +22,7 @@ from builder.samples import make_classifier
 from cloud_serving.app import _hash, create_app
 from cloud_serving.canary import CanarySpec
 from cloud_serving.config import ServingConfig, load_config
+from cloud_serving.experiments import ExperimentSpec
 from cloud_serving.gateway import Gateway
 from cloud_serving.routing import RoutingError, bucket, choose
 
@@ -434,5 +435,102 @@ def test_roll_through_replaces_a_failing_canary_with_the_next_candidate(models: 
             headers=caller(ADMIN),
         )
         assert r.status_code == 422 and "cumulative" in r.json()["detail"]
+
+    serve(config, body)
+
+
+def _run_experiment(
+    gw: Gateway, client: httpx.AsyncClient, rates: dict[str, float], requests: int, seed: int
+) -> Any:
+    async def go() -> list[tuple[str, list[str]]]:
+        rng = random.Random(seed)
+        ended: list[tuple[str, list[str]]] = []
+        for i in range(requests):
+            r = await client.post(
+                "/v1/models/classifier/infer",
+                json={"inputs": SAMPLES[i % 400].tolist(), "key": f"user-{i}"},
+                headers=caller(),
+            )
+            assert r.status_code == 200
+            body = r.json()
+            if "request_id" in body:
+                reward = 1.0 if rng.random() < rates[body["version"]] else 0.0
+                f = await client.post(
+                    "/v1/models/classifier/feedback",
+                    json={"request_id": body["request_id"], "reward": reward},
+                    headers=caller(),
+                )
+                assert f.status_code == 200 and f.json()["arm"] == body["version"]
+            if i % 200 == 199:
+                for model, verdict, _path in gw.tick():
+                    ended.append((verdict, [model]))
+                if ended:
+                    break
+        return ended
+
+    return go()
+
+
+def test_an_ab_experiment_finds_the_better_version_and_promotes_it(models: Path) -> None:
+    config = load_config(models / "serving.toml")
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        r = await client.post(
+            "/v1/admin/models/classifier/experiment",
+            json={"control": "1.0.0", "treatment": "1.1.0", "baseline_rate": 0.2, "mde": 0.1},
+            headers=caller(ADMIN),
+        )
+        assert r.status_code == 200, r.text
+        ended = await _run_experiment(gw, client, {"1.0.0": 0.2, "1.1.0": 0.4}, 4000, seed=1)
+        assert ended and ended[0][0] == "treatment_wins"
+        assert gw.model("classifier").production == "1.1.0"
+        summary = json.loads(
+            (
+                config.gateway.failure_dir.parent / "experiments" / "classifier-1.1.0" / "ab_summary.json"
+            ).read_text()
+        )
+        assert summary["decision"] == "treatment_wins" and summary["effect"] > 0.1
+        lo, hi = summary["confidence_interval"]
+        assert lo < summary["effect"] < hi and lo > 0
+        assert summary["p_value"] <= 0.05 and summary["plan"]["samples_per_arm"] > 0
+        share = summary["arms"]["1.1.0"]["assigned"] / sum(a["assigned"] for a in summary["arms"].values())
+        assert abs(share - 0.5) < 0.1
+        r = await client.post(
+            "/v1/models/classifier/feedback", json={"request_id": "x", "reward": 1}, headers=caller()
+        )
+        assert r.status_code == 409  # no experiment any more
+
+    serve(config, body)
+
+
+def test_an_experiment_with_a_broken_treatment_stops_on_its_guardrail(models: Path) -> None:
+    config = load_config(models / "serving.toml")
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        gw.start_experiment("classifier", ExperimentSpec(control="1.0.0", treatment="9.9.9-bad"))
+        ended = await _run_experiment(gw, client, {"1.0.0": 0.2, "9.9.9-bad": 0.2}, 1000, seed=2)
+        assert ended and ended[0][0].startswith("stopped: guardrail")
+        assert gw.model("classifier").production == "1.0.0" and gw.model("classifier").weights == {
+            "1.0.0": 1.0
+        }
+
+    serve(config, body)
+
+
+def test_a_bandit_sends_most_traffic_to_the_better_arm(models: Path) -> None:
+    config = load_config(models / "serving.toml")
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        from cloud_serving.experiments import ExperimentSpec
+
+        exp = gw.start_experiment(
+            "classifier",
+            ExperimentSpec(control="1.0.0", treatment="1.1.0", mode="bandit", burn_in=100, mde=0.5),
+        )
+        ended = await _run_experiment(gw, client, {"1.0.0": 0.1, "1.1.0": 0.5}, 1200, seed=3)
+        arms = exp.arms
+        after_burn_in = arms["1.1.0"].assigned - 50, arms["1.0.0"].assigned - 50
+        assert after_burn_in[0] > 4 * after_burn_in[1]  # past the 50/50 burn-in, the better arm
+        assert ended and ended[0][0] == "treatment_wins" and exp.summary()["bandit"]["1.1.0"]["pulls"] > 0
 
     serve(config, body)
