@@ -80,6 +80,33 @@ def make_mlp(
     return path
 
 
+def make_nan_classifier(path: Path, *, features: int = 16, classes: int = 4, seed: int = 3) -> Path:
+    """The classifier's contract with every output NaN (the square root of -(|z| + 1)): a
+    broken export that loads and runs, for demos and tests of guardrails and rollback."""
+    w = np.random.default_rng(seed).standard_normal((features, classes)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "W"], ["z"]),
+            helper.make_node("Abs", ["z"], ["a"]),
+            helper.make_node("Add", ["a", "one"], ["b"]),
+            helper.make_node("Neg", ["b"], ["c"]),
+            helper.make_node("Sqrt", ["c"], ["probabilities"]),
+        ],
+        "broken",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
+        initializer=[
+            numpy_helper.from_array(w, "W"),
+            numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tidegate")
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
 def make_detector(
     path: Path, *, features: int = 32, hidden: int = 64, classes: int = 3, seed: int = 0
 ) -> Path:

@@ -200,6 +200,8 @@ def test_demo_runs_to_the_end(tmp_path: Path) -> None:
         assert tag in proc.stdout
     assert "rolled_back: self-test failed" in proc.stdout
     assert "[build] published detector/1.0.0/edge-cpu-arm64-int8.bundle" in proc.stdout
+    assert "[gateway] canary 1.2.0-bad rolled back by the gates" in proc.stdout
+    assert "production is now 1.1.0" in proc.stdout
     assert "vehicle-1 runs 1.3.0" in proc.stdout
     assert "COMPLETE" in proc.stdout
     if "[fleet] skipped" not in proc.stdout:  # the fleet part needs a Mosquitto binary to embed

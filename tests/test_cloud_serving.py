@@ -14,11 +14,9 @@ from typing import Any
 
 import httpx
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-from builder.samples import make_classifier
+from builder.samples import make_classifier, make_nan_classifier
 from cloud_serving.app import _hash, create_app
 from cloud_serving.canary import CanarySpec
 from cloud_serving.config import ServingConfig, load_config
@@ -29,35 +27,12 @@ from cloud_serving.routing import RoutingError, bucket, choose
 KEY, ADMIN = "tgk_caller", "tgk_admin"
 
 
-def make_nan_model(path: Path, features: int = 16, classes: int = 4) -> Path:
-    """Same contract as the classifier, but every output is NaN (the square root of
-    -(|z| + 1)): a bad build that loads fine and then breaks its guardrail."""
-    w = np.random.default_rng(3).standard_normal((features, classes)).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["input", "W"], ["z"]),
-            helper.make_node("Abs", ["z"], ["a"]),
-            helper.make_node("Add", ["a", "one"], ["b"]),
-            helper.make_node("Neg", ["b"], ["c"]),
-            helper.make_node("Sqrt", ["c"], ["probabilities"]),
-        ],
-        "bad",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
-        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.float32(1.0), "one")],
-    )
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.save_model(m, str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("serving")
     make_classifier(d / "v1.onnx", seed=0)
     make_classifier(d / "v2.onnx", seed=1)
-    make_nan_model(d / "bad.onnx")
+    make_nan_classifier(d / "bad.onnx")
     (d / "serving.toml").write_text(
         f"""
 [gateway]

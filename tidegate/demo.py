@@ -8,6 +8,7 @@ cut mid-write, tampering refused, and a rollout plan advanced by the gate
 engine.
 """
 
+import json
 import shutil
 import time
 from datetime import UTC, datetime, timedelta
@@ -155,6 +156,94 @@ def _build_story(workdir: Path, repo_dir: Path) -> None:
         _say("build", f"published {path} into the update repository")
 
 
+def _serving_story(workdir: Path) -> None:
+    """The cloud gateway: shadow, a bad canary rolled back by the gates, an A/B test that
+    promotes the better version; all in process, with an injected clock for the bake times."""
+    import asyncio
+    import random
+
+    import numpy as np
+
+    from builder.samples import make_classifier, make_nan_classifier
+    from cloud_serving.canary import CanarySpec
+    from cloud_serving.config import ServingConfig
+    from cloud_serving.experiments import ExperimentSpec
+    from cloud_serving.gateway import Gateway
+    from cloud_serving.shadow import ShadowBudget
+
+    d = workdir / "serving"
+    make_classifier(d / "v1.onnx", seed=0)
+    make_classifier(d / "v2.onnx", seed=1)
+    bad = make_nan_classifier(d / "v3-bad.onnx")  # loads fine, answers NaN: a broken export
+    config = ServingConfig.model_validate(
+        {
+            "gateway": {"failure_dir": str(d / "failures")},
+            "models": {
+                "classifier": {
+                    "production": "1.0.0",
+                    "versions": {
+                        v: {"path": str(d / f)}
+                        for v, f in (("1.0.0", "v1.onnx"), ("1.1.0", "v2.onnx"), ("1.2.0-bad", bad.name))
+                    },
+                }
+            },
+        }
+    )
+    now = [datetime(2026, 11, 24, 12, 0, tzinfo=UTC)]
+    x = np.random.default_rng(0).standard_normal((500, 16)).astype(np.float32)
+
+    async def main() -> None:
+        gw = await Gateway(config, clock=lambda: now[0], seed=0).start(tick=False)
+        try:
+            gw.start_shadow(
+                "classifier", "1.1.0", share=1.0, budget=ShadowBudget(max_diff_rate=1.0, min_samples=10**9)
+            )
+            for i in range(300):
+                await gw.infer("classifier", x[i], key=f"car-{i}")
+            await asyncio.sleep(0.3)
+            k = await gw.stop_shadow("classifier")
+            _say(
+                "gateway",
+                f"shadow of 1.1.0 on 100 % of traffic: {k['compared']} compared, argmax agreement "
+                f"{k['argmax_agreement']:.2f}, max |Δ| {k['max_abs_diff']:.2f}; callers only ever got 1.0.0",
+            )
+            gw.start_canary(
+                "classifier", "1.2.0-bad", CanarySpec(steps=(5, 25, 100), bake_s=60, min_requests=10)
+            )
+            for i in range(400):
+                answer = await gw.infer("classifier", x[i], key=f"car-{i}")
+                assert answer.version == "1.0.0"
+            now[0] += timedelta(seconds=5)
+            for _model, verdict, bundle in gw.tick():
+                _say("gateway", f"canary 1.2.0-bad {verdict} by the gates; failure bundle {bundle}")
+            rng = random.Random(1)
+            gw.start_experiment(
+                "classifier", ExperimentSpec(control="1.0.0", treatment="1.1.0", baseline_rate=0.2, mde=0.1)
+            )
+            for i in range(5000):
+                a = await gw.infer("classifier", x[i % 500], key=f"user-{i}")
+                if a.request_id:
+                    gw.feedback(
+                        "classifier",
+                        a.request_id,
+                        float(rng.random() < (0.4 if a.version == "1.1.0" else 0.2)),
+                    )
+                if i % 250 == 249 and (ended := gw.tick()):
+                    summary = json.loads(ended[0][2].read_text())  # type: ignore[union-attr]
+                    lo, hi = summary["confidence_interval"]
+                    _say(
+                        "gateway",
+                        f"A/B 1.0.0 vs 1.1.0 after {i + 1} requests: {summary['decision']}, effect "
+                        f"{summary['effect']:+.3f} (always-valid 95 % interval {lo:+.3f}..{hi:+.3f}); "
+                        f"production is now {gw.model('classifier').production}",
+                    )
+                    break
+        finally:
+            await gw.stop()
+
+    asyncio.run(main())
+
+
 def _fleet_story(workdir: Path, repo: UpdateRepository, keep_running: bool) -> None:
     from fleet_server.broker import EmbeddedBroker
     from tidegate.demo_fleet import run_fleet
@@ -234,6 +323,7 @@ def demo(
             "holding only root v1 still updated through the root chain",
         )
         _agent_story(workdir, repo, payload, server.url)
+    _serving_story(workdir)
     _fleet_story(workdir, repo, keep_running)
 
     tampered = workdir / "tampered-repository"
