@@ -56,12 +56,21 @@ class ModelConfig(_Strict):
         return self
 
 
+class RegistryConfig(_Strict):
+    """The fleet server whose model registry records promotions (token from the environment)."""
+
+    url: str
+    token_env: str = "TIDEGATE_REGISTRY_TOKEN"
+    timeout_s: float = Field(default=5.0, gt=0, le=60)
+
+
 class GatewayConfig(_Strict):
     api_keys_sha256: list[str] = Field(default_factory=list)
     admin_keys_sha256: list[str] = Field(default_factory=list)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     failure_dir: Path = Path("failures")
     tick_s: float = Field(default=1.0, gt=0)
+    registry: RegistryConfig | None = None
 
 
 class ServingConfig(_Strict):

@@ -27,8 +27,9 @@ import numpy as np
 
 from cloud_serving.backends import Backend, BackendError, ConstantFallback, OnnxBackend
 from cloud_serving.canary import Canary, CanarySpec
-from cloud_serving.config import BatchingConfig, ModelConfig, ServingConfig
+from cloud_serving.config import BatchingConfig, ConfigError, ModelConfig, ServingConfig
 from cloud_serving.experiments import Experiment, ExperimentSpec
+from cloud_serving.registry import Promotion, RegistryClient
 from cloud_serving.routing import Split, normalise
 from cloud_serving.shadow import ShadowBudget, ShadowMirror
 from shared.batching import InferencePool, OverloadedError
@@ -130,6 +131,12 @@ class Gateway:
         # versions a release keeps loaded side by side.
         self.pool = InferencePool(os.cpu_count() or 2)
         self.shadow_pool: InferencePool | None = None
+        self.registry: RegistryClient | None = None
+        if (reg := config.gateway.registry) is not None:
+            token = os.environ.get(reg.token_env)
+            if not token:
+                raise ConfigError(f"the registry at {reg.url} needs a token in ${reg.token_env}")
+            self.registry = RegistryClient(reg.url, token, timeout_s=reg.timeout_s)
         self._pending_starts: list[asyncio.Future[None]] = []
         self.on_request: Callable[[str, Answer | None, bool], None] = lambda model, answer, ok: None
 
@@ -163,6 +170,9 @@ class Gateway:
             for b in st.versions.values():
                 await b.stop()
         self.pool.shutdown()
+        if self.registry is not None:
+            await self.flush_registry()
+            self.registry.close()
         if self.shadow_pool is not None:
             self.shadow_pool.shutdown()
 
@@ -276,6 +286,7 @@ class Gateway:
             if exp.spec.treatment != st.production:
                 st.history.append(st.production)
             st.production, st.weights = exp.spec.treatment, {exp.spec.treatment: 1.0}
+            self._promoted(st.name, exp.spec.treatment, "experiment", exp.summary())
         else:
             st.weights = {st.production: 1.0}  # flags revert: everyone back on production
         out = self.config.gateway.failure_dir.parent / "experiments" / f"{st.name}-{exp.spec.treatment}"
@@ -480,6 +491,9 @@ class Gateway:
         if promoted:
             st.history.append(st.production)
             st.production = candidate
+            self._promoted(
+                st.name, candidate, "canary", {"steps": list(st.canary.spec.steps), "log": st.canary.log}
+            )
         st.weights = {st.production: 1.0}
         st.canary = None
         self._note(st, f"canary {candidate} {'promoted' if promoted else 'rolled back'}: {reason}")
@@ -521,10 +535,21 @@ class Gateway:
                     if not fut.done():
                         fut.set_exception(TimeoutError(f"no answer within {st.config.timeout_ms:g} ms"))
 
+    def _promoted(self, model: str, version: str, section: str, content: dict[str, Any]) -> None:
+        if self.registry is not None:
+            self.registry.pending.append(Promotion(model, version, section, content))
+
+    async def flush_registry(self) -> int:
+        """Send queued promotions to the registry off the event loop; retried on failure."""
+        if self.registry is None or not self.registry.pending:
+            return 0
+        return await asyncio.to_thread(self.registry.flush)
+
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.gateway.tick_s)
             self.tick()
+            await self.flush_registry()
 
     def status(self, name: str) -> dict[str, Any]:
         st = self.model(name)

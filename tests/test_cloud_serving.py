@@ -509,3 +509,103 @@ def test_a_bandit_sends_most_traffic_to_the_better_arm(models: Path) -> None:
         assert ended and ended[0][0] == "treatment_wins" and exp.summary()["bandit"]["1.1.0"]["pulls"] > 0
 
     serve(config, body)
+
+
+def test_the_example_configuration_parses_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    from cloud_serving.config import ConfigError
+
+    example = Path(__file__).parent.parent / "config" / "serving.example.toml"
+    cfg = load_config(example)
+    assert cfg.models["classifier"].versions["1.3.0"].batching.preferred_sizes == [8, 16, 32]
+    assert cfg.models["classifier"].versions["1.3.0"].path.is_absolute()
+    bad = tmp_path / "s.toml"
+    bad.write_text('[models.m]\nproduction = "2"\nversions."1".path = "m.onnx"\n')
+    with pytest.raises(ConfigError, match="production version '2' is not among the versions"):
+        load_config(bad)
+    bad.write_text("[models.m\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="no such serving configuration"):
+        load_config(tmp_path / "none.toml")
+
+
+def test_a_promotion_is_recorded_in_the_fleet_registry(
+    models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sample_payload: Path
+) -> None:
+    """A canary that passes moves the release to production in the fleet server's registry
+    (through staging) and appends the evidence to its model card: a real fleet server, over
+    HTTP; while the registry is down, the record waits and is retried."""
+    import threading
+
+    import uvicorn
+
+    from fleet_server.app import create_app as fleet_app
+    from fleet_server.auth.service import Role, create_token
+    from fleet_server.db import Database
+    from fleet_server.migrate import upgrade
+    from shared.trust import UpdateRepository
+    from tests.helpers import build_bundle
+    from tests.mqtt_helpers import free_port
+
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    upgrade(db)
+    with db.session() as s:
+        token = create_token(s, name="gateway", role=Role.ADMIN, now=datetime.now(UTC))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    bundle = build_bundle(
+        sample_payload, tmp_path / "c.bundle", name="classifier", version="1.1.0", skus=["edge-cpu"]
+    )
+    monkeypatch.setenv("TIDEGATE_REGISTRY_TOKEN", token)
+    raw = load_config(models / "serving.toml").model_dump()
+    raw["gateway"]["registry"] = {"url": url, "timeout_s": 2}
+    config = ServingConfig.model_validate(raw)
+    clock = Clock()
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        gw.start_canary(
+            "classifier",
+            "1.1.0",
+            CanarySpec(steps=(50, 100), bake_s=10, min_requests=5, slo_p95_ms=1e4, slo_p99_ms=1e4),
+        )
+        for _ in range(3):
+            for i in range(60):
+                await client.post(
+                    "/v1/models/classifier/infer",
+                    json={"inputs": SAMPLES[i].tolist(), "key": f"d{i}"},
+                    headers=caller(),
+                )
+            clock.now += timedelta(seconds=11)
+            gw.tick()
+        assert gw.model("classifier").production == "1.1.0"
+        assert await gw.flush_registry() == 0 and len(gw.registry.pending) == 1  # type: ignore[union-attr]  # down: kept
+        server = uvicorn.Server(
+            uvicorn.Config(
+                fleet_app(db, repository=UpdateRepository.init(tmp_path / "repo")),
+                port=port,
+                log_level="warning",
+            )
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            await asyncio.sleep(0.02)
+        try:
+            r = httpx.post(
+                url + "/api/v1/releases",
+                content=bundle.read_bytes(),
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert r.status_code == 201, r.text
+            assert await gw.flush_registry() == 1
+            release = httpx.get(
+                url + "/api/v1/releases?name=classifier", headers={"Authorization": f"Bearer {token}"}
+            ).json()[0]
+            assert release["stage"] == "production"
+            sections = [c["section"] for c in release["model_card"]]
+            assert "canary" in sections and sections.count("stage") == 2
+        finally:
+            server.should_exit = True
+            thread.join(10)
+
+    serve(config, body, clock)

@@ -323,8 +323,8 @@ def demo(
             "holding only root v1 still updated through the root chain",
         )
         _agent_story(workdir, repo, payload, server.url)
-    _serving_story(workdir)
     _fleet_story(workdir, repo, keep_running)
+    _serving_story(workdir)
 
     tampered = workdir / "tampered-repository"
     shutil.copytree(repo_dir, tampered, ignore=shutil.ignore_patterns("keys"))
