@@ -218,6 +218,8 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
         }
         if answer.request_id is not None:
             reply["request_id"] = answer.request_id
+        if st.config.scores_output is not None:
+            reply["label"] = gateway.label(model, answer.outputs)
         return reply
 
     @app.post("/v1/models/{model}/feedback")

@@ -48,6 +48,8 @@ class ModelConfig(_Strict):
     scores_output: str | None = None
     timeout_ms: float = Field(default=1000, gt=0)
     salt: str | None = None  # sticky-assignment salt; default: the model name
+    threshold: float = Field(default=0.0, ge=0, le=1)  # below it the answer's label is null
+    threshold_flag: str | None = None  # a feature flag that overrides `threshold` live
 
     @model_validator(mode="after")
     def _production_exists(self) -> ModelConfig:
@@ -62,6 +64,7 @@ class RegistryConfig(_Strict):
     url: str
     token_env: str = "TIDEGATE_REGISTRY_TOKEN"
     timeout_s: float = Field(default=5.0, gt=0, le=60)
+    flags_ttl_s: float = Field(default=10.0, gt=0, le=3600)
 
 
 class GatewayConfig(_Strict):

@@ -29,6 +29,7 @@ from cloud_serving.backends import Backend, BackendError, ConstantFallback, Onnx
 from cloud_serving.canary import Canary, CanarySpec
 from cloud_serving.config import BatchingConfig, ConfigError, ModelConfig, ServingConfig
 from cloud_serving.experiments import Experiment, ExperimentSpec
+from cloud_serving.flags import FlagCache
 from cloud_serving.registry import Promotion, RegistryClient
 from cloud_serving.routing import Split, normalise
 from cloud_serving.shadow import ShadowBudget, ShadowMirror
@@ -137,6 +138,11 @@ class Gateway:
             if not token:
                 raise ConfigError(f"the registry at {reg.url} needs a token in ${reg.token_env}")
             self.registry = RegistryClient(reg.url, token, timeout_s=reg.timeout_s)
+            self.flags: FlagCache | None = FlagCache(
+                reg.url, token, ttl_s=reg.flags_ttl_s, timeout_s=reg.timeout_s
+            )
+        else:
+            self.flags = None
         self._pending_starts: list[asyncio.Future[None]] = []
         self.on_request: Callable[[str, Answer | None, bool], None] = lambda model, answer, ok: None
 
@@ -153,6 +159,8 @@ class Gateway:
             )
             for b in versions.values():
                 await b.start()
+        if self.flags is not None:
+            await asyncio.to_thread(self.flags.refresh)  # an outage here is not fatal either
         if tick:
             self._ticker = asyncio.create_task(self._tick_loop())
         self._sweeper = asyncio.create_task(self._sweep_deadlines())
@@ -173,6 +181,8 @@ class Gateway:
         if self.registry is not None:
             await self.flush_registry()
             self.registry.close()
+        if self.flags is not None:
+            self.flags.close()
         if self.shadow_pool is not None:
             self.shadow_pool.shutdown()
 
@@ -253,6 +263,20 @@ class Gateway:
         while len(st.assigned) > 200_000:
             st.assigned.popitem(last=False)
         return answer
+
+    def label(self, name: str, outputs: dict[str, np.ndarray[Any, Any]]) -> int | None:
+        """Post-processing: the top class of the scores output, or None below the threshold
+        (a feature flag when one is configured, so operators tune it live)."""
+        st = self.model(name)
+        scores = outputs.get(st.config.scores_output or next(iter(outputs)))
+        if scores is None or scores.size == 0:
+            return None
+        threshold = st.config.threshold
+        if st.config.threshold_flag and self.flags is not None:
+            value = self.flags.get(st.config.threshold_flag, threshold)
+            threshold = float(value) if isinstance(value, int | float) else threshold
+        top = int(np.argmax(scores))
+        return top if float(scores.reshape(-1)[top]) >= threshold else None
 
     def feedback(self, name: str, request_id: str, reward: float) -> str:
         """The caller's outcome for one answered request (0-1): counted for its arm."""
@@ -550,6 +574,8 @@ class Gateway:
             await asyncio.sleep(self.config.gateway.tick_s)
             self.tick()
             await self.flush_registry()
+            if self.flags is not None and self.flags.stale:
+                await asyncio.to_thread(self.flags.refresh)
 
     def status(self, name: str) -> dict[str, Any]:
         st = self.model(name)
@@ -578,6 +604,7 @@ class Gateway:
                 "log": st.canary.log,
             },
             "experiment": st.experiment.summary() if st.experiment else None,
+            "flags": self.flags.status() if self.flags is not None else None,
             "events": st.events[-50:],
         }
 

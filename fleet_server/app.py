@@ -21,6 +21,7 @@ from fleet_server.campaigns.routes import router as campaigns_router
 from fleet_server.db import Database
 from fleet_server.devices.groups import router as groups_router
 from fleet_server.devices.routes import router as devices_router
+from fleet_server.flags.routes import router as flags_router
 from fleet_server.jobs.models import JobExecution
 from fleet_server.jobs.protocol import Outgoing
 from fleet_server.releases.routes import router as releases_router
@@ -66,6 +67,7 @@ def create_app(
     app.include_router(groups_router, dependencies=documented)
     app.include_router(campaigns_router, dependencies=documented)
     app.include_router(releases_router, dependencies=documented)
+    app.include_router(flags_router, dependencies=documented)
 
     registry = CollectorRegistry()
     campaigns = Gauge("tidegate_campaigns", "Campaigns by state", ["state"], registry=registry)

@@ -609,3 +609,70 @@ def test_a_promotion_is_recorded_in_the_fleet_registry(
             thread.join(10)
 
     serve(config, body, clock)
+
+
+def test_feature_flags_tune_the_threshold_live_and_an_outage_keeps_the_last_values(
+    models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import uvicorn
+
+    from fleet_server.app import create_app as fleet_app
+    from fleet_server.auth.service import Role, create_token
+    from fleet_server.db import Database
+    from fleet_server.migrate import upgrade
+    from tests.mqtt_helpers import free_port
+
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    upgrade(db)
+    with db.session() as s:
+        token = create_token(s, name="gateway", role=Role.OPERATOR, now=datetime.now(UTC))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {token}"}
+    server = uvicorn.Server(uvicorn.Config(fleet_app(db), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        threading.Event().wait(0.02)
+    assert (
+        httpx.put(url + "/api/v1/flags/classifier.threshold", json={"value": 0.999}, headers=auth).status_code
+        == 200
+    )
+    monkeypatch.setenv("TIDEGATE_REGISTRY_TOKEN", token)
+    raw = load_config(models / "serving.toml").model_dump()
+    raw["gateway"]["registry"] = {"url": url, "timeout_s": 1}
+    raw["models"]["classifier"].update(scores_output="probabilities", threshold_flag="classifier.threshold")
+    config = ServingConfig.model_validate(raw)
+
+    async def labels(client: httpx.AsyncClient) -> list[int | None]:
+        out = []
+        for x in SAMPLES[:50]:
+            r = await client.post(
+                "/v1/models/classifier/infer", json={"inputs": x.tolist()}, headers=caller()
+            )
+            assert r.status_code == 200
+            out.append(r.json()["label"])
+        return out
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        assert gw.flags is not None and gw.flags.get("classifier.threshold") == 0.999
+        strict = await labels(client)
+        assert strict.count(None) > 40  # almost nothing is that confident
+        assert (
+            httpx.put(
+                url + "/api/v1/flags/classifier.threshold", json={"value": 0.0}, headers=auth
+            ).status_code
+            == 200
+        )
+        assert await asyncio.to_thread(gw.flags.refresh)
+        assert None not in await labels(client)
+        server.should_exit = True
+        thread.join(10)
+        assert not await asyncio.to_thread(gw.flags.refresh)  # the flag store is down
+        assert None not in await labels(client)  # serving goes on with the last values
+        status = gw.status("classifier")["flags"]
+        assert status["last_error"] and status["flags"] == 1
+
+    serve(config, body)

@@ -64,6 +64,8 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("POST", "/api/v1/campaigns/c-none/cancel", Role.OPERATOR, {"force": True}),
     ("POST", "/api/v1/campaigns/c-none/retry-failed", Role.OPERATOR, None),
     ("GET", "/api/v1/groups", Role.VIEWER, None),
+    ("GET", "/api/v1/flags", Role.VIEWER, None),
+    ("PUT", "/api/v1/flags/classifier.threshold", Role.OPERATOR, {"value": 0.6}),
     ("POST", "/api/v1/groups", Role.OPERATOR, {"name": "pilot"}),
     ("GET", "/api/v1/groups/pilot", Role.VIEWER, None),
     ("POST", "/api/v1/groups/none/members", Role.OPERATOR, {"add": ["car-1"]}),
@@ -108,7 +110,9 @@ def test_every_api_route_is_in_the_role_table(
     import re
 
     client, _, _ = api
-    listed = {(m, re.sub(r"c-none|car-1|999|pilot|none", "{}", p)) for m, p, _, _ in ENDPOINTS}
+    listed = {
+        (m, re.sub(r"c-none|car-1|999|pilot|none|classifier.threshold", "{}", p)) for m, p, _, _ in ENDPOINTS
+    }
     paths = client.get("/openapi.json").json()["paths"]
     routes = {
         (method.upper(), re.sub(r"\{[^}]+\}", "{}", path))

@@ -1,0 +1,1 @@
+"""Feature flags: named JSON values the inference gateway reads (thresholds, arms, switches)."""
