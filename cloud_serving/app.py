@@ -10,6 +10,7 @@ allow, 429 overloaded, 503 the model failed and no fallback is configured.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -27,6 +28,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cloud_serving import observability
 from cloud_serving.canary import CanarySpec
 from cloud_serving.experiments import ExperimentSpec
 from cloud_serving.gateway import Gateway, GatewayError
@@ -91,6 +93,9 @@ class CanaryBody(BaseModel):
     slo_p95_ms: float = Field(default=100, gt=0, le=600_000)
     slo_p99_ms: float = Field(default=250, gt=0, le=600_000)
     window_s: float = Field(default=300, gt=0, le=7 * 86400)
+
+
+log = logging.getLogger("tidegate.serving")
 
 
 def _canary_spec(body: CanaryBody) -> CanarySpec:
@@ -192,22 +197,32 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
         },
     )
     async def infer(model: str, request: Request, _: Caller) -> dict[str, Any]:
-        body = await _read_capped(request, cfg.max_body_bytes)
-        try:
-            req = InferRequest.model_validate_json(body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise HTTPException(
-                422, f"{'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}"
-            ) from None
-        st = gateway.model(model)
-        sample = _sample(req.inputs, getattr(st.versions[st.production], "sample_shape", None))
-        t0 = time.perf_counter()
-        try:
-            answer = await gateway.infer(model, sample, key=req.key, metadata=req.metadata)
-        except GatewayError as exc:
-            requests.labels(model, "-", type(exc).__name__).inc()
-            raise
+        with observability.tracer.start_as_current_span(
+            "gateway.request", attributes={"tidegate.model": model}
+        ) as span:
+            body = await _read_capped(request, cfg.max_body_bytes)
+            try:
+                req = InferRequest.model_validate_json(body)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"]) or "body"
+                raise HTTPException(422, f"{where}: {first['msg']}") from None
+            st = gateway.model(model)
+            sample = _sample(req.inputs, getattr(st.versions[st.production], "sample_shape", None))
+            t0 = time.perf_counter()
+            try:
+                answer = await gateway.infer(model, sample, key=req.key, metadata=req.metadata)
+            except GatewayError as exc:
+                requests.labels(model, "-", type(exc).__name__).inc()
+                span.set_attribute("tidegate.error", type(exc).__name__)
+                log.warning(
+                    "request failed", extra={"model": model, "error": str(exc), "metadata": req.metadata}
+                )
+                raise
+            span.set_attribute("tidegate.version", answer.version)
+            span.set_attribute("tidegate.fallback", answer.fallback)
+            if answer.fallback:
+                log.warning("fallback answered", extra={"model": model, "metadata": req.metadata})
         requests.labels(model, answer.version, "fallback" if answer.fallback else "ok").inc()
         latency.labels(model, answer.version).observe(time.perf_counter() - t0)
         reply: dict[str, Any] = {

@@ -29,6 +29,9 @@ def serve(
     from cloud_serving.app import create_app
     from cloud_serving.config import load_config
     from cloud_serving.gateway import Gateway
+    from cloud_serving.observability import configure_logging
+
+    configure_logging()
 
     gateway = Gateway(load_config(config))
     typer.echo(f"gateway: http://{host}:{port}  models: {', '.join(sorted(gateway.config.models))}")

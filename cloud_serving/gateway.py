@@ -30,6 +30,7 @@ from cloud_serving.canary import Canary, CanarySpec
 from cloud_serving.config import BatchingConfig, ConfigError, ModelConfig, ServingConfig
 from cloud_serving.experiments import Experiment, ExperimentSpec
 from cloud_serving.flags import FlagCache
+from cloud_serving.observability import tracer
 from cloud_serving.registry import Promotion, RegistryClient
 from cloud_serving.routing import Split, normalise
 from cloud_serving.shadow import ShadowBudget, ShadowMirror
@@ -205,7 +206,9 @@ class Gateway:
         st = self.model(name)
         if st.experiment is not None:
             return await self._experiment_infer(st, st.experiment, sample, key)
-        version = st.route().pick(key=key, salt=st.salt, rng=self._rng)
+        with tracer.start_as_current_span("gateway.route") as span:
+            version = st.route().pick(key=key, salt=st.salt, rng=self._rng)
+            span.set_attribute("tidegate.version", version)
         t0 = time.perf_counter()
         try:
             answer = await self._run(st, version, sample)
@@ -327,11 +330,12 @@ class Gateway:
     async def _run(self, st: ModelState, version: str, sample: np.ndarray[Any, Any]) -> Answer:
         backend = st.versions[version]
         t0 = time.perf_counter()
-        fut = backend.submit(sample)
-        # Deadlines are enforced by one sweeper per model (constant timeout: FIFO order), not
-        # by a timer per request: a request costs one append.
-        st.deadlines.append((t0 + st.config.timeout_ms / 1000, fut))
-        outputs = await fut
+        with tracer.start_as_current_span("gateway.model", attributes={"tidegate.version": version}):
+            fut = backend.submit(sample)
+            # Deadlines are enforced by one sweeper per model (constant timeout: FIFO order),
+            # not by a timer per request: a request costs one append.
+            st.deadlines.append((t0 + st.config.timeout_ms / 1000, fut))
+            outputs = await fut
         for out_name, value in outputs.items():  # guardrail: a model that emits NaN has failed
             if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
                 raise BackendError(f"{st.name} {version}: output {out_name!r} is not finite")

@@ -676,3 +676,46 @@ def test_feature_flags_tune_the_threshold_live_and_an_outage_keeps_the_last_valu
         assert status["last_error"] and status["flags"] == 1
 
     serve(config, body)
+
+
+def test_traces_follow_a_request_and_logs_are_json_with_personal_data_redacted(models: Path) -> None:
+    import logging
+
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from cloud_serving.observability import JsonFormatter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    config = load_config(models / "serving.toml")
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        r = await client.post(
+            "/v1/models/guarded/infer", json={"inputs": SAMPLES[0].tolist()}, headers=caller()
+        )
+        assert r.status_code == 200 and r.json()["fallback"]
+
+    serve(config, body)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert {"gateway.request", "gateway.route", "gateway.model"} <= set(spans)
+    root = spans["gateway.request"]
+    assert all(s.context.trace_id == root.context.trace_id for s in spans.values())
+    assert spans["gateway.model"].parent is not None
+    assert root.attributes["tidegate.model"] == "guarded" and root.attributes["tidegate.fallback"] is True
+
+    record = logging.LogRecord(
+        "tidegate.serving", logging.WARNING, __file__, 1, "fallback answered", None, None
+    )
+    record.metadata = {"email": "driver@example.com", "region": "eu", "vin": "WVWZZZ1JZXW000001"}
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "fallback answered" and line["level"] == "warning"
+    assert line["metadata"]["region"] == "eu"
+    assert line["metadata"]["email"].startswith("redacted:") and line["metadata"]["vin"].startswith(
+        "redacted:"
+    )
+    assert "driver@example.com" not in json.dumps(line)
