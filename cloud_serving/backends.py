@@ -5,8 +5,8 @@
 * `ConstantFallback`: a heuristic policy (fixed outputs) for when the model fails or
   breaches its guardrails.
 
-A remote NVIDIA Triton backend (KServe v2 over HTTP through `tritonclient`) is the next
-kind behind the same interface; it is not built yet.
+* `TritonBackend`: a model on a remote NVIDIA Triton server, over its HTTP (KServe v2)
+  protocol through `tritonclient` (the `triton` extra); Triton batches on its side.
 """
 
 from __future__ import annotations
@@ -114,3 +114,75 @@ class ConstantFallback:
 
     async def infer(self, sample: np.ndarray[Any, Any]) -> Outputs:
         return await self.submit(sample)
+
+
+_TRITON_TYPES = {
+    "float32": "FP32",
+    "float16": "FP16",
+    "float64": "FP64",
+    "int64": "INT64",
+    "int32": "INT32",
+    "uint8": "UINT8",
+}
+
+
+class TritonBackend:
+    """One model version served by Triton: `submit` starts a request on the event loop."""
+
+    def __init__(
+        self, version: str, url: str, model: str, *, model_version: str = "", timeout_s: float = 10.0
+    ) -> None:
+        try:
+            import tritonclient.http as triton_http
+            import tritonclient.http.aio as triton_aio
+        except ImportError:
+            raise BackendError(
+                "a Triton backend needs tritonclient: pip install 'tidegate[triton]'"
+            ) from None
+        self.version, self.url, self.model, self.model_version = version, url, model, model_version
+        self.timeout_s = timeout_s
+        self._http, self._aio = triton_http, triton_aio
+        self._client: Any = None
+        self.input_name, self.input_type = "", "FP32"
+        self.output_names: list[str] = []
+        self.sample_shape: tuple[int | None, ...] = ()
+
+    async def start(self) -> None:
+        host = self.url.removeprefix("http://").removeprefix("https://").rstrip("/")
+        self._client = self._aio.InferenceServerClient(host, conn_timeout=self.timeout_s)
+        try:
+            meta = await self._client.get_model_metadata(self.model, self.model_version)
+        except Exception as exc:  # tritonclient raises its own InferenceServerException and aiohttp's errors
+            await self._client.close()
+            raise BackendError(f"Triton at {self.url}: model {self.model!r} unavailable: {exc}") from None
+        first = meta["inputs"][0]
+        self.input_name, self.input_type = first["name"], first["datatype"]
+        self.sample_shape = tuple(d if d > 0 else None for d in first["shape"][1:])
+        self.output_names = [o["name"] for o in meta["outputs"]]
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    async def _infer(self, sample: np.ndarray[Any, Any]) -> Outputs:
+        batch = sample[None, ...].astype(np.float32 if self.input_type == "FP32" else sample.dtype)
+        inp = self._http.InferInput(self.input_name, list(batch.shape), self.input_type)
+        inp.set_data_from_numpy(batch, binary_data=False)
+        outs = [self._http.InferRequestedOutput(n, binary_data=False) for n in self.output_names]
+        try:
+            result = await self._client.infer(
+                self.model,
+                [inp],
+                model_version=self.model_version,
+                outputs=outs,
+                timeout=int(self.timeout_s * 1e6),
+            )
+        except Exception as exc:
+            raise BackendError(f"Triton {self.model} {self.version}: {str(exc)[:200]}") from None
+        return {n: np.asarray(result.as_numpy(n))[0] for n in self.output_names}
+
+    def submit(self, sample: np.ndarray[Any, Any]) -> asyncio.Future[Outputs]:
+        return asyncio.ensure_future(self._infer(sample))
+
+    async def infer(self, sample: np.ndarray[Any, Any]) -> Outputs:
+        return await self._infer(sample)

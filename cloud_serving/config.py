@@ -31,9 +31,25 @@ class BatchingConfig(_Strict):
     concurrency: int = Field(default=2, ge=1, le=64)
 
 
+class TritonConfig(_Strict):
+    url: str = Field(min_length=1, description="Triton's HTTP endpoint, e.g. http://triton:8000")
+    model: str = Field(min_length=1)
+    model_version: str = ""
+    timeout_s: float = Field(default=10.0, gt=0, le=600)
+
+
 class VersionConfig(_Strict):
-    path: Path
+    """An in-process ONNX model (`path`) or a model on a Triton server (`triton`)."""
+
+    path: Path | None = None
+    triton: TritonConfig | None = None
     batching: BatchingConfig = BatchingConfig()
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> VersionConfig:
+        if (self.path is None) == (self.triton is None):
+            raise ValueError("a version has exactly one of path or triton")
+        return self
 
 
 class FallbackConfig(_Strict):
@@ -96,7 +112,7 @@ def load_config(path: Path) -> ServingConfig:
     base = path.parent
     for model in cfg.models.values():
         for v in model.versions.values():
-            if not v.path.is_absolute():
+            if v.path is not None and not v.path.is_absolute():
                 v.path = base / v.path
     if not cfg.gateway.failure_dir.is_absolute():
         cfg.gateway.failure_dir = base / cfg.gateway.failure_dir

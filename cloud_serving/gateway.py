@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from cloud_serving.backends import Backend, BackendError, ConstantFallback, OnnxBackend
+from cloud_serving.backends import Backend, BackendError, ConstantFallback, OnnxBackend, TritonBackend
 from cloud_serving.canary import Canary, CanarySpec
-from cloud_serving.config import BatchingConfig, ConfigError, ModelConfig, ServingConfig
+from cloud_serving.config import BatchingConfig, ConfigError, ModelConfig, ServingConfig, VersionConfig
 from cloud_serving.experiments import Experiment, ExperimentSpec
 from cloud_serving.flags import FlagCache
 from cloud_serving.observability import tracer
@@ -151,9 +151,7 @@ class Gateway:
 
     async def start(self, *, tick: bool = True) -> Gateway:
         for name, mc in self.config.models.items():
-            versions: dict[str, Backend] = {
-                v: _onnx(v, vc.path, vc.batching, self.pool) for v, vc in mc.versions.items()
-            }
+            versions: dict[str, Backend] = {v: self._backend(v, vc) for v, vc in mc.versions.items()}
             fallback = ConstantFallback(mc.fallback.outputs) if mc.fallback else None
             self.models[name] = ModelState(
                 name, mc, versions, mc.production, {mc.production: 1.0}, mc.salt or name, fallback
@@ -166,6 +164,15 @@ class Gateway:
             self._ticker = asyncio.create_task(self._tick_loop())
         self._sweeper = asyncio.create_task(self._sweep_deadlines())
         return self
+
+    def _backend(self, version: str, vc: VersionConfig) -> Backend:
+        if vc.triton is not None:
+            t = vc.triton
+            return TritonBackend(
+                version, t.url, t.model, model_version=t.model_version, timeout_s=t.timeout_s
+            )
+        assert vc.path is not None
+        return _onnx(version, vc.path, vc.batching, self.pool)
 
     async def stop(self) -> None:
         if self._ticker is not None:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from fastapi import FastAPI, Request
 
 from builder.samples import make_classifier, make_nan_classifier
 from cloud_serving.app import _hash, create_app
@@ -719,3 +720,86 @@ def test_traces_follow_a_request_and_logs_are_json_with_personal_data_redacted(m
         "redacted:"
     )
     assert "driver@example.com" not in json.dumps(line)
+
+
+def test_a_version_served_by_triton_over_its_http_protocol(models: Path, tmp_path: Path) -> None:
+    """The Triton backend through `tritonclient`. No Triton server can run on this machine
+    (it ships as a container image), so the test serves the KServe v2 HTTP protocol that
+    Triton speaks from a small endpoint running the real ONNX model in ONNX Runtime."""
+    import threading
+
+    import onnxruntime as ort
+    import uvicorn
+
+    from tests.mqtt_helpers import free_port
+
+    sess = ort.InferenceSession(str(models / "v2.onnx"), providers=["CPUExecutionProvider"])
+    v2 = FastAPI()
+    calls = Counter()
+
+    @v2.get("/v2/models/{name}")
+    def metadata(name: str) -> dict[str, Any]:
+        def spec(t: Any) -> dict[str, Any]:
+            return {
+                "name": t.name,
+                "datatype": "FP32",
+                "shape": [-1 if not isinstance(d, int) else d for d in t.shape],
+            }
+
+        return {
+            "name": name,
+            "versions": ["1"],
+            "platform": "onnxruntime_onnx",
+            "inputs": [spec(i) for i in sess.get_inputs()],
+            "outputs": [spec(o) for o in sess.get_outputs()],
+        }
+
+    @v2.post("/v2/models/{name}/infer")
+    async def infer(name: str, request: Request) -> dict[str, Any]:
+        body = json.loads(await request.body())  # tritonclient sends JSON without a JSON content type
+        calls[name] += 1
+        feeds = {i["name"]: np.asarray(i["data"], np.float32).reshape(i["shape"]) for i in body["inputs"]}
+        names = [o.name for o in sess.get_outputs()]
+        outs = sess.run(names, feeds)
+        return {
+            "model_name": name,
+            "outputs": [
+                {"name": n, "datatype": "FP32", "shape": list(o.shape), "data": o.reshape(-1).tolist()}
+                for n, o in zip(names, outs, strict=True)
+            ],
+        }
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(v2, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        threading.Event().wait(0.02)
+    raw = load_config(models / "serving.toml").model_dump()
+    raw["models"]["classifier"]["versions"]["2.0.0-triton"] = {
+        "triton": {"url": f"http://127.0.0.1:{port}", "model": "classifier"}
+    }
+    config = ServingConfig.model_validate(raw)
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        r = await client.post(
+            "/v1/admin/models/classifier/switch", json={"version": "2.0.0-triton"}, headers=caller(ADMIN)
+        )
+        assert r.status_code == 200, r.text
+        for x in SAMPLES[:20]:
+            r = await client.post(
+                "/v1/models/classifier/infer", json={"inputs": x.tolist()}, headers=caller()
+            )
+            assert r.status_code == 200 and r.json()["version"] == "2.0.0-triton"
+            np.testing.assert_allclose(
+                r.json()["outputs"]["probabilities"], direct(models / "v2.onnx", x), rtol=1e-5, atol=1e-6
+            )
+        assert calls["classifier"] == 21  # the 20 requests and the switch's probe
+        r = await client.post("/v1/models/classifier/infer", json={"inputs": [1.0] * 3}, headers=caller())
+        assert r.status_code == 422  # the sample shape comes from Triton's model metadata
+
+    try:
+        serve(config, body)
+    finally:
+        server.should_exit = True
+        thread.join(10)
