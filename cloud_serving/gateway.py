@@ -30,7 +30,7 @@ from cloud_serving.canary import Canary, CanarySpec
 from cloud_serving.config import BatchingConfig, ConfigError, ModelConfig, ServingConfig, VersionConfig
 from cloud_serving.experiments import Experiment, ExperimentSpec
 from cloud_serving.flags import FlagCache
-from cloud_serving.observability import tracer
+from cloud_serving.observability import span
 from cloud_serving.registry import Promotion, RegistryClient
 from cloud_serving.routing import Split, normalise
 from cloud_serving.shadow import ShadowBudget, ShadowMirror
@@ -132,7 +132,6 @@ class Gateway:
         # One inference pool for every loaded version: as many threads as cores, however many
         # versions a release keeps loaded side by side.
         self.pool = InferencePool(os.cpu_count() or 2)
-        self.shadow_pool: InferencePool | None = None
         self.registry: RegistryClient | None = None
         if (reg := config.gateway.registry) is not None:
             token = os.environ.get(reg.token_env)
@@ -182,7 +181,6 @@ class Gateway:
         for st in self.models.values():
             if st.shadow is not None:
                 await st.shadow.stop()
-                await st.shadow.candidate.stop()
             for b in st.versions.values():
                 await b.stop()
         self.pool.shutdown()
@@ -191,8 +189,6 @@ class Gateway:
             self.registry.close()
         if self.flags is not None:
             self.flags.close()
-        if self.shadow_pool is not None:
-            self.shadow_pool.shutdown()
 
     def model(self, name: str) -> ModelState:
         try:
@@ -213,9 +209,7 @@ class Gateway:
         st = self.model(name)
         if st.experiment is not None:
             return await self._experiment_infer(st, st.experiment, sample, key)
-        with tracer.start_as_current_span("gateway.route") as span:
-            version = st.route().pick(key=key, salt=st.salt, rng=self._rng)
-            span.set_attribute("tidegate.version", version)
+        version = st.route().pick(key=key, salt=st.salt, rng=self._rng)
         t0 = time.perf_counter()
         try:
             answer = await self._run(st, version, sample)
@@ -337,7 +331,7 @@ class Gateway:
     async def _run(self, st: ModelState, version: str, sample: np.ndarray[Any, Any]) -> Answer:
         backend = st.versions[version]
         t0 = time.perf_counter()
-        with tracer.start_as_current_span("gateway.model", attributes={"tidegate.version": version}):
+        with span("gateway.model", version=version):
             fut = backend.submit(sample)
             # Deadlines are enforced by one sweeper per model (constant timeout: FIFO order),
             # not by a timer per request: a request costs one append.
@@ -396,7 +390,7 @@ class Gateway:
         self._known(st, version)
         busy = {st.production, *st.weights, *([st.canary.candidate] if st.canary else [])}
         if st.shadow is not None and st.shadow.active:
-            busy.add(st.shadow.candidate.version)
+            busy.add(st.shadow.version)
         if version in busy:
             raise ReleaseError(f"{name} {version} is serving traffic; route it away first")
         backend = st.versions.pop(version)
@@ -450,34 +444,28 @@ class Gateway:
         return previous
 
     def start_shadow(
-        self, name: str, version: str, *, share: float, budget: ShadowBudget, queue_max: int = 256
+        self, name: str, version: str, *, share: float, budget: ShadowBudget, queue_max: int = 4096
     ) -> None:
         st = self.model(name)
         self._known(st, version)
         if version == st.production:
             raise ReleaseError(f"{version} is production; shadow a candidate")
         if st.shadow is not None and st.shadow.active:
-            raise ReleaseError(f"{name} is already shadowing {st.shadow.candidate.version}")
-        # The mirror runs its own copy of the candidate on one low-priority thread: callers'
-        # requests keep the CPU first, and the shadow takes what is left.
-        source = st.versions[version]
-        path = getattr(source, "model_path", None)
+            raise ReleaseError(f"{name} is already shadowing {st.shadow.version}")
+        # The mirror runs its own copy of the candidate in a low-priority process: callers'
+        # requests keep the CPU and the event loop, and the shadow takes what is left.
+        path = getattr(st.versions[version], "model_path", None)
         if path is None:
             raise ReleaseError(f"{name} {version} is not an in-process model; it cannot be shadowed")
-        if self.shadow_pool is None:
-            self.shadow_pool = InferencePool(1, nice=19)
-        mirror_backend = _onnx(
-            version, path, BatchingConfig(max_batch=32, max_delay_us=5000), self.shadow_pool
-        )
         st.shadow = ShadowMirror(
-            mirror_backend,
+            version,
+            path,
             share=share,
             budget=budget,
             scores_output=st.config.scores_output,
             queue_max=queue_max,
         )
         st.shadow.start()
-        self._pending_starts.append(asyncio.ensure_future(mirror_backend.start()))
         self._note(st, f"shadowing {share:.0%} of traffic to {version}")
 
     async def stop_shadow(self, name: str) -> dict[str, Any]:
@@ -485,9 +473,8 @@ class Gateway:
         if st.shadow is None:
             raise ReleaseError(f"{name} has no shadow")
         await st.shadow.stop()
-        await st.shadow.candidate.stop()
         st.shadow.noted = True
-        self._note(st, f"shadow of {st.shadow.candidate.version} stopped by an operator")
+        self._note(st, f"shadow of {st.shadow.version} stopped by an operator")
         return st.shadow.stats.kpis()
 
     def start_canary(self, name: str, candidate: str, spec: CanarySpec) -> Canary:
@@ -541,7 +528,7 @@ class Gateway:
             shadow = st.shadow
             if shadow is not None and shadow.stopped_reason and not shadow.noted:
                 shadow.noted = True
-                self._note(st, f"shadow of {shadow.candidate.version} stopped: {shadow.stopped_reason}")
+                self._note(st, f"shadow of {shadow.version} stopped: {shadow.stopped_reason}")
             if st.experiment is not None and (verdict := st.experiment.analyse()) is not None:
                 done.append((st.name, verdict, self._conclude(st, verdict)))
             if st.canary is None:
@@ -600,7 +587,7 @@ class Gateway:
             "shadow": None
             if st.shadow is None
             else {
-                "candidate": st.shadow.candidate.version,
+                "candidate": st.shadow.version,
                 "share": st.shadow.share,
                 "active": st.shadow.active,
                 "stopped_reason": st.shadow.stopped_reason,
