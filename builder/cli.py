@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from builder.build import BuildRequest, BuildResult, build
-from builder.catalogue import DEFAULT_CATALOGUE, load_catalogue
+from builder.catalogue import DEFAULT_CATALOGUE
 from builder.errors import BuildError
+
+if TYPE_CHECKING:  # the pipeline (ONNX, ONNX Runtime, CycloneDX) loads only when a build runs
+    from builder.build import BuildRequest, BuildResult
 
 PARTIAL_EXIT = 3
 DEFAULT_CACHE = Path.home() / ".cache" / "tidegate" / "tensorrt"
@@ -69,6 +71,9 @@ def build_command(
     """Build one verified, signed bundle per SKU from a trained ONNX model: engines or optimised /
     quantised models, golden self-test data, inference_config.json, Triton config, SBOM,
     provenance, an OCI archive, a Greengrass recipe and a device update manifest."""
+    from builder.build import BuildRequest, build
+    from builder.catalogue import load_catalogue
+
     lineage = {k: v for k, v in (("dataset_sha256", dataset_sha256), ("training_run", training_run)) if v}
     request = BuildRequest(
         model=model,
@@ -100,6 +105,8 @@ def _with_progress(request: BuildRequest, cat: Any) -> BuildResult:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
+
+    from builder.build import build
 
     console = Console(highlight=False, width=120)
     with console.status("checking the model and inputs") as status:

@@ -61,6 +61,8 @@ class ExperimentBody(BaseModel):
     mode: Literal["ab", "bandit"] = "ab"
     burn_in: int = Field(default=200, ge=0, le=1_000_000)
     max_error_rate: float = Field(default=0.02, ge=0, le=1)
+    cohort: dict[str, list[str]] | None = Field(default=None, description="metadata values that take part")
+    hours_utc: tuple[int, int] | None = Field(default=None, description="[start, end) hours, UTC")
 
 
 class WeightsBody(BaseModel):
@@ -246,7 +248,11 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
     async def experiment(model: str, body: ExperimentBody, _: Admin) -> dict[str, Any]:
         if body.baseline_rate + body.mde >= 1:
             raise HTTPException(422, "baseline_rate + mde must stay below 1")
-        gateway.start_experiment(model, ExperimentSpec(**body.model_dump()))
+        if body.hours_utc is not None and not all(0 <= h <= 24 for h in body.hours_utc):
+            raise HTTPException(422, "hours_utc: hours between 0 and 24")
+        fields = body.model_dump()
+        fields["cohort"] = {k: tuple(v) for k, v in body.cohort.items()} if body.cohort else None
+        gateway.start_experiment(model, ExperimentSpec(**fields))
         return gateway.status(model)
 
     @app.get("/v1/admin/models/{model}")

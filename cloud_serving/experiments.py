@@ -200,6 +200,18 @@ class ExperimentSpec:
     burn_in: int = 200
     max_error_rate: float = 0.02  # guardrail on the treatment arm
     srm_threshold: float = 0.001
+    cohort: dict[str, tuple[str, ...]] | None = None  # request metadata that must match, e.g. region
+    hours_utc: tuple[int, int] | None = None  # [start, end) hour of day; None: always
+
+    def admits(self, metadata: dict[str, Any], hour: int) -> bool:
+        """Whether a request is in the experiment's population (else it is served as usual
+        and not counted)."""
+        if self.hours_utc is not None:
+            start, end = self.hours_utc
+            inside = start <= hour < end if start <= end else hour >= start or hour < end
+            if not inside:
+                return False
+        return all(str(metadata.get(k)) in allowed for k, allowed in (self.cohort or {}).items())
 
     @property
     def planned_n(self) -> int:

@@ -207,7 +207,7 @@ class Gateway:
         metadata: dict[str, Any] | None = None,
     ) -> Answer:
         st = self.model(name)
-        if st.experiment is not None:
+        if st.experiment is not None and st.experiment.spec.admits(metadata or {}, self.clock().hour):
             return await self._experiment_infer(st, st.experiment, sample, key)
         version = st.route().pick(key=key, salt=st.salt, rng=self._rng)
         t0 = time.perf_counter()

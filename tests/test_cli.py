@@ -210,3 +210,23 @@ def test_demo_runs_to_the_end(tmp_path: Path) -> None:
         for v in ("vehicle-a", "vehicle-b", "vehicle-c"):
             assert f"[fleet] {v}: runs 1.3.0" in proc.stdout
         assert "[scale] completed in" in proc.stdout and "retry round" in proc.stdout
+
+
+def test_the_cli_loads_no_heavy_package_before_a_command_needs_it() -> None:
+    """`tidegate agent run` is the same entry point as the builder and the servers: importing
+    the CLI must not pull in their stacks (the agent's memory ceiling pays for every module)."""
+    code = "import sys, tidegate.cli; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
+    assert not loaded & {
+        "onnx",
+        "cyclonedx",
+        "jsonschema",
+        "fastapi",
+        "uvicorn",
+        "opentelemetry",
+        "tritonclient",
+    }

@@ -803,3 +803,36 @@ def test_a_version_served_by_triton_over_its_http_protocol(models: Path, tmp_pat
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_an_experiment_serves_only_its_cohort(models: Path) -> None:
+    config = load_config(models / "serving.toml")
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        r = await client.post(
+            "/v1/admin/models/classifier/experiment",
+            json={"control": "1.0.0", "treatment": "1.1.0", "cohort": {"region": ["eu"]}},
+            headers=caller(ADMIN),
+        )
+        assert r.status_code == 200, r.text
+        seen = Counter()
+        for i in range(200):
+            region = "eu" if i % 2 else "us"
+            r = await client.post(
+                "/v1/models/classifier/infer",
+                json={"inputs": SAMPLES[i].tolist(), "key": f"u{i}", "metadata": {"region": region}},
+                headers=caller(),
+            )
+            seen[(region, r.json()["version"], "request_id" in r.json())] += 1
+        assert {k for k in seen if k[0] == "us"} == {("us", "1.0.0", False)}  # outside: production, uncounted
+        assert seen[("eu", "1.1.0", True)] > 20 and seen[("eu", "1.0.0", True)] > 20
+        exp = gw.model("classifier").experiment
+        assert exp is not None and sum(a.assigned for a in exp.arms.values()) == 100
+        r = await client.post(
+            "/v1/admin/models/classifier/experiment",
+            json={"control": "1.0.0", "treatment": "1.1.0", "hours_utc": [0, 25]},
+            headers=caller(ADMIN),
+        )
+        assert r.status_code == 422
+
+    serve(config, body)

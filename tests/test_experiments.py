@@ -96,3 +96,14 @@ def test_thompson_sampling_converges_to_the_best_arm() -> None:
     pulls = {a: s["pulls"] for a, s in bandit.summary().items()}
     uniform = regret({a: 2000 for a in rates}, rates)
     assert regret(pulls, rates) < uniform / 3
+
+
+def test_an_experiment_admits_only_its_cohort_and_time_window() -> None:
+    from cloud_serving.experiments import ExperimentSpec
+
+    spec = ExperimentSpec(control="a", treatment="b", cohort={"region": ("eu", "uk")}, hours_utc=(22, 6))
+    assert spec.admits({"region": "eu"}, 23) and spec.admits({"region": "uk"}, 3)
+    assert not spec.admits({"region": "us"}, 23)  # outside the cohort
+    assert not spec.admits({"region": "eu"}, 12)  # outside the (overnight) window
+    assert not spec.admits({}, 23)
+    assert ExperimentSpec(control="a", treatment="b").admits({}, 12)

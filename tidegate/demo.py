@@ -17,7 +17,6 @@ from typing import Annotated
 
 import typer
 
-from builder.samples import make_sample_payload
 from shared.bundle import verify_bundle
 from shared.bundle.manifest import BundleManifest
 from shared.bundle.pack import pack_directory
@@ -277,6 +276,8 @@ def demo(
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
+    from builder.samples import make_sample_payload  # ONNX loads only for the demo
+
     payload = make_sample_payload(workdir / "payload")
     _say("build", f"made a real ONNX classifier and golden self-test data in {payload}")
 
