@@ -17,6 +17,16 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 
 
+def _save(graph: onnx.GraphProto, path: Path, *, producer: str = "tidegate") -> Path:
+    """Wrap, check and write a sample graph (opset 17, IR 8: what every runtime here reads)."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name=producer)
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
 def make_classifier(path: Path, *, features: int = 16, classes: int = 4, seed: int = 0) -> Path:
     """Write a ``[N, features] -> [N, classes]`` softmax classifier to `path`."""
     rng = np.random.default_rng(seed)
@@ -33,14 +43,7 @@ def make_classifier(path: Path, *, features: int = 16, classes: int = 4, seed: i
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
         initializer=[numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tidegate-samples"
-    )
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path))
-    return path
+    return _save(graph, path, producer="tidegate-samples")
 
 
 def make_mlp(
@@ -72,12 +75,7 @@ def make_mlp(
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tidegate")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path))
-    return path
+    return _save(graph, path)
 
 
 def make_nan_classifier(path: Path, *, features: int = 16, classes: int = 4, seed: int = 3) -> Path:
@@ -100,11 +98,7 @@ def make_nan_classifier(path: Path, *, features: int = 16, classes: int = 4, see
             numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tidegate")
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path))
-    return path
+    return _save(graph, path)
 
 
 def make_detector(
@@ -136,12 +130,7 @@ def make_detector(
         ],
         initializer=[weight("W1", features, hidden), weight("Wb", hidden, 4), weight("Ws", hidden, classes)],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tidegate")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path))
-    return path
+    return _save(graph, path)
 
 
 def write_selftest(model: Path, out_dir: Path, *, batch: int = 8, seed: int = 1) -> tuple[Path, Path]:

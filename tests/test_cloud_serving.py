@@ -24,6 +24,7 @@ from cloud_serving.config import ServingConfig, load_config
 from cloud_serving.experiments import ExperimentSpec
 from cloud_serving.gateway import Gateway
 from cloud_serving.routing import RoutingError, bucket, choose
+from tests.helpers import ServedApp
 
 KEY, ADMIN = "tgk_caller", "tgk_admin"
 
@@ -536,9 +537,6 @@ def test_a_promotion_is_recorded_in_the_fleet_registry(
     """A canary that passes moves the release to production in the fleet server's registry
     (through staging) and appends the evidence to its model card: a real fleet server, over
     HTTP; while the registry is down, the record waits and is retried."""
-    import threading
-
-    import uvicorn
 
     from fleet_server.app import create_app as fleet_app
     from fleet_server.auth.service import Role, create_token
@@ -580,17 +578,7 @@ def test_a_promotion_is_recorded_in_the_fleet_registry(
             gw.tick()
         assert gw.model("classifier").production == "1.1.0"
         assert await gw.flush_registry() == 0 and len(gw.registry.pending) == 1  # type: ignore[union-attr]  # down: kept
-        server = uvicorn.Server(
-            uvicorn.Config(
-                fleet_app(db, repository=UpdateRepository.init(tmp_path / "repo")),
-                port=port,
-                log_level="warning",
-            )
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            await asyncio.sleep(0.02)
+        served = ServedApp(fleet_app(db, repository=UpdateRepository.init(tmp_path / "repo")), port).start()
         try:
             r = httpx.post(
                 url + "/api/v1/releases",
@@ -606,8 +594,7 @@ def test_a_promotion_is_recorded_in_the_fleet_registry(
             sections = [c["section"] for c in release["model_card"]]
             assert "canary" in sections and sections.count("stage") == 2
         finally:
-            server.should_exit = True
-            thread.join(10)
+            served.stop()
 
     serve(config, body, clock)
 
@@ -615,9 +602,6 @@ def test_a_promotion_is_recorded_in_the_fleet_registry(
 def test_feature_flags_tune_the_threshold_live_and_an_outage_keeps_the_last_values(
     models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import threading
-
-    import uvicorn
 
     from fleet_server.app import create_app as fleet_app
     from fleet_server.auth.service import Role, create_token
@@ -632,11 +616,7 @@ def test_feature_flags_tune_the_threshold_live_and_an_outage_keeps_the_last_valu
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {token}"}
-    server = uvicorn.Server(uvicorn.Config(fleet_app(db), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        threading.Event().wait(0.02)
+    served = ServedApp(fleet_app(db), port).start()
     assert (
         httpx.put(url + "/api/v1/flags/classifier.threshold", json={"value": 0.999}, headers=auth).status_code
         == 200
@@ -669,8 +649,7 @@ def test_feature_flags_tune_the_threshold_live_and_an_outage_keeps_the_last_valu
         )
         assert await asyncio.to_thread(gw.flags.refresh)
         assert None not in await labels(client)
-        server.should_exit = True
-        thread.join(10)
+        served.stop()
         assert not await asyncio.to_thread(gw.flags.refresh)  # the flag store is down
         assert None not in await labels(client)  # serving goes on with the last values
         status = gw.status("classifier")["flags"]
@@ -726,10 +705,8 @@ def test_a_version_served_by_triton_over_its_http_protocol(models: Path, tmp_pat
     """The Triton backend through `tritonclient`. No Triton server can run on this machine
     (it ships as a container image), so the test serves the KServe v2 HTTP protocol that
     Triton speaks from a small endpoint running the real ONNX model in ONNX Runtime."""
-    import threading
 
     import onnxruntime as ort
-    import uvicorn
 
     from tests.mqtt_helpers import free_port
 
@@ -770,11 +747,7 @@ def test_a_version_served_by_triton_over_its_http_protocol(models: Path, tmp_pat
         }
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(v2, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        threading.Event().wait(0.02)
+    served = ServedApp(v2, port).start()
     raw = load_config(models / "serving.toml").model_dump()
     raw["models"]["classifier"]["versions"]["2.0.0-triton"] = {
         "triton": {"url": f"http://127.0.0.1:{port}", "model": "classifier"}
@@ -801,8 +774,7 @@ def test_a_version_served_by_triton_over_its_http_protocol(models: Path, tmp_pat
     try:
         serve(config, body)
     finally:
-        server.should_exit = True
-        thread.join(10)
+        served.stop()
 
 
 def test_an_experiment_serves_only_its_cohort(models: Path) -> None:

@@ -79,6 +79,14 @@ def server_env(tmp_path: Path) -> Iterator[tuple[Broker, str]]:
     broker.stop()
 
 
+def admin_token(db_url: str) -> str:
+    """An admin token made the way an operator makes one: with the CLI."""
+    args = ["server", "token", "create", "--role", "admin", "--name", "ops", "--db", db_url]
+    return subprocess.run(
+        [sys.executable, "-m", "tidegate", *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def wait(pred: Any, timeout: float = 60, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -93,25 +101,7 @@ def test_campaign_survives_a_server_sigkill(
 ) -> None:
     broker, db_url = server_env
     world = build_world(tmp_path / "world", sample_payload)
-    token = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tidegate",
-            "server",
-            "token",
-            "create",
-            "--role",
-            "admin",
-            "--name",
-            "ops",
-            "--db",
-            db_url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    token = admin_token(db_url)
     h = {"Authorization": f"Bearer {token}"}
     server = Server(db_url, broker.port).start()
     things = [f"car-{i}" for i in range(3)]
@@ -186,25 +176,7 @@ def test_the_sim_cli_runs_a_fleet_through_a_campaign(server_env: tuple[Broker, s
     """`tidegate sim`: registers its devices in batches, then answers jobs as agents do; a
     campaign over them completes, with the simulated failures recorded as FAILED."""
     broker, db_url = server_env
-    token = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tidegate",
-            "server",
-            "token",
-            "create",
-            "--role",
-            "admin",
-            "--name",
-            "ops",
-            "--db",
-            db_url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    token = admin_token(db_url)
     h = {"Authorization": f"Bearer {token}"}
     server = Server(db_url, broker.port).start()
     args = ["--devices", "300", "--server", server.url, "--sku", "sim-sku", "--mqtt-port", str(broker.port)]
