@@ -62,6 +62,10 @@ class ExperimentBody(BaseModel):
     burn_in: int = Field(default=200, ge=0, le=1_000_000)
     max_error_rate: float = Field(default=0.02, ge=0, le=1)
     cohort: dict[str, list[str]] | None = Field(default=None, description="metadata values that take part")
+    control_version: str | None = Field(default=None, max_length=64, description="default: the arm's name")
+    treatment_version: str | None = Field(default=None, max_length=64, description="default: the arm's name")
+    control_threshold: float | None = Field(default=None, ge=0, le=1)
+    treatment_threshold: float | None = Field(default=None, ge=0, le=1)
     hours_utc: tuple[int, int] | None = Field(default=None, description="[start, end) hours, UTC")
 
 
@@ -234,9 +238,9 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
             "outputs": {k: v.tolist() for k, v in answer.outputs.items()},
         }
         if answer.request_id is not None:
-            reply["request_id"] = answer.request_id
-        if st.config.scores_output is not None:
-            reply["label"] = gateway.label(model, answer.outputs)
+            reply["request_id"], reply["arm"] = answer.request_id, answer.arm
+        if st.config.scores_output is not None or answer.threshold is not None:
+            reply["label"] = gateway.label(model, answer.outputs, answer.threshold)
         return reply
 
     @app.post("/v1/models/{model}/feedback")

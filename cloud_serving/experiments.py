@@ -189,7 +189,7 @@ class ExperimentSpec:
     """An A/B test (or a bandit) between two loaded versions on a 0-1 reward the caller
     reports back (`/feedback`): plan, guardrail and what to do with the result."""
 
-    control: str
+    control: str  # arm names; by default each arm is the model version of that name
     treatment: str
     treatment_share: float = 0.5
     baseline_rate: float = 0.1
@@ -202,6 +202,20 @@ class ExperimentSpec:
     srm_threshold: float = 0.001
     cohort: dict[str, tuple[str, ...]] | None = None  # request metadata that must match, e.g. region
     hours_utc: tuple[int, int] | None = None  # [start, end) hour of day; None: always
+    # Arms by post-processing config: an arm may name its version and its label threshold, so
+    # two arms can be one model version with two thresholds.
+    control_version: str | None = None
+    treatment_version: str | None = None
+    control_threshold: float | None = None
+    treatment_threshold: float | None = None
+
+    def version_of(self, arm: str) -> str:
+        if arm == self.control:
+            return self.control_version or self.control
+        return self.treatment_version or self.treatment
+
+    def threshold_of(self, arm: str) -> float | None:
+        return self.control_threshold if arm == self.control else self.treatment_threshold
 
     def admits(self, metadata: dict[str, Any], hour: int) -> bool:
         """Whether a request is in the experiment's population (else it is served as usual
@@ -312,7 +326,14 @@ class Experiment:
                 "samples_per_arm": s.planned_n,
             },
             "arms": {
-                arm: {"assigned": a.assigned, "errors": a.errors, "rewards": a.n, "mean": a.mean}
+                arm: {
+                    "version": s.version_of(arm),
+                    "threshold": s.threshold_of(arm),
+                    "assigned": a.assigned,
+                    "errors": a.errors,
+                    "rewards": a.n,
+                    "mean": a.mean,
+                }
                 for arm, a in self.arms.items()
             },
             "effect": effect,

@@ -75,6 +75,8 @@ class Answer:
     fallback: bool = False
     latency_ms: float = 0.0
     request_id: str | None = None  # set while an experiment runs: the caller reports its reward
+    arm: str | None = None
+    threshold: float | None = None  # the arm's post-processing threshold, when it has its own
 
 
 @dataclass
@@ -93,6 +95,7 @@ class ModelState:
     split: Split | None = None
     deadlines: deque[tuple[float, asyncio.Future[Any]]] = field(default_factory=deque)
     experiment: Experiment | None = None
+    threshold: float | None = None  # promoted by an experiment over post-processing arms
     assigned: OrderedDict[str, str] = field(default_factory=OrderedDict)  # request id → arm
 
     def route(self) -> Split:
@@ -252,30 +255,36 @@ class Gateway:
         exp.arms[arm].assigned += 1
         t0 = time.perf_counter()
         try:
-            answer = await self._run(st, arm, sample)
+            answer = await self._run(st, spec.version_of(arm), sample)
         except OverloadedError as exc:
             raise OverloadError(f"{st.name} {arm}: {exc}") from None
         except Exception as exc:
             exp.record_error(arm)
-            if arm == spec.treatment:  # the caller is answered by the control arm instead
+            if arm == spec.treatment:  # the caller is answered by production instead
                 answer = await self._production_or_fallback(st, sample, t0)
             else:
                 answer = await self._fallback(st, sample, t0, exc)
             return answer  # no reward for an arm that did not answer
-        answer.request_id = uuid.uuid4().hex
+        answer.request_id, answer.arm, answer.threshold = uuid.uuid4().hex, arm, spec.threshold_of(arm)
         st.assigned[answer.request_id] = arm
         while len(st.assigned) > 200_000:
             st.assigned.popitem(last=False)
         return answer
 
-    def label(self, name: str, outputs: dict[str, np.ndarray[Any, Any]]) -> int | None:
-        """Post-processing: the top class of the scores output, or None below the threshold
-        (a feature flag when one is configured, so operators tune it live)."""
+    def label(
+        self, name: str, outputs: dict[str, np.ndarray[Any, Any]], threshold: float | None = None
+    ) -> int | None:
+        """Post-processing: the top class of the scores output, or None below the threshold:
+        an experiment arm's own, else a feature flag when one is configured (operators tune
+        it live), else the one an experiment last promoted, else the configured one."""
         st = self.model(name)
         scores = outputs.get(st.config.scores_output or next(iter(outputs)))
         if scores is None or scores.size == 0:
             return None
-        threshold = st.config.threshold
+        if threshold is not None:
+            top = int(np.argmax(scores))
+            return top if float(scores.reshape(-1)[top]) >= threshold else None
+        threshold = st.threshold if st.threshold is not None else st.config.threshold
         if st.config.threshold_flag and self.flags is not None:
             value = self.flags.get(st.config.threshold_flag, threshold)
             threshold = float(value) if isinstance(value, int | float) else threshold
@@ -295,10 +304,13 @@ class Gateway:
 
     def start_experiment(self, name: str, spec: ExperimentSpec) -> Experiment:
         st = self.model(name)
-        self._known(st, spec.control)
-        self._known(st, spec.treatment)
+        self._known(st, spec.version_of(spec.control))
+        self._known(st, spec.version_of(spec.treatment))
         if spec.control == spec.treatment:
-            raise ReleaseError("an experiment needs two different versions")
+            raise ReleaseError("an experiment needs two differently named arms")
+        arms = [(spec.version_of(a), spec.threshold_of(a)) for a in (spec.control, spec.treatment)]
+        if arms[0] == arms[1]:
+            raise ReleaseError("the two arms are the same version with the same post-processing")
         if st.canary is not None or st.experiment is not None:
             raise ReleaseError(f"{name} has a canary or an experiment running; end it first")
         st.experiment = Experiment(spec, self.clock().isoformat())
@@ -311,10 +323,13 @@ class Gateway:
         assert exp is not None
         exp.decision = decision
         if decision == "treatment_wins":
-            if exp.spec.treatment != st.production:
+            winner = exp.spec.version_of(exp.spec.treatment)
+            if winner != st.production:
                 st.history.append(st.production)
-            st.production, st.weights = exp.spec.treatment, {exp.spec.treatment: 1.0}
-            self._promoted(st.name, exp.spec.treatment, "experiment", exp.summary())
+            st.production, st.weights = winner, {winner: 1.0}
+            if (threshold := exp.spec.threshold_of(exp.spec.treatment)) is not None:
+                st.threshold = threshold
+            self._promoted(st.name, winner, "experiment", exp.summary())
         else:
             st.weights = {st.production: 1.0}  # flags revert: everyone back on production
         out = self.config.gateway.failure_dir.parent / "experiments" / f"{st.name}-{exp.spec.treatment}"

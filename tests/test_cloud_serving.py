@@ -808,3 +808,54 @@ def test_an_experiment_serves_only_its_cohort(models: Path) -> None:
         assert r.status_code == 422
 
     serve(config, body)
+
+
+def test_arms_can_differ_only_in_post_processing(models: Path) -> None:
+    """One model version, two label thresholds: each arm's answers use its own, and the
+    winning threshold becomes the model's."""
+    config = load_config(models / "serving.toml")
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        spec = {
+            "control": "lenient",
+            "treatment": "strict",
+            "control_version": "1.0.0",
+            "treatment_version": "1.0.0",
+            "control_threshold": 0.0,
+            "treatment_threshold": 0.9,
+            "baseline_rate": 0.2,
+            "mde": 0.1,
+        }
+        r = await client.post("/v1/admin/models/classifier/experiment", json=spec, headers=caller(ADMIN))
+        assert r.status_code == 200, r.text
+        rng = random.Random(4)
+        labels: dict[str, list[int | None]] = {"lenient": [], "strict": []}
+        verdict = None
+        for i in range(4000):
+            r = await client.post(
+                "/v1/models/classifier/infer",
+                json={"inputs": SAMPLES[i % 400].tolist(), "key": f"u{i}"},
+                headers=caller(),
+            )
+            got = r.json()
+            assert got["version"] == "1.0.0"
+            labels[got["arm"]].append(got["label"])
+            reward = float(rng.random() < (0.4 if got["arm"] == "strict" else 0.2))
+            await client.post(
+                "/v1/models/classifier/feedback",
+                json={"request_id": got["request_id"], "reward": reward},
+                headers=caller(),
+            )
+            if i % 200 == 199 and (ended := gw.tick()):
+                verdict = ended[0][1]
+                break
+        assert None not in labels["lenient"] and labels["strict"].count(None) > len(labels["strict"]) / 2
+        assert verdict == "treatment_wins" and gw.model("classifier").threshold == 0.9
+        r = await client.post(
+            "/v1/admin/models/classifier/experiment",
+            json={**spec, "treatment_threshold": 0.0},
+            headers=caller(ADMIN),
+        )
+        assert r.status_code == 409 and "same post-processing" in r.json()["detail"]
+
+    serve(config, body)
