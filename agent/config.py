@@ -6,13 +6,13 @@ file and the field; nothing starts half-configured.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.errors import AgentError
+from shared.settings_file import first_error, read_toml
 
 
 class _Section(BaseModel):
@@ -89,17 +89,8 @@ class AgentConfig(_Section):
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
-        try:
-            raw = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise AgentError(f"{path}: no such config file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise AgentError(f"{path}: cannot read config ({exc})") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise AgentError(f"{path}: not valid TOML ({exc})") from None
+        raw = read_toml(path, AgentError, "config file")
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
-            raise AgentError(f"{path}: {loc}: {first['msg']}") from None
+            raise AgentError(f"{path}: {first_error(exc)}") from None

@@ -38,6 +38,7 @@ from agent.thermal import SysfsThermal, ThermalPolicy, Throttle, next_level, thr
 from agent.vehicle import JsonFileVehicleState, evaluate_preconditions
 from shared.iotjobs import JobStatus
 from shared.jobdoc import JobDocument, Preconditions
+from shared.settings_file import first_error
 from shared.telemetry import BEACON_TOPIC, RECEIPT_TOPIC, HealthBeacon, InferenceStats, InstallReceipt
 from shared.version import TIDEGATE_VERSION
 
@@ -284,9 +285,8 @@ class AgentDaemon:
         try:
             doc = JobDocument.model_validate(execution.get("jobDocument"))
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "document"
-            await self._finish_job(job, JobStatus.REJECTED, f"invalid job document: {where}: {first['msg']}")
+            why = first_error(exc, root="document")
+            await self._finish_job(job, JobStatus.REJECTED, f"invalid job document: {why}")
             return
         if doc.skus is not None and self.device.sku not in doc.skus:
             await self._finish_job(

@@ -6,7 +6,6 @@ models: an unknown field, runtime or precision is an error that names the SKU.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from builder.errors import CatalogueError
 from shared.semver import InvalidVersionError, SemVer
+from shared.settings_file import first_error, read_toml
 
 DEFAULT_CATALOGUE = Path(__file__).resolve().parent.parent / "config" / "skus.toml"
 
@@ -74,12 +74,7 @@ class Catalogue(BaseModel):
 
 
 def load_catalogue(path: Path = DEFAULT_CATALOGUE) -> Catalogue:
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise CatalogueError(f"{path}: no such SKU catalogue") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CatalogueError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, CatalogueError, "SKU catalogue")
     table = raw.get("sku")
     if not isinstance(table, dict) or not table:
         raise CatalogueError(f"{path}: no [sku.<name>] tables")
@@ -88,7 +83,5 @@ def load_catalogue(path: Path = DEFAULT_CATALOGUE) -> Catalogue:
         try:
             skus[name] = Sku.model_validate({**fields, "name": name})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise CatalogueError(f"{path}: SKU {name!r}: {where}: {first['msg']}") from None
+            raise CatalogueError(f"{path}: SKU {name!r}: {first_error(exc)}") from None
     return Catalogue(skus=skus)

@@ -33,6 +33,7 @@ from cloud_serving.canary import CanarySpec
 from cloud_serving.experiments import ExperimentSpec
 from cloud_serving.gateway import Gateway, GatewayError
 from cloud_serving.shadow import ShadowBudget
+from shared.settings_file import first_error
 
 
 class InferRequest(BaseModel):
@@ -210,9 +211,7 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
             try:
                 req = InferRequest.model_validate_json(body)
             except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"]) or "body"
-                raise HTTPException(422, f"{where}: {first['msg']}") from None
+                raise HTTPException(422, first_error(exc, root="body")) from None
             st = gateway.model(model)
             sample = _sample(req.inputs, getattr(st.versions[st.production], "sample_shape", None))
             t0 = time.perf_counter()

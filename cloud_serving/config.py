@@ -6,13 +6,13 @@ committed without secrets. Paths are relative to the file.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.errors import TidegateError
+from shared.settings_file import first_error, read_toml
 
 
 class ConfigError(TidegateError):
@@ -98,17 +98,11 @@ class ServingConfig(_Strict):
 
 
 def load_config(path: Path) -> ServingConfig:
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such serving configuration") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, ConfigError, "serving configuration")
     try:
         cfg = ServingConfig.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"{path}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        raise ConfigError(f"{path}: {first_error(exc)}") from None
     base = path.parent
     for model in cfg.models.values():
         for v in model.versions.values():

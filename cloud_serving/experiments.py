@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
 
+from cloud_serving.routing import Split
+
 _N = NormalDist()
 
 
@@ -258,6 +260,8 @@ class Experiment:
         s = self.spec
         self.arms = {s.control: ArmStats(), s.treatment: ArmStats()}
         self.test = MSPRT(alpha=s.alpha, tau2=max(s.mde**2, 1e-8))
+        # the sticky split, prepared once (the gateway picks an arm per request)
+        self.split = Split.of({s.control: 1 - s.treatment_share, s.treatment: s.treatment_share}, [s.control])
         if s.mode == "bandit":
             self.bandit = Thompson([s.control, s.treatment], burn_in=s.burn_in)
 

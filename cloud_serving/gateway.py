@@ -248,10 +248,7 @@ class Gateway:
         if exp.bandit is not None:
             arm = exp.bandit.choose()
         else:
-            split = Split.of(
-                {spec.control: 1 - spec.treatment_share, spec.treatment: spec.treatment_share}, [spec.control]
-            )
-            arm = split.pick(key=key, salt=f"{st.name}:experiment:{spec.treatment}", rng=self._rng)
+            arm = exp.split.pick(key=key, salt=f"{st.name}:experiment:{spec.treatment}", rng=self._rng)
         exp.arms[arm].assigned += 1
         t0 = time.perf_counter()
         try:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared.bundle.errors import ManifestError, UnsafePathError
 from shared.semver import InvalidVersionError, SemVer
+from shared.settings_file import first_error
 
 MANIFEST_NAME = "bundle.json"
 FORMAT_VERSION = 1
@@ -174,7 +175,5 @@ class BundleManifest(_Strict):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"]) or "(root)"
             more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-            raise ManifestError(f"{source}: {loc}: {first['msg']}{more}") from None
+            raise ManifestError(f"{source}: {first_error(exc)}{more}") from None
