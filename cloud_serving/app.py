@@ -67,6 +67,10 @@ class ExperimentBody(BaseModel):
     treatment_version: str | None = Field(default=None, max_length=64, description="default: the arm's name")
     control_threshold: float | None = Field(default=None, ge=0, le=1)
     treatment_threshold: float | None = Field(default=None, ge=0, le=1)
+    control_ensemble: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
+        default=None, description="the arm averages these versions' outputs, by weight"
+    )
+    treatment_ensemble: dict[str, Annotated[float, Field(gt=0)]] | None = None
     hours_utc: tuple[int, int] | None = Field(default=None, description="[start, end) hours, UTC")
 
 
@@ -142,14 +146,14 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
     registry = CollectorRegistry()
     requests = Counter(
         "tidegate_serving_requests",
-        "Requests by model, version and outcome",
-        ["model", "version", "outcome"],
+        "Requests by model, version, experiment arm ('-' outside experiments) and outcome",
+        ["model", "version", "arm", "outcome"],
         registry=registry,
     )
     latency = Histogram(
         "tidegate_serving_latency_seconds",
-        "Model latency by version",
-        ["model", "version"],
+        "Latency through the gateway by model, version and experiment arm",
+        ["model", "version", "arm"],
         registry=registry,
         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
     )
@@ -218,7 +222,7 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
             try:
                 answer = await gateway.infer(model, sample, key=req.key, metadata=req.metadata)
             except GatewayError as exc:
-                requests.labels(model, "-", type(exc).__name__).inc()
+                requests.labels(model, "-", "-", type(exc).__name__).inc()
                 span.set_attribute("tidegate.error", type(exc).__name__)
                 log.warning(
                     "request failed", extra={"model": model, "error": str(exc), "metadata": req.metadata}
@@ -228,8 +232,9 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
             span.set_attribute("tidegate.fallback", answer.fallback)
             if answer.fallback:
                 log.warning("fallback answered", extra={"model": model, "metadata": req.metadata})
-        requests.labels(model, answer.version, "fallback" if answer.fallback else "ok").inc()
-        latency.labels(model, answer.version).observe(time.perf_counter() - t0)
+        arm = answer.arm or "-"
+        requests.labels(model, answer.version, arm, "fallback" if answer.fallback else "ok").inc()
+        latency.labels(model, answer.version, arm).observe(time.perf_counter() - t0)
         reply: dict[str, Any] = {
             "model": model,
             "version": answer.version,

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from shared.batching import DynamicBatcher, InferencePool, OnnxModelRunner
+from shared.batching import DynamicBatcher, InferencePool, NonFiniteOutputError, OnnxModelRunner
 from shared.errors import TidegateError
 
 
@@ -37,7 +37,9 @@ class Backend(Protocol):
 
     def submit(self, sample: np.ndarray[Any, Any]) -> asyncio.Future[Outputs]:
         """Start one inference; the future gets the outputs. Raising here means refused now
-        (overloaded, not loaded); a caller may fail the future itself at its deadline."""
+        (overloaded, not loaded); a caller may fail the future itself at its deadline.
+        Outputs are finite: a model that emits NaN or infinity has failed, and the future
+        gets `NonFiniteOutputError` (the guardrail that sends the caller to the fallback)."""
         ...
 
     async def infer(self, sample: np.ndarray[Any, Any]) -> Outputs: ...
@@ -79,6 +81,7 @@ class OnnxBackend:
             concurrency=concurrency,
             preferred_sizes=preferred_sizes,
             pool=pool,
+            finite_outputs=True,  # checked per batch in the inference thread
         )
 
     async def start(self) -> None:
@@ -100,6 +103,9 @@ class ConstantFallback:
     def __init__(self, outputs: dict[str, list[Any]], *, version: str = "fallback") -> None:
         self.version = version
         self.outputs = {k: np.asarray(v, dtype=np.float32) for k, v in outputs.items()}
+        for name, value in self.outputs.items():
+            if not np.all(np.isfinite(value)):
+                raise BackendError(f"fallback output {name!r} is not finite")
 
     async def start(self) -> None:
         return None
@@ -179,7 +185,11 @@ class TritonBackend:
             )
         except Exception as exc:
             raise BackendError(f"Triton {self.model} {self.version}: {str(exc)[:200]}") from None
-        return {n: np.asarray(result.as_numpy(n))[0] for n in self.output_names}
+        outputs = {n: np.asarray(result.as_numpy(n))[0] for n in self.output_names}
+        for name, value in outputs.items():
+            if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+                raise NonFiniteOutputError(f"output {name!r} is not finite")
+        return outputs
 
     def submit(self, sample: np.ndarray[Any, Any]) -> asyncio.Future[Outputs]:
         return asyncio.ensure_future(self._infer(sample))

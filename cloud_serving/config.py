@@ -75,12 +75,20 @@ class ModelConfig(_Strict):
 
 
 class RegistryConfig(_Strict):
-    """The fleet server whose model registry records promotions (token from the environment)."""
+    """Where promotions are recorded and feature flags come from: the fleet server (`url`,
+    token from the environment) or, for a standalone gateway, a local JSON file (`file`)."""
 
-    url: str
+    url: str | None = None
+    file: Path | None = None
     token_env: str = "TIDEGATE_REGISTRY_TOKEN"
     timeout_s: float = Field(default=5.0, gt=0, le=60)
     flags_ttl_s: float = Field(default=10.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RegistryConfig:
+        if (self.url is None) == (self.file is None):
+            raise ValueError("a registry has exactly one of url (the fleet server) or file (standalone)")
+        return self
 
 
 class GatewayConfig(_Strict):
@@ -108,6 +116,9 @@ def load_config(path: Path) -> ServingConfig:
         for v in model.versions.values():
             if v.path is not None and not v.path.is_absolute():
                 v.path = base / v.path
+    reg = cfg.gateway.registry
+    if reg is not None and reg.file is not None and not reg.file.is_absolute():
+        reg.file = base / reg.file
     if not cfg.gateway.failure_dir.is_absolute():
         cfg.gateway.failure_dir = base / cfg.gateway.failure_dir
     return cfg

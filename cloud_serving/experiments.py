@@ -210,8 +210,21 @@ class ExperimentSpec:
     treatment_version: str | None = None
     control_threshold: float | None = None
     treatment_threshold: float | None = None
+    # ... or a weighted average of several versions' outputs (an ensemble), weights > 0.
+    control_ensemble: dict[str, float] | None = None
+    treatment_ensemble: dict[str, float] | None = None
+
+    def ensemble_of(self, arm: str) -> dict[str, float] | None:
+        """The arm's ensemble, weights normalised to sum to 1 (None: a single version)."""
+        weights = self.control_ensemble if arm == self.control else self.treatment_ensemble
+        if not weights:
+            return None
+        total = sum(weights.values())
+        return {v: w / total for v, w in sorted(weights.items())}
 
     def version_of(self, arm: str) -> str:
+        if ensemble := self.ensemble_of(arm):  # the heaviest member stands for it
+            return max(ensemble, key=lambda v: (ensemble[v], v))
         if arm == self.control:
             return self.control_version or self.control
         return self.treatment_version or self.treatment
@@ -333,6 +346,7 @@ class Experiment:
                 arm: {
                     "version": s.version_of(arm),
                     "threshold": s.threshold_of(arm),
+                    "ensemble": s.ensemble_of(arm),
                     "assigned": a.assigned,
                     "errors": a.errors,
                     "rewards": a.n,

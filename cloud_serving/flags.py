@@ -1,39 +1,81 @@
-"""Feature flags from the fleet server's flag store, cached with a short TTL.
+"""Feature flags, cached with a short TTL, from one of two sources.
 
 The gateway reads flags on the request path from memory (`get`); a background refresh
-fetches `GET /api/v1/flags` when the cache is older than its TTL. When the flag store is
-down the last values stay in force and serving goes on; `status` reports how stale they are.
+fetches them from the source when the cache is older than its TTL: the fleet server's flag
+store (`GET /api/v1/flags`) or, for a standalone gateway, the `flags` object of its local
+registry file. When the source is down or unreadable the last values stay in force and
+serving goes on; `status` reports how stale they are.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import httpx
 
 log = logging.getLogger("tidegate.serving.flags")
 
 
-class FlagCache:
-    def __init__(
-        self,
-        url: str,
-        token: str,
-        *,
-        ttl_s: float = 10.0,
-        timeout_s: float = 2.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.ttl_s, self.clock = ttl_s, clock
+class FlagSource(Protocol):
+    def fetch(self) -> dict[str, Any]:
+        """Every flag now (blocking). Raises on any failure; the cache keeps its values."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class HttpFlags:
+    """The fleet server's flag store."""
+
+    def __init__(self, url: str, token: str, *, timeout_s: float = 2.0) -> None:
         self._http = httpx.Client(
             base_url=url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(timeout_s),
         )
+
+    def fetch(self) -> dict[str, Any]:
+        r = self._http.get("/api/v1/flags")
+        r.raise_for_status()
+        return {f["key"]: f["value"] for f in r.json()}
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class FileFlags:
+    """The `flags` object of a local registry file (see `registry.LocalRegistry`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fetch(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {}
+        flags = json.loads(self.path.read_text()).get("flags", {})
+        if not isinstance(flags, dict):
+            raise ValueError(f"{self.path}: 'flags' is not an object")
+        return dict(flags)
+
+    def close(self) -> None:
+        return None
+
+
+class FlagCache:
+    def __init__(
+        self,
+        source: FlagSource,
+        *,
+        ttl_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source, self.ttl_s, self.clock = source, ttl_s, clock
         self._values: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.fetched_at: float | None = None
@@ -50,12 +92,10 @@ class FlagCache:
     def refresh(self) -> bool:
         """Fetch every flag (blocking; run it off the event loop). False: kept the old values."""
         try:
-            r = self._http.get("/api/v1/flags")
-            r.raise_for_status()
-            fresh = {f["key"]: f["value"] for f in r.json()}
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            fresh = self.source.fetch()
+        except (httpx.HTTPError, OSError, ValueError, KeyError, TypeError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"[:300]
-            log.warning("flag store unreachable; serving with flags from %s", self.fetched_at)
+            log.warning("flag source unavailable; serving with flags from %s", self.fetched_at)
             return False
         with self._lock:
             self._values = fresh
@@ -67,4 +107,4 @@ class FlagCache:
         return {"flags": len(self._values), "age_s": age, "last_error": self.last_error}
 
     def close(self) -> None:
-        self._http.close()
+        self.source.close()

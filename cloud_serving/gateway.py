@@ -29,12 +29,12 @@ from cloud_serving.backends import Backend, BackendError, ConstantFallback, Onnx
 from cloud_serving.canary import Canary, CanarySpec
 from cloud_serving.config import BatchingConfig, ConfigError, ModelConfig, ServingConfig, VersionConfig
 from cloud_serving.experiments import Experiment, ExperimentSpec
-from cloud_serving.flags import FlagCache
-from cloud_serving.observability import span
-from cloud_serving.registry import Promotion, RegistryClient
+from cloud_serving.flags import FileFlags, FlagCache, FlagSource, HttpFlags
+from cloud_serving.observability import refresh_tracing, span
+from cloud_serving.registry import LocalRegistry, Promotion, Registry, RegistryClient
 from cloud_serving.routing import Split, normalise
 from cloud_serving.shadow import ShadowBudget, ShadowMirror
-from shared.batching import InferencePool, OverloadedError
+from shared.batching import InferencePool, NonFiniteOutputError, OverloadedError
 from shared.errors import TidegateError
 from shared.fsutil import atomic_write_bytes
 from shared.gates import Action
@@ -96,6 +96,7 @@ class ModelState:
     deadlines: deque[tuple[float, asyncio.Future[Any]]] = field(default_factory=deque)
     experiment: Experiment | None = None
     threshold: float | None = None  # promoted by an experiment over post-processing arms
+    ensemble: dict[str, float] | None = None  # production answers as this weighted average
     assigned: OrderedDict[str, str] = field(default_factory=OrderedDict)  # request id → arm
 
     def route(self) -> Split:
@@ -108,6 +109,8 @@ class ModelState:
         super().__setattr__(name, value)
         if name in ("weights", "production"):  # any change of routing invalidates the split
             super().__setattr__("split", None)
+        if name == "production":  # a promoted ensemble belonged to the old production
+            super().__setattr__("ensemble", None)
 
 
 def _onnx(version: str, path: Path, b: BatchingConfig, pool: InferencePool) -> OnnxBackend:
@@ -135,23 +138,27 @@ class Gateway:
         # One inference pool for every loaded version: as many threads as cores, however many
         # versions a release keeps loaded side by side.
         self.pool = InferencePool(os.cpu_count() or 2)
-        self.registry: RegistryClient | None = None
+        self.registry: Registry | None = None
+        self.flags: FlagCache | None = None
         if (reg := config.gateway.registry) is not None:
-            token = os.environ.get(reg.token_env)
-            if not token:
-                raise ConfigError(f"the registry at {reg.url} needs a token in ${reg.token_env}")
-            self.registry = RegistryClient(reg.url, token, timeout_s=reg.timeout_s)
-            self.flags: FlagCache | None = FlagCache(
-                reg.url, token, ttl_s=reg.flags_ttl_s, timeout_s=reg.timeout_s
-            )
-        else:
-            self.flags = None
+            source: FlagSource
+            if reg.file is not None:
+                self.registry, source = LocalRegistry(reg.file), FileFlags(reg.file)
+            else:
+                assert reg.url is not None  # the config allows exactly one of the two
+                token = os.environ.get(reg.token_env)
+                if not token:
+                    raise ConfigError(f"the registry at {reg.url} needs a token in ${reg.token_env}")
+                self.registry = RegistryClient(reg.url, token, timeout_s=reg.timeout_s)
+                source = HttpFlags(reg.url, token, timeout_s=reg.timeout_s)
+            self.flags = FlagCache(source, ttl_s=reg.flags_ttl_s)
         self._pending_starts: list[asyncio.Future[None]] = []
         self.on_request: Callable[[str, Answer | None, bool], None] = lambda model, answer, ok: None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, *, tick: bool = True) -> Gateway:
+        refresh_tracing()
         for name, mc in self.config.models.items():
             versions: dict[str, Backend] = {v: self._backend(v, vc) for v, vc in mc.versions.items()}
             fallback = ConstantFallback(mc.fallback.outputs) if mc.fallback else None
@@ -215,7 +222,10 @@ class Gateway:
         version = st.route().pick(key=key, salt=st.salt, rng=self._rng)
         t0 = time.perf_counter()
         try:
-            answer = await self._run(st, version, sample)
+            if version == st.production and st.ensemble is not None:
+                answer = await self._ensemble(st, st.ensemble, sample)
+            else:
+                answer = await self._run(st, version, sample)
         except OverloadedError as exc:
             raise OverloadError(f"{name} {version}: {exc}") from None
         except Exception as exc:  # BackendError, TimeoutError, the runtime's own errors
@@ -252,7 +262,10 @@ class Gateway:
         exp.arms[arm].assigned += 1
         t0 = time.perf_counter()
         try:
-            answer = await self._run(st, spec.version_of(arm), sample)
+            if (ensemble := spec.ensemble_of(arm)) is not None:
+                answer = await self._ensemble(st, ensemble, sample)
+            else:
+                answer = await self._run(st, spec.version_of(arm), sample)
         except OverloadedError as exc:
             raise OverloadError(f"{st.name} {arm}: {exc}") from None
         except Exception as exc:
@@ -301,11 +314,15 @@ class Gateway:
 
     def start_experiment(self, name: str, spec: ExperimentSpec) -> Experiment:
         st = self.model(name)
-        self._known(st, spec.version_of(spec.control))
-        self._known(st, spec.version_of(spec.treatment))
+        for arm in (spec.control, spec.treatment):
+            for version in spec.ensemble_of(arm) or [spec.version_of(arm)]:
+                self._known(st, version)
         if spec.control == spec.treatment:
             raise ReleaseError("an experiment needs two differently named arms")
-        arms = [(spec.version_of(a), spec.threshold_of(a)) for a in (spec.control, spec.treatment)]
+        arms = [
+            (spec.version_of(a), spec.threshold_of(a), spec.ensemble_of(a))
+            for a in (spec.control, spec.treatment)
+        ]
         if arms[0] == arms[1]:
             raise ReleaseError("the two arms are the same version with the same post-processing")
         if st.canary is not None or st.experiment is not None:
@@ -326,6 +343,7 @@ class Gateway:
             st.production, st.weights = winner, {winner: 1.0}
             if (threshold := exp.spec.threshold_of(exp.spec.treatment)) is not None:
                 st.threshold = threshold
+            st.ensemble = exp.spec.ensemble_of(exp.spec.treatment)  # after production: it clears it
             self._promoted(st.name, winner, "experiment", exp.summary())
         else:
             st.weights = {st.production: 1.0}  # flags revert: everyone back on production
@@ -348,16 +366,37 @@ class Gateway:
             # Deadlines are enforced by one sweeper per model (constant timeout: FIFO order),
             # not by a timer per request: a request costs one append.
             st.deadlines.append((t0 + st.config.timeout_ms / 1000, fut))
-            outputs = await fut
-        for out_name, value in outputs.items():  # guardrail: a model that emits NaN has failed
-            if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
-                raise BackendError(f"{st.name} {version}: output {out_name!r} is not finite")
+            try:
+                outputs = await fut
+            except NonFiniteOutputError as exc:  # guardrail: a model that emits NaN has failed
+                raise BackendError(f"{st.name} {version}: {exc}") from None
         return Answer(outputs, version, latency_ms=(time.perf_counter() - t0) * 1000)
+
+    async def _ensemble(
+        self, st: ModelState, weights: dict[str, float], sample: np.ndarray[Any, Any]
+    ) -> Answer:
+        """Post-processing by ensemble: every member answers, the outputs are averaged by weight;
+        any member's failure fails the ensemble."""
+        t0 = time.perf_counter()
+        answers = await asyncio.gather(*(self._run(st, v, sample) for v in weights))
+        outputs: dict[str, np.ndarray[Any, Any]] = {}
+        for name, first in answers[0].outputs.items():
+            total = np.zeros(first.shape, dtype=np.float64)
+            for w, a in zip(weights.values(), answers, strict=True):
+                part = a.outputs.get(name)
+                if part is None or part.shape != first.shape:
+                    raise BackendError(f"{st.name}: ensemble members disagree on output {name!r}")
+                total += w * part
+            outputs[name] = total.astype(first.dtype)
+        label = "+".join(f"{v}*{w:g}" for v, w in weights.items())
+        return Answer(outputs, label, latency_ms=(time.perf_counter() - t0) * 1000)
 
     async def _production_or_fallback(
         self, st: ModelState, sample: np.ndarray[Any, Any], t0: float
     ) -> Answer:
         try:
+            if st.ensemble is not None:
+                return await self._ensemble(st, st.ensemble, sample)
             return await self._run(st, st.production, sample)
         except Exception as exc:
             return await self._fallback(st, sample, t0, exc)
@@ -592,6 +631,7 @@ class Gateway:
         return {
             "model": name,
             "production": st.production,
+            "post_processing": {"threshold": st.threshold, "ensemble": st.ensemble},
             "versions": sorted(st.versions),
             "weights": st.weights,
             "history": st.history,

@@ -23,11 +23,23 @@ from cloud_serving.canary import redact
 tracer = trace.get_tracer("tidegate.serving")
 
 
+class _Tracing:
+    on = False
+
+
+def refresh_tracing() -> bool:
+    """Whether an OpenTelemetry SDK is the tracer provider, looked up once when a gateway
+    starts (deployments install it before, through `opentelemetry-instrument` or code), not
+    on every request: the lookup reads the environment each time."""
+    _Tracing.on = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    return _Tracing.on
+
+
 def span(name: str, **attributes: Any) -> AbstractContextManager[Any]:
-    """A span when an OpenTelemetry SDK is installed as the tracer provider; otherwise a
-    null context, so the request path pays nothing for tracing nobody collects."""
-    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-        return nullcontext(_NO_SPAN)
+    """A span when tracing is on; otherwise a null context, so the request path pays nothing
+    for tracing nobody collects."""
+    if not _Tracing.on:
+        return _NULL_SPAN
     return tracer.start_as_current_span(name, attributes={f"tidegate.{k}": v for k, v in attributes.items()})
 
 
@@ -37,6 +49,7 @@ class _NoSpan:
 
 
 _NO_SPAN = _NoSpan()
+_NULL_SPAN = nullcontext(_NO_SPAN)  # reusable: nullcontext keeps no state
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 

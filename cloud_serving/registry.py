@@ -1,21 +1,33 @@
-"""Recording releases in the fleet server's model registry, over its HTTP API.
+"""Recording releases in a model registry: the fleet server's (over its HTTP API) or, for a
+standalone gateway, a local JSON file.
 
 When the gateway promotes a version (a canary that passed, an experiment's winner) the
 registry learns it: a model-card section with the evidence, and the stage moved on to
 production (through staging when the release is still a candidate). The gateway keeps
 serving if the registry is down: records wait in a queue and are retried.
+
+The local file holds the same vocabulary as the fleet server (stages candidate → staging →
+production, append-only model-card sections) plus the standalone gateway's feature flags:
+
+    {"releases": {"classifier": {"1.1.0": {"stage": "production", "model_card": [...]}}},
+     "flags": {"classifier.threshold": 0.4}}
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from shared.errors import TidegateError
+from shared.fsutil import atomic_write_bytes
 
 log = logging.getLogger("tidegate.serving.registry")
 
@@ -32,14 +44,47 @@ class Promotion:
     content: dict[str, Any]
 
 
-class RegistryClient:
+# The stages a promotion walks through from each stage (the fleet server's transitions).
+_TO_PRODUCTION = {"candidate": ["staging", "production"], "staging": ["production"]}
+
+
+class Registry:
+    """Promotions queue here and are sent by `flush`; `record` is the one transport call."""
+
+    def __init__(self) -> None:
+        self.pending: deque[Promotion] = deque()
+
+    def record(self, p: Promotion) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        return None
+
+    def flush(self) -> int:
+        """Send what is queued; a failure leaves the rest queued for the next flush."""
+        sent = 0
+        while self.pending:
+            p = self.pending[0]
+            try:
+                self.record(p)
+            except (httpx.HTTPError, OSError, ValueError, RegistryError) as exc:
+                log.warning("registry: %s %s not recorded yet: %s", p.model, p.version, exc)
+                return sent
+            self.pending.popleft()
+            sent += 1
+        return sent
+
+
+class RegistryClient(Registry):
+    """The fleet server's model registry."""
+
     def __init__(self, url: str, token: str, *, timeout_s: float = 5.0) -> None:
+        super().__init__()
         self._http = httpx.Client(
             base_url=url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 3.0)),
         )
-        self.pending: deque[Promotion] = deque()
 
     def close(self) -> None:
         self._http.close()
@@ -61,8 +106,7 @@ class RegistryClient:
         )
         if r.status_code >= 400:
             raise RegistryError(f"model card for {p.model} {p.version}: HTTP {r.status_code}: {r.text[:200]}")
-        path = {"candidate": ["staging", "production"], "staging": ["production"]}.get(release["stage"], [])
-        for stage in path:
+        for stage in _TO_PRODUCTION.get(release["stage"], []):
             r = self._http.post(f"/api/v1/releases/{rid}/stage", json={"stage": stage})
             if r.status_code >= 400:
                 raise RegistryError(
@@ -71,16 +115,38 @@ class RegistryClient:
             release = r.json()
         return release
 
-    def flush(self) -> int:
-        """Send what is queued; a failure leaves the rest queued for the next flush."""
-        sent = 0
-        while self.pending:
-            p = self.pending[0]
-            try:
-                self.record(p)
-            except (httpx.HTTPError, RegistryError) as exc:
-                log.warning("registry: %s %s not recorded yet: %s", p.model, p.version, exc)
-                return sent
-            self.pending.popleft()
-            sent += 1
-        return sent
+
+class LocalRegistry(Registry):
+    """A standalone gateway's registry: one JSON file, rewritten atomically on each record
+    (the gateway is its only writer; operators may edit its flags by hand between)."""
+
+    def __init__(self, path: Path, *, clock: Callable[[], datetime] | None = None) -> None:
+        super().__init__()
+        self.path = path
+        self._now = clock or (lambda: datetime.now(UTC))
+
+    def read(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {"releases": {}, "flags": {}}
+        data = json.loads(self.path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("releases", {}), dict):
+            raise RegistryError(f"{self.path} is not a registry file (no 'releases' object)")
+        data.setdefault("releases", {})
+        data.setdefault("flags", {})
+        return data
+
+    def record(self, p: Promotion) -> dict[str, Any]:
+        data = self.read()
+        release = (
+            data["releases"]
+            .setdefault(p.model, {})
+            .setdefault(p.version, {"stage": "candidate", "model_card": []})
+        )
+        at = self._now().isoformat()
+        release["model_card"].append({"section": p.section, "at": at, "by": "gateway", "content": p.content})
+        for stage in _TO_PRODUCTION.get(release["stage"], []):
+            move = {"from": release["stage"], "to": stage}
+            release["model_card"].append({"section": "stage", "at": at, "by": "gateway", "content": move})
+            release["stage"] = stage
+        atomic_write_bytes(self.path, (json.dumps(data, indent=2) + "\n").encode())
+        return dict(release)

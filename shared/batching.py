@@ -64,11 +64,18 @@ class OnnxModelRunner:
         return list(self._sess.run(self.output_names, {self.input_name: batch}))
 
 
+class NonFiniteOutputError(TidegateError):
+    """The model answered NaN or infinity for this sample: it has failed, not answered."""
+
+
 class InferencePool:
     """Threads that run batches, and how many batches are in them now (event-loop owned).
 
+    A batcher waits for a fuller batch only while every thread is busy, and stops waiting
+    the moment one frees up (`waiting`: the events of batchers waiting now), so no thread
+    idles while requests queue and no batch waits longer than the model takes to be free.
     `nice` > 0 lowers the threads' scheduling priority (Linux sets it per thread), so work
-    that must never slow callers down, such as a shadow's, yields the CPU to them."""
+    that must never slow callers down yields the CPU to them."""
 
     def __init__(self, threads: int, *, nice: int = 0) -> None:
         def lower_priority() -> None:
@@ -79,7 +86,19 @@ class InferencePool:
         self.executor = ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="inference", initializer=lower_priority
         )
+        self.threads = threads
         self.running = 0
+        self.waiting: set[asyncio.Event] = set()
+
+    @property
+    def full(self) -> bool:
+        return self.running >= self.threads
+
+    def release(self) -> None:
+        """A batch finished: its thread is free, so batchers waiting to fill a batch go now."""
+        self.running -= 1
+        for event in self.waiting:
+            event.set()
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -104,10 +123,14 @@ class DynamicBatcher:
         concurrency: int = 2,
         preferred_sizes: tuple[int, ...] = (),
         pool: InferencePool | None = None,
+        finite_outputs: bool = False,
     ) -> None:
         """`pool`: inference threads shared with other batchers (a gateway serving several
         versions keeps them at the core count instead of oversubscribing), and with them the
-        notion of "busy" that decides whether waiting for a fuller batch pays."""
+        notion of "busy" that decides whether waiting for a fuller batch pays.
+        `finite_outputs`: a sample whose floating-point outputs hold NaN or infinity fails with
+        `NonFiniteOutputError`, checked for the whole batch in the inference thread."""
+        self.finite_outputs = finite_outputs
         self.runner = runner
         self.preferred_sizes = frozenset(preferred_sizes)
         self.max_batch = max_batch
@@ -185,8 +208,8 @@ class DynamicBatcher:
             self._nonempty.clear()
 
     async def _gather(self) -> list[tuple[np.ndarray[Any, Any], asyncio.Future[dict[str, Any]]]]:
-        """Wait for a first request; then, while another batch is running, until the batch is
-        full or `max_delay` has passed.
+        """Wait for a first request; then, while every inference thread is busy, until the
+        batch is full, a thread frees up or `max_delay` has passed.
 
         A constant number of waits per batch, not per request: a request costs a deque append.
         """
@@ -195,22 +218,39 @@ class DynamicBatcher:
             while not items:
                 await self._nonempty.wait()
                 self._take(items)
-            # Waiting only pays while the model is busy: with every worker idle, go now; a
-            # preferred size goes at once too.
+            # Waiting only pays while no thread could run the batch anyway: with a thread
+            # free, go now; a preferred size goes at once too.
             if (
                 len(items) < self.max_batch
                 and self.max_delay_s > 0
-                and self._pool.running > 0
+                and self._pool.full
                 and len(items) not in self.preferred_sizes
             ):
                 self._want = self.max_batch - len(items)
                 self._enough.clear()
                 if len(self._queue) < self._want:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._enough.wait(), self.max_delay_s)
+                    self._pool.waiting.add(self._enough)
+                    try:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._enough.wait(), self.max_delay_s)
+                    finally:
+                        self._pool.waiting.discard(self._enough)
                 self._want = 0
                 self._take(items)
             return items
+
+    def _run(self, runner: Runner, batch: np.ndarray[Any, Any]) -> tuple[list[Any], dict[int, str]]:
+        """In the inference thread: the batch's outputs, and the rows that are not finite
+        (row → output name) when `finite_outputs` is on."""
+        outputs = runner.run_batch(batch)
+        bad: dict[int, str] = {}
+        if self.finite_outputs:
+            for name, out in zip(runner.output_names, outputs, strict=True):
+                if np.issubdtype(out.dtype, np.floating) and out.ndim and len(out) == len(batch):
+                    ok = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+                    for row in np.flatnonzero(~ok):
+                        bad.setdefault(int(row), name)
+        return outputs, bad
 
     async def _work(self, index: int) -> None:
         loop = asyncio.get_running_loop()
@@ -227,9 +267,9 @@ class DynamicBatcher:
                 batch = np.stack([s for s, _ in items])
                 self._pool.running += 1
                 try:
-                    outputs = await loop.run_in_executor(self._pool.executor, runner.run_batch, batch)
+                    outputs, bad = await loop.run_in_executor(self._pool.executor, self._run, runner, batch)
                 finally:
-                    self._pool.running -= 1
+                    self._pool.release()
             except Exception as exc:
                 self.stats.errors += len(items)
                 for _, fut in items:
@@ -241,7 +281,12 @@ class DynamicBatcher:
             self.stats.count += len(items)
             for row, (_, fut) in enumerate(items):
                 self._latencies.append(elapsed)
-                if not fut.done():
+                if fut.done():
+                    continue
+                if row in bad:
+                    self.stats.errors += 1
+                    fut.set_exception(NonFiniteOutputError(f"output {bad[row]!r} is not finite"))
+                else:
                     fut.set_result(
                         {name: out[row] for name, out in zip(runner.output_names, outputs, strict=True)}
                     )

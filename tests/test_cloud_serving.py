@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI, Request
+from pydantic import ValidationError
 
 from builder.samples import make_classifier, make_nan_classifier
 from cloud_serving.app import _hash, create_app
@@ -373,7 +374,8 @@ def test_versions_load_and_unload_while_serving(models: Path) -> None:
         await gw.unload_version("classifier", "2.0.0")
         assert "2.0.0" not in gw.status("classifier")["versions"]
         metrics = (await client.get("/metrics")).text
-        assert 'tidegate_serving_requests_total{model="classifier",outcome="ok",version="2.0.0"}' in metrics
+        ok = 'tidegate_serving_requests_total{arm="-",model="classifier",outcome="ok",version="2.0.0"}'
+        assert ok in metrics
 
     serve(config, body)
 
@@ -476,6 +478,10 @@ def test_an_ab_experiment_finds_the_better_version_and_promotes_it(models: Path)
             "/v1/models/classifier/feedback", json={"request_id": "x", "reward": 1}, headers=caller()
         )
         assert r.status_code == 409  # no experiment any more
+        metrics = (await client.get("/metrics")).text
+        for arm in ("1.0.0", "1.1.0"):  # latency histograms per arm
+            labels = f'arm="{arm}",model="classifier",version="{arm}"'
+            assert f"tidegate_serving_latency_seconds_count{{{labels}}}" in metrics
 
     serve(config, body)
 
@@ -859,3 +865,127 @@ def test_arms_can_differ_only_in_post_processing(models: Path) -> None:
         assert r.status_code == 409 and "same post-processing" in r.json()["detail"]
 
     serve(config, body)
+
+
+def test_an_arm_can_be_an_ensemble_and_a_winning_ensemble_becomes_production(models: Path) -> None:
+    """Post-processing by ensemble weights: the treatment averages two versions' outputs
+    (weights 3:1), its answers are exactly that average, and when it wins production answers
+    with the ensemble until production changes again."""
+    config = load_config(models / "serving.toml")
+    v1 = {i: direct(models / "v1.onnx", SAMPLES[i]) for i in range(40)}
+    v2 = {i: direct(models / "v2.onnx", SAMPLES[i]) for i in range(40)}
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        spec = {
+            "control": "single",
+            "treatment": "blend",
+            "control_version": "1.0.0",
+            "treatment_ensemble": {"1.0.0": 3, "1.1.0": 1},
+            "baseline_rate": 0.2,
+            "mde": 0.1,
+        }
+        bad = {**spec, "treatment_ensemble": {"1.0.0": 1, "7.7.7": 1}}
+        r = await client.post("/v1/admin/models/classifier/experiment", json=bad, headers=caller(ADMIN))
+        assert r.status_code == 409 and "7.7.7" in r.json()["detail"]
+        r = await client.post(
+            "/v1/admin/models/classifier/experiment",
+            json={**spec, "treatment_ensemble": {"1.0.0": 0}},
+            headers=caller(ADMIN),
+        )
+        assert r.status_code == 422
+        r = await client.post("/v1/admin/models/classifier/experiment", json=spec, headers=caller(ADMIN))
+        assert r.status_code == 200, r.text
+        rng = random.Random(5)
+        seen = {"single": 0, "blend": 0}
+        verdict = None
+        for i in range(4000):
+            r = await client.post(
+                "/v1/models/classifier/infer",
+                json={"inputs": SAMPLES[i % 40].tolist(), "key": f"u{i}"},
+                headers=caller(),
+            )
+            got = r.json()
+            want = v1[i % 40] if got["arm"] == "single" else 0.75 * v1[i % 40] + 0.25 * v2[i % 40]
+            np.testing.assert_allclose(got["outputs"]["probabilities"], want, rtol=1e-5, atol=1e-6)
+            seen[got["arm"]] += 1
+            reward = float(rng.random() < (0.4 if got["arm"] == "blend" else 0.2))
+            await client.post(
+                "/v1/models/classifier/feedback",
+                json={"request_id": got["request_id"], "reward": reward},
+                headers=caller(),
+            )
+            if i % 200 == 199 and (ended := gw.tick()):
+                verdict = ended[0][1]
+                break
+        assert verdict == "treatment_wins" and min(seen.values()) > 50
+        st = gw.model("classifier")
+        assert st.production == "1.0.0" and st.ensemble == {"1.0.0": 0.75, "1.1.0": 0.25}
+        r = await client.post(
+            "/v1/models/classifier/infer", json={"inputs": SAMPLES[0].tolist()}, headers=caller()
+        )
+        assert r.json()["version"] == "1.0.0*0.75+1.1.0*0.25"
+        np.testing.assert_allclose(
+            r.json()["outputs"]["probabilities"], 0.75 * v1[0] + 0.25 * v2[0], rtol=1e-5, atol=1e-6
+        )
+        await gw.switch("classifier", "1.1.0")  # a new production: the ensemble is gone
+        r = await client.post(
+            "/v1/models/classifier/infer", json={"inputs": SAMPLES[0].tolist()}, headers=caller()
+        )
+        assert r.json()["version"] == "1.1.0" and st.ensemble is None
+
+    serve(config, body)
+
+
+def test_a_standalone_gateway_keeps_its_registry_and_flags_in_a_local_file(
+    models: Path, tmp_path: Path
+) -> None:
+    """No fleet server: promotions are recorded (stage, model-card sections) in a local JSON
+    file, flags are read from the same file, and a file that breaks keeps the last flags."""
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"releases": {}, "flags": {"classifier.threshold": 0.999}}))
+    raw = load_config(models / "serving.toml").model_dump()
+    raw["gateway"]["registry"] = {"file": str(registry), "flags_ttl_s": 1}
+    raw["models"]["classifier"].update(scores_output="probabilities", threshold_flag="classifier.threshold")
+    config = ServingConfig.model_validate(raw)
+    clock = Clock()
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        async def labels() -> list[int | None]:
+            out = []
+            for i, x in enumerate(SAMPLES[:60]):
+                payload = {"inputs": x.tolist(), "key": f"d{i}"}
+                r = await client.post("/v1/models/classifier/infer", json=payload, headers=caller())
+                assert r.status_code == 200
+                out.append(r.json()["label"])
+            return out
+
+        assert (await labels()).count(None) > 50  # the file's strict threshold is in force
+        registry.write_text(json.dumps({"releases": {}, "flags": {"classifier.threshold": 0.0}}))
+        assert await asyncio.to_thread(gw.flags.refresh)  # type: ignore[union-attr]
+        assert None not in await labels()
+        registry.write_text("{not json")
+        assert not await asyncio.to_thread(gw.flags.refresh)  # type: ignore[union-attr]
+        assert None not in await labels()  # the last values stay in force
+        registry.write_text(json.dumps({"releases": {}, "flags": {"classifier.threshold": 0.0}}))
+
+        gw.start_canary(
+            "classifier",
+            "1.1.0",
+            CanarySpec(steps=(50, 100), bake_s=10, min_requests=5, slo_p95_ms=1e4, slo_p99_ms=1e4),
+        )
+        for _ in range(3):
+            await labels()
+            clock.now += timedelta(seconds=11)
+            gw.tick()
+        assert gw.model("classifier").production == "1.1.0"
+        assert await gw.flush_registry() == 1
+        saved = json.loads(registry.read_text())
+        release = saved["releases"]["classifier"]["1.1.0"]
+        assert release["stage"] == "production"
+        assert [c["section"] for c in release["model_card"]] == ["canary", "stage", "stage"]
+        assert saved["flags"] == {"classifier.threshold": 0.0}  # an operator's flags are kept
+
+    serve(config, body, clock)
+    raw["gateway"]["registry"] = {"url": "http://x", "file": str(registry)}
+    with pytest.raises(ValidationError, match="exactly one of url"):
+        ServingConfig.model_validate(raw)
