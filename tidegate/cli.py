@@ -11,6 +11,7 @@ from builder.cli import build_command
 from cloud_serving.cli import app as serve_app
 from fleet_server.cli import app as server_app
 from fleet_server.sim.cli import app as sim_app
+from hil.cli import app as hil_app
 from shared.bundle.cli import app as bundle_app
 from shared.errors import TidegateError
 from shared.trust.cli import app as repo_app
@@ -32,6 +33,7 @@ app.add_typer(bundle_app, name="bundle")
 app.add_typer(demo_app, name="demo")
 app.command("build")(build_command)
 app.add_typer(serve_app, name="serve")
+app.add_typer(hil_app, name="hil")
 
 _state = {"debug": False}
 

@@ -1,0 +1,225 @@
+"""Where suites run: this machine, or a rig over SSH. One narrow interface (`Target`):
+copy a file there, run a command there with a timeout, streaming its stderr lines.
+
+The command is the probe of the Tidegate installed on the target (`python -m hil.probe`),
+so a rig needs the agent's distribution and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from shared.errors import TidegateError
+
+
+class TargetError(TidegateError):
+    """The target cannot be reached or a command could not run there."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Completed:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+LineFn = Callable[[str], None]
+
+
+class Target(Protocol):
+    name: str
+
+    async def connect(self) -> None: ...
+
+    async def put(self, local: Path) -> str:
+        """Copy `local` to the target's work directory; its path there."""
+        ...
+
+    async def run(self, argv: list[str], *, timeout_s: float, on_stderr: LineFn | None = None) -> Completed:
+        """Run `argv` there. Raises `TargetError` when it cannot run or times out."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def _pump(stream: asyncio.StreamReader | None, sink: list[str], on_line: LineFn | None) -> None:
+    if stream is None:
+        return
+    async for raw in stream:
+        line = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        sink.append(line)
+        if on_line is not None:
+            on_line(line.rstrip("\n"))
+
+
+class LocalTarget:
+    """This machine: a device root's worth of scratch space and this Python."""
+
+    def __init__(self, python: str = sys.executable) -> None:
+        self.name, self.python = "local", python
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    async def connect(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="tidegate-hil-target-")
+
+    async def put(self, local: Path) -> str:
+        assert self._tmp is not None, "connect first"
+        dest = Path(self._tmp.name) / local.name
+        await asyncio.to_thread(shutil.copyfile, local, dest)
+        return str(dest)
+
+    async def run(self, argv: list[str], *, timeout_s: float, on_stderr: LineFn | None = None) -> Completed:
+        argv = [self.python if a == "{python}" else a for a in argv]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [_project_root(), os.environ.get("PYTHONPATH")])),
+        }
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+        )
+        out: list[str] = []
+        err: list[str] = []
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(
+                    _pump(proc.stdout, out, None), _pump(proc.stderr, err, on_stderr), proc.wait()
+                ),
+                timeout_s,
+            )
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise TargetError(f"local: {' '.join(argv[:4])} did not finish within {timeout_s:g} s") from None
+        return Completed(proc.returncode or 0, "".join(out), "".join(err))
+
+    async def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _project_root() -> str:
+    """So that `python -m hil.probe` finds this checkout when it is not installed."""
+    return str(Path(__file__).resolve().parent.parent)
+
+
+class SshTarget:
+    """A rig over SSH (asyncssh): the bundle goes over SFTP, suites run as commands there."""
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        port: int = 22,
+        username: str | None = None,
+        client_keys: list[Path] | None = None,
+        known_hosts: Path | None = None,
+        python: str = "python3",
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        self.host, self.port, self.username = host, port, username
+        self.client_keys, self.known_hosts, self.python = client_keys, known_hosts, python
+        self.connect_timeout_s = connect_timeout_s
+        self.name = f"ssh://{username + '@' if username else ''}{host}:{port}"
+        self._conn: Any = None
+        self._workdir = ""
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: object) -> SshTarget:
+        u = urlparse(url)
+        if u.scheme != "ssh" or not u.hostname:
+            raise TargetError(f"{url!r}: an SSH target looks like ssh://user@host[:port]")
+        return cls(u.hostname, port=u.port or 22, username=u.username, **kwargs)  # type: ignore[arg-type]
+
+    async def connect(self) -> None:
+        try:
+            import asyncssh
+        except ImportError:
+            raise TargetError("an SSH target needs asyncssh: pip install 'tidegate[hil]'") from None
+        try:
+            self._conn = await asyncio.wait_for(
+                asyncssh.connect(
+                    self.host,
+                    port=self.port,
+                    username=self.username,
+                    client_keys=[str(k) for k in self.client_keys] if self.client_keys else None,
+                    known_hosts=str(self.known_hosts) if self.known_hosts else (),
+                ),
+                self.connect_timeout_s,
+            )
+        except TimeoutError:
+            raise TargetError(f"{self.name}: no answer within {self.connect_timeout_s:g} s") from None
+        except (OSError, asyncssh.Error) as exc:
+            raise TargetError(f"{self.name}: cannot connect: {exc}") from None
+        done = await self.run(["mktemp", "-d", "/tmp/tidegate-hil-XXXXXX"], timeout_s=30)
+        if done.returncode != 0:
+            raise TargetError(f"{self.name}: cannot make a work directory: {done.stderr.strip()}")
+        self._workdir = done.stdout.strip()
+
+    async def put(self, local: Path) -> str:
+        import asyncssh
+
+        remote = f"{self._workdir}/{local.name}"
+        try:
+            async with self._conn.start_sftp_client() as sftp:
+                await sftp.put(str(local), remote)
+        except (OSError, asyncssh.Error) as exc:
+            raise TargetError(f"{self.name}: cannot copy {local.name}: {exc}") from None
+        return remote
+
+    async def run(self, argv: list[str], *, timeout_s: float, on_stderr: LineFn | None = None) -> Completed:
+        import asyncssh
+
+        if self._conn is None:
+            raise TargetError(f"{self.name}: not connected")
+        command = shlex.join([self.python if a == "{python}" else a for a in argv])
+        out: list[str] = []
+        err: list[str] = []
+        try:
+            async with self._conn.create_process(command) as proc:
+                try:
+                    await asyncio.wait_for(
+                        asyncio.gather(
+                            _pump(proc.stdout, out, None), _pump(proc.stderr, err, on_stderr), proc.wait()
+                        ),
+                        timeout_s,
+                    )
+                except TimeoutError:
+                    proc.kill()
+                    raise TargetError(
+                        f"{self.name}: {command[:80]} did not finish within {timeout_s:g} s"
+                    ) from None
+                code = proc.exit_status
+        except (OSError, asyncssh.Error) as exc:
+            raise TargetError(f"{self.name}: {command[:80]}: {exc}") from None
+        return Completed(code if code is not None else 255, "".join(out), "".join(err))
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self.run(["rm", "-rf", self._workdir], timeout_s=30)
+            self._conn.close()
+            self._conn = None
+
+
+def target_for(spec: str, **ssh_options: object) -> Target:
+    if spec == "local":
+        return LocalTarget()
+    if spec.startswith("ssh://"):
+        return SshTarget.from_url(spec, **ssh_options)
+    raise TargetError(f"unknown target {spec!r}: use 'local' or ssh://user@host[:port]")
