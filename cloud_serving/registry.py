@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,14 +49,15 @@ class Promotion:
 _TO_PRODUCTION = {"candidate": ["staging", "production"], "staging": ["production"]}
 
 
-class Registry:
+class Registry(ABC):
     """Promotions queue here and are sent by `flush`; `record` is the one transport call."""
 
     def __init__(self) -> None:
         self.pending: deque[Promotion] = deque()
 
+    @abstractmethod
     def record(self, p: Promotion) -> dict[str, Any]:
-        raise NotImplementedError
+        """Record one promotion (model-card section, stages); returns the release."""
 
     def close(self) -> None:
         return None

@@ -419,8 +419,16 @@ def test_roll_through_replaces_a_failing_canary_with_the_next_candidate(models: 
 
 
 def _run_experiment(
-    gw: Gateway, client: httpx.AsyncClient, rates: dict[str, float], requests: int, seed: int
+    gw: Gateway,
+    client: httpx.AsyncClient,
+    rates: dict[str, float],
+    requests: int,
+    seed: int,
+    check: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> Any:
+    """Traffic with rewards at each arm's rate until the experiment ends; `check` sees each
+    answer (request index, body) first."""
+
     async def go() -> list[tuple[str, list[str]]]:
         rng = random.Random(seed)
         ended: list[tuple[str, list[str]]] = []
@@ -432,14 +440,16 @@ def _run_experiment(
             )
             assert r.status_code == 200
             body = r.json()
+            if check is not None:
+                check(i, body)
             if "request_id" in body:
-                reward = 1.0 if rng.random() < rates[body["version"]] else 0.0
+                reward = 1.0 if rng.random() < rates[body["arm"]] else 0.0
                 f = await client.post(
                     "/v1/models/classifier/feedback",
                     json={"request_id": body["request_id"], "reward": reward},
                     headers=caller(),
                 )
-                assert f.status_code == 200 and f.json()["arm"] == body["version"]
+                assert f.status_code == 200 and f.json()["arm"] == body["arm"]
             if i % 200 == 199:
                 for model, verdict, _path in gw.tick():
                     ended.append((verdict, [model]))
@@ -834,27 +844,14 @@ def test_arms_can_differ_only_in_post_processing(models: Path) -> None:
         }
         r = await client.post("/v1/admin/models/classifier/experiment", json=spec, headers=caller(ADMIN))
         assert r.status_code == 200, r.text
-        rng = random.Random(4)
         labels: dict[str, list[int | None]] = {"lenient": [], "strict": []}
-        verdict = None
-        for i in range(4000):
-            r = await client.post(
-                "/v1/models/classifier/infer",
-                json={"inputs": SAMPLES[i % 400].tolist(), "key": f"u{i}"},
-                headers=caller(),
-            )
-            got = r.json()
+
+        def check(i: int, got: dict[str, Any]) -> None:
             assert got["version"] == "1.0.0"
             labels[got["arm"]].append(got["label"])
-            reward = float(rng.random() < (0.4 if got["arm"] == "strict" else 0.2))
-            await client.post(
-                "/v1/models/classifier/feedback",
-                json={"request_id": got["request_id"], "reward": reward},
-                headers=caller(),
-            )
-            if i % 200 == 199 and (ended := gw.tick()):
-                verdict = ended[0][1]
-                break
+
+        ended = await _run_experiment(gw, client, {"lenient": 0.2, "strict": 0.4}, 4000, seed=4, check=check)
+        verdict = ended[0][0] if ended else None
         assert None not in labels["lenient"] and labels["strict"].count(None) > len(labels["strict"]) / 2
         assert verdict == "treatment_wins" and gw.model("classifier").threshold == 0.9
         r = await client.post(
@@ -872,8 +869,14 @@ def test_an_arm_can_be_an_ensemble_and_a_winning_ensemble_becomes_production(mod
     (weights 3:1), its answers are exactly that average, and when it wins production answers
     with the ensemble until production changes again."""
     config = load_config(models / "serving.toml")
-    v1 = {i: direct(models / "v1.onnx", SAMPLES[i]) for i in range(40)}
-    v2 = {i: direct(models / "v2.onnx", SAMPLES[i]) for i in range(40)}
+    import onnxruntime as ort
+
+    v1, v2 = (
+        ort.InferenceSession(str(models / f), providers=["CPUExecutionProvider"]).run(
+            None, {"input": SAMPLES}
+        )[0]
+        for f in ("v1.onnx", "v2.onnx")
+    )
 
     async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
         spec = {
@@ -895,28 +898,15 @@ def test_an_arm_can_be_an_ensemble_and_a_winning_ensemble_becomes_production(mod
         assert r.status_code == 422
         r = await client.post("/v1/admin/models/classifier/experiment", json=spec, headers=caller(ADMIN))
         assert r.status_code == 200, r.text
-        rng = random.Random(5)
         seen = {"single": 0, "blend": 0}
-        verdict = None
-        for i in range(4000):
-            r = await client.post(
-                "/v1/models/classifier/infer",
-                json={"inputs": SAMPLES[i % 40].tolist(), "key": f"u{i}"},
-                headers=caller(),
-            )
-            got = r.json()
-            want = v1[i % 40] if got["arm"] == "single" else 0.75 * v1[i % 40] + 0.25 * v2[i % 40]
+
+        def check(i: int, got: dict[str, Any]) -> None:
+            want = v1[i % 400] if got["arm"] == "single" else 0.75 * v1[i % 400] + 0.25 * v2[i % 400]
             np.testing.assert_allclose(got["outputs"]["probabilities"], want, rtol=1e-5, atol=1e-6)
             seen[got["arm"]] += 1
-            reward = float(rng.random() < (0.4 if got["arm"] == "blend" else 0.2))
-            await client.post(
-                "/v1/models/classifier/feedback",
-                json={"request_id": got["request_id"], "reward": reward},
-                headers=caller(),
-            )
-            if i % 200 == 199 and (ended := gw.tick()):
-                verdict = ended[0][1]
-                break
+
+        ended = await _run_experiment(gw, client, {"single": 0.2, "blend": 0.4}, 4000, seed=5, check=check)
+        verdict = ended[0][0] if ended else None
         assert verdict == "treatment_wins" and min(seen.values()) > 50
         st = gw.model("classifier")
         assert st.production == "1.0.0" and st.ensemble == {"1.0.0": 0.75, "1.1.0": 0.25}

@@ -293,7 +293,6 @@ class _SshRig:
 def test_the_same_suites_pass_on_a_rig_over_ssh(
     bench: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip("asyncssh")
     with _SshRig(tmp_path) as rig:
         out = tmp_path / "r"
         code, text = _run(
