@@ -349,3 +349,47 @@ def test_the_html_report_renders_in_headless_chromium(
             assert page.locator("#latency-histogram rect").count() == 30
         finally:
             browser.close()
+
+
+def test_ctrl_c_ends_the_cli_run_cleanly_with_a_partial_report(
+    bench: dict[str, Path], tmp_path: Path
+) -> None:
+    """A real SIGINT to `tidegate hil run` in the middle of a thermal soak."""
+    import os
+    import signal
+    import subprocess
+
+    out = tmp_path / "r"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tidegate",
+            "hil",
+            "run",
+            "--bundle",
+            str(bench["v2"]),
+            "--suite",
+            "full",
+            "--soak-s",
+            "120",
+            "--runs",
+            "20",
+            "--out",
+            str(out),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "thermal: " in line and "[5/6]" not in line:  # the soak's own progress: well into it
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, rest
+    assert "partial report (marked incomplete)" in rest
+    saved = json.loads((out / "report.json").read_text())
+    assert not saved["complete"] and "interrupted" in saved["incomplete_reason"]
+    assert [r["name"] for r in saved["results"]] == ["contract", "latency", "memory", "determinism"]
