@@ -47,7 +47,7 @@ def run_command(
     latency_budget_ms: Annotated[float | None, typer.Option(help="Override the bundle's p95 budget.")] = None,
     identity: Annotated[Path | None, typer.Option(help="SSH private key.")] = None,
     known_hosts: Annotated[
-        Path | None, typer.Option(help="SSH known_hosts file (default: no host check).")
+        Path | None, typer.Option(help="SSH known_hosts file (default: ~/.ssh/known_hosts).")
     ] = None,
     remote_python: Annotated[str, typer.Option(help="Python with Tidegate on an SSH target.")] = "python3",
     suite_timeout_s: Annotated[float, typer.Option(help="Longest a single suite may take.")] = 900.0,

@@ -151,6 +151,9 @@ class SshTarget:
             import asyncssh
         except ImportError:
             raise TargetError("an SSH target needs asyncssh: pip install 'tidegate[hil]'") from None
+        options: dict[str, Any] = {}
+        if self.known_hosts is not None:  # otherwise asyncssh's default: ~/.ssh/known_hosts
+            options["known_hosts"] = str(self.known_hosts)
         try:
             self._conn = await asyncio.wait_for(
                 asyncssh.connect(
@@ -158,7 +161,7 @@ class SshTarget:
                     port=self.port,
                     username=self.username,
                     client_keys=[str(k) for k in self.client_keys] if self.client_keys else None,
-                    known_hosts=str(self.known_hosts) if self.known_hosts else (),
+                    **options,
                 ),
                 self.connect_timeout_s,
             )
