@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import os
 
-from bench import agent_install, agent_runtime, builder_build, bundle_read, cloud_serving, fleet_campaign
+from bench import (
+    agent_install,
+    agent_runtime,
+    builder_build,
+    bundle_read,
+    cloud_serving,
+    drift,
+    fleet_campaign,
+)
 
 
 def main() -> None:
@@ -17,6 +25,7 @@ def main() -> None:
     agent_runtime.run(float(os.environ.get("TIDEGATE_BENCH_IDLE_S", "60")))
     builder_build.run()
     cloud_serving.run()
+    drift.run()
     fleet_campaign.run(int(os.environ.get("TIDEGATE_BENCH_DEVICES", "10000")))
 
 

@@ -13,6 +13,7 @@ from fleet_server.cli import app as server_app
 from fleet_server.sim.cli import app as sim_app
 from hil.cli import app as hil_app
 from shared.bundle.cli import app as bundle_app
+from shared.drift.cli import app as drift_app
 from shared.errors import TidegateError
 from shared.trust.cli import app as repo_app
 from tidegate import __version__
@@ -34,6 +35,7 @@ app.add_typer(demo_app, name="demo")
 app.command("build")(build_command)
 app.add_typer(serve_app, name="serve")
 app.add_typer(hil_app, name="hil")
+app.add_typer(drift_app, name="drift")
 
 _state = {"debug": False}
 
