@@ -229,4 +229,6 @@ def test_the_cli_loads_no_heavy_package_before_a_command_needs_it() -> None:
         "uvicorn",
         "opentelemetry",
         "tritonclient",
+        "scipy",
+        "asyncssh",
     }
