@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import best_of, print_table, write_result
-from shared.drift import DriftConfig, run_drift
+from shared.drift.job import DriftConfig, run_drift
 
 
 def _table(rng: np.random.Generator, n: int, shift: float) -> dict[str, np.ndarray[Any, Any]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.drift import DriftConfig, DriftInputError, run_drift
+from shared.drift.job import DriftConfig, DriftInputError, run_drift
 from shared.drift.stats import ece, psi
 from tidegate.cli import main
 

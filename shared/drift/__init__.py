@@ -1,7 +1,4 @@
 """Data drift, concept drift and calibration: the statistics (`stats`), the job over two
-tables (`job`), table files (`tables`) and the report (`report`). The CLI runs it on files;
-the fleet server and the gateway run the same job on what they have collected."""
-
-from shared.drift.job import DriftConfig, DriftInputError, DriftReport, Table, run_drift
-
-__all__ = ["DriftConfig", "DriftInputError", "DriftReport", "Table", "run_drift"]
+tables (`job`: `run_drift`, `DriftConfig`), table files (`tables`) and the report (`report`).
+The CLI runs it on files; the fleet server and the gateway run the same job on what they
+have collected. Nothing is imported here: the CLI mounts `cli` without loading scipy."""

@@ -30,7 +30,7 @@ def run_command(
     confidence: Annotated[str | None, typer.Option(help="Predicted confidence column (calibration).")] = None,
 ) -> None:
     """Exit 0: no drift; 1: drift (reasons printed); 2: the data could not be compared."""
-    from shared.drift import DriftConfig, run_drift
+    from shared.drift.job import DriftConfig, run_drift
     from shared.drift.report import write_report
     from shared.drift.tables import load_table
 
