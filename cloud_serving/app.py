@@ -277,6 +277,12 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
         await gateway.switch(model, body.version)
         return gateway.status(model)
 
+    @app.post("/v1/admin/models/{model}/fallback/clear")
+    async def clear_fallback(model: str, _: Admin) -> dict[str, Any]:
+        """End a fallback an alert switched on: the model answers again."""
+        gateway.clear_fallback(model)
+        return gateway.status(model)
+
     @app.post("/v1/admin/models/{model}/rollback")
     async def rollback(model: str, _: Admin) -> dict[str, Any]:
         await gateway.rollback(model)

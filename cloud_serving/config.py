@@ -57,6 +57,23 @@ class FallbackConfig(_Strict):
     outputs: dict[str, list[Any]]
 
 
+class AlertConfig(_Strict):
+    """An alert rule on one model (`shared.alerts`): over the outcomes of its production
+    version or of its running canary's candidate, with a remediation when it fires."""
+
+    name: str = Field(min_length=1, max_length=100)
+    kind: Literal["burn_rate"] = "burn_rate"
+    version: Literal["production", "canary"] = "production"
+    slo: float = Field(default=0.99, gt=0, lt=1)
+    threshold: float = Field(default=14.4, gt=0, description="burn rate that fires")
+    window_s: float = Field(default=300, gt=0)
+    short_window_s: float = Field(default=60, gt=0)
+    for_s: float = Field(default=0, ge=0)
+    min_samples: int = Field(default=20, ge=1)
+    severity: Literal["info", "warning", "critical"] = "critical"
+    action: Literal["rollback", "fallback"] | None = None
+
+
 class ModelConfig(_Strict):
     production: str
     versions: dict[str, VersionConfig] = Field(min_length=1)
@@ -66,6 +83,7 @@ class ModelConfig(_Strict):
     salt: str | None = None  # sticky-assignment salt; default: the model name
     threshold: float = Field(default=0.0, ge=0, le=1)  # below it the answer's label is null
     threshold_flag: str | None = None  # a feature flag that overrides `threshold` live
+    alerts: list[AlertConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _production_exists(self) -> ModelConfig:
@@ -98,6 +116,8 @@ class GatewayConfig(_Strict):
     failure_dir: Path = Path("failures")
     tick_s: float = Field(default=1.0, gt=0)
     registry: RegistryConfig | None = None
+    webhooks: list[str] = Field(default_factory=list, description="alert notifications (JSON POST)")
+    webhook_timeout_s: float = Field(default=5.0, gt=0, le=60)
 
 
 class ServingConfig(_Strict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import time
@@ -34,10 +35,14 @@ from cloud_serving.observability import refresh_tracing, span
 from cloud_serving.registry import LocalRegistry, Promotion, Registry, RegistryClient
 from cloud_serving.routing import Split, normalise
 from cloud_serving.shadow import ShadowBudget, ShadowMirror
+from shared.alerts import AlertEvent, AlertRule, AlertState, CountSample, Severity, step
 from shared.batching import InferencePool, NonFiniteOutputError, OverloadedError
 from shared.errors import TidegateError
 from shared.fsutil import atomic_write_bytes
 from shared.gates import Action
+from shared.webhooks import notify, payload
+
+log = logging.getLogger("tidegate.serving")
 
 
 class GatewayError(TidegateError):
@@ -98,6 +103,18 @@ class ModelState:
     threshold: float | None = None  # promoted by an experiment over post-processing arms
     ensemble: dict[str, float] | None = None  # production answers as this weighted average
     assigned: OrderedDict[str, str] = field(default_factory=OrderedDict)  # request id → arm
+    # Outcomes per version: counted per request ([good, bad]), turned into one timed sample
+    # per version at each tick (the alert rules' input) so a request costs an increment.
+    counts: dict[str, list[int]] = field(default_factory=dict)
+    outcomes: dict[str, deque[CountSample]] = field(default_factory=dict)
+    alert_states: dict[str, AlertState] = field(default_factory=dict)
+    forced_fallback: str | None = None  # why every request goes to the fallback (an alert)
+
+    def count(self, version: str, ok: bool) -> None:
+        c = self.counts.get(version)
+        if c is None:
+            c = self.counts[version] = [0, 0]
+        c[0 if ok else 1] += 1
 
     def route(self) -> Split:
         """The prepared split for the current weights (production's range first)."""
@@ -153,6 +170,7 @@ class Gateway:
                 source = HttpFlags(reg.url, token, timeout_s=reg.timeout_s)
             self.flags = FlagCache(source, ttl_s=reg.flags_ttl_s)
         self._pending_starts: list[asyncio.Future[None]] = []
+        self._notifications: set[asyncio.Task[Any]] = set()
         self.on_request: Callable[[str, Answer | None, bool], None] = lambda model, answer, ok: None
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -184,6 +202,7 @@ class Gateway:
         return _onnx(version, vc.path, vc.batching, self.pool)
 
     async def stop(self) -> None:
+        await self.drain_notifications()
         if self._ticker is not None:
             self._ticker.cancel()
         if self._sweeper is not None:
@@ -219,6 +238,12 @@ class Gateway:
         st = self.model(name)
         if st.experiment is not None and st.experiment.spec.admits(metadata or {}, self.clock().hour):
             return await self._experiment_infer(st, st.experiment, sample, key)
+        if st.forced_fallback is not None and st.fallback is not None:
+            t0 = time.perf_counter()
+            outputs = await st.fallback.infer(sample)
+            return Answer(
+                outputs, st.fallback.version, fallback=True, latency_ms=(time.perf_counter() - t0) * 1000
+            )
         version = st.route().pick(key=key, salt=st.salt, rng=self._rng)
         t0 = time.perf_counter()
         try:
@@ -230,6 +255,7 @@ class Gateway:
             raise OverloadError(f"{name} {version}: {exc}") from None
         except Exception as exc:  # BackendError, TimeoutError, the runtime's own errors
             ms = (time.perf_counter() - t0) * 1000
+            st.count(version, False)
             if st.canary is not None and version == st.canary.candidate:
                 failure = exc
                 st.canary.record(
@@ -240,6 +266,7 @@ class Gateway:
                 )
                 return await self._production_or_fallback(st, sample, t0)  # the caller never sees it
             return await self._fallback(st, sample, t0, exc)
+        st.count(version, True)
         if st.canary is not None and version == st.canary.candidate:
             st.canary.record(
                 self.clock(),
@@ -572,10 +599,12 @@ class Gateway:
         self._note(st, f"canary {candidate} {'promoted' if promoted else 'rolled back'}: {reason}")
 
     def tick(self) -> list[tuple[str, str, Path | None]]:
-        """Advance every canary and check every shadow's budget: (model, what, failure bundle)."""
+        """Advance every canary, check every shadow's budget and every alert rule: (model,
+        what, failure bundle)."""
         now = self.clock()
         done: list[tuple[str, str, Path | None]] = []
         for st in self.models.values():
+            self._alerts(st, now, done)
             shadow = st.shadow
             if shadow is not None and shadow.stopped_reason and not shadow.noted:
                 shadow.noted = True
@@ -596,6 +625,88 @@ class Gateway:
                 self._end_canary(st, promoted=False, reason=decision.reason)
                 done.append((st.name, "rolled back", bundle))
         return done
+
+    # ---- alerts ---------------------------------------------------------------------------------
+
+    def _alerts(self, st: ModelState, now: datetime, done: list[tuple[str, str, Path | None]]) -> None:
+        for version, (good, bad) in st.counts.items():
+            if good or bad:
+                st.outcomes.setdefault(version, deque(maxlen=4096)).append(CountSample(now, good, bad))
+        st.counts.clear()
+        for cfg in st.config.alerts:
+            rule = AlertRule(
+                name=cfg.name,
+                kind=cfg.kind,
+                severity=Severity(cfg.severity),
+                threshold=cfg.threshold,
+                window_s=cfg.window_s,
+                short_window_s=cfg.short_window_s,
+                slo=cfg.slo,
+                for_s=cfg.for_s,
+                min_samples=cfg.min_samples,
+                action=cfg.action,
+            )
+            watched = (
+                st.production if cfg.version == "production" else st.canary.candidate if st.canary else None
+            )
+            samples = list(st.outcomes.get(watched, ())) if watched is not None else []
+            state = st.alert_states.setdefault(cfg.name, AlertState())
+            event = step(rule, samples, now, state)
+            if event is None:
+                continue
+            remedy = self._remediate(st, event, watched, done) if event.status == "firing" else "none"
+            self._note(
+                st,
+                f"alert {event.rule} {event.status} ({event.severity}) on {watched}: {event.detail}; "
+                f"remediation: {remedy}",
+            )
+            record = {"model": st.name, "version": watched, "remediation": remedy}
+            log.warning(
+                "alert %s %s", event.rule, event.status, extra={"alert": payload(event, "gateway", record)}
+            )
+            if self.config.gateway.webhooks:
+                self._notify(payload(event, "gateway", record))
+
+    def _remediate(
+        self, st: ModelState, event: AlertEvent, version: str | None, done: list[tuple[str, str, Path | None]]
+    ) -> str:
+        """The alert's action through the gateway's own release operations; what was done."""
+        if event.action == "rollback":
+            if st.canary is not None and version == st.canary.candidate:
+                self._end_canary(st, promoted=False, reason=f"alert {event.rule}: {event.detail}")
+                done.append((st.name, "rolled back", None))
+                return f"canary {version} rolled back"
+            if st.history:
+                previous = st.history.pop()
+                st.production, st.weights = previous, {previous: 1.0}
+                done.append((st.name, "rolled back", None))
+                return f"rolled back to {previous}"
+            return "rollback impossible: no previous version"
+        if event.action == "fallback":
+            if st.fallback is None:
+                return "fallback impossible: none configured"
+            st.forced_fallback = f"alert {event.rule} at {event.at.isoformat()}"
+            return "every request to the fallback until an operator clears it"
+        return "none configured"
+
+    def clear_fallback(self, name: str) -> None:
+        st = self.model(name)
+        if st.forced_fallback is not None:
+            self._note(st, f"fallback cleared by an operator (was: {st.forced_fallback})")
+        st.forced_fallback = None
+
+    def _notify(self, body: dict[str, Any]) -> None:
+        cfg = self.config.gateway
+        task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(notify, cfg.webhooks, body, timeout_s=cfg.webhook_timeout_s)
+        )
+        self._notifications.add(task)
+        task.add_done_callback(self._notifications.discard)
+
+    async def drain_notifications(self) -> None:
+        """Wait for webhook deliveries in flight (tests, shutdown)."""
+        if self._notifications:
+            await asyncio.gather(*self._notifications, return_exceptions=True)
 
     async def _sweep_deadlines(self, every_s: float = 0.01) -> None:
         while True:
@@ -656,6 +767,8 @@ class Gateway:
             "experiment": st.experiment.summary() if st.experiment else None,
             "flags": self.flags.status() if self.flags is not None else None,
             "events": st.events[-50:],
+            "forced_fallback": st.forced_fallback,
+            "alerts": {name: a.status for name, a in st.alert_states.items()},
         }
 
 

@@ -1,0 +1,202 @@
+"""Alert rules (pure) and their remediations in the gateway, notified to a real webhook."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from cloud_serving.canary import CanarySpec
+from cloud_serving.config import ServingConfig, load_config
+from cloud_serving.gateway import Gateway
+from shared.alerts import (
+    AlertRule,
+    AlertRuleError,
+    AlertState,
+    CountSample,
+    Severity,
+    ValueSample,
+    burn_rate,
+    step,
+)
+from tests.helpers import ServedApp
+from tests.mqtt_helpers import free_port
+from tests.test_cloud_serving import ADMIN, SAMPLES, Clock, caller, models, serve  # noqa: F401
+
+T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+
+def at(s: float) -> datetime:
+    return T0 + timedelta(seconds=s)
+
+
+def test_burn_rate_is_the_error_ratio_over_the_budget() -> None:
+    samples = [CountSample(at(i), good=95, bad=5) for i in range(10)]  # 5 % errors
+    rate, n = burn_rate(samples, at(9), window_s=60, slo=0.99)
+    assert n == 1000 and rate == pytest.approx(5.0)  # 5 % against a 1 % budget
+    assert burn_rate(samples, at(100), window_s=60, slo=0.99) == (0.0, 0)  # nothing in the window
+
+
+def test_a_burn_rate_rule_needs_both_windows_then_fires_once_and_resolves() -> None:
+    rule = AlertRule(
+        "errors",
+        "burn_rate",
+        Severity.CRITICAL,
+        threshold=10,
+        window_s=60,
+        short_window_s=10,
+        slo=0.99,
+        for_s=5,
+        action="rollback",
+    )
+    state = AlertState()
+    old_burst = [CountSample(at(i), 50, 50) for i in range(0, 20)]  # a burst 40 s ago ...
+    healthy = [CountSample(at(i), 100, 0) for i in range(20, 60)]  # ... then healthy
+    assert (
+        step(rule, old_burst + healthy, at(59), state) is None and state.status == "ok"
+    )  # short window is clean
+    bad = [CountSample(at(i), 0, 100) for i in range(60, 80)]  # every request failing
+    series = healthy + bad
+    assert step(rule, series, at(70), state) is None and state.status == "pending"  # for_s not yet held
+    fired = step(rule, series, at(76), state)
+    assert fired is not None and fired.status == "firing" and fired.action == "rollback"
+    assert "burn rate" in fired.detail
+    assert step(rule, series, at(77), state) is None  # once per incident
+    clean = series + [CountSample(at(i), 100, 0) for i in range(80, 200)]
+    resolved = step(rule, clean, at(199), state)
+    assert resolved is not None and resolved.status == "resolved"
+
+
+def test_threshold_rules_and_too_few_samples() -> None:
+    rule = AlertRule("ood", "above", threshold=0.05, window_s=30, min_samples=3)
+    state = AlertState()
+    assert step(rule, [ValueSample(at(1), 0.9)], at(2), state) is None and state.status == "ok"
+    series = [ValueSample(at(i), 0.1) for i in range(3)]
+    event = step(rule, series, at(3), state)
+    assert event is not None and event.status == "firing" and "mean 0.1" in event.detail
+    low = AlertRule("calibrated", "below", threshold=0.5, min_samples=1)
+    assert step(low, [ValueSample(at(1), 0.4)], at(2), AlertState()) is not None
+    with pytest.raises(AlertRuleError, match="slo"):
+        AlertRule("x", "burn_rate", slo=1.5)
+
+
+class _Hook:
+    """A real webhook receiver on a free port."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        app = FastAPI()
+
+        @app.post("/hook")
+        async def hook(body: dict[str, Any]) -> dict[str, str]:
+            self.received.append(body)
+            return {"ok": "yes"}
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.served = ServedApp(app, self.port)
+
+
+def test_an_alert_on_a_canarys_errors_rolls_it_back_and_notifies_the_webhook(models: Path) -> None:  # noqa: F811
+    hook = _Hook()
+    raw = load_config(models / "serving.toml").model_dump()
+    raw["gateway"]["webhooks"] = [hook.url]
+    raw["models"]["classifier"]["alerts"] = [
+        {
+            "name": "canary-errors",
+            "version": "canary",
+            "slo": 0.99,
+            "threshold": 10,
+            "window_s": 60,
+            "short_window_s": 10,
+            "min_samples": 20,
+            "severity": "critical",
+            "action": "rollback",
+        }
+    ]
+    config = ServingConfig.model_validate(raw)
+    clock = Clock()
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        # gates that never judge: only the alert can end this canary
+        gw.start_canary(
+            "classifier",
+            "9.9.9-bad",
+            CanarySpec(steps=(50, 100), bake_s=3600, min_success_rate=0.0, slo_p95_ms=1e6, slo_p99_ms=1e6),
+        )
+        for second in range(5):
+            for i in range(40):
+                r = await client.post(
+                    "/v1/models/classifier/infer",
+                    json={"inputs": SAMPLES[i].tolist(), "key": f"d{second}-{i}"},
+                    headers=caller(),
+                )
+                assert (
+                    r.status_code == 200 and r.json()["version"] == "1.0.0"
+                )  # callers never see the candidate fail
+            clock.now += timedelta(seconds=1)
+            ended = gw.tick()
+            if ended:
+                break
+        assert ended == [("classifier", "rolled back", None)]
+        st = gw.model("classifier")
+        assert st.canary is None and st.weights == {"1.0.0": 1.0}
+        assert any(
+            "alert canary-errors firing (critical) on 9.9.9-bad" in e and "canary 9.9.9-bad rolled back" in e
+            for e in st.events
+        )
+        await gw.drain_notifications()
+        assert len(hook.received) == 1
+        note = hook.received[0]
+        assert (
+            note["rule"] == "canary-errors" and note["status"] == "firing" and note["severity"] == "critical"
+        )
+        assert note["context"] == {
+            "model": "classifier",
+            "version": "9.9.9-bad",
+            "remediation": "canary 9.9.9-bad rolled back",
+        }
+
+    hook.served.start()
+    try:
+        serve(config, body, clock)
+    finally:
+        hook.served.stop()
+
+
+def test_an_alert_switches_a_failing_model_to_its_fallback_until_an_operator_clears_it(models: Path) -> None:  # noqa: F811
+    raw = load_config(models / "serving.toml").model_dump()
+    raw["gateway"]["webhooks"] = [
+        f"http://127.0.0.1:{free_port()}/nobody-listens"
+    ]  # delivery fails, remediation does not
+    raw["models"]["guarded"]["alerts"] = [
+        {"name": "errors", "window_s": 60, "short_window_s": 10, "min_samples": 10, "action": "fallback"}
+    ]
+    config = ServingConfig.model_validate(raw)
+    clock = Clock()
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        for _ in range(20):
+            r = await client.post(
+                "/v1/models/guarded/infer", json={"inputs": SAMPLES[0].tolist()}, headers=caller()
+            )
+            assert r.status_code == 200 and r.json()["fallback"]
+        clock.now += timedelta(seconds=1)
+        gw.tick()
+        st = gw.model("guarded")
+        assert st.forced_fallback is not None
+        calls_before = st.versions["bad"].batcher.stats.count  # type: ignore[attr-defined]
+        r = await client.post(
+            "/v1/models/guarded/infer", json={"inputs": SAMPLES[0].tolist()}, headers=caller()
+        )
+        assert r.json()["fallback"] and st.versions["bad"].batcher.stats.count == calls_before  # type: ignore[attr-defined]
+        await gw.drain_notifications()
+        r = await client.post("/v1/admin/models/guarded/fallback/clear", headers=caller(ADMIN))
+        assert r.status_code == 200 and r.json()["forced_fallback"] is None
+        assert any("fallback cleared by an operator" in e for e in r.json()["events"])
+
+    serve(config, body, clock)
