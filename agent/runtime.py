@@ -39,7 +39,15 @@ from agent.vehicle import JsonFileVehicleState, evaluate_preconditions
 from shared.iotjobs import JobStatus
 from shared.jobdoc import JobDocument, Preconditions
 from shared.settings_file import first_error
-from shared.telemetry import BEACON_TOPIC, RECEIPT_TOPIC, HealthBeacon, InferenceStats, InstallReceipt
+from shared.telemetry import (
+    BEACON_TOPIC,
+    RECEIPT_TOPIC,
+    SCORE_BINS,
+    HealthBeacon,
+    InferenceStats,
+    InstallReceipt,
+    score_bin,
+)
 from shared.version import TIDEGATE_VERSION
 
 log = logging.getLogger("tidegate.agent")
@@ -98,6 +106,7 @@ class AgentDaemon:
             0, None, self.policy, base_batch=b.max_batch, base_concurrency=b.concurrency
         )
         self.temps: dict[str, float] = {}
+        self.scores = [0] * SCORE_BINS
         self.batcher = (
             DynamicBatcher(
                 None,
@@ -177,6 +186,16 @@ class AgentDaemon:
             self.m_infer.labels("error").inc()
             return 400, {"error": f"inference failed: {str(exc).splitlines()[0][:200]}"}
         self.m_infer.labels("ok").inc()
+        first = np.asarray(next(iter(out.values()))) if out else None
+        if (
+            first is not None
+            and first.ndim == 1
+            and first.size > 1
+            and np.issubdtype(first.dtype, np.floating)
+        ):
+            top = float(first.max())
+            if 0.0 <= top <= 1.0:  # a probability vector: its top score is the model's confidence
+                self.scores[score_bin(top)] += 1
         return 200, {"outputs": {k: np.asarray(v).tolist() for k, v in out.items()}}
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -243,6 +262,7 @@ class AgentDaemon:
             log.error("could not load the active model: %s", exc)
             return
         self.batcher.reload(runner)
+        self.scores = [0] * SCORE_BINS  # the histogram describes the model now answering
 
     # ---- jobs ---------------------------------------------------------------------------------
 
@@ -496,6 +516,7 @@ class AgentDaemon:
                 p50_ms=b.latency_ms(0.5),
                 p95_ms=b.latency_ms(0.95),
                 errors=b.stats.errors,
+                score_histogram=list(self.scores) if any(self.scores) else [],
             )
             if b
             else InferenceStats(),

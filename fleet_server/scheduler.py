@@ -10,9 +10,11 @@ import threading
 from collections.abc import Callable
 from datetime import datetime
 
+from fleet_server.alerts.watch import DriftWatch
 from fleet_server.campaigns import service
 from fleet_server.db import Database
 from fleet_server.jobs.protocol import Outgoing
+from shared.webhooks import notify, payload
 
 log = logging.getLogger("tidegate.server.scheduler")
 
@@ -25,8 +27,11 @@ class CampaignScheduler:
         clock: Callable[[], datetime],
         *,
         interval_s: float = 1.0,
+        watch: DriftWatch | None = None,
+        webhooks: list[str] | None = None,
     ) -> None:
         self.db, self.publish, self.clock, self.interval_s = db, publish, clock, interval_s
+        self.watch, self.webhooks = watch, webhooks or []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="campaign-scheduler", daemon=True)
         self.ticks = 0
@@ -49,7 +54,27 @@ class CampaignScheduler:
                 self.publish(out)
             except Exception:
                 log.exception("tick of campaign %s failed", cid)
+        if self.watch is not None:
+            self.check_alerts()
         self.ticks += 1
+
+    def check_alerts(self) -> None:
+        """The drift watch in its own transaction (a pause commits with its decision), then
+        the webhooks, after the commit: a notification never announces a rolled-back pause."""
+        assert self.watch is not None
+        now = self.clock()
+        try:
+            with self.db.session() as s:
+                events = self.watch.check(s, now)
+        except Exception:
+            log.exception("alert check failed")
+            return
+        for cid, event in events:
+            if self.webhooks:
+                remedy = "campaign paused" if event.status == "firing" else "none"
+                notify(
+                    self.webhooks, payload(event, "fleet-server", {"campaign": cid, "remediation": remedy})
+                )
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import uvicorn
 
+from fleet_server.alerts.watch import DriftWatch, DriftWatchConfig
 from fleet_server.app import create_app
 from fleet_server.db import Database
 from fleet_server.jobs.bridge import JobsBridge
@@ -39,7 +40,12 @@ class FleetServer:
             if settings.mqtt_ca_file and settings.mqtt_cert_file and settings.mqtt_key_file
             else None,
         )
-        self.scheduler = CampaignScheduler(db, self.bridge.publish, _utcnow, interval_s=tick_s)
+        watch = DriftWatch(
+            DriftWatchConfig(psi_threshold=settings.drift_psi_threshold, min_scores=settings.drift_min_scores)
+        )
+        self.scheduler = CampaignScheduler(
+            db, self.bridge.publish, _utcnow, interval_s=tick_s, watch=watch, webhooks=settings.alert_webhooks
+        )
         repo = UpdateRepository(settings.repository_dir) if settings.repository_dir else None
         self.app = create_app(db, publish=self.bridge.publish, repository=repo, counters=self.bridge.counters)
         self.http = uvicorn.Server(

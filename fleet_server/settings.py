@@ -20,3 +20,7 @@ class Settings(BaseSettings):
     repository_dir: Path | None = None  # the TUF repository the server signs into and serves at /repo
     renotify_queued_s: float = 60.0
     sweep_interval_s: float = 5.0
+    # Alerts: webhooks notified (JSON POST) and the score-drift pause of running campaigns.
+    alert_webhooks: list[str] = []
+    drift_psi_threshold: float = 0.25
+    drift_min_scores: int = 200

@@ -16,12 +16,24 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+SCORE_BINS = 10
+
+
+def score_bin(score: float) -> int:
+    """The bin of a top-class score in [0, 1] (equal widths; 1.0 in the last bin)."""
+    return min(max(int(score * SCORE_BINS), 0), SCORE_BINS - 1)
+
+
 class InferenceStats(_Model):
     count: int = 0
     p50_ms: float | None = None
     p95_ms: float | None = None
     errors: int = 0
     ood: int = 0
+    # Top-class scores of the active model's answers, `SCORE_BINS` equal-width bins over
+    # [0, 1], since that model was loaded: what the server compares across versions for
+    # drift (empty: the model's first output is not a probability vector).
+    score_histogram: list[int] = Field(default_factory=list, max_length=SCORE_BINS)
 
 
 class HealthBeacon(_Model):

@@ -37,9 +37,9 @@ def db(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyp
     """A migrated, empty fleet database: SQLite always, PostgreSQL when TIDEGATE_TEST_PG_URL is set."""
     import os
 
-    from sqlalchemy import text
+    from sqlalchemy import MetaData, text
 
-    from fleet_server.db import Base, Database
+    from fleet_server.db import Database
     from fleet_server.migrate import upgrade
 
     url = (
@@ -49,7 +49,9 @@ def db(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyp
     )
     database = Database(url)
     if request.param == "postgresql":  # a shared server: start from nothing
-        Base.metadata.drop_all(database.engine)
+        existing = MetaData()  # every table there, not only the models this test imported
+        existing.reflect(database.engine)
+        existing.drop_all(database.engine)
         with database.engine.begin() as conn:
             conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
     upgrade(database)

@@ -9,10 +9,12 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import select
 
 from cloud_serving.canary import CanarySpec
 from cloud_serving.config import ServingConfig, load_config
 from cloud_serving.gateway import Gateway
+from fleet_server.jobs.models import JobExecution
 from shared.alerts import (
     AlertRule,
     AlertRuleError,
@@ -200,3 +202,73 @@ def test_an_alert_switches_a_failing_model_to_its_fallback_until_an_operator_cle
         assert any("fallback cleared by an operator" in e for e in r.json()["events"])
 
     serve(config, body, clock)
+
+
+def _beacon(db: Any, thing: str, seq: int, histogram: list[int], now: datetime) -> None:
+    import json as _json
+
+    from fleet_server.telemetry.service import ingest
+
+    body = {
+        "seq": seq,
+        "device_id": thing,
+        "sku": "edge-cpu",
+        "at": now.isoformat(),
+        "agent_version": "0.1.0",
+        "inference": {"count": sum(histogram), "score_histogram": histogram},
+    }
+    with db.session() as s:
+        assert ingest(s, f"tidegate/things/{thing}/beacon", _json.dumps(body).encode(), now) == "stored"
+
+
+def test_a_wave_whose_updated_devices_answer_differently_is_paused(db: Any) -> None:
+    """The fleet's side: beacons carry score histograms; once the updated devices' scores
+    drift from the rest of the cohort's, the scheduler's watch pauses the campaign with its
+    reason and tells the webhook."""
+    from fleet_server.alerts.watch import DriftWatch, DriftWatchConfig
+    from fleet_server.campaigns import service
+    from fleet_server.scheduler import CampaignScheduler
+    from tests.test_campaign_service import T0 as C0
+    from tests.test_campaign_service import devices_answer, fleet, make
+
+    hook = _Hook()
+    hook.served.start()
+    try:
+        things = fleet(db, 40)
+        cid = make(db, waves=[{"percent": 25, "soak_s": 3600}, {"percent": 100}])
+        now = C0 + timedelta(seconds=1)
+        scheduler = CampaignScheduler(
+            db,
+            lambda out: None,
+            lambda: now,
+            watch=DriftWatch(DriftWatchConfig(psi_threshold=0.25, min_scores=100)),
+            webhooks=[hook.url],
+        )
+        scheduler.tick_all()
+        assert devices_answer(db, now) == 10  # the first wave installed
+        with db.session() as s:
+            updated = set(
+                s.scalars(select(JobExecution.thing_name).where(JobExecution.status == "SUCCEEDED"))
+            )
+        usual = [0, 0, 0, 0, 1, 2, 4, 8, 10, 15]  # confident answers
+        for t in things:
+            _beacon(db, t, 1, usual, now)
+        scheduler.tick_all()
+        with db.session() as s:
+            assert service.get(s, cid).state == "running"  # the same scores: no alarm
+        for t in updated:  # the new version's answers slump
+            _beacon(db, t, 2, [4, 6, 10, 12, 6, 2, 0, 0, 0, 0], now)
+        now += timedelta(seconds=5)
+        scheduler.tick_all()
+        with db.session() as s:
+            c = service.get(s, cid)
+            assert c.state == "paused" and c.paused_reason is not None
+            assert c.paused_reason.startswith("alert score-drift: PSI")
+        assert len(hook.received) == 1
+        note = hook.received[0]
+        assert (
+            note["source"] == "fleet-server" and note["rule"] == "score-drift" and note["status"] == "firing"
+        )
+        assert note["context"] == {"campaign": cid, "remediation": "campaign paused"}
+    finally:
+        hook.served.stop()

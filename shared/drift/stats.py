@@ -60,6 +60,15 @@ def psi_sorted(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any], bins: int = 10)
     return float(np.sum((q - p) * np.log(q / p)))
 
 
+def psi_counts(reference: np.ndarray[Any, Any], current: np.ndarray[Any, Any]) -> float:
+    """PSI of two histograms over the same bins (counts)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    cur = np.asarray(current, dtype=np.float64)
+    p = np.maximum(ref / max(ref.sum(), 1), PSI_FLOOR)
+    q = np.maximum(cur / max(cur.sum(), 1), PSI_FLOOR)
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
 def chi2(reference: np.ndarray[Any, Any], current: np.ndarray[Any, Any]) -> tuple[float, float, int]:
     """(statistic, p-value, categories) of a chi-square test of homogeneity on the counts."""
     cats, codes = np.unique(np.concatenate([reference, current]), return_inverse=True)
