@@ -25,6 +25,7 @@ from fleet_server.flags.routes import router as flags_router
 from fleet_server.jobs.models import JobExecution
 from fleet_server.jobs.protocol import Outgoing
 from fleet_server.releases.routes import router as releases_router
+from fleet_server.telemetry.metrics import FleetGauges
 from shared.trust import UpdateRepository
 from shared.version import TIDEGATE_VERSION
 
@@ -49,9 +50,11 @@ def create_app(
     clock: Callable[[], datetime] = _utcnow,
     repository: UpdateRepository | None = None,
     counters: Callable[[], dict[str, float]] | None = None,
+    score_psi: Callable[[], dict[str, float]] | None = None,
 ) -> FastAPI:
     """`counters`: monotonic totals from the MQTT side (the bridge's `counters`), exported on
-    /metrics as ``tidegate_<name>_total``."""
+    /metrics as ``tidegate_<name>_total``; `score_psi`: the drift watch's latest PSI per
+    running campaign."""
     app = FastAPI(
         title="Tidegate fleet server",
         version=TIDEGATE_VERSION,
@@ -74,6 +77,10 @@ def create_app(
     executions = Gauge("tidegate_job_executions", "Job executions by status", ["status"], registry=registry)
     if counters is not None:
         registry.register(_Totals(counters))
+    fleet = FleetGauges(registry)
+    psi = Gauge(
+        "tidegate_campaign_score_psi", "Score PSI, updated vs other devices", ["campaign"], registry=registry
+    )
 
     @app.middleware("http")
     async def authenticate_first(
@@ -127,6 +134,10 @@ def create_app(
                 select(JobExecution.status, func.count()).group_by(JobExecution.status)
             ):
                 executions.labels(status).set(n)
+            fleet.update(s)
+        psi.clear()
+        for cid, value in (score_psi() if score_psi else {}).items():
+            psi.labels(cid).set(value)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -47,7 +47,13 @@ class FleetServer:
             db, self.bridge.publish, _utcnow, interval_s=tick_s, watch=watch, webhooks=settings.alert_webhooks
         )
         repo = UpdateRepository(settings.repository_dir) if settings.repository_dir else None
-        self.app = create_app(db, publish=self.bridge.publish, repository=repo, counters=self.bridge.counters)
+        self.app = create_app(
+            db,
+            publish=self.bridge.publish,
+            repository=repo,
+            counters=self.bridge.counters,
+            score_psi=lambda: dict(watch.last_psi),
+        )
         self.http = uvicorn.Server(
             uvicorn.Config(self.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
         )

@@ -13,6 +13,14 @@ def sample_payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_sample_payload(tmp_path_factory.mktemp("payload"))
 
 
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cloud gateway's test models and serving.toml."""
+    from tests.helpers import write_serving_models
+
+    return write_serving_models(tmp_path_factory.mktemp("serving"))
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     from tests.test_agent_faults import KILL_STATS
 

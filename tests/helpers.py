@@ -109,3 +109,47 @@ class ServedApp:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+# ---- the cloud gateway's test models -----------------------------------------------------------
+
+KEY, ADMIN = "tgk_caller", "tgk_admin"
+
+
+def caller(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def write_serving_models(d: Path) -> Path:
+    """Two classifiers, a NaN-emitting one and a serving.toml over them (keys KEY, ADMIN)."""
+    from builder.samples import make_classifier, make_nan_classifier
+    from cloud_serving.app import _hash
+
+    make_classifier(d / "v1.onnx", seed=0)
+    make_classifier(d / "v2.onnx", seed=1)
+    make_nan_classifier(d / "bad.onnx")
+    (d / "serving.toml").write_text(
+        f"""
+[gateway]
+api_keys_sha256 = ["{_hash(KEY)}"]
+admin_keys_sha256 = ["{_hash(ADMIN)}"]
+max_body_bytes = 4096
+failure_dir = "failures"
+
+[models.classifier]
+production = "1.0.0"
+versions."1.0.0".path = "v1.onnx"
+versions."1.1.0".path = "v2.onnx"
+versions."9.9.9-bad".path = "bad.onnx"
+
+[models.guarded]
+production = "bad"
+versions.bad.path = "bad.onnx"
+fallback = {{ outputs = {{ probabilities = [0.25, 0.25, 0.25, 0.25] }} }}
+
+[models.unguarded]
+production = "bad"
+versions.bad.path = "bad.onnx"
+"""
+    )
+    return d

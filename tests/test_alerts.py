@@ -25,9 +25,9 @@ from shared.alerts import (
     burn_rate,
     step,
 )
-from tests.helpers import ServedApp
+from tests.helpers import ADMIN, ServedApp, caller
 from tests.mqtt_helpers import free_port
-from tests.test_cloud_serving import ADMIN, SAMPLES, Clock, caller, models, serve  # noqa: F401
+from tests.test_cloud_serving import SAMPLES, Clock, serve
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -103,7 +103,7 @@ class _Hook:
         self.served = ServedApp(app, self.port)
 
 
-def test_an_alert_on_a_canarys_errors_rolls_it_back_and_notifies_the_webhook(models: Path) -> None:  # noqa: F811
+def test_an_alert_on_a_canarys_errors_rolls_it_back_and_notifies_the_webhook(models: Path) -> None:
     hook = _Hook()
     raw = load_config(models / "serving.toml").model_dump()
     raw["gateway"]["webhooks"] = [hook.url]
@@ -170,7 +170,7 @@ def test_an_alert_on_a_canarys_errors_rolls_it_back_and_notifies_the_webhook(mod
         hook.served.stop()
 
 
-def test_an_alert_switches_a_failing_model_to_its_fallback_until_an_operator_clears_it(models: Path) -> None:  # noqa: F811
+def test_an_alert_switches_a_failing_model_to_its_fallback_until_an_operator_clears_it(models: Path) -> None:
     raw = load_config(models / "serving.toml").model_dump()
     raw["gateway"]["webhooks"] = [
         f"http://127.0.0.1:{free_port()}/nobody-listens"

@@ -18,49 +18,13 @@ import pytest
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
 
-from builder.samples import make_classifier, make_nan_classifier
-from cloud_serving.app import _hash, create_app
+from cloud_serving.app import create_app
 from cloud_serving.canary import CanarySpec
 from cloud_serving.config import ServingConfig, load_config
 from cloud_serving.experiments import ExperimentSpec
 from cloud_serving.gateway import Gateway
 from cloud_serving.routing import RoutingError, bucket, choose
-from tests.helpers import ServedApp
-
-KEY, ADMIN = "tgk_caller", "tgk_admin"
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("serving")
-    make_classifier(d / "v1.onnx", seed=0)
-    make_classifier(d / "v2.onnx", seed=1)
-    make_nan_classifier(d / "bad.onnx")
-    (d / "serving.toml").write_text(
-        f"""
-[gateway]
-api_keys_sha256 = ["{_hash(KEY)}"]
-admin_keys_sha256 = ["{_hash(ADMIN)}"]
-max_body_bytes = 4096
-failure_dir = "failures"
-
-[models.classifier]
-production = "1.0.0"
-versions."1.0.0".path = "v1.onnx"
-versions."1.1.0".path = "v2.onnx"
-versions."9.9.9-bad".path = "bad.onnx"
-
-[models.guarded]
-production = "bad"
-versions.bad.path = "bad.onnx"
-fallback = {{ outputs = {{ probabilities = [0.25, 0.25, 0.25, 0.25] }} }}
-
-[models.unguarded]
-production = "bad"
-versions.bad.path = "bad.onnx"
-"""
-    )
-    return d
+from tests.helpers import ADMIN, ServedApp, caller
 
 
 class Clock:
@@ -89,10 +53,6 @@ def serve(
             await gateway.stop()
 
     asyncio.run(main())
-
-
-def caller(key: str = KEY) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def direct(model: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

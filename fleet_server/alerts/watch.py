@@ -76,18 +76,21 @@ class DriftWatch:
             action="pause",
         )
         self._watched: dict[str, _Watched] = {}
+        self.last_psi: dict[str, float] = {}  # running campaigns' latest PSI (for /metrics)
 
     def check(self, session: Session, now: datetime) -> list[tuple[str, AlertEvent]]:
         """One pass over the running campaigns; (campaign id, event) for each transition. A
         firing rule pauses its campaign in this session's transaction."""
         events: list[tuple[str, AlertEvent]] = []
         running = session.scalars(select(Campaign).where(Campaign.state == "running")).all()
+        self.last_psi = {cid: v for cid, v in self.last_psi.items() if cid in {c.id for c in running}}
         for c in running:
             before, after = score_groups(session, c)
             w = self._watched.setdefault(c.id, _Watched())
             if before.sum() < self.config.min_scores or after.sum() < self.config.min_scores:
                 continue
             value = psi_counts(before, after)
+            self.last_psi[c.id] = value
             w.samples = [ValueSample(now, value)]
             event = step(self.rule, w.samples, now, w.state)
             if event is None:

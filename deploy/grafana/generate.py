@@ -1,0 +1,305 @@
+"""Writes the Grafana dashboards in this directory (run it after changing a panel; the
+JSON files are what Grafana imports, and tests check every query names an exported metric).
+
+    python deploy/grafana/generate.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+DS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+HERE = Path(__file__).parent
+
+
+def panel(
+    pid: int,
+    title: str,
+    exprs: list[tuple[str, str]],
+    x: int,
+    y: int,
+    *,
+    kind: str = "timeseries",
+    unit: str = "short",
+    w: int = 12,
+    h: int = 8,
+    thresholds: list[float] | None = None,
+) -> dict[str, Any]:
+    steps: list[dict[str, Any]] = [{"color": "green", "value": None}]
+    steps += [{"color": c, "value": v} for c, v in zip(("orange", "red"), thresholds or [], strict=False)]
+    return {
+        "id": pid,
+        "type": kind,
+        "title": title,
+        "datasource": DS,
+        "gridPos": {"h": h, "w": w, "x": x, "y": y},
+        "fieldConfig": {
+            "defaults": {"unit": unit, "thresholds": {"mode": "absolute", "steps": steps}},
+            "overrides": [],
+        },
+        "options": {},
+        "targets": [
+            {"refId": chr(ord("A") + i), "datasource": DS, "expr": expr, "legendFormat": legend}
+            for i, (expr, legend) in enumerate(exprs)
+        ],
+    }
+
+
+def dashboard(uid: str, title: str, panels: list[dict[str, Any]], tags: list[str]) -> dict[str, Any]:
+    return {
+        "uid": uid,
+        "title": title,
+        "tags": ["tidegate", *tags],
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": True,
+        "time": {"from": "now-6h", "to": "now"},
+        "refresh": "30s",
+        "__inputs": [
+            {"name": "DS_PROMETHEUS", "label": "Prometheus", "type": "datasource", "pluginId": "prometheus"}
+        ],
+        "templating": {"list": []},
+        "annotations": {"list": []},
+        "panels": panels,
+    }
+
+
+REQ = "tidegate_serving_requests_total"
+LAT = "tidegate_serving_latency_seconds_bucket"
+
+SLO = dashboard(
+    "tidegate-slo",
+    "Tidegate: SLO tiers (gateway and fleet)",
+    [
+        panel(
+            1,
+            "Availability by model (answered by the model, 5 m)",
+            [
+                (
+                    f'sum by (model) (rate({REQ}{{outcome="ok"}}[5m])) / sum by (model) (rate({REQ}[5m]))',
+                    "{{model}}",
+                )
+            ],
+            0,
+            0,
+            unit="percentunit",
+            kind="stat",
+        ),
+        panel(
+            2,
+            "Error-budget burn rate (SLO 99 %, 1 h and 5 m)",
+            [
+                (
+                    f'(1 - sum by (model) (rate({REQ}{{outcome="ok"}}[1h])) / sum by (model) (rate({REQ}[1h]))) / 0.01',
+                    "{{model}} 1h",
+                ),
+                (
+                    f'(1 - sum by (model) (rate({REQ}{{outcome="ok"}}[5m])) / sum by (model) (rate({REQ}[5m]))) / 0.01',
+                    "{{model}} 5m",
+                ),
+            ],
+            12,
+            0,
+            thresholds=[6, 14.4],
+        ),
+        panel(
+            3,
+            "Latency p95 / p99 by version",
+            [
+                (
+                    f"histogram_quantile(0.95, sum by (le, model, version) (rate({LAT}[5m])))",
+                    "p95 {{model}} {{version}}",
+                ),
+                (
+                    f"histogram_quantile(0.99, sum by (le, model, version) (rate({LAT}[5m])))",
+                    "p99 {{model}} {{version}}",
+                ),
+            ],
+            0,
+            8,
+            unit="s",
+        ),
+        panel(
+            4,
+            "Requests per second by version and arm",
+            [(f"sum by (model, version, arm) (rate({REQ}[1m]))", "{{model}} {{version}} {{arm}}")],
+            12,
+            8,
+            unit="reqps",
+        ),
+        panel(
+            5,
+            "Fallback and failures per second",
+            [(f'sum by (model, outcome) (rate({REQ}{{outcome!="ok"}}[1m]))', "{{model}} {{outcome}}")],
+            0,
+            16,
+            unit="reqps",
+        ),
+        panel(
+            6,
+            "Batcher queue depth and mean batch",
+            [
+                ("tidegate_serving_queue_depth", "queue {{model}} {{version}}"),
+                ("tidegate_serving_mean_batch", "batch {{model}} {{version}}"),
+            ],
+            12,
+            16,
+        ),
+        panel(
+            7,
+            "Fleet: on-device inference p95 by SKU and version",
+            [("avg by (sku, version) (tidegate_fleet_inference_p95_ms)", "{{sku}} {{version}}")],
+            0,
+            24,
+            unit="ms",
+        ),
+        panel(
+            8,
+            "Fleet: on-device error ratio by SKU and version",
+            [
+                (
+                    "sum by (sku, version) (tidegate_fleet_inference_errors) / sum by (sku, version) (tidegate_fleet_inference_requests)",
+                    "{{sku}} {{version}}",
+                )
+            ],
+            12,
+            24,
+            unit="percentunit",
+        ),
+    ],
+    ["slo"],
+)
+
+CAMPAIGNS = dashboard(
+    "tidegate-campaigns",
+    "Tidegate: campaign health",
+    [
+        panel(
+            1, "Campaigns by state", [("sum by (state) (tidegate_campaigns)", "{{state}}")], 0, 0, kind="stat"
+        ),
+        panel(
+            2,
+            "Job executions by status",
+            [("sum by (status) (tidegate_job_executions)", "{{status}}")],
+            12,
+            0,
+        ),
+        panel(
+            3,
+            "Failed share of finished executions",
+            [
+                (
+                    'sum(tidegate_job_executions{status=~"FAILED|TIMED_OUT|REJECTED"}) / '
+                    'sum(tidegate_job_executions{status=~"SUCCEEDED|FAILED|TIMED_OUT|REJECTED"})',
+                    "failed",
+                )
+            ],
+            0,
+            8,
+            unit="percentunit",
+            thresholds=[0.02, 0.05],
+        ),
+        panel(
+            4,
+            "Device protocol: requests and batches per second",
+            [
+                ("rate(tidegate_jobs_requests_total[1m])", "requests"),
+                ("rate(tidegate_jobs_batches_total[1m])", "batches"),
+            ],
+            12,
+            8,
+            unit="reqps",
+        ),
+        panel(
+            5,
+            "Jobs bridge busy share",
+            [("rate(tidegate_jobs_busy_seconds_total[1m])", "busy")],
+            0,
+            16,
+            unit="percentunit",
+        ),
+        panel(
+            6,
+            "Telemetry stored / rejected per second",
+            [
+                ("rate(tidegate_telemetry_stored_total[1m])", "stored"),
+                ("rate(tidegate_telemetry_rejected_total[1m])", "rejected"),
+            ],
+            12,
+            16,
+        ),
+        panel(7, "Devices by version", [("sum by (version) (tidegate_fleet_devices)", "{{version}}")], 0, 24),
+        panel(
+            8,
+            "Throttled devices and hottest zone by SKU",
+            [
+                ("sum by (sku) (tidegate_fleet_throttled_devices)", "throttled {{sku}}"),
+                ("max by (sku) (tidegate_fleet_max_temperature_celsius)", "max °C {{sku}}"),
+            ],
+            12,
+            24,
+        ),
+    ],
+    ["fleet"],
+)
+
+DRIFT = dashboard(
+    "tidegate-drift",
+    "Tidegate: drift",
+    [
+        panel(
+            1,
+            "Running campaigns: score PSI, updated vs other devices",
+            [("tidegate_campaign_score_psi", "{{campaign}}")],
+            0,
+            0,
+            thresholds=[0.1, 0.25],
+        ),
+        panel(
+            2,
+            "Fleet: out-of-distribution share by SKU and version",
+            [
+                (
+                    "sum by (sku, version) (tidegate_fleet_inference_ood) / sum by (sku, version) (tidegate_fleet_inference_requests)",
+                    "{{sku}} {{version}}",
+                )
+            ],
+            12,
+            0,
+            unit="percentunit",
+        ),
+        panel(
+            3,
+            "Gateway: answers by fallback (a model that breached its guardrails)",
+            [(f'sum by (model) (rate({REQ}{{outcome="fallback"}}[5m]))', "{{model}}")],
+            0,
+            8,
+            unit="reqps",
+        ),
+        panel(
+            4,
+            "Fleet: error ratio by region",
+            [
+                (
+                    "sum by (region) (tidegate_fleet_inference_errors) / sum by (region) (tidegate_fleet_inference_requests)",
+                    "{{region}}",
+                )
+            ],
+            12,
+            8,
+            unit="percentunit",
+        ),
+    ],
+    ["drift"],
+)
+
+
+def main() -> None:
+    for name, board in (("slo", SLO), ("campaigns", CAMPAIGNS), ("drift", DRIFT)):
+        (HERE / f"{name}.json").write_text(json.dumps(board, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
