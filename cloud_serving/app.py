@@ -33,6 +33,7 @@ from cloud_serving.canary import CanarySpec
 from cloud_serving.experiments import ExperimentSpec
 from cloud_serving.gateway import Gateway, GatewayError
 from cloud_serving.shadow import ShadowBudget
+from shared.logs import REQUEST_ID_HEADER, new_request_id, request_id
 from shared.settings_file import first_error
 
 
@@ -180,19 +181,25 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
     async def authenticate_first(request: Request, call_next: Any) -> Response:
         """Keys are checked before anything reads the body, so a caller without one learns
         nothing, not even how its request would have been parsed."""
-        path = request.url.path
-        if path.startswith("/v1/"):
-            allowed = app.state.admin_keys if path.startswith("/v1/admin/") else app.state.caller_keys
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token or _hash(token) not in allowed:
-                return JSONResponse(
-                    {"detail": "missing or invalid key"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-        response: Response = await call_next(request)
-        return response
+        rid = new_request_id(request.headers.get(REQUEST_ID_HEADER))
+        reset = request_id.set(rid)  # every log line of this request carries it
+        try:
+            path = request.url.path
+            if path.startswith("/v1/"):
+                allowed = app.state.admin_keys if path.startswith("/v1/admin/") else app.state.caller_keys
+                header = request.headers.get("authorization", "")
+                scheme, _, token = header.partition(" ")
+                if scheme.lower() != "bearer" or not token or _hash(token) not in allowed:
+                    return JSONResponse(
+                        {"detail": "missing or invalid key"},
+                        status_code=401,
+                        headers={"WWW-Authenticate": "Bearer", REQUEST_ID_HEADER: rid},
+                    )
+            response: Response = await call_next(request)
+            response.headers[REQUEST_ID_HEADER] = rid
+            return response
+        finally:
+            request_id.reset(reset)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:

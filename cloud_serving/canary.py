@@ -9,9 +9,7 @@ sampled requests and responses (PII redacted), the metrics and the decision.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from shared.gates import (
     decide,
     start,
 )
+from shared.logs import DEFAULT_REDACTOR, Redactor
 
 
 @dataclass(frozen=True)
@@ -85,24 +84,11 @@ EXCHANGE_EVERY = 50  # one successful exchange in 50 goes to the failure bundle;
 TRIM_EVERY = 1000
 MAX_SAMPLES = 50_000
 
-PII_KEYS = re.compile(r"(?i)(email|phone|name|address|vin|user|ip|token|key|location|lat|lon)")
-
 
 def redact(value: Any) -> Any:
-    """Mask personal data in request metadata: values under PII-looking keys become a short
-    hash (correlatable, not readable); nested structures are walked."""
-    if isinstance(value, dict):
-        return {
-            k: (
-                f"redacted:{hashlib.sha256(str(v).encode()).hexdigest()[:12]}"
-                if PII_KEYS.search(str(k))
-                else redact(v)
-            )
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
+    """Mask personal data in request metadata (`shared.logs`: keys that look personal become a
+    short hash, personal-looking text anywhere too)."""
+    return DEFAULT_REDACTOR(value)
 
 
 @dataclass
@@ -116,6 +102,7 @@ class Canary:
     state: RolloutState
     samples: dict[str, list[Sample]] = field(default_factory=lambda: {"success": [], "latency_ms": []})
     exchanges: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
+    redactor: Redactor = DEFAULT_REDACTOR  # the gateway's, as configured
     log: list[str] = field(default_factory=list)
     _seen: int = 0
 
@@ -145,7 +132,7 @@ class Canary:
             self.samples["latency_ms"].append(Sample(now, latency_ms))
         self._seen += 1
         if exchange is not None and (not ok or self._seen % EXCHANGE_EVERY == 1):
-            self.exchanges.append(redact(exchange()))
+            self.exchanges.append(self.redactor(exchange()))
         if self._seen % TRIM_EVERY == 0:
             horizon = now - timedelta(seconds=self.spec.window_s * 2)
             for name, values in self.samples.items():

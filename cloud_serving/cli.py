@@ -29,11 +29,10 @@ def serve(
     from cloud_serving.app import create_app
     from cloud_serving.config import load_config
     from cloud_serving.gateway import Gateway
-    from cloud_serving.observability import configure_logging
-
-    configure_logging()
+    from shared.logs import configure_logging
 
     gateway = Gateway(load_config(config))
+    configure_logging(redactor=gateway.redactor)
     typer.echo(f"gateway: http://{host}:{port}  models: {', '.join(sorted(gateway.config.models))}")
     uvicorn.run(create_app(gateway), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 

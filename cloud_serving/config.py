@@ -6,6 +6,7 @@ committed without secrets. Paths are relative to the file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,8 +117,23 @@ class GatewayConfig(_Strict):
     failure_dir: Path = Path("failures")
     tick_s: float = Field(default=1.0, gt=0)
     registry: RegistryConfig | None = None
+
     webhooks: list[str] = Field(default_factory=list, description="alert notifications (JSON POST)")
+    redact_keys: str | None = Field(default=None, description="regex of personal keys (default: shared.logs)")
+    redact_patterns: list[str] = Field(
+        default_factory=list, description="regexes of personal text, added to shared.logs' defaults"
+    )
+    redact_default_patterns: bool = True  # e-mail, VIN, phone, IPv4
     webhook_timeout_s: float = Field(default=5.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _regexes_compile(self) -> GatewayConfig:
+        for p in [self.redact_keys or "", *self.redact_patterns]:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"redaction pattern {p!r} does not compile: {exc}") from None
+        return self
 
 
 class ServingConfig(_Strict):

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from shared.logs import pass_request_id
+
 log = logging.getLogger("tidegate.serving.flags")
 
 
@@ -37,6 +39,7 @@ class HttpFlags:
         self._http = httpx.Client(
             base_url=url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}"},
+            event_hooks={"request": [pass_request_id]},
             timeout=httpx.Timeout(timeout_s),
         )
 

@@ -40,6 +40,7 @@ from shared.batching import InferencePool, NonFiniteOutputError, OverloadedError
 from shared.errors import TidegateError
 from shared.fsutil import atomic_write_bytes
 from shared.gates import Action
+from shared.logs import DEFAULT_KEYS, DEFAULT_PATTERNS, Redactor
 from shared.webhooks import notify, payload
 
 log = logging.getLogger("tidegate.serving")
@@ -155,6 +156,9 @@ class Gateway:
         # One inference pool for every loaded version: as many threads as cores, however many
         # versions a release keeps loaded side by side.
         self.pool = InferencePool(os.cpu_count() or 2)
+        g = config.gateway
+        patterns = (*(DEFAULT_PATTERNS if g.redact_default_patterns else ()), *g.redact_patterns)
+        self.redactor = Redactor(g.redact_keys or DEFAULT_KEYS, patterns)
         self.registry: Registry | None = None
         self.flags: FlagCache | None = None
         if (reg := config.gateway.registry) is not None:
@@ -563,6 +567,7 @@ class Gateway:
         if st.canary is not None:
             raise ReleaseError(f"{name} already has a canary ({st.canary.candidate})")
         st.canary = Canary.begin(name, st.production, candidate, spec, self.clock())
+        st.canary.redactor = self.redactor
         st.salt = f"{name}:{candidate}"  # a new release reshuffles who is in the first 1 %
         self._apply_canary_weight(st)
         self._note(st, f"canary {candidate}: {list(spec.steps)} %, bake {spec.bake_s:g} s")

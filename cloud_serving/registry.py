@@ -29,6 +29,7 @@ import httpx
 
 from shared.errors import TidegateError
 from shared.fsutil import atomic_write_bytes
+from shared.logs import pass_request_id
 
 log = logging.getLogger("tidegate.serving.registry")
 
@@ -85,6 +86,7 @@ class RegistryClient(Registry):
         self._http = httpx.Client(
             base_url=url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}"},
+            event_hooks={"request": [pass_request_id]},
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 3.0)),
         )
 

@@ -50,7 +50,9 @@ def run(
     """Serve the API (/api/v1, /openapi.json, /metrics), the AWS IoT Jobs protocol over MQTT and
     the campaign scheduler until interrupted."""
     from fleet_server.server import FleetServer
+    from shared.logs import configure_logging
 
+    configure_logging()  # JSON lines, personal data redacted, the request's id in each
     settings = Settings()
     if mqtt_host:
         settings.mqtt_host = mqtt_host

@@ -272,3 +272,94 @@ def test_a_wave_whose_updated_devices_answer_differently_is_paused(db: Any) -> N
         assert note["context"] == {"campaign": cid, "remediation": "campaign paused"}
     finally:
         hook.served.stop()
+
+
+def test_personal_data_never_reaches_the_log_and_every_line_carries_the_request_id(models: Path) -> None:
+    """Through the real app: a request whose metadata and key hold personal data, answered by
+    the fallback (which logs a warning with the metadata), with a configured extra pattern."""
+    import io
+    import json
+    import logging
+
+    from shared.logs import JsonFormatter
+
+    raw = load_config(models / "serving.toml").model_dump()
+    raw["gateway"]["redact_patterns"] = [r"ticket-\d{6}"]  # on top of the defaults (e-mail, VIN, phone)
+    config = ServingConfig.model_validate(raw)
+    personal = ["driver@example.com", "WVWZZZ1JZXW000001", "ticket-123456", "+49 170 1234567"]
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    seen: dict[str, str] = {}
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        handler.setFormatter(JsonFormatter(gw.redactor))
+        logger = logging.getLogger("tidegate")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            metadata = {
+                "email": personal[0],
+                "vehicle": personal[1],
+                "note": f"see {personal[2]} call {personal[3]}",
+            }
+            r = await client.post(
+                "/v1/models/guarded/infer",
+                json={"inputs": SAMPLES[0].tolist(), "metadata": metadata},
+                headers={**caller(), "X-Request-ID": "req-42.a"},
+            )
+            assert r.status_code == 200 and r.json()["fallback"]
+            seen["echoed"] = r.headers["X-Request-ID"]
+            logging.getLogger("tidegate.serving").warning(
+                "free text from %s about %s", personal[0], personal[1]
+            )
+            r = await client.post(
+                "/v1/models/guarded/infer",
+                json={"inputs": [1.0]},
+                headers={**caller(), "X-Request-ID": "bad id with spaces"},
+            )
+            seen["made_up"] = r.headers["X-Request-ID"]
+        finally:
+            logger.removeHandler(handler)
+
+    serve(config, body)
+    text = out.getvalue()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert lines and any(line["message"] == "fallback answered" for line in lines)
+    for secret in personal:
+        assert secret not in text
+    fallback = next(line for line in lines if line["message"] == "fallback answered")
+    assert fallback["request_id"] == "req-42.a" == seen["echoed"]
+    assert (
+        fallback["metadata"]["email"].startswith("redacted:") and "redacted:" in fallback["metadata"]["note"]
+    )
+    assert seen["made_up"] != "bad id with spaces" and len(seen["made_up"]) == 32
+    raw["gateway"]["redact_patterns"] = ["(unclosed"]
+    with pytest.raises(ValueError, match="does not compile"):
+        ServingConfig.model_validate(raw)
+
+
+def test_the_request_id_follows_a_call_from_the_gateway_to_the_fleet_server(tmp_path: Path) -> None:
+    """The gateway's outgoing registry calls carry the id of the request being served, and the
+    fleet server answers with it (and logs with it)."""
+    from fleet_server.app import create_app
+    from fleet_server.db import Database
+    from fleet_server.migrate import upgrade
+    from shared.logs import REQUEST_ID_HEADER, pass_request_id, request_id
+
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    upgrade(db)
+    port = free_port()
+    served = ServedApp(create_app(db), port).start()
+    try:
+        token = request_id.set("req-from-gateway")
+        try:
+            with httpx.Client(event_hooks={"request": [pass_request_id]}, timeout=5) as http:
+                r = http.get(
+                    f"http://127.0.0.1:{port}/api/v1/flags"
+                )  # unauthenticated: 401, still correlated
+        finally:
+            request_id.reset(token)
+        assert r.status_code == 401 and r.headers[REQUEST_ID_HEADER] == "req-from-gateway"
+        assert r.request.headers[REQUEST_ID_HEADER] == "req-from-gateway"
+    finally:
+        served.stop()

@@ -642,7 +642,7 @@ def test_traces_follow_a_request_and_logs_are_json_with_personal_data_redacted(m
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from cloud_serving.observability import JsonFormatter
+    from shared.logs import JsonFormatter
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

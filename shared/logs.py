@@ -1,0 +1,129 @@
+"""Structured logs for every Tidegate service: one JSON object per line, personal data
+redacted by the formatter itself (no call site can forget), and the correlation id of the
+request being served in every line.
+
+Redaction has two parts, both configurable: values under keys that look personal (email,
+VIN, user, ...) become a short hash (correlatable, not readable), and text anywhere (the
+message, any string value) that matches a pattern (e-mail addresses, VINs, phone numbers,
+IPv4 addresses by default) is replaced by the same kind of hash.
+
+The correlation id comes from the caller's ``X-Request-ID`` (or is made up) and lives in a
+context variable for the length of the request; services pass it on in their own outgoing
+calls, so one id follows a request from the gateway to the registry and the fleet server.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import logging
+import re
+import sys
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+REQUEST_ID_HEADER = "X-Request-ID"
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("tidegate_request_id", default=None)
+
+DEFAULT_KEYS = r"(?i)(email|phone|name|address|vin|user|ip|token|key|location|lat|lon|password|secret)"
+DEFAULT_PATTERNS = (
+    r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",  # e-mail
+    r"\b[A-HJ-NPR-Z0-9]{17}\b",  # VIN (ISO 3779: no I, O, Q)
+    r"\+?\d[\d ()-]{8,}\d",  # phone number
+    r"\b(?:\d{1,3}\.){3}\d{1,3}\b",  # IPv4
+)
+
+
+def _token(value: str) -> str:
+    return f"redacted:{hashlib.sha256(value.encode()).hexdigest()[:12]}"
+
+
+class Redactor:
+    def __init__(self, keys: str = DEFAULT_KEYS, patterns: Iterable[str] = DEFAULT_PATTERNS) -> None:
+        self.keys = re.compile(keys)
+        pats = list(patterns)
+        self.text = re.compile("|".join(f"(?:{p})" for p in pats)) if pats else None
+
+    def string(self, value: str) -> str:
+        return self.text.sub(lambda m: _token(m.group(0)), value) if self.text else value
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: _token(json.dumps(v, default=str, sort_keys=True)) if self.keys.search(str(k)) else self(v)
+                for k, v in value.items()
+            }
+        if isinstance(value, list | tuple):
+            return [self(v) for v in value]
+        if isinstance(value, str):
+            return self.string(value)
+        return value
+
+
+DEFAULT_REDACTOR = Redactor()
+
+
+def new_request_id(incoming: str | None) -> str:
+    """The caller's id when it is a sane token, else a fresh one."""
+    if incoming and len(incoming) <= 128 and re.fullmatch(r"[A-Za-z0-9._:-]+", incoming):
+        return incoming
+    return uuid.uuid4().hex
+
+
+def pass_request_id(request: Any) -> None:
+    """An httpx request hook: outgoing calls made while serving a request carry its id."""
+    if (rid := request_id.get()) is not None:
+        request.headers.setdefault(REQUEST_ID_HEADER, rid)
+
+
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the request's correlation id,
+    the trace (when OpenTelemetry has a current span) and every `extra=` field, redacted."""
+
+    def __init__(self, redactor: Redactor = DEFAULT_REDACTOR) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": self.redactor.string(record.getMessage()),
+        }
+        if (rid := request_id.get()) is not None:
+            doc["request_id"] = rid
+        extra = {k: v for k, v in vars(record).items() if k not in _STANDARD}
+        if extra:
+            doc.update(self.redactor(json.loads(json.dumps(extra, default=str))))
+        trace_ids = _trace_ids()
+        if trace_ids:
+            doc["trace_id"], doc["span_id"] = trace_ids
+        if record.exc_info:
+            doc["error"] = self.redactor.string(self.formatException(record.exc_info))
+        return json.dumps(doc, sort_keys=True)
+
+
+def _trace_ids() -> tuple[str, str] | None:
+    if "opentelemetry.trace" not in sys.modules:  # nothing traces: do not import it for a log line
+        return None
+    from opentelemetry import trace
+
+    ctx = trace.get_current_span().get_span_context()
+    return (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}") if ctx.is_valid else None
+
+
+def configure_logging(level: int = logging.INFO, redactor: Redactor = DEFAULT_REDACTOR) -> None:
+    """JSON lines on stderr for the `tidegate` loggers."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(redactor))
+    root = logging.getLogger("tidegate")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
