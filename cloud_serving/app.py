@@ -142,7 +142,9 @@ Caller = Annotated[None, Depends(_caller)]
 Admin = Annotated[None, Depends(_admin)]
 
 
-def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
+def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) -> FastAPI:
+    """The HTTP face of `gateway`. `observe=False` leaves the request metrics out (the
+    observability bench's baseline); tracing follows the process's OpenTelemetry setup."""
     cfg = gateway.config.gateway
     registry = CollectorRegistry()
     requests = Counter(
@@ -215,22 +217,23 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
         },
     )
     async def infer(model: str, request: Request, _: Caller) -> dict[str, Any]:
-        with observability.tracer.start_as_current_span(
-            "gateway.request", attributes={"tidegate.model": model}
-        ) as span:
-            body = await _read_capped(request, cfg.max_body_bytes)
-            try:
-                req = InferRequest.model_validate_json(body)
-            except ValidationError as exc:
-                raise HTTPException(422, first_error(exc, root="body")) from None
-            st = gateway.model(model)
-            sample = _sample(req.inputs, getattr(st.versions[st.production], "sample_shape", None))
+        with observability.span("gateway.request", model=model) as span:
+            with observability.span("gateway.preprocess"):
+                body = await _read_capped(request, cfg.max_body_bytes)
+                try:
+                    req = InferRequest.model_validate_json(body)
+                except ValidationError as exc:
+                    raise HTTPException(422, first_error(exc, root="body")) from None
+                st = gateway.model(model)
+                sample = _sample(req.inputs, getattr(st.versions[st.production], "sample_shape", None))
             t0 = time.perf_counter()
             try:
                 answer = await gateway.infer(model, sample, key=req.key, metadata=req.metadata)
             except GatewayError as exc:
-                requests.labels(model, "-", "-", type(exc).__name__).inc()
+                if observe:
+                    requests.labels(model, "-", "-", type(exc).__name__).inc()
                 span.set_attribute("tidegate.error", type(exc).__name__)
+                observability.failed(span, str(exc))
                 log.warning(
                     "request failed", extra={"model": model, "error": str(exc), "metadata": req.metadata}
                 )
@@ -239,19 +242,21 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
             span.set_attribute("tidegate.fallback", answer.fallback)
             if answer.fallback:
                 log.warning("fallback answered", extra={"model": model, "metadata": req.metadata})
-        arm = answer.arm or "-"
-        requests.labels(model, answer.version, arm, "fallback" if answer.fallback else "ok").inc()
-        latency.labels(model, answer.version, arm).observe(time.perf_counter() - t0)
-        reply: dict[str, Any] = {
-            "model": model,
-            "version": answer.version,
-            "fallback": answer.fallback,
-            "outputs": {k: v.tolist() for k, v in answer.outputs.items()},
-        }
-        if answer.request_id is not None:
-            reply["request_id"], reply["arm"] = answer.request_id, answer.arm
-        if st.config.scores_output is not None or answer.threshold is not None:
-            reply["label"] = gateway.label(model, answer.outputs, answer.threshold)
+            with observability.span("gateway.postprocess"):
+                reply: dict[str, Any] = {
+                    "model": model,
+                    "version": answer.version,
+                    "fallback": answer.fallback,
+                    "outputs": {k: v.tolist() for k, v in answer.outputs.items()},
+                }
+                if answer.request_id is not None:
+                    reply["request_id"], reply["arm"] = answer.request_id, answer.arm
+                if st.config.scores_output is not None or answer.threshold is not None:
+                    reply["label"] = gateway.label(model, answer.outputs, answer.threshold)
+        if observe:
+            arm = answer.arm or "-"
+            requests.labels(model, answer.version, arm, "fallback" if answer.fallback else "ok").inc()
+            latency.labels(model, answer.version, arm).observe(time.perf_counter() - t0)
         return reply
 
     @app.post("/v1/models/{model}/feedback")

@@ -33,6 +33,19 @@ def serve(
 
     gateway = Gateway(load_config(config))
     configure_logging(redactor=gateway.redactor)
+    if (t := gateway.config.gateway.tracing) is not None:
+        try:
+            from cloud_serving.tracing import setup_tracing
+        except ImportError:
+            raise typer.BadParameter(
+                "[gateway.tracing] needs the OpenTelemetry SDK: pip install 'tidegate[otel]'"
+            ) from None
+        setup_tracing(
+            endpoint=t.otlp_endpoint,
+            sample_rate=t.sample_rate,
+            slow_ms=t.slow_ms,
+            service_name=t.service_name,
+        )
     typer.echo(f"gateway: http://{host}:{port}  models: {', '.join(sorted(gateway.config.models))}")
     uvicorn.run(create_app(gateway), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 

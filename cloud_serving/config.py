@@ -110,6 +110,15 @@ class RegistryConfig(_Strict):
         return self
 
 
+class TracingConfig(_Strict):
+    """OTLP/HTTP export with tail-biased sampling (`cloud_serving.tracing`; the `otel` extra)."""
+
+    otlp_endpoint: str = Field(min_length=1, description="e.g. http://collector:4318/v1/traces")
+    sample_rate: float = Field(default=0.05, ge=0, le=1, description="share of ordinary traces kept")
+    slow_ms: float = Field(default=250, gt=0, description="traces at least this slow are all kept")
+    service_name: str = "tidegate-gateway"
+
+
 class GatewayConfig(_Strict):
     api_keys_sha256: list[str] = Field(default_factory=list)
     admin_keys_sha256: list[str] = Field(default_factory=list)
@@ -117,6 +126,7 @@ class GatewayConfig(_Strict):
     failure_dir: Path = Path("failures")
     tick_s: float = Field(default=1.0, gt=0)
     registry: RegistryConfig | None = None
+    tracing: TracingConfig | None = None
 
     webhooks: list[str] = Field(default_factory=list, description="alert notifications (JSON POST)")
     redact_keys: str | None = Field(default=None, description="regex of personal keys (default: shared.logs)")

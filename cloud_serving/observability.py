@@ -1,8 +1,11 @@
 """Traces and logs for the gateway.
 
 Spans (OpenTelemetry API; exported by whatever SDK the deployment configures, none by
-default): ``gateway.request`` for each inference request, with ``gateway.route`` and
-``gateway.model`` inside it, carrying model, version, arm and whether the fallback answered.
+default; `cloud_serving.tracing` sets one up with tail-biased sampling and OTLP):
+``gateway.request`` for each inference request, with ``gateway.preprocess`` (body, schema,
+tensor), ``gateway.model`` and ``gateway.postprocess`` (labels, the reply) inside it,
+carrying model, version and whether the fallback answered; a failed request's root span has
+error status.
 Logs are JSON lines from `shared.logs` (personal data redacted by the formatter, the
 request's correlation id in every line).
 """
@@ -35,6 +38,12 @@ def span(name: str, **attributes: Any) -> AbstractContextManager[Any]:
     if not _Tracing.on:
         return _NULL_SPAN
     return tracer.start_as_current_span(name, attributes={f"tidegate.{k}": v for k, v in attributes.items()})
+
+
+def failed(current: Any, why: str) -> None:
+    """Mark a span as an error (what tail-biased sampling keeps)."""
+    if _Tracing.on:
+        current.set_status(trace.Status(trace.StatusCode.ERROR, why[:200]))
 
 
 class _NoSpan:

@@ -658,7 +658,7 @@ def test_traces_follow_a_request_and_logs_are_json_with_personal_data_redacted(m
 
     serve(config, body)
     spans = {s.name: s for s in exporter.get_finished_spans()}
-    assert {"gateway.request", "gateway.model"} <= set(spans)
+    assert {"gateway.request", "gateway.preprocess", "gateway.model", "gateway.postprocess"} <= set(spans)
     root = spans["gateway.request"]
     assert all(s.context.trace_id == root.context.trace_id for s in spans.values())
     assert spans["gateway.model"].parent is not None
