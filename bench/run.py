@@ -14,6 +14,7 @@ from bench import (
     cloud_serving,
     drift,
     fleet_campaign,
+    observability,
 )
 
 
@@ -26,6 +27,7 @@ def main() -> None:
     builder_build.run()
     cloud_serving.run()
     drift.run()
+    observability.run()
     fleet_campaign.run(int(os.environ.get("TIDEGATE_BENCH_DEVICES", "10000")))
 
 
