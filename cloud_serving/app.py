@@ -32,6 +32,7 @@ from cloud_serving import observability
 from cloud_serving.canary import CanarySpec
 from cloud_serving.experiments import ExperimentSpec
 from cloud_serving.gateway import Gateway, GatewayError
+from cloud_serving.quality import top_score
 from cloud_serving.shadow import ShadowBudget
 from shared.logs import REQUEST_ID_HEADER, new_request_id, request_id
 from shared.settings_file import first_error
@@ -160,6 +161,25 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
         registry=registry,
         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
     )
+    top = Histogram(
+        "tidegate_serving_top_score",
+        "The answer's top-class score, by model, version and class",
+        ["model", "version", "class"],
+        registry=registry,
+        buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+    )
+    abstained = Counter(
+        "tidegate_serving_abstentions",
+        "Answers whose label is null (top score below the threshold)",
+        ["model", "version", "arm"],
+        registry=registry,
+    )
+    ood = Counter(
+        "tidegate_serving_ood",
+        "Inputs out of the model's learned input profile",
+        ["model", "version"],
+        registry=registry,
+    )
     queue = Gauge(
         "tidegate_serving_queue_depth", "Batcher queue depth", ["model", "version"], registry=registry
     )
@@ -226,6 +246,7 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
                     raise HTTPException(422, first_error(exc, root="body")) from None
                 st = gateway.model(model)
                 sample = _sample(req.inputs, getattr(st.versions[st.production], "sample_shape", None))
+                unusual = st.profile.out_of_distribution(sample) if st.profile is not None else False
             t0 = time.perf_counter()
             try:
                 answer = await gateway.infer(model, sample, key=req.key, metadata=req.metadata)
@@ -257,6 +278,12 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
             arm = answer.arm or "-"
             requests.labels(model, answer.version, arm, "fallback" if answer.fallback else "ok").inc()
             latency.labels(model, answer.version, arm).observe(time.perf_counter() - t0)
+            if (best := top_score(answer.outputs, st.config.scores_output)) is not None:
+                top.labels(model, answer.version, str(best[0])).observe(best[1])
+            if "label" in reply and reply["label"] is None:
+                abstained.labels(model, answer.version, arm).inc()
+            if unusual:
+                ood.labels(model, answer.version).inc()
         return reply
 
     @app.post("/v1/models/{model}/feedback")

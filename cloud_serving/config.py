@@ -85,6 +85,8 @@ class ModelConfig(_Strict):
     threshold: float = Field(default=0.0, ge=0, le=1)  # below it the answer's label is null
     threshold_flag: str | None = None  # a feature flag that overrides `threshold` live
     alerts: list[AlertConfig] = Field(default_factory=list)
+    ood_z: float | None = Field(default=6.0, gt=0, description="OOD beyond this many sd; None: off")
+    ood_warmup: int = Field(default=1000, ge=10, description="requests that set the input profile")
 
     @model_validator(mode="after")
     def _production_exists(self) -> ModelConfig:

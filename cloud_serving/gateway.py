@@ -32,6 +32,7 @@ from cloud_serving.config import BatchingConfig, ConfigError, ModelConfig, Servi
 from cloud_serving.experiments import Experiment, ExperimentSpec
 from cloud_serving.flags import FileFlags, FlagCache, FlagSource, HttpFlags
 from cloud_serving.observability import refresh_tracing, span
+from cloud_serving.quality import InputProfile
 from cloud_serving.registry import LocalRegistry, Promotion, Registry, RegistryClient
 from cloud_serving.routing import Split, normalise
 from cloud_serving.shadow import ShadowBudget, ShadowMirror
@@ -110,6 +111,7 @@ class ModelState:
     outcomes: dict[str, deque[CountSample]] = field(default_factory=dict)
     alert_states: dict[str, AlertState] = field(default_factory=dict)
     forced_fallback: str | None = None  # why every request goes to the fallback (an alert)
+    profile: InputProfile | None = None  # the inputs' learned profile, for OOD counts
 
     def count(self, version: str, ok: bool) -> None:
         c = self.counts.get(version)
@@ -187,6 +189,8 @@ class Gateway:
             self.models[name] = ModelState(
                 name, mc, versions, mc.production, {mc.production: 1.0}, mc.salt or name, fallback
             )
+            if mc.ood_z is not None:
+                self.models[name].profile = InputProfile(warmup=mc.ood_warmup, z=mc.ood_z)
             for b in versions.values():
                 await b.start()
         if self.flags is not None:

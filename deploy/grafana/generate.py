@@ -291,6 +291,45 @@ DRIFT = dashboard(
             8,
             unit="percentunit",
         ),
+        panel(
+            5,
+            "Gateway: out-of-distribution inputs (learned input profile)",
+            [
+                (
+                    f"sum by (model, version) (rate(tidegate_serving_ood_total[5m])) / sum by (model, version) (rate({REQ}[5m]))",
+                    "{{model}} {{version}}",
+                )
+            ],
+            0,
+            16,
+            unit="percentunit",
+        ),
+        panel(
+            6,
+            "Gateway: abstention rate (label below threshold)",
+            [
+                (
+                    f"sum by (model, version) (rate(tidegate_serving_abstentions_total[5m])) / sum by (model, version) (rate({REQ}[5m]))",
+                    "{{model}} {{version}}",
+                )
+            ],
+            12,
+            16,
+            unit="percentunit",
+        ),
+        panel(
+            7,
+            "Gateway: median top-class score by class",
+            [
+                (
+                    "histogram_quantile(0.5, sum by (le, model, version, class) (rate(tidegate_serving_top_score_bucket[15m])))",
+                    "{{model}} {{version}} class {{class}}",
+                )
+            ],
+            0,
+            24,
+            w=24,
+        ),
     ],
     ["drift"],
 )

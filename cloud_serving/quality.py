@@ -1,0 +1,46 @@
+"""Model-quality signals on the request path, cheap enough for every request.
+
+`InputProfile` learns each feature's mean and spread from a model's first requests (Welford,
+then frozen) and counts later inputs as out of distribution when any feature lies more than
+`z` standard deviations out. `top_score` reads the answer's confidence and class from a
+probability vector. Both feed the gateway's Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class InputProfile:
+    def __init__(self, *, warmup: int = 1000, z: float = 6.0) -> None:
+        self.warmup, self.z = warmup, z
+        self.n = 0
+        self.mean: np.ndarray[Any, Any] | None = None
+        self._m2: np.ndarray[Any, Any] | None = None
+        self.std: np.ndarray[Any, Any] | None = None  # set once frozen
+
+    def out_of_distribution(self, sample: np.ndarray[Any, Any]) -> bool:
+        x = np.asarray(sample, dtype=np.float64).reshape(-1)
+        if self.std is not None:
+            return x.shape == self.std.shape and bool(np.max(np.abs(x - self.mean) / self.std) > self.z)  # type: ignore[operator]
+        if self.mean is None or self.mean.shape != x.shape:
+            self.n, self.mean, self._m2 = 0, np.zeros_like(x), np.zeros_like(x)
+        self.n += 1
+        delta = x - self.mean
+        self.mean = self.mean + delta / self.n
+        self._m2 = self._m2 + delta * (x - self.mean)  # type: ignore[operator]
+        if self.n >= self.warmup:
+            self.std = np.maximum(np.sqrt(self._m2 / (self.n - 1)), 1e-6)
+        return False
+
+
+def top_score(outputs: dict[str, np.ndarray[Any, Any]], name: str | None) -> tuple[int, float] | None:
+    """(class, score) of the answer's top class, when its scores output is a probability vector."""
+    scores = outputs.get(name) if name else next(iter(outputs.values()), None)
+    if scores is None or scores.ndim != 1 or scores.size < 2 or not np.issubdtype(scores.dtype, np.floating):
+        return None
+    k = int(np.argmax(scores))
+    s = float(scores[k])
+    return (k, s) if 0.0 <= s <= 1.0 else None

@@ -1,0 +1,76 @@
+"""Model-quality metrics on the gateway: out-of-distribution inputs against a learned input
+profile, abstentions, and the top-score distribution per class."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from cloud_serving.config import ServingConfig, load_config
+from cloud_serving.gateway import Gateway
+from cloud_serving.quality import InputProfile, top_score
+from tests.helpers import caller
+from tests.test_cloud_serving import SAMPLES, serve
+
+
+def test_the_input_profile_flags_only_what_lies_far_outside_it() -> None:
+    rng = np.random.default_rng(5)
+    profile = InputProfile(warmup=500, z=6.0)
+    assert not any(profile.out_of_distribution(x) for x in rng.standard_normal((500, 16)))  # learning
+    assert profile.std is not None and np.allclose(profile.std, 1.0, atol=0.15)
+    assert sum(profile.out_of_distribution(x) for x in rng.standard_normal((2000, 16))) == 0
+    far = rng.standard_normal(16)
+    far[3] = 9.0
+    assert profile.out_of_distribution(far)
+    assert not profile.out_of_distribution(np.zeros(8))  # another shape: not judged
+
+
+def test_top_score_reads_probability_vectors_only() -> None:
+    assert top_score({"p": np.array([0.1, 0.7, 0.2], dtype=np.float32)}, "p") == (1, np.float32(0.7))
+    assert top_score({"p": np.array([3.0, 1.0])}, None) is None  # logits, not probabilities
+    assert top_score({"p": np.array([1, 0])}, "p") is None  # integers
+
+
+def _value(metrics: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_ood_abstentions_and_score_distributions_reach_metrics(models: Path) -> None:
+    raw = load_config(models / "serving.toml").model_dump()
+    raw["models"]["classifier"].update(scores_output="probabilities", threshold=0.6, ood_warmup=50, ood_z=6.0)
+    config = ServingConfig.model_validate(raw)
+    seen: dict[str, object] = {}
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        labels = []
+        for x in SAMPLES[:100]:
+            r = await client.post(
+                "/v1/models/classifier/infer", json={"inputs": x.tolist()}, headers=caller()
+            )
+            labels.append(r.json()["label"])
+        far = SAMPLES[0].copy()
+        far[0] = 1e3
+        for _ in range(3):
+            await client.post("/v1/models/classifier/infer", json={"inputs": far.tolist()}, headers=caller())
+        seen["labels"] = labels
+        seen["metrics"] = (await client.get("/metrics")).text
+
+    serve(config, body)
+    metrics = str(seen["metrics"])
+    labels = seen["labels"]
+    assert isinstance(labels, list)
+    assert _value(metrics, "tidegate_serving_ood_total", model="classifier") == 3
+    abstentions = _value(metrics, "tidegate_serving_abstentions_total", model="classifier")
+    assert abstentions >= labels.count(None) > 0  # the three far inputs may abstain too
+    per_class = set(
+        re.findall(r'tidegate_serving_top_score_count\{class="(\d+)",model="classifier"', metrics)
+    )
+    assert len(per_class) >= 2
+    assert _value(metrics, "tidegate_serving_top_score_count", model="classifier") == 103
