@@ -9,6 +9,7 @@ allow, 429 overloaded, 503 the model failed and no fallback is configured.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -255,6 +256,14 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
                     requests.labels(model, "-", "-", type(exc).__name__).inc()
                 span.set_attribute("tidegate.error", type(exc).__name__)
                 observability.failed(span, str(exc))
+                if exc.status >= 500:
+                    detail = {
+                        "request_id": request_id.get(),
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "request": {"inputs": req.inputs, "key": req.key, "metadata": req.metadata},
+                        "release": gateway.status(model),
+                    }
+                    await asyncio.to_thread(gateway.incidents.record, "5xx", model, detail)
                 log.warning(
                     "request failed", extra={"model": model, "error": str(exc), "metadata": req.metadata}
                 )

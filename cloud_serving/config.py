@@ -137,6 +137,8 @@ class GatewayConfig(_Strict):
     )
     redact_default_patterns: bool = True  # e-mail, VIN, phone, IPv4
     webhook_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    incidents_keep: int = Field(default=200, ge=1, description="captures kept per kind")
+    incidents_max_age_days: float = Field(default=14, gt=0)
 
     @model_validator(mode="after")
     def _regexes_compile(self) -> GatewayConfig:

@@ -31,6 +31,7 @@ from cloud_serving.canary import Canary, CanarySpec
 from cloud_serving.config import BatchingConfig, ConfigError, ModelConfig, ServingConfig, VersionConfig
 from cloud_serving.experiments import Experiment, ExperimentSpec
 from cloud_serving.flags import FileFlags, FlagCache, FlagSource, HttpFlags
+from cloud_serving.incidents import IncidentRecorder
 from cloud_serving.observability import refresh_tracing, span
 from cloud_serving.quality import InputProfile
 from cloud_serving.registry import LocalRegistry, Promotion, Registry, RegistryClient
@@ -161,6 +162,12 @@ class Gateway:
         g = config.gateway
         patterns = (*(DEFAULT_PATTERNS if g.redact_default_patterns else ()), *g.redact_patterns)
         self.redactor = Redactor(g.redact_keys or DEFAULT_KEYS, patterns)
+        self.incidents = IncidentRecorder(
+            g.failure_dir.parent / "incidents",
+            self.redactor,
+            keep=g.incidents_keep,
+            max_age_s=g.incidents_max_age_days * 86400,
+        )
         self.registry: Registry | None = None
         self.flags: FlagCache | None = None
         if (reg := config.gateway.registry) is not None:

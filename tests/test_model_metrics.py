@@ -74,3 +74,49 @@ def test_ood_abstentions_and_score_distributions_reach_metrics(models: Path) -> 
     )
     assert len(per_class) >= 2
     assert _value(metrics, "tidegate_serving_top_score_count", model="classifier") == 103
+
+
+def test_a_5xx_leaves_one_redacted_incident_capture_and_retention_prunes(
+    models: Path, tmp_path: Path
+) -> None:
+    import json
+    import os
+    import time
+
+    from cloud_serving.incidents import IncidentRecorder
+    from shared.logs import DEFAULT_REDACTOR
+
+    config = load_config(models / "serving.toml")
+    seen: dict[str, str] = {}
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        for _ in range(5):  # a burst of failures: one capture (rate limit), not five
+            r = await client.post(
+                "/v1/models/unguarded/infer",
+                json={
+                    "inputs": SAMPLES[0].tolist(),
+                    "metadata": {"email": "driver@example.com", "region": "eu"},
+                },
+                headers={**caller(), "X-Request-ID": "incident-1"},
+            )
+            assert r.status_code == 503
+        seen["root"] = str(gw.incidents.root)
+
+    serve(config, body)
+    files = sorted((Path(seen["root"]) / "5xx").glob("*.json"))
+    assert len(files) == 1
+    capture = json.loads(files[0].read_text())
+    assert capture["model"] == "unguarded" and capture["request_id"] == "incident-1"
+    assert "no fallback is configured" in capture["error"] and capture["release"]["production"] == "bad"
+    assert capture["request"]["metadata"]["region"] == "eu"
+    assert "driver@example.com" not in files[0].read_text()
+
+    rec = IncidentRecorder(tmp_path, DEFAULT_REDACTOR, keep=3, max_age_s=3600, min_interval_s=0)
+    old = tmp_path / "5xx" / "19700101-old.json"
+    old.parent.mkdir()
+    old.write_text("{}")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    for i in range(5):
+        rec.record("5xx", f"m{i}", {"error": "x"})
+    left = list((tmp_path / "5xx").glob("*.json"))
+    assert len(left) == 3 and old not in left
