@@ -248,6 +248,87 @@ def _serving_story(workdir: Path) -> None:
     asyncio.run(main())
 
 
+def _observability_story(workdir: Path) -> None:
+    """Drift on the classifier's inputs (a shifted feature, per region, with calibration) and
+    an alert that switches a failing model to its fallback, notified in the decision log."""
+    import asyncio
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from cloud_serving.config import ServingConfig
+    from cloud_serving.gateway import Gateway
+    from shared.drift.job import DriftConfig, run_drift
+    from shared.drift.report import write_report
+
+    d = workdir / "serving"
+    rng = np.random.default_rng(7)
+    sess = ort.InferenceSession(str(d / "v1.onnx"), providers=["CPUExecutionProvider"])
+
+    def table(n: int, shift: float) -> dict[str, np.ndarray]:
+        x = rng.standard_normal((n, 16)).astype(np.float32)
+        x[:, 3] += shift
+        p = sess.run(None, {"input": x})[0]
+        label = np.where(rng.random(n) < 0.8, p.argmax(1), rng.integers(0, 4, n))
+        cols = {f"f{i}": x[:, i] for i in range(16)}
+        return {
+            **cols,
+            "region": rng.choice(np.array(["eu", "us"]), n),
+            "prediction": p.argmax(1),
+            "label": label,
+            "confidence": p.max(1),
+        }
+
+    report = run_drift(
+        table(4000, 0.0),
+        table(4000, 0.6),
+        DriftConfig(slice_by="region", label="label", prediction="prediction", confidence="confidence"),
+    )
+    paths = write_report(report, workdir / "drift")
+    _say(
+        "drift",
+        f"{'DRIFT' if report.alarm else 'no drift'} over 16 features x 2 regions ({report.tests} tests, "
+        f"alpha 0.01 for the job): {report.reasons[0] if report.reasons else '-'}; ECE "
+        f"{(report.calibration or {}).get('ece', 0):.3f}; report {paths[1]}",
+    )
+
+    config = ServingConfig.model_validate(
+        {
+            "gateway": {"failure_dir": str(d / "failures")},
+            "models": {
+                "guarded": {
+                    "production": "1.2.0-bad",
+                    "versions": {"1.2.0-bad": {"path": str(d / "v3-bad.onnx")}},
+                    "fallback": {"outputs": {"probabilities": [0.25, 0.25, 0.25, 0.25]}},
+                    "alerts": [
+                        {
+                            "name": "model-errors",
+                            "window_s": 60,
+                            "short_window_s": 10,
+                            "min_samples": 20,
+                            "action": "fallback",
+                        }
+                    ],
+                }
+            },
+        }
+    )
+
+    async def main() -> None:
+        gw = await Gateway(config, seed=0).start(tick=False)
+        try:
+            x = rng.standard_normal((30, 16)).astype(np.float32)
+            for i in range(30):
+                await gw.infer("guarded", x[i])
+            gw.tick()
+            alert = next(e for e in gw.status("guarded")["events"] if "alert model-errors firing" in e)
+            _say("alerts", alert.split(" ", 1)[1])
+        finally:
+            await gw.stop()
+
+    asyncio.run(main())
+
+
 def _fleet_story(workdir: Path, repo: UpdateRepository, keep_running: bool) -> None:
     from fleet_server.broker import EmbeddedBroker
     from tidegate.demo_fleet import run_fleet
@@ -331,6 +412,7 @@ def demo(
         _agent_story(workdir, repo, payload, server.url)
     _fleet_story(workdir, repo, keep_running)
     _serving_story(workdir)
+    _observability_story(workdir)
 
     tampered = workdir / "tampered-repository"
     shutil.copytree(repo_dir, tampered, ignore=shutil.ignore_patterns("keys"))
