@@ -14,6 +14,7 @@ import hashlib
 import logging
 import time
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -293,6 +294,17 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
                 abstained.labels(model, answer.version, arm).inc()
             if unusual:
                 ood.labels(model, answer.version).inc()
+        kinds = [
+            k
+            for k, hit in (
+                ("novelty", unusual),
+                ("failure", answer.fallback),
+                ("uncertain", reply.get("label", 0) is None),
+            )
+            if hit
+        ]
+        for kind in kinds:
+            st.cohorts[kind].offer(lambda: _cohort_item(req, answer, reply, unusual, gateway.redactor))
         return reply
 
     @app.post("/v1/models/{model}/feedback")
@@ -324,6 +336,31 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
     async def switch(model: str, body: VersionBody, _: Admin) -> dict[str, Any]:
         await gateway.switch(model, body.version)
         return gateway.status(model)
+
+    @app.get("/v1/admin/models/{model}/cohorts/{kind}")
+    async def cohort(model: str, kind: str, _: Admin) -> dict[str, Any]:
+        """A curated set for the next training loop: a uniform sample of the model's
+        out-of-distribution inputs (novelty), fallback answers (failure) or abstentions
+        (uncertain), with outputs, descriptors and the query that selects the same kind."""
+        st = gateway.model(model)
+        if kind not in st.cohorts:
+            raise HTTPException(404, f"no cohort {kind!r}; cohorts: {', '.join(st.cohorts)}")
+        c = st.cohorts[kind]
+        return {
+            "model": model,
+            "kind": kind,
+            "seen": c.seen,
+            "kept": len(c.items),
+            "query": {
+                "metric": {
+                    "novelty": "tidegate_serving_ood_total",
+                    "failure": 'tidegate_serving_requests_total{outcome="fallback"}',
+                    "uncertain": "tidegate_serving_abstentions_total",
+                }[kind],
+                "selector": {"model": model, "kind": kind},
+            },
+            "items": c.items,
+        }
 
     @app.post("/v1/admin/models/{model}/fallback/clear")
     async def clear_fallback(model: str, _: Admin) -> dict[str, Any]:
@@ -413,3 +450,24 @@ def keygen() -> tuple[str, str]:
 
 
 __all__ = ["create_app", "keygen"]
+
+
+def _cohort_item(
+    req: Any, answer: Any, reply: dict[str, Any], unusual: bool, redactor: Any
+) -> dict[str, Any]:
+    best = top_score(answer.outputs, None)
+    return {
+        "at": datetime.now(UTC).isoformat(),
+        "request_id": request_id.get(),
+        "version": answer.version,
+        "inputs": req.inputs,
+        "metadata": redactor(req.metadata or {}),
+        "outputs": reply["outputs"],
+        "descriptors": {
+            "label": reply.get("label"),
+            "top_class": best[0] if best else None,
+            "top_score": best[1] if best else None,
+            "out_of_distribution": unusual,
+            "fallback": answer.fallback,
+        },
+    }

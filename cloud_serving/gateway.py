@@ -33,7 +33,7 @@ from cloud_serving.experiments import Experiment, ExperimentSpec
 from cloud_serving.flags import FileFlags, FlagCache, FlagSource, HttpFlags
 from cloud_serving.incidents import IncidentRecorder
 from cloud_serving.observability import refresh_tracing, span
-from cloud_serving.quality import InputProfile
+from cloud_serving.quality import COHORT_KINDS, Cohort, InputProfile
 from cloud_serving.registry import LocalRegistry, Promotion, Registry, RegistryClient
 from cloud_serving.routing import Split, normalise
 from cloud_serving.shadow import ShadowBudget, ShadowMirror
@@ -113,6 +113,7 @@ class ModelState:
     alert_states: dict[str, AlertState] = field(default_factory=dict)
     forced_fallback: str | None = None  # why every request goes to the fallback (an alert)
     profile: InputProfile | None = None  # the inputs' learned profile, for OOD counts
+    cohorts: dict[str, Cohort] = field(default_factory=lambda: {k: Cohort() for k in COHORT_KINDS})
 
     def count(self, version: str, ok: bool) -> None:
         c = self.counts.get(version)

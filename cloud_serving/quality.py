@@ -44,3 +44,26 @@ def top_score(outputs: dict[str, np.ndarray[Any, Any]], name: str | None) -> tup
     k = int(np.argmax(scores))
     s = float(scores[k])
     return (k, s) if 0.0 <= s <= 1.0 else None
+
+
+class Cohort:
+    """A uniform sample (reservoir, Algorithm R) of at most `capacity` requests of one kind:
+    every request of the kind had the same chance to be kept, however many came."""
+
+    def __init__(self, capacity: int = 500, seed: int | None = None) -> None:
+        import random
+
+        self.capacity, self.seen = capacity, 0
+        self.items: list[dict[str, Any]] = []
+        self._rng = random.Random(seed)
+
+    def offer(self, make: Any) -> None:
+        """`make()` builds the record only when it is kept (most are not, once full)."""
+        self.seen += 1
+        if len(self.items) < self.capacity:
+            self.items.append(make())
+        elif (j := self._rng.randrange(self.seen)) < self.capacity:
+            self.items[j] = make()
+
+
+COHORT_KINDS = ("novelty", "failure", "uncertain")  # OOD inputs, fallback answers, abstentions

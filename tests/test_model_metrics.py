@@ -120,3 +120,52 @@ def test_a_5xx_leaves_one_redacted_incident_capture_and_retention_prunes(
         rec.record("5xx", f"m{i}", {"error": "x"})
     left = list((tmp_path / "5xx").glob("*.json"))
     assert len(left) == 3 and old not in left
+
+
+def test_cohorts_collect_novelty_failures_and_uncertainty_for_the_next_training_loop(models: Path) -> None:
+    from tests.helpers import ADMIN
+
+    raw = load_config(models / "serving.toml").model_dump()
+    raw["models"]["classifier"].update(scores_output="probabilities", threshold=0.6, ood_warmup=50)
+    config = ServingConfig.model_validate(raw)
+    seen: dict[str, dict] = {}
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        for x in SAMPLES[:60]:
+            await client.post("/v1/models/classifier/infer", json={"inputs": x.tolist()}, headers=caller())
+        far = SAMPLES[1].copy()
+        far[2] = -500.0
+        await client.post(
+            "/v1/models/classifier/infer",
+            json={"inputs": far.tolist(), "metadata": {"email": "a@b.example"}},
+            headers={**caller(), "X-Request-ID": "novel-1"},
+        )
+        gw.model("guarded").cohorts["failure"].capacity = 5
+        for _ in range(50):
+            await client.post(
+                "/v1/models/guarded/infer", json={"inputs": SAMPLES[0].tolist()}, headers=caller()
+            )
+        for model, kind in (("classifier", "novelty"), ("classifier", "uncertain"), ("guarded", "failure")):
+            r = await client.get(f"/v1/admin/models/{model}/cohorts/{kind}", headers=caller(ADMIN))
+            assert r.status_code == 200
+            seen[kind] = r.json()
+        r = await client.get("/v1/admin/models/classifier/cohorts/everything", headers=caller(ADMIN))
+        assert r.status_code == 404
+        r = await client.get("/v1/admin/models/classifier/cohorts/novelty", headers=caller())
+        assert r.status_code == 401  # callers cannot read other callers' requests
+
+    serve(config, body)
+    novelty = seen["novelty"]
+    assert novelty["seen"] == 1 and novelty["items"][0]["request_id"] == "novel-1"
+    item = novelty["items"][0]
+    assert item["inputs"][2] == -500.0 and item["descriptors"]["out_of_distribution"] is True
+    assert (
+        item["metadata"]["email"].startswith("redacted:")
+        and novelty["query"]["metric"] == "tidegate_serving_ood_total"
+    )
+    assert seen["uncertain"]["seen"] > 0 and all(
+        i["descriptors"]["label"] is None for i in seen["uncertain"]["items"]
+    )
+    failure = seen["failure"]
+    assert failure["seen"] == 50 and failure["kept"] == 5  # a bounded, uniform sample
+    assert all(i["descriptors"]["fallback"] for i in failure["items"])
