@@ -311,3 +311,67 @@ def test_schedule_and_server_preconditions(db: Database) -> None:
         service.tick(s, campaign_id=cid, now=start + timedelta(hours=1))
         statuses = {e.status for e in s.scalars(select(JobExecution).where(JobExecution.job_id == cid)).all()}
     assert statuses == {"CANCELED"} and state(db, cid) == ("canceled", 0)
+
+
+def test_kpis_time_to_mitigation_and_defect_escape_rate(db: Database) -> None:
+    from fleet_server.campaigns.kpis import load, summarise
+
+    fleet(db, 100)
+    gate = {
+        "conditions": [{"metric": "failure_rate", "comparator": "<=", "threshold": 0.05, "min_samples": 10}]
+    }
+    # A: failures in the first wave; the gates pause it two minutes after the first report
+    a = make(db, name="a", waves=[{"percent": 20}, {"percent": 100}], error_gate=gate)
+    with db.session() as s:
+        service.tick(s, campaign_id=a, now=T0)
+        first = s.scalars(select(JobExecution.thing_name).where(JobExecution.job_id == a)).all()
+    devices_answer(db, T0 + timedelta(minutes=1), fail=set(first[:3]))
+    with db.session() as s:
+        service.tick(s, campaign_id=a, now=T0 + timedelta(minutes=3))
+        assert service.get(s, a).state == "paused"
+    # B: an operator pauses it: not a mitigation by the system
+    b = make(db, name="b", waves=[{"percent": 100}])
+    with db.session() as s:
+        service.tick(s, campaign_id=b, now=T0)
+    devices_answer(db, T0 + timedelta(minutes=1))
+    with db.session() as s:
+        if service.get(s, b).state == "running":
+            service.pause(s, campaign_id=b, actor="op", now=T0 + timedelta(minutes=2), reason="lunch")
+    # C: past its first wave when the alerts pause it: the defect escaped
+    c = make(db, name="c", waves=[{"percent": 10}, {"percent": 100}])
+    now = T0
+    for _ in range(3):  # wave 0 queued and installed; wave 1 opened, queued and installed
+        with db.session() as s:
+            service.tick(s, campaign_id=c, now=now)
+        devices_answer(db, now + timedelta(seconds=30))
+        now += timedelta(minutes=1)
+    with db.session() as s:
+        assert service.get(s, c).wave >= 1 and service.get(s, c).state == "running"
+        service.pause(
+            s, campaign_id=c, actor="alerts", now=now + timedelta(minutes=10), reason="alert score-drift"
+        )
+    with db.session() as s:
+        found = {m.campaign: m for m in load(s)}
+    assert set(found) == {a, c}
+    assert found[a].seconds == 120 and not found[a].escaped and found[a].devices_exposed == 17
+    assert found[c].escaped and found[c].by == "alerts" and found[c].devices_exposed > 10
+    kpis = summarise(list(found.values()))
+    assert kpis["mitigations"] == 2 and kpis["defect_escape_rate"] == 0.5
+    assert kpis["time_to_mitigation_s"]["p50"] == 120
+    import asyncio
+
+    import httpx
+
+    from fleet_server.app import create_app
+    from fleet_server.auth.service import Role, create_token
+
+    with db.session() as s:
+        token = create_token(s, name="viewer", role=Role.VIEWER, now=T0)
+
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=create_app(db))
+        async with httpx.AsyncClient(transport=transport, base_url="http://fleet") as client:
+            return await client.get("/api/v1/campaigns/kpis", headers={"Authorization": f"Bearer {token}"})
+
+    r = asyncio.run(get())
+    assert r.status_code == 200 and r.json()["mitigations"] == 2 and r.json()["defect_escape_rate"] == 0.5

@@ -193,6 +193,15 @@ def create_campaign(request: Request, body: CampaignSpec, who: Operator) -> Camp
     )
 
 
+@router.get("/kpis")
+def kpis(request: Request, who: Viewer) -> dict[str, Any]:
+    """Time to mitigation and defect escape rate over every campaign the system stopped."""
+    from fleet_server.campaigns import kpis as metrics
+
+    with request.app.state.db.session() as s:
+        return metrics.summarise(metrics.load(s))
+
+
 @router.get("/{campaign_id}", response_model=CampaignPublic)
 def get_campaign(request: Request, campaign_id: CampaignId, who: Viewer) -> CampaignPublic:
     with request.app.state.db.session() as s:
