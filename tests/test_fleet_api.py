@@ -54,6 +54,7 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ),
     ("GET", "/api/v1/campaigns", Role.VIEWER, None),
     ("POST", "/api/v1/campaigns", Role.OPERATOR, CAMPAIGN),
+    ("GET", "/api/v1/campaigns/kpis", Role.VIEWER, None),
     ("GET", "/api/v1/campaigns/c-none", Role.VIEWER, None),
     ("GET", "/api/v1/campaigns/c-none/decisions", Role.VIEWER, None),
     ("POST", "/api/v1/campaigns/c-none/submit", Role.OPERATOR, None),
