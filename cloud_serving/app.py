@@ -36,7 +36,7 @@ from cloud_serving.experiments import ExperimentSpec
 from cloud_serving.gateway import Gateway, GatewayError
 from cloud_serving.quality import top_score
 from cloud_serving.shadow import ShadowBudget
-from shared.logs import REQUEST_ID_HEADER, new_request_id, request_id
+from shared.logs import REQUEST_ID_HEADER, correlated, request_id
 from shared.settings_file import first_error
 
 
@@ -205,9 +205,7 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
     async def authenticate_first(request: Request, call_next: Any) -> Response:
         """Keys are checked before anything reads the body, so a caller without one learns
         nothing, not even how its request would have been parsed."""
-        rid = new_request_id(request.headers.get(REQUEST_ID_HEADER))
-        reset = request_id.set(rid)  # every log line of this request carries it
-        try:
+        with correlated(request.headers.get(REQUEST_ID_HEADER)) as rid:
             path = request.url.path
             if path.startswith("/v1/"):
                 allowed = app.state.admin_keys if path.startswith("/v1/admin/") else app.state.caller_keys
@@ -222,8 +220,6 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
             response: Response = await call_next(request)
             response.headers[REQUEST_ID_HEADER] = rid
             return response
-        finally:
-            request_id.reset(reset)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:

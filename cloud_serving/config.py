@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shared.alerts import AlertRule, Severity
 from shared.errors import TidegateError
 from shared.settings_file import first_error, read_toml
 
@@ -73,6 +74,20 @@ class AlertConfig(_Strict):
     min_samples: int = Field(default=20, ge=1)
     severity: Literal["info", "warning", "critical"] = "critical"
     action: Literal["rollback", "fallback"] | None = None
+
+    def rule(self) -> AlertRule:
+        return AlertRule(
+            name=self.name,
+            kind=self.kind,
+            severity=Severity(self.severity),
+            threshold=self.threshold,
+            window_s=self.window_s,
+            short_window_s=self.short_window_s,
+            slo=self.slo,
+            for_s=self.for_s,
+            min_samples=self.min_samples,
+            action=self.action,
+        )
 
 
 class ModelConfig(_Strict):

@@ -37,7 +37,7 @@ from cloud_serving.quality import COHORT_KINDS, Cohort, InputProfile
 from cloud_serving.registry import LocalRegistry, Promotion, Registry, RegistryClient
 from cloud_serving.routing import Split, normalise
 from cloud_serving.shadow import ShadowBudget, ShadowMirror
-from shared.alerts import AlertEvent, AlertRule, AlertState, CountSample, Severity, step
+from shared.alerts import AlertEvent, AlertRule, AlertState, CountSample, step
 from shared.batching import InferencePool, NonFiniteOutputError, OverloadedError
 from shared.errors import TidegateError
 from shared.fsutil import atomic_write_bytes
@@ -113,6 +113,7 @@ class ModelState:
     alert_states: dict[str, AlertState] = field(default_factory=dict)
     forced_fallback: str | None = None  # why every request goes to the fallback (an alert)
     profile: InputProfile | None = None  # the inputs' learned profile, for OOD counts
+    rules: list[AlertRule] = field(default_factory=list)  # the config's alerts, built once
     cohorts: dict[str, Cohort] = field(default_factory=lambda: {k: Cohort() for k in COHORT_KINDS})
 
     def count(self, version: str, ok: bool) -> None:
@@ -197,6 +198,7 @@ class Gateway:
             self.models[name] = ModelState(
                 name, mc, versions, mc.production, {mc.production: 1.0}, mc.salt or name, fallback
             )
+            self.models[name].rules = [a.rule() for a in mc.alerts]
             if mc.ood_z is not None:
                 self.models[name].profile = InputProfile(warmup=mc.ood_warmup, z=mc.ood_z)
             for b in versions.values():
@@ -650,19 +652,7 @@ class Gateway:
             if good or bad:
                 st.outcomes.setdefault(version, deque(maxlen=4096)).append(CountSample(now, good, bad))
         st.counts.clear()
-        for cfg in st.config.alerts:
-            rule = AlertRule(
-                name=cfg.name,
-                kind=cfg.kind,
-                severity=Severity(cfg.severity),
-                threshold=cfg.threshold,
-                window_s=cfg.window_s,
-                short_window_s=cfg.short_window_s,
-                slo=cfg.slo,
-                for_s=cfg.for_s,
-                min_samples=cfg.min_samples,
-                action=cfg.action,
-            )
+        for cfg, rule in zip(st.config.alerts, st.rules, strict=True):
             watched = (
                 st.production if cfg.version == "production" else st.canary.candidate if st.canary else None
             )

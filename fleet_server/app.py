@@ -26,7 +26,7 @@ from fleet_server.jobs.models import JobExecution
 from fleet_server.jobs.protocol import Outgoing
 from fleet_server.releases.routes import router as releases_router
 from fleet_server.telemetry.metrics import FleetGauges
-from shared.logs import REQUEST_ID_HEADER, new_request_id, request_id
+from shared.logs import REQUEST_ID_HEADER, correlated
 from shared.trust import UpdateRepository
 from shared.version import TIDEGATE_VERSION
 
@@ -89,9 +89,7 @@ def create_app(
     ) -> Response:
         """Every /api/ call is authenticated before anything else looks at it, so a caller
         without a valid token learns nothing (not even how its body would be validated)."""
-        rid = new_request_id(request.headers.get(REQUEST_ID_HEADER))
-        reset = request_id.set(rid)  # the caller's correlation id in every log line of this request
-        try:
+        with correlated(request.headers.get(REQUEST_ID_HEADER)) as rid:
             if request.url.path.startswith("/api/"):
                 principal = principal_from_header(db, request.headers.get("authorization"))
                 if principal is None:
@@ -104,8 +102,6 @@ def create_app(
             response = await call_next(request)
             response.headers[REQUEST_ID_HEADER] = rid
             return response
-        finally:
-            request_id.reset(reset)
 
     @app.exception_handler(StaleDataError)
     async def _conflict(request: Request, exc: StaleDataError) -> JSONResponse:

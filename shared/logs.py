@@ -21,7 +21,8 @@ import logging
 import re
 import sys
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -64,6 +65,18 @@ class Redactor:
 
 
 DEFAULT_REDACTOR = Redactor()
+
+
+@contextmanager
+def correlated(incoming: str | None) -> Iterator[str]:
+    """The request's correlation id (the caller's `X-Request-ID` when sane, else a new one),
+    current for the length of the block: every log line and outgoing call in it carries it."""
+    rid = new_request_id(incoming)
+    token = request_id.set(rid)
+    try:
+        yield rid
+    finally:
+        request_id.reset(token)
 
 
 def new_request_id(incoming: str | None) -> str:
