@@ -67,6 +67,9 @@ class TelemetrySection(_Section):
 class HealthSection(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=9810, ge=0, le=65535)
+    # Where /metrics reads the machine's figures (proc/stat, proc/meminfo, a Jetson's
+    # sys/devices/gpu.0/load): "/" on a device, a directory laid out alike in tests.
+    system_root: Path = Path("/")
 
 
 class BatcherSection(_Section):

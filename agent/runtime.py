@@ -39,6 +39,7 @@ from agent.vehicle import JsonFileVehicleState, evaluate_preconditions
 from shared.iotjobs import JobStatus
 from shared.jobdoc import JobDocument, Preconditions
 from shared.settings_file import first_error
+from shared.sysmetrics import register_system_metrics
 from shared.telemetry import (
     BEACON_TOPIC,
     RECEIPT_TOPIC,
@@ -136,6 +137,7 @@ class AgentDaemon:
 
     def _setup_metrics(self) -> None:
         r = self.registry = CollectorRegistry()
+        register_system_metrics(r, self.cfg.health.system_root)
         Gauge("tidegate_agent_mqtt_connected", "1 while connected to the broker", registry=r).set_function(
             lambda: float(self.transport.connected)
         )

@@ -38,6 +38,7 @@ from cloud_serving.quality import top_score
 from cloud_serving.shadow import ShadowBudget
 from shared.logs import REQUEST_ID_HEADER, correlated, request_id
 from shared.settings_file import first_error
+from shared.sysmetrics import register_system_metrics
 
 
 class InferRequest(BaseModel):
@@ -96,6 +97,7 @@ class ShadowBody(BaseModel):
     max_error_rate: float = Field(default=0.01, ge=0, le=1)
     max_p95_ms: float | None = Field(default=None, gt=0, le=600_000)
     min_samples: int = Field(default=100, ge=1, le=10_000_000)
+    capture_abs_diff: float | None = Field(default=None, gt=0)
 
 
 class CanaryBody(BaseModel):
@@ -150,6 +152,7 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
     observability bench's baseline); tracing follows the process's OpenTelemetry setup."""
     cfg = gateway.config.gateway
     registry = CollectorRegistry()
+    register_system_metrics(registry)
     requests = Counter(
         "tidegate_serving_requests",
         "Requests by model, version, experiment arm ('-' outside experiments) and outcome",
@@ -371,7 +374,9 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
 
     @app.post("/v1/admin/models/{model}/shadow")
     async def shadow(model: str, body: ShadowBody, _: Admin) -> dict[str, Any]:
-        budget = ShadowBudget(body.max_diff_rate, body.max_error_rate, body.max_p95_ms, body.min_samples)
+        budget = ShadowBudget(
+            body.max_diff_rate, body.max_error_rate, body.max_p95_ms, body.min_samples, body.capture_abs_diff
+        )
         gateway.start_shadow(model, body.version, share=body.share, budget=budget)
         return gateway.status(model)
 

@@ -736,10 +736,29 @@ class Gateway:
             return 0
         return await asyncio.to_thread(self.registry.flush)
 
+    def record_shadow_diffs(self) -> list[Path]:
+        """Write the large diffs the shadows sent back as failure captures (blocking: call it
+        off the event loop). The recorder's rate limit and retention bound what reaches disk."""
+        written = []
+        for st in self.models.values():
+            shadow = st.shadow
+            while shadow is not None and shadow.captures:
+                capture = shadow.captures.popleft()
+                detail = {
+                    "production_version": st.production,
+                    "candidate_version": shadow.version,
+                    **capture,
+                    "kpis": shadow.stats.kpis(),
+                }
+                if (path := self.incidents.record("shadow_diff", st.name, detail)) is not None:
+                    written.append(path)
+        return written
+
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.gateway.tick_s)
             self.tick()
+            await asyncio.to_thread(self.record_shadow_diffs)
             await self.flush_registry()
             if self.flags is not None and self.flags.stale:
                 await asyncio.to_thread(self.flags.refresh)

@@ -35,6 +35,9 @@ class ShadowBudget:
     max_error_rate: float = 0.01
     max_p95_ms: float | None = None
     min_samples: int = 100
+    # A sample whose argmax disagrees with production's, or whose outputs differ by more
+    # than this, is sent back whole (input, both answers) to be kept as a failure capture.
+    capture_abs_diff: float | None = None
 
 
 @dataclass
@@ -45,6 +48,7 @@ class ShadowStats:
     errors: int = 0
     disagreements: int = 0
     max_abs_diff: float = 0.0
+    captures: list[dict[str, Any]] = field(default_factory=list)  # large diffs since the last summary
     latency_delta_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     candidate_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     confusion: dict[tuple[int, int], int] = field(default_factory=dict)  # (production, candidate) → n
@@ -104,6 +108,7 @@ class ShadowReport:
 
     offered: int = 0
     dropped: int = 0  # the queue was full: never delays the caller
+    captured: int = 0  # large diffs received from the mirror
     summary: dict[str, Any] = field(default_factory=lambda: ShadowStats().kpis())
 
     @property
@@ -111,7 +116,7 @@ class ShadowReport:
         return int(self.summary["compared"])
 
     def kpis(self) -> dict[str, Any]:
-        return {**self.summary, "offered": self.offered, "dropped": self.dropped}
+        return {**self.summary, "offered": self.offered, "dropped": self.dropped, "captured": self.captured}
 
 
 SUMMARY_EVERY_S = 0.1
@@ -119,6 +124,7 @@ SUMMARY_EVERY_S = 0.1
 # candidate's weights from memory once where 32 batches of one would read them 32 times,
 # and memory bandwidth is what a mirror on the next core takes from the callers' model.
 FLUSH_EVERY_S = 0.02
+CAPTURES_PER_SUMMARY = 4  # large diffs sent back per summary: a bad candidate cannot flood us
 
 
 class ShadowMirror:
@@ -138,6 +144,8 @@ class ShadowMirror:
         self.queue_max = queue_max
         self.stats = ShadowReport()
         self.stopped_reason: str | None = None
+        # Large diffs from the mirror, waiting to be written as failure captures (bounded).
+        self.captures: deque[dict[str, Any]] = deque(maxlen=64)
         self.noted = False  # the gateway has logged the stop
         self._rng = random.Random(rng_seed)
         self._buffer: list[Item] = []
@@ -223,9 +231,11 @@ class ShadowMirror:
                 return
             if message is None:
                 return
-            done, summary, stop = message
+            done, summary, stop, captures = message
             self.ready.set()
             self._done, self.stats.summary = done, summary
+            self.captures.extend(captures)
+            self.stats.captured += len(captures)
             if stop is not None and self.stopped_reason is None:
                 self.stopped_reason = stop
 
@@ -290,23 +300,24 @@ def _mirror_process(
     names = [o.name for o in sess.get_outputs()]
     stats, done, last = ShadowStats(), 0, 0.0
     stop: str | None = None
-    outq.put((done, stats.kpis(), stop))  # loaded: the gateway now knows the mirror is ready
+    outq.put((done, stats.kpis(), stop, []))  # loaded: the gateway now knows the mirror is ready
     while True:
         packed = inq.get()
         if packed is None:
             kpis = stats.kpis()
-            outq.put((done, kpis, stop or over_budget(kpis, budget)))
+            outq.put((done, kpis, stop or over_budget(kpis, budget), stats.captures))
             return
         items = _unpack(packed)
         if stop is None:
-            _compare(sess, input_name, names, scores_output, items, stats)
+            _compare(sess, input_name, names, scores_output, items, stats, budget.capture_abs_diff)
         done += len(items)
         now = time.monotonic()
         if now - last >= SUMMARY_EVERY_S or inq.empty():
             last = now
             kpis = stats.kpis()
             stop = stop or over_budget(kpis, budget)
-            outq.put((done, kpis, stop))
+            outq.put((done, kpis, stop, stats.captures))
+            stats.captures = []
 
 
 def _compare(
@@ -316,6 +327,7 @@ def _compare(
     scores_output: str | None,
     items: list[Item],
     stats: ShadowStats,
+    capture_abs_diff: float | None = None,
 ) -> None:
     t0 = time.perf_counter()
     try:
@@ -336,3 +348,14 @@ def _compare(
         if key in got and production[key].size > 1:
             p, c = int(np.argmax(production[key])), int(np.argmax(got[key]))
         _merge(stats, (p, c, diff, ms, prod_ms))
+        large = p != c or (capture_abs_diff is not None and diff > capture_abs_diff)
+        if large and len(stats.captures) < CAPTURES_PER_SUMMARY:
+            stats.captures.append(
+                {
+                    "input": items[row][0].tolist(),
+                    "production": {n: v.tolist() for n, v in production.items()},
+                    "candidate": {n: v.tolist() for n, v in got.items()},
+                    "max_abs_diff": diff,
+                    "argmax": {"production": p, "candidate": c},
+                }
+            )

@@ -27,6 +27,7 @@ from fleet_server.jobs.protocol import Outgoing
 from fleet_server.releases.routes import router as releases_router
 from fleet_server.telemetry.metrics import FleetGauges
 from shared.logs import REQUEST_ID_HEADER, correlated
+from shared.sysmetrics import register_system_metrics
 from shared.trust import UpdateRepository
 from shared.version import TIDEGATE_VERSION
 
@@ -74,6 +75,7 @@ def create_app(
     app.include_router(flags_router, dependencies=documented)
 
     registry = CollectorRegistry()
+    register_system_metrics(registry)
     campaigns = Gauge("tidegate_campaigns", "Campaigns by state", ["state"], registry=registry)
     executions = Gauge("tidegate_job_executions", "Job executions by status", ["status"], registry=registry)
     if counters is not None:

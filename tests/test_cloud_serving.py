@@ -130,6 +130,19 @@ def test_shadow_never_changes_the_callers_answer_and_stops_on_its_budget(models:
         assert set(k["per_class"]) and k["max_abs_diff"] > 0
         gw.tick()
         assert any("shadow of 1.1.0 stopped: diff rate" in e for e in gw.status("classifier")["events"])
+        # Disagreements came back whole and are kept as failure captures (rate-limited on disk).
+        assert shadow.stats.captured >= 1
+        written = gw.record_shadow_diffs()
+        assert len(written) == 1 and not shadow.captures  # one per second; the rest suppressed
+        capture = json.loads(written[0].read_text())
+        assert capture["kind"] == "shadow_diff" and capture["candidate_version"] == "1.1.0"
+        p, c = capture["argmax"]["production"], capture["argmax"]["candidate"]
+        assert p != c and capture["production_version"] == "1.0.0"
+        x = np.asarray(capture["input"], dtype=np.float32)
+        np.testing.assert_allclose(
+            capture["production"]["probabilities"], direct(models / "v1.onnx", x), atol=1e-5
+        )
+        assert int(np.argmax(direct(models / "v1.onnx", x))) == p
 
     serve(config, body)
 

@@ -72,12 +72,31 @@ def _fleet_metrics(tmp_path: Path) -> str:
     return asyncio.run(scrape())
 
 
+def _agent_metrics(tmp_path: Path) -> str:
+    """A real daemon's registry (not started: its metrics exist from construction)."""
+    from prometheus_client import generate_latest
+
+    from agent.config import AgentConfig
+    from agent.device import DeviceConfig, DeviceRoot
+    from agent.runtime import AgentDaemon
+
+    root = tmp_path / "device"
+    trusted = json.dumps({"signed": {"_type": "root"}}).encode()
+    DeviceRoot.provision(root, DeviceConfig(device_id="dash-1", sku="cpu-x86"), trusted)
+    config = AgentConfig.model_validate({"device": {"root": str(root)}, "thermal": {"root": str(tmp_path)}})
+    return generate_latest(AgentDaemon(config).registry).decode()
+
+
 def test_the_dashboards_are_valid_current_and_query_only_exported_metrics(
     models: Path, tmp_path: Path
 ) -> None:
-    exported = _exported(_gateway_metrics(models)) | _exported(_fleet_metrics(tmp_path))
-    generated = runpy.run_path(str(GRAFANA / "generate.py"))
-    boards = {"slo": generated["SLO"], "campaigns": generated["CAMPAIGNS"], "drift": generated["DRIFT"]}
+    exported = (
+        _exported(_gateway_metrics(models))
+        | _exported(_fleet_metrics(tmp_path))
+        | _exported(_agent_metrics(tmp_path))
+    )
+    boards = runpy.run_path(str(GRAFANA / "generate.py"))["BOARDS"]
+    assert set(boards) == {p.stem for p in GRAFANA.glob("*.json")}
     for name, board in boards.items():
         saved: dict[str, Any] = json.loads((GRAFANA / f"{name}.json").read_text())
         assert saved == json.loads(json.dumps(board)), f"{name}.json is stale: run deploy/grafana/generate.py"
@@ -100,4 +119,7 @@ def test_the_dashboards_are_valid_current_and_query_only_exported_metrics(
         "tidegate_serving_requests_total",
         "tidegate_campaign_score_psi",
         "tidegate_fleet_inference_p95_ms",
+        "tidegate_agent_throttle_level",
+        "tidegate_system_cpu_utilisation",
+        "tidegate_process_resident_memory_bytes",
     } <= exported

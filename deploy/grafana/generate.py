@@ -168,6 +168,30 @@ SLO = dashboard(
             24,
             unit="percentunit",
         ),
+        panel(
+            9,
+            "Machines: CPU busy and process CPU (gateway, fleet server, agents)",
+            [
+                ("tidegate_system_cpu_utilisation", "machine {{job}} {{instance}}"),
+                ("rate(tidegate_process_cpu_seconds_total[5m])", "process {{job}} {{instance}}"),
+            ],
+            0,
+            32,
+            unit="percentunit",
+            thresholds=[0.8, 0.95],
+        ),
+        panel(
+            10,
+            "Machines: memory (process resident, machine available) and GPU",
+            [
+                ("tidegate_process_resident_memory_bytes", "rss {{job}} {{instance}}"),
+                ("tidegate_system_memory_available_bytes", "available {{job}} {{instance}}"),
+                ("tidegate_gpu_memory_used_bytes", "gpu {{gpu}} {{instance}}"),
+            ],
+            12,
+            32,
+            unit="bytes",
+        ),
     ],
     ["slo"],
 )
@@ -335,8 +359,96 @@ DRIFT = dashboard(
 )
 
 
+AGENT = "tidegate_agent_"
+DEVICES = dashboard(
+    "tidegate-devices",
+    "Tidegate: devices (each agent's /metrics, scraped on the bench or through a device gateway)",
+    [
+        panel(
+            1,
+            "Agents connected to the broker",
+            [(f"sum({AGENT}mqtt_connected)", "connected"), (f"count({AGENT}mqtt_connected)", "scraped")],
+            0,
+            0,
+            kind="stat",
+            w=6,
+        ),
+        panel(
+            2,
+            "Thermal throttle level by device",
+            [(f"max by (instance) ({AGENT}throttle_level)", "{{instance}}")],
+            6,
+            0,
+            w=18,
+            thresholds=[1, 2],
+        ),
+        panel(
+            3,
+            "Temperature by device and zone",
+            [(f"max by (instance, zone) ({AGENT}temperature_celsius)", "{{instance}} {{zone}}")],
+            0,
+            8,
+            unit="celsius",
+            thresholds=[70, 85],
+        ),
+        panel(
+            4,
+            "Telemetry outbox depth and drops",
+            [
+                (f"sum by (instance) ({AGENT}outbox_depth)", "waiting {{instance}}"),
+                (f"sum by (instance) (delta({AGENT}telemetry_dropped[1h]))", "dropped/h {{instance}}"),
+            ],
+            12,
+            8,
+        ),
+        panel(
+            5,
+            "Jobs finished by status (1 h)",
+            [(f"sum by (status) (increase({AGENT}jobs_total[1h]))", "{{status}}")],
+            0,
+            16,
+        ),
+        panel(
+            6,
+            "Local inference by result, and the batcher's queue",
+            [
+                (f"sum by (result) (rate({AGENT}inference_requests_total[5m]))", "{{result}}"),
+                (f"max by (instance) ({AGENT}batcher_queue_depth)", "queue {{instance}}"),
+            ],
+            12,
+            16,
+        ),
+        panel(
+            7,
+            "Device CPU busy and GPU load",
+            [
+                ("tidegate_system_cpu_utilisation", "cpu {{instance}}"),
+                ("tidegate_gpu_utilisation", "gpu {{gpu}} {{instance}}"),
+            ],
+            0,
+            24,
+            unit="percentunit",
+        ),
+        panel(
+            8,
+            "Agent resident memory and the device's available memory",
+            [
+                ("tidegate_process_resident_memory_bytes", "agent {{instance}}"),
+                ("tidegate_system_memory_available_bytes", "available {{instance}}"),
+            ],
+            12,
+            24,
+            unit="bytes",
+        ),
+    ],
+    ["devices"],
+)
+
+BOARDS = {"slo": SLO, "campaigns": CAMPAIGNS, "drift": DRIFT, "devices": DEVICES}
+
+
 def main() -> None:
-    for name, board in (("slo", SLO), ("campaigns", CAMPAIGNS), ("drift", DRIFT)):
+    for name, board in BOARDS.items():
         (HERE / f"{name}.json").write_text(json.dumps(board, indent=2) + "\n")
 
 
