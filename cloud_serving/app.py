@@ -55,6 +55,12 @@ class FeedbackBody(BaseModel):
     reward: float = Field(ge=0, le=1)
 
 
+class LabelBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1, max_length=64)
+    label: int = Field(ge=0, description="the true class of the answered request")
+
+
 class ExperimentBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     control: str = Field(min_length=1, max_length=64)
@@ -191,6 +197,24 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
     batch = Gauge(
         "tidegate_serving_mean_batch", "Mean batch size since start", ["model", "version"], registry=registry
     )
+    ece = Gauge(
+        "tidegate_serving_ece",
+        "Expected calibration error over the version's last labelled answers",
+        ["model", "version"],
+        registry=registry,
+    )
+    accuracy = Gauge(
+        "tidegate_serving_accuracy",
+        "Accuracy over the version's last labelled answers",
+        ["model", "version"],
+        registry=registry,
+    )
+    labelled = Gauge(
+        "tidegate_serving_labelled",
+        "Answers whose true label was posted",
+        ["model", "version"],
+        registry=registry,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -280,7 +304,9 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
                     "outputs": {k: v.tolist() for k, v in answer.outputs.items()},
                 }
                 if answer.request_id is not None:
-                    reply["request_id"], reply["arm"] = answer.request_id, answer.arm
+                    reply["request_id"] = answer.request_id
+                if answer.arm is not None:
+                    reply["arm"] = answer.arm
                 if st.config.scores_output is not None or answer.threshold is not None:
                     reply["label"] = gateway.label(model, answer.outputs, answer.threshold)
         if observe:
@@ -293,6 +319,8 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
                 abstained.labels(model, answer.version, arm).inc()
             if unusual:
                 ood.labels(model, answer.version).inc()
+        if st.profile is not None:
+            st.seen_input(answer.version, unusual)
         kinds = [
             k
             for k, hit in (
@@ -305,6 +333,12 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
         for kind in kinds:
             st.cohorts[kind].offer(lambda: _cohort_item(req, answer, reply, unusual, gateway.redactor))
         return reply
+
+    @app.post("/v1/models/{model}/labels")
+    async def labels(model: str, body: LabelBody, _: Caller) -> dict[str, Any]:
+        """The true class of an answered request (by its `request_id`), when it becomes known:
+        the version's calibration (ECE) and accuracy are computed from these."""
+        return gateway.ground_truth(model, body.request_id, body.label)
 
     @app.post("/v1/models/{model}/feedback")
     async def feedback(model: str, body: FeedbackBody, _: Caller) -> dict[str, str]:
@@ -406,6 +440,11 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
                 if b is not None:
                     queue.labels(name, version).set(b.queue_depth)
                     batch.labels(name, version).set(b.stats.count / b.stats.batches if b.stats.batches else 0)
+            for version, cal in list(st.calibration.items()):
+                labelled.labels(name, version).set(cal.labelled)
+                if (e := cal.ece()) is not None:
+                    ece.labels(name, version).set(e)
+                    accuracy.labels(name, version).set(cal.accuracy() or 0.0)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

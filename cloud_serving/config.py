@@ -61,19 +61,32 @@ class FallbackConfig(_Strict):
 
 class AlertConfig(_Strict):
     """An alert rule on one model (`shared.alerts`): over the outcomes of its production
-    version or of its running canary's candidate, with a remediation when it fires."""
+    version or of its running canary's candidate, with a remediation when it fires.
+
+    `burn_rate` reads the request outcomes (metric `errors`); `above` / `below` read one value
+    per tick: `ece` and `accuracy` over the version's last labelled answers (ground truth
+    posted to `/v1/models/{m}/labels`, at least `min_labels` of them), `ood_ratio` as the
+    share of the tick's inputs outside the learned input profile."""
 
     name: str = Field(min_length=1, max_length=100)
-    kind: Literal["burn_rate"] = "burn_rate"
+    kind: Literal["burn_rate", "above", "below"] = "burn_rate"
+    metric: Literal["errors", "ece", "accuracy", "ood_ratio"] = "errors"
     version: Literal["production", "canary"] = "production"
     slo: float = Field(default=0.99, gt=0, lt=1)
-    threshold: float = Field(default=14.4, gt=0, description="burn rate that fires")
+    threshold: float = Field(default=14.4, gt=0, description="burn rate that fires, or the value")
     window_s: float = Field(default=300, gt=0)
     short_window_s: float = Field(default=60, gt=0)
     for_s: float = Field(default=0, ge=0)
-    min_samples: int = Field(default=20, ge=1)
+    min_samples: int = Field(default=20, ge=1, description="requests (burn rate) or ticks (values)")
+    min_labels: int = Field(default=100, ge=1, description="labelled answers before ece/accuracy count")
     severity: Literal["info", "warning", "critical"] = "critical"
-    action: Literal["rollback", "fallback"] | None = None
+    action: Literal["rollback", "fallback", "scale_hint"] | None = None
+
+    @model_validator(mode="after")
+    def _metric_fits_kind(self) -> AlertConfig:
+        if (self.kind == "burn_rate") != (self.metric == "errors"):
+            raise ValueError(f"alert {self.name}: burn_rate reads metric 'errors'; above/below read a value")
+        return self
 
     def rule(self) -> AlertRule:
         return AlertRule(

@@ -33,11 +33,11 @@ from cloud_serving.experiments import Experiment, ExperimentSpec
 from cloud_serving.flags import FileFlags, FlagCache, FlagSource, HttpFlags
 from cloud_serving.incidents import IncidentRecorder
 from cloud_serving.observability import refresh_tracing, span
-from cloud_serving.quality import COHORT_KINDS, Cohort, InputProfile
+from cloud_serving.quality import COHORT_KINDS, Calibration, Cohort, InputProfile, top_score
 from cloud_serving.registry import LocalRegistry, Promotion, Registry, RegistryClient
 from cloud_serving.routing import Split, normalise
 from cloud_serving.shadow import ShadowBudget, ShadowMirror
-from shared.alerts import AlertEvent, AlertRule, AlertState, CountSample, step
+from shared.alerts import AlertEvent, AlertRule, AlertState, CountSample, ValueSample, step
 from shared.batching import InferencePool, NonFiniteOutputError, OverloadedError
 from shared.errors import TidegateError
 from shared.fsutil import atomic_write_bytes
@@ -76,13 +76,18 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+RECENT_MAX = 100_000  # answers remembered per model for a late label (calibration)
+
+
 @dataclass
 class Answer:
     outputs: dict[str, np.ndarray[Any, Any]]
     version: str
     fallback: bool = False
     latency_ms: float = 0.0
-    request_id: str | None = None  # set while an experiment runs: the caller reports its reward
+    # Set while an experiment runs (the caller reports its reward) and whenever the model has
+    # a scores output (the caller may post the true label: calibration).
+    request_id: str | None = None
     arm: str | None = None
     threshold: float | None = None  # the arm's post-processing threshold, when it has its own
 
@@ -115,6 +120,19 @@ class ModelState:
     profile: InputProfile | None = None  # the inputs' learned profile, for OOD counts
     rules: list[AlertRule] = field(default_factory=list)  # the config's alerts, built once
     cohorts: dict[str, Cohort] = field(default_factory=lambda: {k: Cohort() for k in COHORT_KINDS})
+    # Calibration: answers awaiting their true label (request id → version, class, score), and
+    # per version the labelled window. Inputs per version this tick: [seen, out of profile].
+    recent: OrderedDict[str, tuple[str, int, float]] = field(default_factory=OrderedDict)
+    calibration: dict[str, Calibration] = field(default_factory=dict)
+    inputs: dict[str, list[int]] = field(default_factory=dict)
+    values: dict[tuple[str, str], deque[ValueSample]] = field(default_factory=dict)
+
+    def seen_input(self, version: str, unusual: bool) -> None:
+        c = self.inputs.get(version)
+        if c is None:
+            c = self.inputs[version] = [0, 0]
+        c[0] += 1
+        c[1] += unusual
 
     def count(self, version: str, ok: bool) -> None:
         c = self.counts.get(version)
@@ -294,7 +312,33 @@ class Gateway:
             )
         if st.shadow is not None and version == st.production:
             st.shadow.offer(sample, answer.outputs, answer.latency_ms)
+        self._remember(st, answer, always=False)
         return answer
+
+    def _remember(self, st: ModelState, answer: Answer, *, always: bool) -> None:
+        """Give the answer a request id and, when it is a probability vector, keep its top
+        class and score until its true label arrives (bounded: the oldest go first)."""
+        best = top_score(answer.outputs, st.config.scores_output)
+        if best is None and not always:
+            return
+        answer.request_id = request_id = uuid.uuid4().hex
+        if best is not None:
+            st.recent[request_id] = (answer.version, best[0], best[1])
+            while len(st.recent) > RECENT_MAX:
+                st.recent.popitem(last=False)
+
+    def ground_truth(self, name: str, request_id: str, label: int) -> dict[str, Any]:
+        """The true class of an answered request: counted for its version's calibration."""
+        st = self.model(name)
+        seen = st.recent.pop(request_id, None)
+        if seen is None:
+            raise UnknownModelError(f"no answer {request_id!r} awaits a label (unknown, labelled or too old)")
+        version, predicted, confidence = seen
+        cal = st.calibration.get(version)
+        if cal is None:
+            cal = st.calibration[version] = Calibration()
+        cal.add(confidence, predicted == label)
+        return {"version": version, "predicted": predicted, "correct": predicted == label}
 
     async def _experiment_infer(
         self, st: ModelState, exp: Experiment, sample: np.ndarray[Any, Any], key: str | None
@@ -320,7 +364,9 @@ class Gateway:
             else:
                 answer = await self._fallback(st, sample, t0, exc)
             return answer  # no reward for an arm that did not answer
-        answer.request_id, answer.arm, answer.threshold = uuid.uuid4().hex, arm, spec.threshold_of(arm)
+        answer.arm, answer.threshold = arm, spec.threshold_of(arm)
+        self._remember(st, answer, always=True)
+        assert answer.request_id is not None
         st.assigned[answer.request_id] = arm
         while len(st.assigned) > 200_000:
             st.assigned.popitem(last=False)
@@ -656,7 +702,16 @@ class Gateway:
             watched = (
                 st.production if cfg.version == "production" else st.canary.candidate if st.canary else None
             )
-            samples = list(st.outcomes.get(watched, ())) if watched is not None else []
+            samples: list[CountSample] | list[ValueSample]
+            if watched is None:
+                samples = []
+            elif cfg.metric == "errors":
+                samples = list(st.outcomes.get(watched, ()))
+            else:
+                series = st.values.setdefault((cfg.metric, watched), deque(maxlen=4096))
+                if (value := self._value(st, cfg.metric, watched, cfg.min_labels)) is not None:
+                    series.append(ValueSample(now, value))
+                samples = list(series)
             state = st.alert_states.setdefault(cfg.name, AlertState())
             event = step(rule, samples, now, state)
             if event is None:
@@ -673,6 +728,19 @@ class Gateway:
             )
             if self.config.gateway.webhooks:
                 self._notify(payload(event, "gateway", record))
+
+        st.inputs.clear()
+
+    @staticmethod
+    def _value(st: ModelState, metric: str, version: str, min_labels: int) -> float | None:
+        """This tick's reading of a value metric for one version, or None without a basis."""
+        if metric == "ood_ratio":
+            seen, unusual = st.inputs.get(version, (0, 0))
+            return unusual / seen if seen else None
+        cal = st.calibration.get(version)
+        if cal is None or len(cal) < min_labels:
+            return None
+        return cal.ece() if metric == "ece" else cal.accuracy()
 
     def _remediate(
         self, st: ModelState, event: AlertEvent, version: str | None, done: list[tuple[str, str, Path | None]]
@@ -694,6 +762,9 @@ class Gateway:
                 return "fallback impossible: none configured"
             st.forced_fallback = f"alert {event.rule} at {event.at.isoformat()}"
             return "every request to the fallback until an operator clears it"
+        if event.action == "scale_hint":
+            depth = sum(getattr(b, "queue_depth", 0) for b in st.versions.values())
+            return f"scale hint: add capacity for {st.name} (queue depth {depth}); no change made here"
         return "none configured"
 
     def clear_fallback(self, name: str) -> None:

@@ -8,6 +8,7 @@ probability vector. Both feed the gateway's Prometheus metrics.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -67,3 +68,31 @@ class Cohort:
 
 
 COHORT_KINDS = ("novelty", "failure", "uncertain")  # OOD inputs, fallback answers, abstentions
+
+
+class Calibration:
+    """One version's last labelled answers (confidence, correct): the ground truth callers
+    post after the fact, turned into ECE and accuracy over a sliding window."""
+
+    def __init__(self, window: int = 5000) -> None:
+        self.window: deque[tuple[float, bool]] = deque(maxlen=window)
+        self.labelled = 0  # ever, for the counter
+
+    def add(self, confidence: float, correct: bool) -> None:
+        self.window.append((confidence, correct))
+        self.labelled += 1
+
+    def __len__(self) -> int:
+        return len(self.window)
+
+    def accuracy(self) -> float | None:
+        return sum(c for _, c in self.window) / len(self.window) if self.window else None
+
+    def ece(self, bins: int = 10) -> float | None:
+        if not self.window:
+            return None
+        from shared.drift.stats import ece  # scipy: loaded when labels first arrive
+
+        conf = np.fromiter((p for p, _ in self.window), dtype=np.float64, count=len(self.window))
+        correct = np.fromiter((c for _, c in self.window), dtype=np.float64, count=len(self.window))
+        return ece(conf, correct, bins)[0]

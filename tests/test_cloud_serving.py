@@ -784,8 +784,8 @@ def test_an_experiment_serves_only_its_cohort(models: Path) -> None:
                 json={"inputs": SAMPLES[i].tolist(), "key": f"u{i}", "metadata": {"region": region}},
                 headers=caller(),
             )
-            seen[(region, r.json()["version"], "request_id" in r.json())] += 1
-        assert {k for k in seen if k[0] == "us"} == {("us", "1.0.0", False)}  # outside: production, uncounted
+            seen[(region, r.json()["version"], "arm" in r.json())] += 1
+        assert {k for k in seen if k[0] == "us"} == {("us", "1.0.0", False)}  # outside: production, no arm
         assert seen[("eu", "1.1.0", True)] > 20 and seen[("eu", "1.0.0", True)] > 20
         exp = gw.model("classifier").experiment
         assert exp is not None and sum(a.assigned for a in exp.arms.values()) == 100

@@ -1,19 +1,22 @@
 """Model-quality metrics on the gateway: out-of-distribution inputs against a learned input
-profile, abstentions, and the top-score distribution per class."""
+profile, abstentions, the top-score distribution per class, and calibration from late labels."""
 
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 
 from cloud_serving.config import ServingConfig, load_config
 from cloud_serving.gateway import Gateway
 from cloud_serving.quality import InputProfile, top_score
 from tests.helpers import caller
-from tests.test_cloud_serving import SAMPLES, serve
+from tests.test_cloud_serving import SAMPLES, Clock, serve
 
 
 def test_the_input_profile_flags_only_what_lies_far_outside_it() -> None:
@@ -169,3 +172,109 @@ def test_cohorts_collect_novelty_failures_and_uncertainty_for_the_next_training_
     failure = seen["failure"]
     assert failure["seen"] == 50 and failure["kept"] == 5  # a bounded, uniform sample
     assert all(i["descriptors"]["fallback"] for i in failure["items"])
+
+
+def _hand_ece(conf: list[float], correct: list[bool], bins: int = 10) -> float:
+    """ECE written out: per equal-width bin, |accuracy − mean confidence| weighted by its share."""
+    total = 0.0
+    for b in range(bins):
+        members = [i for i, c in enumerate(conf) if min(int(c * bins), bins - 1) == b]
+        if members:
+            acc = sum(correct[i] for i in members) / len(members)
+            mean_conf = sum(conf[i] for i in members) / len(members)
+            total += len(members) / len(conf) * abs(acc - mean_conf)
+    return total
+
+
+def test_late_labels_give_each_version_its_calibration_and_an_ece_alert_switches_to_fallback(
+    models: Path,
+) -> None:
+    raw = load_config(models / "serving.toml").model_dump()
+    raw["models"]["classifier"].update(
+        scores_output="probabilities",
+        fallback={"outputs": {"probabilities": [0.25, 0.25, 0.25, 0.25]}},
+        alerts=[
+            {
+                "name": "calibration",
+                "kind": "above",
+                "metric": "ece",
+                "threshold": 0.2,
+                "window_s": 60,
+                "min_samples": 2,
+                "min_labels": 100,
+                "severity": "warning",
+                "action": "fallback",
+            }
+        ],
+    )
+    config = ServingConfig.model_validate(raw)
+    clock = Clock()
+    seen: dict[str, Any] = {}
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        answers = []
+        for x in SAMPLES[:120]:
+            r = await client.post(
+                "/v1/models/classifier/infer", json={"inputs": x.tolist()}, headers=caller()
+            )
+            answers.append(r.json())
+        conf, correct = [], []
+        for i, a in enumerate(answers):
+            probs = a["outputs"]["probabilities"]
+            top = max(range(len(probs)), key=probs.__getitem__)
+            truth = top if i < 90 else (top + 1) % 4  # 90 right, 30 wrong
+            r = await client.post(
+                "/v1/models/classifier/labels",
+                json={"request_id": a["request_id"], "label": truth},
+                headers=caller(),
+            )
+            assert r.status_code == 200, r.text
+            assert r.json() == {"version": "1.0.0", "predicted": top, "correct": i < 90}
+            conf.append(probs[top])
+            correct.append(i < 90)
+        again = await client.post(
+            "/v1/models/classifier/labels",
+            json={"request_id": answers[0]["request_id"], "label": 0},
+            headers=caller(),
+        )
+        assert again.status_code == 404  # one label per answer
+        seen["expected_ece"] = _hand_ece(conf, correct)
+        seen["metrics"] = (await client.get("/metrics")).text
+        # The alert: the same answers all labelled wrong push ECE to the mean confidence.
+        for x in SAMPLES[120:240]:
+            r = await client.post(
+                "/v1/models/classifier/infer", json={"inputs": x.tolist()}, headers=caller()
+            )
+            a = r.json()
+            probs = a["outputs"]["probabilities"]
+            top = max(range(len(probs)), key=probs.__getitem__)
+            await client.post(
+                "/v1/models/classifier/labels",
+                json={"request_id": a["request_id"], "label": (top + 1) % 4},
+                headers=caller(),
+            )
+        st = gw.model("classifier")
+        gw.tick()
+        assert st.forced_fallback is None  # one reading; the rule needs two
+        clock.now += timedelta(seconds=1)
+        gw.tick()
+        assert st.forced_fallback is not None and "calibration" in st.forced_fallback
+        assert any("alert calibration firing" in e for e in gw.status("classifier")["events"])
+        r = await client.post(
+            "/v1/models/classifier/infer", json={"inputs": SAMPLES[0].tolist()}, headers=caller()
+        )
+        assert r.json()["fallback"] is True
+
+    serve(config, body, clock)
+    metrics = str(seen["metrics"])
+    assert _value(metrics, "tidegate_serving_labelled", model="classifier") == 120
+    assert abs(_value(metrics, "tidegate_serving_accuracy", model="classifier") - 0.75) < 1e-9
+    assert abs(_value(metrics, "tidegate_serving_ece", model="classifier") - seen["expected_ece"]) < 1e-6
+    assert seen["expected_ece"] > 0
+
+
+def test_alert_metrics_must_fit_their_kind(models: Path) -> None:
+    raw = load_config(models / "serving.toml").model_dump()
+    raw["models"]["classifier"]["alerts"] = [{"name": "x", "kind": "burn_rate", "metric": "ece"}]
+    with pytest.raises(ValueError, match="burn_rate reads metric 'errors'"):
+        ServingConfig.model_validate(raw)

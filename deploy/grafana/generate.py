@@ -354,6 +354,24 @@ DRIFT = dashboard(
             24,
             w=24,
         ),
+        panel(
+            8,
+            "Gateway: calibration (ECE) from late labels, by version",
+            [("max by (model, version) (tidegate_serving_ece)", "{{model}} {{version}}")],
+            0,
+            32,
+            thresholds=[0.05, 0.1],
+        ),
+        panel(
+            9,
+            "Gateway: accuracy and labelled answers, by version",
+            [
+                ("max by (model, version) (tidegate_serving_accuracy)", "accuracy {{model}} {{version}}"),
+                ("sum by (model, version) (tidegate_serving_labelled)", "labelled {{model}} {{version}}"),
+            ],
+            12,
+            32,
+        ),
     ],
     ["drift"],
 )
