@@ -54,6 +54,7 @@ class FleetServer:
             counters=self.bridge.counters,
             score_psi=lambda: dict(watch.last_psi),
         )
+        self.app.state.drift = watch.config
         self.http = uvicorn.Server(
             uvicorn.Config(self.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
         )

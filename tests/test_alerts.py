@@ -256,14 +256,36 @@ def test_a_wave_whose_updated_devices_answer_differently_is_paused(db: Any) -> N
         scheduler.tick_all()
         with db.session() as s:
             assert service.get(s, cid).state == "running"  # the same scores: no alarm
-        for t in updated:  # the new version's answers slump
+        eu = {t for t in updated if int(t.split("-")[1]) % 2}  # fleet(): odd cars are in region eu
+        assert 0 < len(eu) < len(updated)
+        for t in eu:  # the new version's answers slump, in one region only
             _beacon(db, t, 2, [4, 6, 10, 12, 6, 2, 0, 0, 0, 0], now)
         now += timedelta(seconds=5)
         scheduler.tick_all()
         with db.session() as s:
             c = service.get(s, cid)
             assert c.state == "paused" and c.paused_reason is not None
-            assert c.paused_reason.startswith("alert score-drift: PSI")
+            assert c.paused_reason.startswith("alert score-drift: ")
+            assert "region=eu: score PSI" in c.paused_reason and "region=us" not in c.paused_reason
+        # The same computation as a report, per slice, through the API (JSON and HTML).
+        from fastapi.testclient import TestClient
+
+        from fleet_server.app import create_app
+        from fleet_server.auth.service import Role, create_token
+
+        with db.session() as s:
+            token = create_token(s, name="viewer-d", role=Role.VIEWER, now=now)
+        client = TestClient(create_app(db))
+        auth = {"Authorization": f"Bearer {token}"}
+        report = client.get(f"/api/v1/campaigns/{cid}/drift", headers=auth).json()
+        slices = {sl["slice"]: sl for sl in report["slices"]}
+        assert report["alarm"] and set(slices) == {"region=eu", "region=us", "sku=edge-cpu"}
+        assert slices["region=eu"]["features"][0]["drifted"] is True
+        assert slices["region=us"]["features"][0]["psi"] < 0.01  # its updated devices answer as before
+        assert slices["region=eu"]["current_rows"] == 40 * len(eu)
+        page = client.get(f"/api/v1/campaigns/{cid}/drift?format=html", headers=auth)
+        assert page.headers["content-type"].startswith("text/html") and "region=eu" in page.text
+        assert client.get(f"/api/v1/campaigns/{cid}/drift?format=pdf", headers=auth).status_code == 422
         assert len(hook.received) == 1
         note = hook.received[0]
         assert (

@@ -57,6 +57,7 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("GET", "/api/v1/campaigns/kpis", Role.VIEWER, None),
     ("GET", "/api/v1/campaigns/c-none", Role.VIEWER, None),
     ("GET", "/api/v1/campaigns/c-none/decisions", Role.VIEWER, None),
+    ("GET", "/api/v1/campaigns/c-none/drift", Role.VIEWER, None),
     ("POST", "/api/v1/campaigns/c-none/submit", Role.OPERATOR, None),
     ("POST", "/api/v1/campaigns/c-none/approve", Role.ADMIN, None),
     ("POST", "/api/v1/campaigns/c-none/pause", Role.OPERATOR, {"reason": "x"}),

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -209,6 +210,29 @@ def get_campaign(request: Request, campaign_id: CampaignId, who: Viewer) -> Camp
             return present(s, service.get(s, campaign_id))
         except service.NotFoundError as exc:
             raise HTTPException(404, str(exc)) from None
+
+
+@router.get("/{campaign_id}/drift", response_model=None)
+def drift(
+    request: Request,
+    campaign_id: CampaignId,
+    who: Viewer,
+    format: Annotated[Literal["json", "html"], Query()] = "json",
+) -> dict[str, Any] | HTMLResponse:
+    """The campaign's score drift, updated devices against the rest of the cohort, overall and
+    per region and SKU: what the drift watch pauses on (JSON, or the drift report's HTML page)."""
+    from dataclasses import asdict
+
+    from fleet_server.alerts.watch import DriftWatchConfig, campaign_report, score_groups
+    from shared.drift.report import page
+
+    config = getattr(request.app.state, "drift", None) or DriftWatchConfig()
+    with request.app.state.db.session() as s:
+        try:
+            report = campaign_report(score_groups(s, service.get(s, campaign_id)), config)
+        except service.NotFoundError as exc:
+            raise HTTPException(404, str(exc)) from None
+    return HTMLResponse(page(report)) if format == "html" else asdict(report)
 
 
 @router.get("/{campaign_id}/decisions", response_model=list[DecisionPublic])

@@ -82,6 +82,17 @@ def chi2(reference: np.ndarray[Any, Any], current: np.ndarray[Any, Any]) -> tupl
     return float(r.statistic), float(r.pvalue), len(cats)
 
 
+def chi2_counts(reference: np.ndarray[Any, Any], current: np.ndarray[Any, Any]) -> tuple[float, float]:
+    """(statistic, p-value) of a chi-square test of homogeneity on two histograms' counts
+    over the same bins (bins empty in both are left out)."""
+    table = np.vstack([np.asarray(reference, dtype=np.float64), np.asarray(current, dtype=np.float64)])
+    table = table[:, table.sum(axis=0) > 0]
+    if table.shape[1] < 2 or (table.sum(axis=1) == 0).any():
+        return 0.0, 1.0
+    r = sps.chi2_contingency(table, correction=False)
+    return float(r.statistic), float(r.pvalue)
+
+
 def category_psi(reference: np.ndarray[Any, Any], current: np.ndarray[Any, Any]) -> float:
     """PSI over categories (each category its own bin)."""
     cats, codes = np.unique(np.concatenate([reference, current]), return_inverse=True)
