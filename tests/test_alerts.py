@@ -286,6 +286,11 @@ def test_a_wave_whose_updated_devices_answer_differently_is_paused(db: Any) -> N
         page = client.get(f"/api/v1/campaigns/{cid}/drift?format=html", headers=auth)
         assert page.headers["content-type"].startswith("text/html") and "region=eu" in page.text
         assert client.get(f"/api/v1/campaigns/{cid}/drift?format=pdf", headers=auth).status_code == 422
+        # The drifted slice's updated devices, exported as a feedback cohort.
+        cohort = client.get(f"/api/v1/campaigns/{cid}/cohorts/drift", headers=auth).json()
+        assert {i["thing_name"] for i in cohort["items"]} >= eu
+        assert all("region=eu" in i["slices"] for i in cohort["items"] if i["thing_name"] in eu)
+        assert any(q["slice"] == "region=eu" for q in cohort["query"]["slices"])
         assert len(hook.received) == 1
         note = hook.received[0]
         assert (
@@ -294,6 +299,46 @@ def test_a_wave_whose_updated_devices_answer_differently_is_paused(db: Any) -> N
         assert note["context"] == {"campaign": cid, "remediation": "campaign paused"}
     finally:
         hook.served.stop()
+
+
+def test_a_campaigns_failures_are_exported_with_the_query_that_selects_them_again(db: Any) -> None:
+    from fastapi.testclient import TestClient
+    from sqlalchemy import text
+
+    from fleet_server.app import create_app
+    from fleet_server.auth.service import Role, create_token
+    from fleet_server.scheduler import CampaignScheduler
+    from tests.test_campaign_service import T0 as C0
+    from tests.test_campaign_service import devices_answer, fleet, make
+
+    fleet(db, 20)
+    cid = make(db, waves=[{"percent": 50, "soak_s": 3600}, {"percent": 100}])
+    now = C0 + timedelta(seconds=1)
+    CampaignScheduler(db, lambda out: None, lambda: now).tick_all()
+    with db.session() as s:
+        first_wave = sorted(s.scalars(select(JobExecution.thing_name).where(JobExecution.campaign_id == cid)))
+    failing = first_wave[:2]
+    assert devices_answer(db, now, fail=set(failing)) == 10
+    with db.session() as s:
+        token = create_token(s, name="viewer-f", role=Role.VIEWER, now=now)
+    client = TestClient(create_app(db))
+    r = client.get(f"/api/v1/campaigns/{cid}/cohorts/failure", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200, r.text
+    cohort = r.json()
+    assert [i["thing_name"] for i in cohort["items"]] == failing and cohort["seen"] == 2
+    first = cohort["items"][0]
+    assert first["status"] == "FAILED" and first["status_details"] == {"reason": "sim"} and first["wave"] == 0
+    assert first["descriptors"]["sku"] == "edge-cpu"
+    assert first["descriptors"]["region"] == ("eu" if int(failing[0].split("-")[1]) % 2 else "us")
+    with db.session() as s:  # the exported query selects the same devices on this database
+        rows = s.execute(text(cohort["query"]["sql"]), cohort["query"]["params"]).all()
+    assert sorted(r[0] for r in rows) == failing
+    assert (
+        client.get(
+            f"/api/v1/campaigns/{cid}/cohorts/nope", headers={"Authorization": f"Bearer {token}"}
+        ).status_code
+        == 422
+    )
 
 
 def test_personal_data_never_reaches_the_log_and_every_line_carries_the_request_id(models: Path) -> None:

@@ -58,6 +58,7 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("GET", "/api/v1/campaigns/c-none", Role.VIEWER, None),
     ("GET", "/api/v1/campaigns/c-none/decisions", Role.VIEWER, None),
     ("GET", "/api/v1/campaigns/c-none/drift", Role.VIEWER, None),
+    ("GET", "/api/v1/campaigns/c-none/cohorts/failure", Role.VIEWER, None),
     ("POST", "/api/v1/campaigns/c-none/submit", Role.OPERATOR, None),
     ("POST", "/api/v1/campaigns/c-none/approve", Role.ADMIN, None),
     ("POST", "/api/v1/campaigns/c-none/pause", Role.OPERATOR, {"reason": "x"}),
@@ -113,7 +114,7 @@ def test_every_api_route_is_in_the_role_table(
 
     client, _, _ = api
     listed = {
-        (m, re.sub(r"c-none|car-1|999|pilot|none|classifier.threshold", "{}", p)) for m, p, _, _ in ENDPOINTS
+        (m, re.sub(r"c-none|car-1|999|pilot|none|classifier.threshold|failure$", "{}", p)) for m, p, _, _ in ENDPOINTS
     }
     paths = client.get("/openapi.json").json()["paths"]
     routes = {

@@ -235,6 +235,28 @@ def drift(
     return HTMLResponse(page(report)) if format == "html" else asdict(report)
 
 
+@router.get("/{campaign_id}/cohorts/{kind}")
+def cohort(
+    request: Request,
+    campaign_id: CampaignId,
+    kind: Literal["failure", "drift"],
+    who: Viewer,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+) -> dict[str, Any]:
+    """A feedback cohort for the next training loop: the members the campaign failed on, or
+    the updated members of drifted slices, with descriptors, telemetry and the query that
+    selects them again."""
+    from fleet_server.alerts.cohorts import export
+    from fleet_server.alerts.watch import DriftWatchConfig
+
+    config = getattr(request.app.state, "drift", None) or DriftWatchConfig()
+    with request.app.state.db.session() as s:
+        try:
+            return export(s, service.get(s, campaign_id), kind, config, limit)
+        except service.NotFoundError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+
 @router.get("/{campaign_id}/decisions", response_model=list[DecisionPublic])
 def decisions(request: Request, campaign_id: CampaignId, who: Viewer) -> list[CampaignDecision]:
     with request.app.state.db.session() as s:
