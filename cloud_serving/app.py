@@ -36,6 +36,7 @@ from cloud_serving.experiments import ExperimentSpec
 from cloud_serving.gateway import Gateway, GatewayError
 from cloud_serving.quality import top_score
 from cloud_serving.shadow import ShadowBudget
+from shared.kpis import summarise
 from shared.logs import REQUEST_ID_HEADER, correlated, request_id
 from shared.settings_file import first_error
 from shared.sysmetrics import register_system_metrics
@@ -394,6 +395,12 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
             },
             "items": c.items,
         }
+
+    @app.get("/v1/admin/kpis")
+    async def kpis(_: Admin) -> dict[str, Any]:
+        """Time to mitigation and defect escape rate over the releases this gateway stopped by
+        itself (gates, alerts), as the fleet server reports them for campaigns."""
+        return summarise(gateway.mitigations)
 
     @app.post("/v1/admin/models/{model}/fallback/clear")
     async def clear_fallback(model: str, _: Admin) -> dict[str, Any]:

@@ -104,11 +104,17 @@ class Canary:
     exchanges: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
     redactor: Redactor = DEFAULT_REDACTOR  # the gateway's, as configured
     log: list[str] = field(default_factory=list)
+    started_at: datetime | None = None
     _seen: int = 0
+
+    @property
+    def answered(self) -> int:
+        """Requests the candidate has answered or failed."""
+        return self._seen
 
     @classmethod
     def begin(cls, model: str, production: str, candidate: str, spec: CanarySpec, now: datetime) -> Canary:
-        c = cls(model, production, candidate, spec, start(now))
+        c = cls(model, production, candidate, spec, start(now), started_at=now)
         c.log.append(f"{now.isoformat()} canary {candidate} over {production}: steps {list(spec.steps)} %")
         return c
 

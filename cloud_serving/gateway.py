@@ -42,6 +42,7 @@ from shared.batching import InferencePool, NonFiniteOutputError, OverloadedError
 from shared.errors import TidegateError
 from shared.fsutil import atomic_write_bytes
 from shared.gates import Action
+from shared.kpis import Mitigation
 from shared.logs import DEFAULT_KEYS, DEFAULT_PATTERNS, Redactor
 from shared.webhooks import notify, payload
 
@@ -104,6 +105,7 @@ class ModelState:
     shadow: ShadowMirror | None = None
     canary: Canary | None = None
     history: list[str] = field(default_factory=list)  # previous production versions, newest last
+    production_since: datetime | None = None  # when the production version took all traffic
     events: list[str] = field(default_factory=list)
     split: Split | None = None
     deadlines: deque[tuple[float, asyncio.Future[Any]]] = field(default_factory=deque)
@@ -182,6 +184,7 @@ class Gateway:
         g = config.gateway
         patterns = (*(DEFAULT_PATTERNS if g.redact_default_patterns else ()), *g.redact_patterns)
         self.redactor = Redactor(g.redact_keys or DEFAULT_KEYS, patterns)
+        self.mitigations: list[Mitigation] = []  # releases the gateway stopped itself (KPIs)
         self.incidents = IncidentRecorder(
             g.failure_dir.parent / "incidents",
             self.redactor,
@@ -217,6 +220,7 @@ class Gateway:
                 name, mc, versions, mc.production, {mc.production: 1.0}, mc.salt or name, fallback
             )
             self.models[name].rules = [a.rule() for a in mc.alerts]
+            self.models[name].production_since = self.clock()
             if mc.ood_z is not None:
                 self.models[name].profile = InputProfile(warmup=mc.ood_warmup, z=mc.ood_z)
             for b in versions.values():
@@ -432,6 +436,7 @@ class Gateway:
             if winner != st.production:
                 st.history.append(st.production)
             st.production, st.weights = winner, {winner: 1.0}
+            st.production_since = self.clock()
             if (threshold := exp.spec.threshold_of(exp.spec.treatment)) is not None:
                 st.threshold = threshold
             st.ensemble = exp.spec.ensemble_of(exp.spec.treatment)  # after production: it clears it
@@ -552,6 +557,7 @@ class Gateway:
         if top != st.production:
             st.history.append(st.production)
             st.production = top
+            st.production_since = self.clock()
         self._note(st, f"weights {split}")
 
     async def switch(self, name: str, version: str) -> None:
@@ -570,6 +576,7 @@ class Gateway:
         if version != st.production:
             st.history.append(st.production)
         st.production, st.weights = version, {version: 1.0}
+        st.production_since = self.clock()
         self._note(st, f"switched all traffic to {version}")
 
     async def rollback(self, name: str, reason: str = "operator rollback") -> str:
@@ -582,6 +589,7 @@ class Gateway:
             raise ReleaseError(f"{name} has no previous version to roll back to")
         previous = st.history.pop()
         st.production, st.weights = previous, {previous: 1.0}
+        st.production_since = self.clock()
         self._note(st, f"rolled back to {previous}: {reason}")
         return previous
 
@@ -656,6 +664,7 @@ class Gateway:
         if promoted:
             st.history.append(st.production)
             st.production = candidate
+            st.production_since = self.clock()
             self._promoted(
                 st.name, candidate, "canary", {"steps": list(st.canary.spec.steps), "log": st.canary.log}
             )
@@ -686,6 +695,7 @@ class Gateway:
                 self._end_canary(st, promoted=True, reason=decision.reason)
                 done.append((st.name, "promoted", None))
             elif decision.action is Action.ABORT:
+                self._mitigated(st, "gates", decision.reason, now)
                 bundle = st.canary.write_failure_bundle(self.config.gateway.failure_dir, now, decision)
                 self._end_canary(st, promoted=False, reason=decision.reason)
                 done.append((st.name, "rolled back", bundle))
@@ -746,6 +756,8 @@ class Gateway:
         self, st: ModelState, event: AlertEvent, version: str | None, done: list[tuple[str, str, Path | None]]
     ) -> str:
         """The alert's action through the gateway's own release operations; what was done."""
+        if event.action in ("rollback", "fallback"):
+            self._mitigated(st, "alerts", f"alert {event.rule}: {event.detail}", event.at, version)
         if event.action == "rollback":
             if st.canary is not None and version == st.canary.candidate:
                 self._end_canary(st, promoted=False, reason=f"alert {event.rule}: {event.detail}")
@@ -754,6 +766,7 @@ class Gateway:
             if st.history:
                 previous = st.history.pop()
                 st.production, st.weights = previous, {previous: 1.0}
+                st.production_since = self.clock()
                 done.append((st.name, "rolled back", None))
                 return f"rolled back to {previous}"
             return "rollback impossible: no previous version"
@@ -766,6 +779,22 @@ class Gateway:
             depth = sum(getattr(b, "queue_depth", 0) for b in st.versions.values())
             return f"scale hint: add capacity for {st.name} (queue depth {depth}); no change made here"
         return "none configured"
+
+    def _mitigated(
+        self, st: ModelState, by: str, reason: str, now: datetime, version: str | None = None
+    ) -> None:
+        """Record a defective release stopped by the gateway itself (the KPIs' input): a
+        canary, exposed since it began (escaped past its first step), or the production
+        version, exposed since it took all traffic (escaped: it got through its release)."""
+        c = st.canary
+        if c is not None and version in (None, c.candidate):
+            exposed_at, exposed, escaped = c.started_at or now, c.answered, c.state.step > 0
+            subject = f"{st.name}:{c.candidate}"
+        else:
+            exposed_at = st.production_since or now
+            exposed = sum(s.good + s.bad for s in st.outcomes.get(st.production, ()))
+            escaped, subject = True, f"{st.name}:{st.production}"
+        self.mitigations.append(Mitigation(subject, by, reason, exposed_at, now, exposed, escaped))
 
     def clear_fallback(self, name: str) -> None:
         st = self.model(name)

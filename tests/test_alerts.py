@@ -162,6 +162,13 @@ def test_an_alert_on_a_canarys_errors_rolls_it_back_and_notifies_the_webhook(mod
             "version": "9.9.9-bad",
             "remediation": "canary 9.9.9-bad rolled back",
         }
+        # The gateway's own KPIs: one mitigation, from the canary's start to the alert's stop.
+        kpis = (await client.get("/v1/admin/kpis", headers=caller(ADMIN))).json()
+        assert kpis["mitigations"] == 1 and kpis["defect_escape_rate"] == 0.0  # stopped at its first step
+        m = kpis["mitigated"][0]
+        assert m["subject"] == "classifier:9.9.9-bad" and m["by"] == "alerts" and m["exposed"] > 20
+        assert 0 < m["seconds"] <= 5 and kpis["time_to_mitigation_s"]["p50"] == m["seconds"]
+        assert (await client.get("/v1/admin/kpis", headers=caller())).status_code == 401  # not an admin key
 
     hook.served.start()
     try:

@@ -314,7 +314,8 @@ def test_schedule_and_server_preconditions(db: Database) -> None:
 
 
 def test_kpis_time_to_mitigation_and_defect_escape_rate(db: Database) -> None:
-    from fleet_server.campaigns.kpis import load, summarise
+    from fleet_server.campaigns.kpis import load
+    from shared.kpis import summarise
 
     fleet(db, 100)
     gate = {
@@ -351,10 +352,10 @@ def test_kpis_time_to_mitigation_and_defect_escape_rate(db: Database) -> None:
             s, campaign_id=c, actor="alerts", now=now + timedelta(minutes=10), reason="alert score-drift"
         )
     with db.session() as s:
-        found = {m.campaign: m for m in load(s)}
+        found = {m.subject: m for m in load(s)}
     assert set(found) == {a, c}
-    assert found[a].seconds == 120 and not found[a].escaped and found[a].devices_exposed == 17
-    assert found[c].escaped and found[c].by == "alerts" and found[c].devices_exposed > 10
+    assert found[a].seconds == 120 and not found[a].escaped and found[a].exposed == 17
+    assert found[c].escaped and found[c].by == "alerts" and found[c].exposed > 10
     kpis = summarise(list(found.values()))
     assert kpis["mitigations"] == 2 and kpis["defect_escape_rate"] == 0.5
     assert kpis["time_to_mitigation_s"]["p50"] == 120

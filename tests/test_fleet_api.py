@@ -114,7 +114,8 @@ def test_every_api_route_is_in_the_role_table(
 
     client, _, _ = api
     listed = {
-        (m, re.sub(r"c-none|car-1|999|pilot|none|classifier.threshold|failure$", "{}", p)) for m, p, _, _ in ENDPOINTS
+        (m, re.sub(r"c-none|car-1|999|pilot|none|classifier.threshold|failure$", "{}", p))
+        for m, p, _, _ in ENDPOINTS
     }
     paths = client.get("/openapi.json").json()["paths"]
     routes = {

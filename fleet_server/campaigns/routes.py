@@ -197,10 +197,11 @@ def create_campaign(request: Request, body: CampaignSpec, who: Operator) -> Camp
 @router.get("/kpis")
 def kpis(request: Request, who: Viewer) -> dict[str, Any]:
     """Time to mitigation and defect escape rate over every campaign the system stopped."""
-    from fleet_server.campaigns import kpis as metrics
+    from fleet_server.campaigns.kpis import load
+    from shared.kpis import summarise
 
     with request.app.state.db.session() as s:
-        return metrics.summarise(metrics.load(s))
+        return summarise(load(s))
 
 
 @router.get("/{campaign_id}", response_model=CampaignPublic)
