@@ -26,6 +26,7 @@ from fleet_server.jobs.models import JobExecution
 from fleet_server.jobs.protocol import Outgoing
 from fleet_server.releases.routes import router as releases_router
 from fleet_server.telemetry.metrics import FleetGauges
+from fleet_server.telemetry.routes import router as fleet_router
 from shared.logs import REQUEST_ID_HEADER, correlated
 from shared.sysmetrics import register_system_metrics
 from shared.trust import UpdateRepository
@@ -73,6 +74,7 @@ def create_app(
     app.include_router(campaigns_router, dependencies=documented)
     app.include_router(releases_router, dependencies=documented)
     app.include_router(flags_router, dependencies=documented)
+    app.include_router(fleet_router, dependencies=documented)
 
     registry = CollectorRegistry()
     register_system_metrics(registry)

@@ -3,6 +3,7 @@ live tiles per campaign, the decision log, and the pause and resume buttons."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -20,6 +21,7 @@ from fleet_server.db import Database
 from fleet_server.devices.service import register_device
 from fleet_server.jobs import protocol
 from fleet_server.migrate import upgrade
+from fleet_server.telemetry.service import ingest
 from tests.mqtt_helpers import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -63,6 +65,18 @@ def test_dashboard_live_in_headless_chromium(tmp_path: Path) -> None:
         service.approve(s, campaign_id=c.id, actor="ops", now=now, override_reason="test fleet: no bench")
         service.tick(s, campaign_id=c.id, now=now)
         cid = c.id
+        for i, errors in ((0, 0), (1, 5)):  # two devices report: 5 errors in 200 answers
+            body = {
+                "seq": 1,
+                "device_id": f"car-{i}",
+                "sku": "edge-cpu",
+                "at": now.isoformat(),
+                "agent_version": "0.1.0",
+                "active_version": "1.0.0",
+                "throttle_level": i,
+                "inference": {"count": 100, "errors": errors, "p95_ms": 4.0 + i},
+            }
+            assert ingest(s, f"tidegate/things/car-{i}/beacon", json.dumps(body).encode(), now) == "stored"
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(db), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -89,6 +103,15 @@ def test_dashboard_live_in_headless_chromium(tmp_path: Path) -> None:
             card.wait_for(timeout=10_000)
             assert "RUNNING" in card.inner_text().upper() and "classifier 2.0" in card.inner_text()
             assert "QUEUED" in card.inner_text()
+            # the fleet's key tiles, from the beacons and the KPIs
+            fleet = page.locator("#fleet")
+            fleet.locator("[data-tile='devices']").wait_for(timeout=10_000)
+            assert fleet.locator("[data-tile='devices'] b").inner_text() == "2"
+            assert fleet.locator("[data-tile='error ratio'] b").inner_text() == "2.5 %"
+            assert fleet.locator("[data-tile='p95 ms (worst)'] b").inner_text() == "5.0"
+            assert "alarm" in (fleet.locator("[data-tile='throttled']").get_attribute("class") or "")
+            assert fleet.locator("[data-tile='1.0.0'] b").inner_text() == "2 · 2.5 %"
+            assert fleet.locator("[data-tile='mitigations'] b").inner_text() == "0"
             # a device answers: the tiles update live, without a reload
             thing = next(t for t in ("car-0", "car-1", "car-2", "car-3") if _has_execution(db, t))
             with db.session() as s:

@@ -67,6 +67,7 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("POST", "/api/v1/campaigns/c-none/cancel", Role.OPERATOR, {"force": True}),
     ("POST", "/api/v1/campaigns/c-none/retry-failed", Role.OPERATOR, None),
     ("GET", "/api/v1/groups", Role.VIEWER, None),
+    ("GET", "/api/v1/fleet/summary", Role.VIEWER, None),
     ("GET", "/api/v1/flags", Role.VIEWER, None),
     ("PUT", "/api/v1/flags/classifier.threshold", Role.OPERATOR, {"value": 0.6}),
     ("POST", "/api/v1/groups", Role.OPERATOR, {"name": "pilot"}),

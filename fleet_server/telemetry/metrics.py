@@ -16,6 +16,58 @@ from fleet_server.devices.models import Device
 LABELS = ["sku", "version", "region"]
 
 
+def aggregate(session: Session) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(sku, active version, region) → the latest beacons summed: devices, requests, errors,
+    OOD inputs, throttled devices, the p95 of each device and the hottest zone."""
+    sums: dict[tuple[str, str, str], dict[str, Any]] = defaultdict(
+        lambda: {"devices": 0, "requests": 0, "errors": 0, "ood": 0, "p95": [], "throttled": 0, "temp": None}
+    )
+    rows = session.execute(
+        select(Device.sku, Device.region, Device.last_beacon).where(Device.last_beacon.is_not(None))
+    )
+    for sku, region, beacon in rows:
+        inference = beacon.get("inference") or {}
+        a = sums[(sku, beacon.get("active_version") or "none", region or "")]
+        a["devices"] += 1
+        a["requests"] += inference.get("count", 0)
+        a["errors"] += inference.get("errors", 0)
+        a["ood"] += inference.get("ood", 0)
+        if inference.get("p95_ms") is not None:
+            a["p95"].append(inference["p95_ms"])
+        a["throttled"] += int(beacon.get("throttle_level", 0) > 0)
+        temps = list((beacon.get("temperatures_c") or {}).values())
+        if temps:
+            a["temp"] = max(temps + ([a["temp"]] if a["temp"] is not None else []))
+    return dict(sums)
+
+
+def summary(session: Session) -> dict[str, Any]:
+    """The fleet dashboard's tiles: totals over every reporting device, and devices and
+    error ratio per active version."""
+    sums = aggregate(session)
+    p95s = [v for a in sums.values() for v in a["p95"]]
+    temps = [a["temp"] for a in sums.values() if a["temp"] is not None]
+    versions: dict[str, dict[str, int]] = defaultdict(lambda: {"devices": 0, "requests": 0, "errors": 0})
+    for (_, version, _), a in sums.items():
+        for k in ("devices", "requests", "errors"):
+            versions[version][k] += a[k]
+    requests = sum(a["requests"] for a in sums.values())
+    return {
+        "devices": sum(a["devices"] for a in sums.values()),
+        "requests": requests,
+        "error_ratio": sum(a["errors"] for a in sums.values()) / requests if requests else None,
+        "ood": sum(a["ood"] for a in sums.values()),
+        "throttled": sum(a["throttled"] for a in sums.values()),
+        "p95_ms_mean": sum(p95s) / len(p95s) if p95s else None,
+        "p95_ms_max": max(p95s, default=None),
+        "max_temperature_c": max(temps, default=None),
+        "versions": {
+            v: {**c, "error_ratio": c["errors"] / c["requests"] if c["requests"] else None}
+            for v, c in sorted(versions.items())
+        },
+    }
+
+
 class FleetGauges:
     def __init__(self, registry: CollectorRegistry) -> None:
         def gauge(name: str, doc: str) -> Gauge:
@@ -32,34 +84,7 @@ class FleetGauges:
         self.temperature = gauge("tidegate_fleet_max_temperature_celsius", "Hottest zone reported")
 
     def update(self, session: Session) -> None:
-        sums: dict[tuple[str, str, str], dict[str, Any]] = defaultdict(
-            lambda: {
-                "devices": 0,
-                "requests": 0,
-                "errors": 0,
-                "ood": 0,
-                "p95": [],
-                "throttled": 0,
-                "temp": None,
-            }
-        )
-        rows = session.execute(
-            select(Device.sku, Device.region, Device.last_beacon).where(Device.last_beacon.is_not(None))
-        )
-        for sku, region, beacon in rows:
-            inference = beacon.get("inference") or {}
-            key = (sku, beacon.get("active_version") or "none", region or "")
-            a = sums[key]
-            a["devices"] += 1
-            a["requests"] += inference.get("count", 0)
-            a["errors"] += inference.get("errors", 0)
-            a["ood"] += inference.get("ood", 0)
-            if inference.get("p95_ms") is not None:
-                a["p95"].append(inference["p95_ms"])
-            a["throttled"] += int(beacon.get("throttle_level", 0) > 0)
-            temps = list((beacon.get("temperatures_c") or {}).values())
-            if temps:
-                a["temp"] = max(temps + ([a["temp"]] if a["temp"] is not None else []))
+        sums = aggregate(session)
         for g in (
             self.devices,
             self.requests,
