@@ -376,3 +376,44 @@ def test_kpis_time_to_mitigation_and_defect_escape_rate(db: Database) -> None:
 
     r = asyncio.run(get())
     assert r.status_code == 200 and r.json()["mitigations"] == 2 and r.json()["defect_escape_rate"] == 0.5
+
+
+def test_a_blackout_window_in_device_local_time_defers_only_the_devices_inside_it(db: Database) -> None:
+    """18:00-20:00 local: at 10:00 UTC it is 19:00 in Tokyo, so the Tokyo car waits (with the
+    reason in the decision log) while the others install; it is notified once its window
+    closes."""
+    things = fleet(db, 4)
+    with db.session() as s:
+        s.get(Device, things[3]).attributes = {"timezone": "Asia/Tokyo"}  # type: ignore[union-attr]
+        s.get(Device, things[2]).attributes = {"timezone": "Not/AZone"}  # unknown zone: read as UTC
+    cid = make(
+        db,
+        waves=[{"percent": 100}],
+        blackouts=[{"cron": "0 18 * * *", "duration_minutes": 120, "timezone": "device"}],
+    )
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=T0)
+        queued = set(s.scalars(select(JobExecution.thing_name).where(JobExecution.job_id == cid)).all())
+        log = [
+            d.message for d in s.scalars(select(CampaignDecision).where(CampaignDecision.campaign_id == cid))
+        ]
+    assert queued == set(things[:3])
+    assert any(
+        "blackout window '0 18 * * *' open in the device's local time (Asia/Tokyo) (1)" in m for m in log
+    )
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=T0 + timedelta(minutes=59))  # 19:59 in Tokyo: still closed to it
+        assert s.query(JobExecution).filter(JobExecution.thing_name == things[3]).count() == 0
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=T0 + timedelta(hours=1))  # 20:00 in Tokyo: the window closed
+        assert s.query(JobExecution).filter(JobExecution.thing_name == things[3]).count() == 1
+    with pytest.raises(ValueError, match="unknown time zone"):
+        CampaignSpec.model_validate(
+            {
+                "name": "x",
+                "target": "t",
+                "repository": "r",
+                "cohort": {"sku": "edge-cpu"},
+                "blackouts": [{"cron": "0 18 * * *", "duration_minutes": 60, "timezone": "Mars/Olympus"}],
+            }
+        )

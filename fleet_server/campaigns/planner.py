@@ -134,7 +134,7 @@ def plan_tick(spec: CampaignSpec, state: CampaignState, now: datetime) -> Decisi
             f"{len(deferred)} device(s) deferred by server-side preconditions: "
             + ", ".join(f"{reason} ({n})" for reason, n in sorted(why.items(), key=lambda kv: str(kv[0])))
         )
-    blackout = next((w for w in spec.blackouts if w.window().is_open(now)), None)
+    blackout = next((w for w in spec.blackouts if not w.per_device and w.window().is_open(now)), None)
     if blackout is not None:
         d.log.append(f"blackout window {blackout.cron!r} ({blackout.timezone}) open: nothing queued")
     else:

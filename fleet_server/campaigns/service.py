@@ -319,6 +319,16 @@ def tick(session: Session, *, campaign_id: str, now: datetime) -> list[protocol.
         )
     if decision.queue:
         _log(session, c, now, "queued", "scheduler", next(m for m in decision.log if "notifying" in m))
+    deferred = next((m for m in decision.log if "deferred by server-side preconditions" in m), None)
+    if deferred is not None:  # logged when the reasons change, not on every tick
+        last = session.scalars(
+            select(CampaignDecision.message)
+            .where(CampaignDecision.campaign_id == c.id, CampaignDecision.kind == "deferred")
+            .order_by(CampaignDecision.id.desc())
+            .limit(1)
+        ).first()
+        if last != deferred:
+            _log(session, c, now, "deferred", "scheduler", deferred)
     if decision.end is not None:
         c.state, c.finished_at = (S.COMPLETED if decision.end == "stop_rollout" else S.CANCELED).value, now
         _log(session, c, now, c.state, "scheduler", decision.log[-1])
@@ -339,18 +349,26 @@ def tick(session: Session, *, campaign_id: str, now: datetime) -> list[protocol.
 def _unmet(session: Session, spec: CampaignSpec, things: list[str], now: datetime) -> dict[str, str]:
     """Server-side preconditions of the devices not notified yet: thing → why it must wait."""
     pre = spec.server_preconditions
-    if not things or (pre.online_within_s is None and pre.firmware_min is None and pre.regions is None):
+    local = [w for w in spec.blackouts if w.per_device]
+    if not things or (
+        pre.online_within_s is None and pre.firmware_min is None and pre.regions is None and not local
+    ):
         return {}
     out: dict[str, str] = {}
     wanted = set(things)
     rows = session.execute(
-        select(Device.thing_name, Device.last_seen_at, Device.firmware, Device.region).where(
-            Device.sku == spec.cohort.sku
-        )
+        select(
+            Device.thing_name, Device.last_seen_at, Device.firmware, Device.region, Device.attributes
+        ).where(Device.sku == spec.cohort.sku)
     ).all()
-    for thing, last_seen_at, firmware, region in rows:
+    for thing, last_seen_at, firmware, region, attributes in rows:
         if thing in wanted:
             why = pre.unmet(now=now, last_seen_at=last_seen_at, firmware=firmware, region=region)
+            if why is None and local:
+                tz = str((attributes or {}).get("timezone") or "UTC")
+                open_ = next((w for w in local if w.window(tz).is_open(now)), None)
+                if open_ is not None:
+                    why = f"blackout window {open_.cron!r} open in the device's local time ({tz})"
             if why is not None:
                 out[thing] = why
     return out

@@ -84,7 +84,14 @@ class RateSpec(_Spec):
         return int(min(self.maximum_per_minute, rate))
 
 
+DEVICE_TZ = "device"  # a window in each device's own local time (its `timezone` attribute)
+
+
 class WindowSpec(_Spec):
+    """A cron window. In a named time zone it holds the whole campaign while open; with
+    timezone "device" it is read in each device's local time (attribute `timezone`, UTC when
+    absent) and defers only the devices it is open for, like a server-side precondition."""
+
     cron: str
     duration_minutes: int = Field(ge=1, le=7 * 24 * 60)
     timezone: str = "UTC"
@@ -92,13 +99,23 @@ class WindowSpec(_Spec):
     @model_validator(mode="after")
     def _valid(self) -> WindowSpec:
         try:
-            Window.parse(self.cron, self.duration_minutes, self.timezone)
+            Window.parse(self.cron, self.duration_minutes, "UTC" if self.per_device else self.timezone)
         except CronError as exc:
             raise ValueError(str(exc)) from None
         return self
 
-    def window(self) -> Window:
-        return Window.parse(self.cron, self.duration_minutes, self.timezone)
+    @property
+    def per_device(self) -> bool:
+        return self.timezone == DEVICE_TZ
+
+    def window(self, device_timezone: str | None = None) -> Window:
+        """The window; for a per-device one, in `device_timezone` (an unknown zone is UTC)."""
+        if not self.per_device:
+            return Window.parse(self.cron, self.duration_minutes, self.timezone)
+        try:
+            return Window.parse(self.cron, self.duration_minutes, device_timezone or "UTC")
+        except CronError:
+            return Window.parse(self.cron, self.duration_minutes, "UTC")
 
 
 FailureType = Literal["FAILED", "TIMED_OUT", "ALL"]
