@@ -237,6 +237,16 @@ def test_refuses_rolled_back_metadata(world: World, tmp_path: Path) -> None:
     _assert_refused(world, device, repo_dir, world.targets["v2"], "rollback")
 
 
+def test_refuses_mixed_and_matched_metadata(world: World, tmp_path: Path) -> None:
+    """An older targets.json served under the name the current snapshot pins."""
+    device, repo_dir = world.copy(tmp_path, repo=True)
+    meta = repo_dir / "metadata"
+    tv = json.loads((meta / "snapshot.json").read_bytes())["signed"]["meta"]["targets.json"]["version"]
+    assert tv > 1
+    (meta / f"{tv}.targets.json").write_bytes((meta / f"{tv - 1}.targets.json").read_bytes())
+    _assert_refused(world, device, repo_dir, world.targets["v2"], "targets")
+
+
 @pytest.mark.parametrize(
     ("members", "needle"),
     [
