@@ -14,12 +14,7 @@ import time
 from pathlib import Path
 
 from shared.errors import TidegateError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from shared.net import free_port
 
 
 class EmbeddedBroker:
@@ -32,7 +27,7 @@ class EmbeddedBroker:
                 "no MQTT broker: install Mosquitto (Debian: apt-get install mosquitto) "
                 "or point TIDEGATE_MQTT_HOST/PORT at a broker"
             )
-        self.binary, self.dir, self.port = binary, workdir, port or _free_port()
+        self.binary, self.dir, self.port = binary, workdir, port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedBroker:

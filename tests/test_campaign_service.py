@@ -401,12 +401,18 @@ def test_a_blackout_window_in_device_local_time_defers_only_the_devices_inside_i
     assert any(
         "blackout window '0 18 * * *' open in the device's local time (Asia/Tokyo) (1)" in m for m in log
     )
+    assert devices_answer(db, T0) == 3
     with db.session() as s:
         service.tick(s, campaign_id=cid, now=T0 + timedelta(minutes=59))  # 19:59 in Tokyo: still closed to it
         assert s.query(JobExecution).filter(JobExecution.thing_name == things[3]).count() == 0
+    assert state(db, cid) == ("running", 0)  # the others are done, but the campaign waits for it
     with db.session() as s:
         service.tick(s, campaign_id=cid, now=T0 + timedelta(hours=1))  # 20:00 in Tokyo: the window closed
         assert s.query(JobExecution).filter(JobExecution.thing_name == things[3]).count() == 1
+    assert devices_answer(db, T0 + timedelta(hours=1)) == 1
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=T0 + timedelta(hours=1, seconds=1))
+    assert state(db, cid)[0] == "completed"
     with pytest.raises(ValueError, match="unknown time zone"):
         CampaignSpec.model_validate(
             {

@@ -94,6 +94,9 @@ def retry_pending(spec: CampaignSpec, m: MemberState) -> bool:
     return m.status is not None and m.attempt <= spec.retry.allowed(m.status)
 
 
+TRANSIENT_DEFERRAL = "blackout window"  # the reason's prefix for a device-local blackout
+
+
 def plan_start(spec: CampaignSpec, now: datetime) -> bool:
     """Whether an approved campaign may start now."""
     return spec.schedule.start_at is None or now >= spec.schedule.start_at
@@ -163,7 +166,10 @@ def plan_tick(spec: CampaignSpec, state: CampaignState, now: datetime) -> Decisi
                 f"({in_flight} in flight, {per_minute}/min)"
             )
 
-    all_done = executed + len(deferred) == len(reached) and not d.queue and not retrying
+    # A device outside its blackout window now is waited for (the window passes by itself);
+    # one that fails a standing precondition (offline, firmware, region) is not.
+    waiting_out = [m for m in deferred if (m.unmet or "").startswith(TRANSIENT_DEFERRAL)]
+    all_done = executed + len(deferred) == len(reached) and not d.queue and not retrying and not waiting_out
     success = evaluate_gate(spec.success_gate.gate("success", len(reached)), snap, now)
     if success.verdict is not Verdict.PASS:
         if all_done and not deferred:

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from fleet_server.campaigns.models import Campaign, CampaignDecision
 from fleet_server.campaigns.planner import (
     FAILURES,
+    TRANSIENT_DEFERRAL,
     CampaignState,
     MemberState,
     order_members,
@@ -368,7 +369,7 @@ def _unmet(session: Session, spec: CampaignSpec, things: list[str], now: datetim
                 tz = str((attributes or {}).get("timezone") or "UTC")
                 open_ = next((w for w in local if w.window(tz).is_open(now)), None)
                 if open_ is not None:
-                    why = f"blackout window {open_.cron!r} open in the device's local time ({tz})"
+                    why = f"{TRANSIENT_DEFERRAL} {open_.cron!r} open in the device's local time ({tz})"
             if why is not None:
                 out[thing] = why
     return out

@@ -58,6 +58,7 @@ class SimulatedFleet:
         self._timers: list[tuple[float, int, str, str, int]] = []  # (due, seq, thing, job, version)
         self._seq = 0
         self._busy: set[str] = set()
+        self._waiting: dict[str, tuple[str, int]] = {}  # thing → (job, expected version)
         self.update_accepted_at: list[float] = []  # wall time of every accepted status update
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -164,16 +165,31 @@ class SimulatedFleet:
         if thing in self._unmet:
             with self._lock:
                 self.stats.waiting += 1
+                self._waiting[thing] = (job, version + 1)
             self._update(
                 thing, job, "IN_PROGRESS", version, {"step": "waiting", "unmet": "battery: 12% < 30%"}
             )
             return
+        self._install(thing, job, version)
+
+    def _install(self, thing: str, job: str, version: int) -> None:
         self._update(thing, job, "IN_PROGRESS", version, {"step": "downloading"})
         due = time.monotonic() + self._rng.uniform(*self.s.install_s)
         with self._lock:
             self._seq += 1
             heapq.heappush(self._timers, (due, self._seq, thing, job, version + 1))
         self._wake.set()
+
+    def satisfy(self) -> int:
+        """The devices waiting on their preconditions meet them (chargers plugged in): each
+        goes on with its install, as the agent does at its next re-check; how many did."""
+        with self._lock:
+            waiting, self._waiting = self._waiting, {}
+            self._unmet -= set(waiting)
+            self.stats.waiting -= len(waiting)
+        for thing, (job, version) in waiting.items():
+            self._install(thing, job, version)
+        return len(waiting)
 
     def _timer_loop(self) -> None:
         while not self._stop.is_set():
