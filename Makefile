@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench scale clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+# The documented 50,000-device run (docs/SCALING.md); minutes, not part of `make bench`.
+scale: $(STAMP)
+	$(PY) -m bench.fleet_scale --devices $(or $(DEVICES),50000)
 
 clean:
 	rm -rf .demo bench/results .pytest_cache .mypy_cache .ruff_cache

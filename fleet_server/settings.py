@@ -4,23 +4,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TIDEGATE_", env_file=".env", extra="ignore")
 
-    database_url: str = "sqlite:///./tidegate.db"
-    mqtt_host: str = "127.0.0.1"
+    database_url: str = Field(
+        default="sqlite:///./tidegate.db",
+        description="SQLAlchemy URL; PostgreSQL: postgresql+psycopg://user@host/db",
+    )
+    mqtt_host: str = Field(default="127.0.0.1", description="the broker the jobs bridge connects to")
     mqtt_port: int = 1883
-    mqtt_client_id: str = "tidegate-fleet-server"
-    mqtt_ca_file: Path | None = None
+    mqtt_client_id: str = Field(
+        default="tidegate-fleet-server", description="unique per replica (persistent session)"
+    )
+    mqtt_ca_file: Path | None = Field(
+        default=None, description="TLS to the broker: CA, client certificate and key"
+    )
     mqtt_cert_file: Path | None = None
     mqtt_key_file: Path | None = None
-    repository_dir: Path | None = None  # the TUF repository the server signs into and serves at /repo
-    renotify_queued_s: float = 60.0
-    sweep_interval_s: float = 5.0
+    repository_dir: Path | None = Field(
+        default=None, description="the TUF repository the server signs into and serves at /repo"
+    )
+    renotify_queued_s: float = Field(
+        default=60.0, description="re-notify devices whose queued job may have been missed"
+    )
+    sweep_interval_s: float = Field(
+        default=5.0, description="how often step and in-progress timeouts are swept"
+    )
     # Alerts: webhooks notified (JSON POST) and the score-drift pause of running campaigns.
-    alert_webhooks: list[str] = []
-    drift_psi_threshold: float = 0.25
-    drift_min_scores: int = 200
+    alert_webhooks: list[str] = Field(
+        default=[], description='JSON list of URLs notified on alerts, e.g. ["https://hooks.example/x"]'
+    )
+    drift_psi_threshold: float = Field(
+        default=0.25, description="score PSI (updated vs other devices) that pauses a campaign"
+    )
+    drift_min_scores: int = Field(
+        default=200, description="answers needed on each side of a slice before PSI counts"
+    )

@@ -348,9 +348,10 @@ def test_the_readme_campaign_example_is_a_valid_spec() -> None:
     from pathlib import Path
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    block = re.search(r"```json\n(.*?)```", readme, re.S)
-    assert block is not None
-    s = CampaignSpec.model_validate(json.loads(block.group(1)))
+    blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", readme, re.S)]
+    campaigns = [b for b in blocks if "waves" in b]
+    assert campaigns, "the README shows a campaign"
+    s = CampaignSpec.model_validate(campaigns[0])
     assert s.retry.allowed("TIMED_OUT") == 2 and s.cohort.groups == ["pilot"]
 
 

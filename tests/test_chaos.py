@@ -20,6 +20,8 @@ import pytest
 from sqlalchemy import func, select
 
 from agent.engine import Agent
+from fleet_server.campaigns.models import CampaignDecision
+from fleet_server.campaigns.planner import order_members
 from fleet_server.db import Database
 from fleet_server.jobs.models import ExecutionEvent, JobExecution
 from fleet_server.telemetry.models import TelemetryRecord
@@ -102,8 +104,12 @@ def test_broker_restart_server_sigkill_agent_sigkill_and_power_cut_mid_campaign(
                     {"metric": "success_rate", "comparator": ">=", "threshold": 1.0, "min_samples": 1}
                 ]
             },
-            "seed": 3,
         }
+        # The first wave must be a device that neither dies nor loses power: the chaos starts
+        # once it has succeeded.
+        spec["seed"] = next(
+            seed for seed in range(1000) if order_members(THINGS, seed)[0] not in (POWER_CUT, KILLED)
+        )
         cid = httpx.post(server.url + "/api/v1/campaigns", json=spec, headers=h).json()["id"]
         httpx.post(f"{server.url}/api/v1/campaigns/{cid}/submit", headers=h).raise_for_status()
         httpx.post(
@@ -149,5 +155,9 @@ def test_broker_restart_server_sigkill_agent_sigkill_and_power_cut_mid_campaign(
                 .where(ExecutionEvent.execution_id == r.id, ExecutionEvent.to_status == "SUCCEEDED")
             )
             assert terminal == 1, r.thing_name
+        kinds = [
+            d.kind for d in s.scalars(select(CampaignDecision).where(CampaignDecision.campaign_id == cid))
+        ]  # the restarted server resumed the campaign: it did not start it again
+        assert kinds.count("started") == 1 and kinds.count("advanced") == 1 and kinds[-1] == "completed"
     for thing in THINGS:
         assert device_view(tmp_path / thing / "device")["version"] == "2.0.0"  # committed, verified
