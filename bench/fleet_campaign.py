@@ -41,7 +41,8 @@ from fleet_server.db import Database
 from fleet_server.devices.models import Device
 from fleet_server.migrate import upgrade
 from fleet_server.sim.fleet import SimSettings, SimulatedFleet
-from tests.mqtt_helpers import free_port
+from shared.net import free_port
+from shared.procs import stop_process
 
 WAVES = [int(p) for p in os.environ.get("TIDEGATE_BENCH_WAVES", "20,40,60,80,100").split(",")]
 
@@ -131,9 +132,12 @@ def _tidegate(*args: str, env: dict[str, str]) -> str:
     return subprocess.run([str(exe), *args], env=env, check=True, capture_output=True, text=True).stdout
 
 
-def campaign(work: Path, devices: int, db_url: str, broker_port: int) -> dict[str, Any]:
-    sku = "bench-sku"
-    things = _register(db_url, devices, sku)
+@contextmanager
+def server_process(
+    work: Path, db_url: str, broker_port: int, *, tick_s: float = 1.0
+) -> Iterator[httpx.Client]:
+    """`tidegate server run` in its own process with an admin token made by the CLI; yields
+    an authenticated API client once /healthz answers, and stops the server afterwards."""
     http_port = free_port()
     env = {
         **os.environ,
@@ -142,113 +146,116 @@ def campaign(work: Path, devices: int, db_url: str, broker_port: int) -> dict[st
         "TIDEGATE_MQTT_CLIENT_ID": f"bench-server-{http_port}",
     }
     token = _tidegate("server", "token", "create", "--role", "admin", "--name", "bench", env=env).strip()
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("tidegate")),
-            "server",
-            "run",
-            "--port",
-            str(http_port),
-            "--tick-s",
-            "0.5",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(work / "server.log", "wb"),  # noqa: SIM115
-    )
-    fleet = SimulatedFleet(things, SimSettings(port=broker_port, install_s=(0.05, 0.2), seed=1))
-    api = httpx.Client(
-        base_url=f"http://127.0.0.1:{http_port}",
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=httpx.Timeout(30.0),
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if api.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("the fleet server did not come up; see server.log")
-            time.sleep(0.2)
-        fleet.start()
-        time.sleep(1.0)  # the server's bridge subscribed before the first devices ask
-        spec = {
-            "name": f"bench {devices}",
-            "target": "bench-model-1.0.0.bundle",
-            "repository": "http://127.0.0.1/repo",
-            "cohort": {"sku": sku},
-            "waves": [{"percent": p} for p in WAVES],
-            "max_concurrent": devices,
-            "rate": {"maximum_per_minute": 100_000},
-        }
-        cid = api.post("/api/v1/campaigns", json=spec).raise_for_status().json()["id"]
-        api.post(f"/api/v1/campaigns/{cid}/submit").raise_for_status()
-        api.post(
-            f"/api/v1/campaigns/{cid}/approve", json={"override_reason": "benchmark fleet: no bench report"}
-        ).raise_for_status()
-        before = _counters(api)
-        latencies: list[float] = []
-        state = ""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 300:
-            s0 = time.perf_counter()
-            body = api.get(f"/api/v1/campaigns/{cid}").raise_for_status().json()
-            latencies.append(time.perf_counter() - s0)
-            state = body["state"]
-            if state not in ("scheduled", "running"):
-                break
-            time.sleep(0.2)
-        wall = time.monotonic() - t0
-        after = _counters(api)
-        requests = after["tidegate_jobs_requests_total"] - before["tidegate_jobs_requests_total"]
-        busy = after["tidegate_jobs_busy_seconds_total"] - before["tidegate_jobs_busy_seconds_total"]
-        batches = after["tidegate_jobs_batches_total"] - before["tidegate_jobs_batches_total"]
-        if os.environ.get("TIDEGATE_BENCH_VERBOSE"):
-            for d in api.get(f"/api/v1/campaigns/{cid}/decisions").json():
-                print(d["at"], d["kind"], d["message"][:100])
-        started = datetime.fromisoformat(body["started_at"])
-        finished = datetime.fromisoformat(body["finished_at"]) if body["finished_at"] else None
-        duration = (finished - started).total_seconds() if finished else float("nan")
-        per_second = Counter(int(t) for t in fleet.update_accepted_at)
-        first = min(per_second, default=0)
-        series = [per_second.get(first + i, 0) for i in range(max(per_second, default=0) - first + 1)]
-        best5 = max((sum(series[i : i + 5]) / 5 for i in range(max(1, len(series) - 4))), default=0.0)
-        counts = Counter[str]()
-        for w in body["waves"]:
-            counts.update(w["counts"])
-        latencies.sort()
-        return {
-            "devices": devices,
-            "state": state,
-            "succeeded": counts.get("SUCCEEDED", 0),
-            "campaign_s": duration,
-            "devices_per_s": counts.get("SUCCEEDED", 0) / duration if finished else 0.0,
-            "updates_accepted": len(fleet.update_accepted_at),
-            "updates_per_s": len(fleet.update_accepted_at) / duration if finished else 0.0,
-            "updates_per_s_peak": max(per_second.values(), default=0),
-            "updates_per_s_best5": best5,
-            "requests_accepted": len(fleet.update_accepted_at) + fleet.stats.started,
-            "server_requests": requests,
-            "server_busy_s": busy,
-            "server_requests_per_busy_s": requests / busy if busy else 0.0,
-            "mean_batch": requests / batches if batches else 0.0,
-            "api_p50_ms": statistics.median(latencies) * 1000,
-            "api_p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
-            "api_calls": len(latencies),
-            "rejected": dict(fleet.stats.rejected),
-            "wall_s": wall,
-        }
-    finally:
-        api.close()
-        fleet.stop()
-        server.terminate()
+    exe = str(Path(sys.executable).with_name("tidegate"))
+    with (work / "server.log").open("wb") as log:
+        server = subprocess.Popen(
+            [exe, "server", "run", "--port", str(http_port), "--tick-s", str(tick_s)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        api = httpx.Client(
+            base_url=f"http://127.0.0.1:{http_port}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(60.0),
+        )
         try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if api.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the fleet server did not come up; see server.log")
+                time.sleep(0.2)
+            yield api
+        finally:
+            api.close()
+            stop_process(server, grace_s=30)
+
+
+def campaign(work: Path, devices: int, db_url: str, broker_port: int) -> dict[str, Any]:
+    sku = "bench-sku"
+    things = _register(db_url, devices, sku)
+    fleet = SimulatedFleet(things, SimSettings(port=broker_port, install_s=(0.05, 0.2), seed=1))
+    with server_process(work, db_url, broker_port, tick_s=0.5) as api:
+        try:
+            return _campaign(api, fleet, devices, sku)
+        finally:
+            fleet.stop()
+
+
+def _campaign(api: httpx.Client, fleet: SimulatedFleet, devices: int, sku: str) -> dict[str, Any]:
+    fleet.start()
+    time.sleep(1.0)  # the server's bridge subscribed before the first devices ask
+    spec = {
+        "name": f"bench {devices}",
+        "target": "bench-model-1.0.0.bundle",
+        "repository": "http://127.0.0.1/repo",
+        "cohort": {"sku": sku},
+        "waves": [{"percent": p} for p in WAVES],
+        "max_concurrent": devices,
+        "rate": {"maximum_per_minute": 100_000},
+    }
+    cid = api.post("/api/v1/campaigns", json=spec).raise_for_status().json()["id"]
+    api.post(f"/api/v1/campaigns/{cid}/submit").raise_for_status()
+    api.post(
+        f"/api/v1/campaigns/{cid}/approve", json={"override_reason": "benchmark fleet: no bench report"}
+    ).raise_for_status()
+    before = _counters(api)
+    latencies: list[float] = []
+    state = ""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 300:
+        s0 = time.perf_counter()
+        body = api.get(f"/api/v1/campaigns/{cid}").raise_for_status().json()
+        latencies.append(time.perf_counter() - s0)
+        state = body["state"]
+        if state not in ("scheduled", "running"):
+            break
+        time.sleep(0.2)
+    wall = time.monotonic() - t0
+    after = _counters(api)
+    requests = after["tidegate_jobs_requests_total"] - before["tidegate_jobs_requests_total"]
+    busy = after["tidegate_jobs_busy_seconds_total"] - before["tidegate_jobs_busy_seconds_total"]
+    batches = after["tidegate_jobs_batches_total"] - before["tidegate_jobs_batches_total"]
+    if os.environ.get("TIDEGATE_BENCH_VERBOSE"):
+        for d in api.get(f"/api/v1/campaigns/{cid}/decisions").json():
+            print(d["at"], d["kind"], d["message"][:100])
+    started = datetime.fromisoformat(body["started_at"])
+    finished = datetime.fromisoformat(body["finished_at"]) if body["finished_at"] else None
+    duration = (finished - started).total_seconds() if finished else float("nan")
+    per_second = Counter(int(t) for t in fleet.update_accepted_at)
+    first = min(per_second, default=0)
+    series = [per_second.get(first + i, 0) for i in range(max(per_second, default=0) - first + 1)]
+    best5 = max((sum(series[i : i + 5]) / 5 for i in range(max(1, len(series) - 4))), default=0.0)
+    counts = Counter[str]()
+    for w in body["waves"]:
+        counts.update(w["counts"])
+    latencies.sort()
+    return {
+        "devices": devices,
+        "state": state,
+        "succeeded": counts.get("SUCCEEDED", 0),
+        "campaign_s": duration,
+        "devices_per_s": counts.get("SUCCEEDED", 0) / duration if finished else 0.0,
+        "updates_accepted": len(fleet.update_accepted_at),
+        "updates_per_s": len(fleet.update_accepted_at) / duration if finished else 0.0,
+        "updates_per_s_peak": max(per_second.values(), default=0),
+        "updates_per_s_best5": best5,
+        "requests_accepted": len(fleet.update_accepted_at) + fleet.stats.started,
+        "server_requests": requests,
+        "server_busy_s": busy,
+        "server_requests_per_busy_s": requests / busy if busy else 0.0,
+        "mean_batch": requests / batches if batches else 0.0,
+        "api_p50_ms": statistics.median(latencies) * 1000,
+        "api_p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+        "api_calls": len(latencies),
+        "rejected": dict(fleet.stats.rejected),
+        "wall_s": wall,
+    }
 
 
 def run(devices: int = 10_000) -> list[dict[str, Any]]:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -33,169 +31,131 @@ from typing import Any
 import httpx
 
 from bench.common import print_table, write_result
-from bench.fleet_campaign import _counters, _fresh_database
+from bench.fleet_campaign import _counters, _fresh_database, server_process
 from fleet_server.broker import EmbeddedBroker
 from fleet_server.sim.fleet import SimSettings, SimulatedFleet
-from shared.net import free_port
 
 SKU = "scale-sku"
 
 
-def _tidegate(*args: str, env: dict[str, str]) -> str:
-    exe = Path(sys.executable).with_name("tidegate")
-    return subprocess.run([str(exe), *args], env=env, check=True, capture_output=True, text=True).stdout
-
-
 def run_scale(work: Path, devices: int, db_url: str, broker_port: int) -> dict[str, Any]:
-    http_port = free_port()
-    env = {
-        **os.environ,
-        "TIDEGATE_DATABASE_URL": db_url,
-        "TIDEGATE_MQTT_PORT": str(broker_port),
-        "TIDEGATE_MQTT_CLIENT_ID": f"scale-server-{http_port}",
-    }
-    token = _tidegate("server", "token", "create", "--role", "admin", "--name", "scale", env=env).strip()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("tidegate")), "server", "run", "--port", str(http_port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(work / "server.log", "wb"),  # noqa: SIM115
-    )
-    api = httpx.Client(
-        base_url=f"http://127.0.0.1:{http_port}",
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=httpx.Timeout(60.0),
-    )
     things = [f"scale-{i:06d}" for i in range(devices)]
     fleet = SimulatedFleet(
         things,
         SimSettings(port=broker_port, install_s=(0.5, 3.0), fail_rate=0.02, unmet_rate=0.10, seed=50),
     )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if api.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("the fleet server did not come up; see server.log")
-            time.sleep(0.2)
-        t0 = time.perf_counter()
-        for i in range(0, devices, 5000):
-            batch = [
-                {"thing_name": t, "sku": SKU, "region": "eu" if j % 2 else "us"}
-                for j, t in enumerate(things[i : i + 5000])
-            ]
-            api.post("/api/v1/devices/batch", json={"devices": batch}).raise_for_status()
-        register_s = time.perf_counter() - t0
-        fleet.start()
-        fleet.poll_all()
-        time.sleep(2.0)
-        spec = {
-            "name": f"scale {devices}",
-            "target": "classifier/1.0.0/scale-sku.bundle",
-            "repository": "https://updates.example.com/repo",
-            "cohort": {"sku": SKU},
-            "waves": [{"percent": 1}, {"percent": 10}, {"percent": 50}, {"percent": 100}],
-            "max_concurrent": 20_000,
-            "rate": {
-                "base_rate_per_minute": 1000,
-                "increment_factor": 2,
-                "increase_after_succeeded": 500,
-                "maximum_per_minute": 60_000,
-            },
-            "success_gate": {
-                "conditions": [
-                    {"metric": "success_rate", "comparator": ">=", "threshold": 0.95, "min_samples": 50}
-                ]
-            },
-            "retry": {"criteria": [{"failure_type": "FAILED", "retries": 1}], "backoff_s": 5},
-            "preconditions": {"min_battery_pct": 30},
-        }
-        cid = api.post("/api/v1/campaigns", json=spec).raise_for_status().json()["id"]
-        api.post(f"/api/v1/campaigns/{cid}/submit").raise_for_status()
-        api.post(
-            f"/api/v1/campaigns/{cid}/approve", json={"override_reason": "simulated fleet: no bench report"}
-        ).raise_for_status()
-        before = _counters(api)
-        latencies: list[float] = []
-        charged_at: float | None = None
-        waiting_at_charge = 0
-        t0 = time.monotonic()
-        body: dict[str, Any] = {}
-        while time.monotonic() - t0 < 1200:
-            s0 = time.perf_counter()
-            body = api.get(f"/api/v1/campaigns/{cid}").raise_for_status().json()
-            latencies.append(time.perf_counter() - s0)
-            if body["state"] not in ("scheduled", "running"):
-                break
-            last = body["waves"][-1]["counts"]
-            settled = sum(v for k, v in last.items() if k in ("SUCCEEDED", "FAILED"))
-            in_progress = last.get("IN_PROGRESS", 0)
-            # Once the last wave is down to the devices waiting on their preconditions, charge them.
-            if (
-                charged_at is None
-                and body["wave"] == len(body["waves"]) - 1
-                and settled
-                and in_progress <= fleet.stats.waiting
-            ):
-                waiting_at_charge = fleet.satisfy()
-                charged_at = time.monotonic() - t0
-            time.sleep(1.0)
-        after = _counters(api)
-        decisions = api.get(f"/api/v1/campaigns/{cid}/decisions").json()
-        started = datetime.fromisoformat(body["started_at"])
-        finished = datetime.fromisoformat(body["finished_at"]) if body.get("finished_at") else None
-        waves_at = {
-            d["message"].split("starting wave ")[1]: (
-                datetime.fromisoformat(d["at"]) - started
-            ).total_seconds()
-            for d in decisions
-            if d["kind"] == "advanced" and "starting wave " in d["message"]
-        }
-        counts = Counter[str]()
-        for w in body["waves"]:
-            counts.update(w["counts"])
-        duration = (finished - started).total_seconds() if finished else float("nan")
-        per_second = Counter(int(t) for t in fleet.update_accepted_at)
-        latencies.sort()
-        return {
-            "devices": devices,
-            "database": db_url.split(":", maxsplit=1)[0].split("+", maxsplit=1)[0],
-            "state": body["state"],
-            "register_s": register_s,
-            "registered_per_s": devices / register_s,
-            "campaign_s": duration,
-            "wave_started_s": {"1": 0.0, **waves_at},
-            "charged_at_s": charged_at,
-            "waiting_charged": waiting_at_charge,
-            "counts": dict(counts),
-            "retry_rounds": sum(1 for d in decisions if d["kind"] == "retried"),
-            "devices_per_s": (counts.get("SUCCEEDED", 0) + counts.get("FAILED", 0)) / duration
-            if finished
-            else 0.0,
-            "updates_accepted": len(fleet.update_accepted_at),
-            "updates_per_s": len(fleet.update_accepted_at) / duration if finished else 0.0,
-            "updates_per_s_peak": max(per_second.values(), default=0),
-            "server_cpu_s": after.get("tidegate_process_cpu_seconds_total", 0)
-            - before.get("tidegate_process_cpu_seconds_total", 0),
-            "server_rss_mb": after.get("tidegate_process_resident_memory_bytes", 0) / 2**20,
-            "server_busy_s": after["tidegate_jobs_busy_seconds_total"]
-            - before["tidegate_jobs_busy_seconds_total"],
-            "api_p50_ms": statistics.median(latencies) * 1000,
-            "api_p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
-            "rejected": dict(fleet.stats.rejected),
-        }
-    finally:
-        api.close()
-        fleet.stop()
-        server.terminate()
+    with server_process(work, db_url, broker_port) as api:
         try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            return _run(api, fleet, things)
+        finally:
+            fleet.stop()
+
+
+def _run(api: httpx.Client, fleet: SimulatedFleet, things: list[str]) -> dict[str, Any]:
+    devices = len(things)
+    t0 = time.perf_counter()
+    for i in range(0, devices, 5000):
+        batch = [
+            {"thing_name": t, "sku": SKU, "region": "eu" if j % 2 else "us"}
+            for j, t in enumerate(things[i : i + 5000])
+        ]
+        api.post("/api/v1/devices/batch", json={"devices": batch}).raise_for_status()
+    register_s = time.perf_counter() - t0
+    fleet.start()
+    fleet.poll_all()
+    time.sleep(2.0)
+    spec = {
+        "name": f"scale {devices}",
+        "target": "classifier/1.0.0/scale-sku.bundle",
+        "repository": "https://updates.example.com/repo",
+        "cohort": {"sku": SKU},
+        "waves": [{"percent": 1}, {"percent": 10}, {"percent": 50}, {"percent": 100}],
+        "max_concurrent": 20_000,
+        "rate": {
+            "base_rate_per_minute": 1000,
+            "increment_factor": 2,
+            "increase_after_succeeded": 500,
+            "maximum_per_minute": 60_000,
+        },
+        "success_gate": {
+            "conditions": [
+                {"metric": "success_rate", "comparator": ">=", "threshold": 0.95, "min_samples": 50}
+            ]
+        },
+        "retry": {"criteria": [{"failure_type": "FAILED", "retries": 1}], "backoff_s": 5},
+        "preconditions": {"min_battery_pct": 30},
+    }
+    cid = api.post("/api/v1/campaigns", json=spec).raise_for_status().json()["id"]
+    api.post(f"/api/v1/campaigns/{cid}/submit").raise_for_status()
+    api.post(
+        f"/api/v1/campaigns/{cid}/approve", json={"override_reason": "simulated fleet: no bench report"}
+    ).raise_for_status()
+    before = _counters(api)
+    latencies: list[float] = []
+    charged_at: float | None = None
+    waiting_at_charge = 0
+    t0 = time.monotonic()
+    body: dict[str, Any] = {}
+    while time.monotonic() - t0 < 1200:
+        s0 = time.perf_counter()
+        body = api.get(f"/api/v1/campaigns/{cid}").raise_for_status().json()
+        latencies.append(time.perf_counter() - s0)
+        if body["state"] not in ("scheduled", "running"):
+            break
+        last = body["waves"][-1]["counts"]
+        settled = sum(v for k, v in last.items() if k in ("SUCCEEDED", "FAILED"))
+        in_progress = last.get("IN_PROGRESS", 0)
+        # Once the last wave is down to the devices waiting on their preconditions, charge them.
+        if (
+            charged_at is None
+            and body["wave"] == len(body["waves"]) - 1
+            and settled
+            and in_progress <= fleet.stats.waiting
+        ):
+            waiting_at_charge = fleet.satisfy()
+            charged_at = time.monotonic() - t0
+        time.sleep(1.0)
+    after = _counters(api)
+    decisions = api.get(f"/api/v1/campaigns/{cid}/decisions").json()
+    started = datetime.fromisoformat(body["started_at"])
+    finished = datetime.fromisoformat(body["finished_at"]) if body.get("finished_at") else None
+    waves_at = {
+        d["message"].split("starting wave ")[1]: (datetime.fromisoformat(d["at"]) - started).total_seconds()
+        for d in decisions
+        if d["kind"] == "advanced" and "starting wave " in d["message"]
+    }
+    counts = Counter[str]()
+    for w in body["waves"]:
+        counts.update(w["counts"])
+    duration = (finished - started).total_seconds() if finished else float("nan")
+    per_second = Counter(int(t) for t in fleet.update_accepted_at)
+    latencies.sort()
+    return {
+        "devices": devices,
+        "state": body["state"],
+        "register_s": register_s,
+        "registered_per_s": devices / register_s,
+        "campaign_s": duration,
+        "wave_started_s": {"1": 0.0, **waves_at},
+        "charged_at_s": charged_at,
+        "waiting_charged": waiting_at_charge,
+        "counts": dict(counts),
+        "retry_rounds": sum(1 for d in decisions if d["kind"] == "retried"),
+        "devices_per_s": (counts.get("SUCCEEDED", 0) + counts.get("FAILED", 0)) / duration
+        if finished
+        else 0.0,
+        "updates_accepted": len(fleet.update_accepted_at),
+        "updates_per_s": len(fleet.update_accepted_at) / duration if finished else 0.0,
+        "updates_per_s_peak": max(per_second.values(), default=0),
+        "server_cpu_s": after.get("tidegate_process_cpu_seconds_total", 0)
+        - before.get("tidegate_process_cpu_seconds_total", 0),
+        "server_rss_mb": after.get("tidegate_process_resident_memory_bytes", 0) / 2**20,
+        "server_busy_s": after["tidegate_jobs_busy_seconds_total"]
+        - before["tidegate_jobs_busy_seconds_total"],
+        "api_p50_ms": statistics.median(latencies) * 1000,
+        "api_p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+        "rejected": dict(fleet.stats.rejected),
+    }
 
 
 def main() -> None:
@@ -206,7 +166,7 @@ def main() -> None:
         work = Path(tmp)
         url = os.environ.get("TIDEGATE_BENCH_PG_URL") or f"sqlite:///{work}/fleet.db"
         with EmbeddedBroker(work / "broker") as broker, _fresh_database(url) as fresh:
-            r = run_scale(work, args.devices, fresh, broker.port)
+            r = {"database": url.split(":", 1)[0], **run_scale(work, args.devices, fresh, broker.port)}
     shown = {k: v for k, v in r.items() if k not in ("rejected", "wave_started_s", "counts")}
     print_table(f"Fleet at scale: {args.devices} simulated devices", [shown])
     print("waves started at (s):", r["wave_started_s"])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shared.errors import TidegateError
 from shared.net import free_port
+from shared.procs import die_with_parent
 
 
 class EmbeddedBroker:
@@ -41,7 +42,10 @@ class EmbeddedBroker:
             text += "user root\n"
         conf.write_text(text)
         self.proc = subprocess.Popen(
-            [self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [self.binary, "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,  # noqa: PLW1509  (only prctl: safe between fork and exec)
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

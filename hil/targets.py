@@ -147,6 +147,13 @@ class SshTarget:
         return cls(u.hostname, port=u.port or 22, username=u.username, **kwargs)  # type: ignore[arg-type]
 
     async def connect(self) -> None:
+        await self._open()
+        done = await self.run(["mktemp", "-d", "/tmp/tidegate-hil-XXXXXX"], timeout_s=30)
+        if done.returncode != 0:
+            raise TargetError(f"{self.name}: cannot make a work directory: {done.stderr.strip()}")
+        self._workdir = done.stdout.strip()
+
+    async def _open(self) -> None:
         try:
             import asyncssh
         except ImportError:
@@ -169,21 +176,22 @@ class SshTarget:
             raise TargetError(f"{self.name}: no answer within {self.connect_timeout_s:g} s") from None
         except (OSError, asyncssh.Error) as exc:
             raise TargetError(f"{self.name}: cannot connect: {exc}") from None
-        done = await self.run(["mktemp", "-d", "/tmp/tidegate-hil-XXXXXX"], timeout_s=30)
-        if done.returncode != 0:
-            raise TargetError(f"{self.name}: cannot make a work directory: {done.stderr.strip()}")
-        self._workdir = done.stdout.strip()
 
     async def put(self, local: Path) -> str:
         import asyncssh
 
         remote = f"{self._workdir}/{local.name}"
-        try:
-            async with self._conn.start_sftp_client() as sftp:
-                await sftp.put(str(local), remote)
-        except (OSError, asyncssh.Error) as exc:
-            raise TargetError(f"{self.name}: cannot copy {local.name}: {exc}") from None
-        return remote
+        for attempt in (1, 2):  # a rig's link drops now and then: reconnect and copy again, once
+            try:
+                async with self._conn.start_sftp_client() as sftp:
+                    await sftp.put(str(local), remote)
+                return remote
+            except (OSError, asyncssh.Error) as exc:
+                lost = isinstance(exc, asyncssh.ConnectionLost | asyncssh.ChannelOpenError | ConnectionError)
+                if attempt == 2 or not lost:
+                    raise TargetError(f"{self.name}: cannot copy {local.name}: {exc}") from None
+                await self._open()
+        raise AssertionError("unreachable")
 
     async def run(self, argv: list[str], *, timeout_s: float, on_stderr: LineFn | None = None) -> Completed:
         import asyncssh

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -243,6 +244,10 @@ def _run(workdir: Path, keep_running: bool) -> dict[str, Any]:
     return summary
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @app.callback(invoke_without_command=True)
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes everything (wiped first).")] = Path(
@@ -260,6 +265,9 @@ def demo(
     workdir.mkdir(parents=True)
     # The services log warnings as JSON lines in production; here the story is the output.
     logging.getLogger("tidegate").setLevel(logging.ERROR)
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same clean exit
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background by a shell
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         _run(workdir, keep_running)
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ import numpy as np
 
 from shared.errors import TidegateError
 from shared.net import free_port
+from shared.procs import stop_process
 
 Say = Callable[[str, str], None]
 MODEL = "classifier"
@@ -94,12 +95,7 @@ action = "fallback"
     finally:
         caller.close()
         operator.close()
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, grace_s=15)
         log.close()
 
 
