@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
 
@@ -35,6 +36,7 @@ class CampaignScheduler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="campaign-scheduler", daemon=True)
         self.ticks = 0
+        self._watched_at = float("-inf")
 
     def start(self) -> CampaignScheduler:
         self._thread.start()
@@ -54,7 +56,8 @@ class CampaignScheduler:
                 self.publish(out)
             except Exception:
                 log.exception("tick of campaign %s failed", cid)
-        if self.watch is not None:
+        if self.watch is not None and time.monotonic() - self._watched_at >= self.watch.config.interval_s:
+            self._watched_at = time.monotonic()
             self.check_alerts()
         self.ticks += 1
 

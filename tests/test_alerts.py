@@ -248,7 +248,7 @@ def test_a_wave_whose_updated_devices_answer_differently_is_paused(db: Any) -> N
             db,
             lambda out: None,
             lambda: now,
-            watch=DriftWatch(DriftWatchConfig(psi_threshold=0.25, min_scores=100)),
+            watch=DriftWatch(DriftWatchConfig(psi_threshold=0.25, min_scores=100, interval_s=0)),
             webhooks=[hook.url],
         )
         scheduler.tick_all()

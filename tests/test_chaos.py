@@ -25,6 +25,7 @@ from fleet_server.campaigns.planner import order_members
 from fleet_server.db import Database
 from fleet_server.jobs.models import ExecutionEvent, JobExecution
 from fleet_server.telemetry.models import TelemetryRecord
+from shared.procs import stop_process
 from tests.agent_world import build_world, device_view
 from tests.mqtt_helpers import MOSQUITTO, Broker
 from tests.test_agent_runtime import make_config
@@ -57,9 +58,8 @@ class AgentProcess:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
+        if self.proc is not None:
+            stop_process(self.proc, grace_s=30)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from shared.procs import stop_process
 from tests.mqtt_helpers import MOSQUITTO, Broker, free_port
 
 pytestmark = pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto binary not installed")
@@ -60,9 +61,8 @@ class Server:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(15)
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 @pytest.fixture

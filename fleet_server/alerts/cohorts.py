@@ -61,9 +61,11 @@ def _descriptors(d: Device) -> dict[str, Any]:
 def export(
     session: Session, campaign: Campaign, kind: CohortKind, config: DriftWatchConfig, limit: int
 ) -> dict[str, Any]:
+    members = set(campaign.members)
     devices = {
         d.thing_name: d
-        for d in session.scalars(select(Device).where(Device.thing_name.in_(campaign.members)))
+        for d in session.scalars(select(Device).where(Device.sku == campaign.spec["cohort"]["sku"]))
+        if d.thing_name in members
     }
     items: list[dict[str, Any]] = []
     query: dict[str, Any]

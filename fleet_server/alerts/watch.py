@@ -42,6 +42,7 @@ class DriftWatchConfig:
     min_scores: int = 200  # answers needed on each side of a slice before its PSI means anything
     for_s: float = 0.0
     alpha: float = 0.01  # the report's chi-square p-values are read at alpha / tested slices
+    interval_s: float = 10.0  # how often the scheduler runs the watch (histograms move slowly)
 
 
 @dataclass
@@ -64,11 +65,16 @@ def score_groups(session: Session, campaign: Campaign) -> Groups:
         )
     )
     groups: Groups = defaultdict(lambda: (np.zeros(SCORE_BINS), np.zeros(SCORE_BINS)))
+    members = set(campaign.members)
+    # One pass over the cohort's SKU (indexed) rather than an IN list of every member: a
+    # campaign may have hundreds of thousands of them.
     for thing, sku, region, beacon in session.execute(
         select(Device.thing_name, Device.sku, Device.region, Device.last_beacon).where(
-            Device.thing_name.in_(campaign.members)
+            Device.sku == campaign.spec["cohort"]["sku"], Device.last_beacon.is_not(None)
         )
     ):
+        if thing not in members:
+            continue
         hist = ((beacon or {}).get("inference") or {}).get("score_histogram") or []
         if len(hist) != SCORE_BINS:
             continue
