@@ -12,7 +12,7 @@ from sqlalchemy import select
 from fleet_server.auth.deps import Principal, require
 from fleet_server.auth.service import Role, audit
 from fleet_server.devices.models import Device
-from fleet_server.devices.service import register_device
+from fleet_server.devices.service import register_device, register_devices
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 Viewer = Annotated[Principal, Depends(require(Role.VIEWER))]
@@ -101,8 +101,7 @@ def create_devices(request: Request, body: DeviceBatch, who: Operator) -> BatchR
         raise HTTPException(422, "a thing name appears twice in the batch")
     now = request.app.state.clock()
     with request.app.state.db.session() as s:
-        for d in body.devices:
-            register_device(s, now=now, **d.model_dump())
+        register_devices(s, [d.model_dump() for d in body.devices], now=now)
         audit(
             s,
             actor=who.name,

@@ -30,7 +30,52 @@ def register_device(
     """Register a device, or update the inventory of one already registered."""
     if not valid_thing_name(thing_name):
         raise ValueError(f"invalid thing name {thing_name!r}: 1-128 of [a-zA-Z0-9:_-]")
-    device = session.get(Device, thing_name)
+    return _apply(
+        session,
+        session.get(Device, thing_name),
+        thing_name=thing_name,
+        sku=sku,
+        now=now,
+        region=region,
+        customer=customer,
+        regulatory_domain=regulatory_domain,
+        firmware=firmware,
+        agent_version=agent_version,
+        attributes=attributes,
+    )
+
+
+def register_devices(session: Session, devices: list[dict[str, Any]], *, now: datetime) -> int:
+    """Register or update many devices (an inventory import) with one query for the ones
+    already known, instead of one per device."""
+    for d in devices:
+        if not valid_thing_name(d["thing_name"]):
+            raise ValueError(f"invalid thing name {d['thing_name']!r}: 1-128 of [a-zA-Z0-9:_-]")
+    known = {
+        dev.thing_name: dev
+        for dev in session.scalars(
+            select(Device).where(Device.thing_name.in_([d["thing_name"] for d in devices]))
+        )
+    }
+    for d in devices:
+        _apply(session, known.get(d["thing_name"]), now=now, **d)
+    return len(devices)
+
+
+def _apply(
+    session: Session,
+    device: Device | None,
+    *,
+    thing_name: str,
+    sku: str,
+    now: datetime,
+    region: str | None = None,
+    customer: str | None = None,
+    regulatory_domain: str | None = None,
+    firmware: str | None = None,
+    agent_version: str | None = None,
+    attributes: dict[str, Any] | None = None,
+) -> Device:
     if device is None:
         device = Device(thing_name=thing_name, sku=sku, registered_at=now, attributes={})
         session.add(device)
