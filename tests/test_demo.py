@@ -34,8 +34,9 @@ def _processes_under(workdir: Path) -> list[str]:
 
 def test_the_demo_tells_the_whole_story(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tidegate", "demo", "--workdir", str(workdir)],
+    proc = subprocess.run(  # a relative --workdir, as `make demo` passes the default `.demo`
+        [sys.executable, "-m", "tidegate", "demo", "--workdir", "demo"],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=600,  # a loaded CI host is slow; the demo itself takes well under 5 minutes

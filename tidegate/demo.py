@@ -260,6 +260,7 @@ def demo(
     """Build, bench, publish; roll a release out to a fleet in gated waves; stop a bad one;
     release a model through the cloud gateway. Ctrl-C stops everything."""
     t0 = time.monotonic()
+    workdir = workdir.resolve()  # the gateway and the agents run with other working directories
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
