@@ -28,26 +28,22 @@ def register_device(
     attributes: dict[str, Any] | None = None,
 ) -> Device:
     """Register a device, or update the inventory of one already registered."""
-    if not valid_thing_name(thing_name):
-        raise ValueError(f"invalid thing name {thing_name!r}: 1-128 of [a-zA-Z0-9:_-]")
-    return _apply(
-        session,
-        session.get(Device, thing_name),
-        thing_name=thing_name,
-        sku=sku,
-        now=now,
-        region=region,
-        customer=customer,
-        regulatory_domain=regulatory_domain,
-        firmware=firmware,
-        agent_version=agent_version,
-        attributes=attributes,
-    )
+    inventory = {
+        "thing_name": thing_name,
+        "sku": sku,
+        "region": region,
+        "customer": customer,
+        "regulatory_domain": regulatory_domain,
+        "firmware": firmware,
+        "agent_version": agent_version,
+        "attributes": attributes,
+    }
+    return register_devices(session, [inventory], now=now)[0]
 
 
-def register_devices(session: Session, devices: list[dict[str, Any]], *, now: datetime) -> int:
-    """Register or update many devices (an inventory import) with one query for the ones
-    already known, instead of one per device."""
+def register_devices(session: Session, devices: list[dict[str, Any]], *, now: datetime) -> list[Device]:
+    """Register or update many devices (an inventory import; each dict holds
+    `register_device`'s fields) with one query for the ones already known, not one each."""
     for d in devices:
         if not valid_thing_name(d["thing_name"]):
             raise ValueError(f"invalid thing name {d['thing_name']!r}: 1-128 of [a-zA-Z0-9:_-]")
@@ -57,33 +53,19 @@ def register_devices(session: Session, devices: list[dict[str, Any]], *, now: da
             select(Device).where(Device.thing_name.in_([d["thing_name"] for d in devices]))
         )
     }
+    out = []
     for d in devices:
-        _apply(session, known.get(d["thing_name"]), now=now, **d)
-    return len(devices)
-
-
-def _apply(
-    session: Session,
-    device: Device | None,
-    *,
-    thing_name: str,
-    sku: str,
-    now: datetime,
-    region: str | None = None,
-    customer: str | None = None,
-    regulatory_domain: str | None = None,
-    firmware: str | None = None,
-    agent_version: str | None = None,
-    attributes: dict[str, Any] | None = None,
-) -> Device:
-    if device is None:
-        device = Device(thing_name=thing_name, sku=sku, registered_at=now, attributes={})
-        session.add(device)
-    device.sku = sku
-    device.region, device.customer, device.regulatory_domain = region, customer, regulatory_domain
-    device.firmware, device.agent_version = firmware, agent_version
-    device.attributes = dict(attributes or {})
-    return device
+        device = known.get(d["thing_name"])
+        if device is None:
+            device = Device(thing_name=d["thing_name"], sku=d["sku"], registered_at=now, attributes={})
+            session.add(device)
+        device.sku = d["sku"]
+        device.region, device.customer = d.get("region"), d.get("customer")
+        device.regulatory_domain, device.firmware = d.get("regulatory_domain"), d.get("firmware")
+        device.agent_version = d.get("agent_version")
+        device.attributes = dict(d.get("attributes") or {})
+        out.append(device)
+    return out
 
 
 class GroupError(TidegateError):
