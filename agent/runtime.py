@@ -36,6 +36,7 @@ from agent.mqtt import MqttSettings, PahoTransport, Transport
 from agent.outbox import Outbox
 from agent.thermal import SysfsThermal, ThermalPolicy, Throttle, next_level, throttle_for
 from agent.vehicle import JsonFileVehicleState, evaluate_preconditions
+from shared.fsutil import atomic_write_bytes
 from shared.iotjobs import JobStatus
 from shared.jobdoc import JobDocument, Preconditions
 from shared.settings_file import first_error
@@ -108,6 +109,7 @@ class AgentDaemon:
         )
         self.temps: dict[str, float] = {}
         self.scores = [0] * SCORE_BINS
+        self.restarts = 0  # agent starts since the active version was committed (see _count_start)
         self.batcher = (
             DynamicBatcher(
                 None,
@@ -211,6 +213,7 @@ class AgentDaemon:
             log.info("recovered an interrupted install: %s", recovered.reason)
             await self._receipt(None, None, recovered)
         await self._load_model()
+        self.restarts = await asyncio.to_thread(self._count_start)
         self.transport.set_handlers(self._on_message, self._on_connect)
         self.transport.subscribe(self.jobs.subscriptions())
         await self.transport.start()
@@ -265,6 +268,7 @@ class AgentDaemon:
             return
         self.batcher.reload(runner)
         self.scores = [0] * SCORE_BINS  # the histogram describes the model now answering
+        self.restarts = 0  # and the restarts count from its commit
 
     # ---- jobs ---------------------------------------------------------------------------------
 
@@ -497,6 +501,24 @@ class AgentDaemon:
         )
         self._wake_outbox.set()
 
+    def _count_start(self) -> int:
+        """This start, counted against the active version (`starts.json`, written atomically):
+        the restarts a beacon reports since that version was committed, which a campaign's
+        relative wave gate compares between updated devices and the rest."""
+        state = self.dev.state.load()
+        active = self.dev.slots.active()
+        bundle = state.slots[active].bundle if active else None
+        version = bundle.version if bundle else None
+        path = self.dev.root / "starts.json"
+        try:
+            seen = json.loads(path.read_text())
+        except (OSError, ValueError):
+            seen = {}
+        same = isinstance(seen, dict) and seen.get("version") == version
+        starts = int(seen.get("starts", 0)) + 1 if same else 1
+        atomic_write_bytes(path, json.dumps({"version": version, "starts": starts}).encode())
+        return starts - 1
+
     def beacon(self) -> HealthBeacon:
         state = self.dev.state.load()
         active = self.dev.slots.active()
@@ -524,6 +546,7 @@ class AgentDaemon:
             else InferenceStats(),
             free_disk_mb=shutil.disk_usage(self.dev.root).free / (1 << 20),
             dropped_telemetry=self.outbox.dropped,
+            restarts=self.restarts,
         )
 
     async def _beacon_loop(self) -> None:

@@ -15,6 +15,7 @@ from bench import (
     drift,
     fleet_campaign,
     observability,
+    release_gates,
 )
 
 
@@ -28,6 +29,7 @@ def main() -> None:
     cloud_serving.run()
     drift.run()
     observability.run()
+    release_gates.run()
     fleet_campaign.run(int(os.environ.get("TIDEGATE_BENCH_DEVICES", "10000")))
 
 

@@ -27,21 +27,79 @@ def _save(graph: onnx.GraphProto, path: Path, *, producer: str = "tidegate") -> 
     return path
 
 
-def make_classifier(path: Path, *, features: int = 16, classes: int = 4, seed: int = 0) -> Path:
-    """Write a ``[N, features] -> [N, classes]`` softmax classifier to `path`."""
+def make_classifier(
+    path: Path,
+    *,
+    features: int = 16,
+    classes: int = 4,
+    seed: int = 0,
+    jitter: float = 0.0,
+    dark_penalty: tuple[int, float] | None = None,
+    extra_work: int = 0,
+) -> Path:
+    """Write a ``[N, features] -> [N, classes]`` softmax classifier to `path`.
+
+    `jitter` perturbs the seed's weights (a retrained model that mostly agrees with its
+    predecessor); `dark_penalty` = (class, amount) lowers that class's logit when feature 0
+    (the scene's brightness) is below -0.5: a candidate that is fine overall but loses recall
+    on one class at night, the defect a per-class, per-slice shadow budget exists for.
+    `extra_work` adds a hidden layer of that width whose result is multiplied by zero: the
+    same answers, computed more slowly (a candidate that is only slower)."""
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal((features, classes)).astype(np.float32)
     bias = rng.standard_normal(classes).astype(np.float32)
+    if jitter:
+        noise = np.random.default_rng(seed + 10_000)
+        weight += (jitter * noise.standard_normal(weight.shape)).astype(np.float32)
+        bias += (jitter * noise.standard_normal(bias.shape)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["input", "W"], ["logits_raw"]),
+        helper.make_node("Add", ["logits_raw", "B"], ["logits"]),
+    ]
+    inits = [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")]
+    scores_from = "logits"
+    if extra_work:
+        wx = rng.standard_normal((features, extra_work)).astype(np.float32)
+        wy = rng.standard_normal((extra_work, classes)).astype(np.float32)
+        nodes += [
+            helper.make_node("MatMul", ["input", "Wx"], ["busy_h"]),
+            helper.make_node("Relu", ["busy_h"], ["busy_r"]),
+            helper.make_node("MatMul", ["busy_r", "Wy"], ["busy_o"]),
+            helper.make_node("Mul", ["busy_o", "zero"], ["busy_z"]),
+            helper.make_node("Add", [scores_from, "busy_z"], ["logits_busy"]),
+        ]
+        inits += [
+            numpy_helper.from_array(wx, "Wx"),
+            numpy_helper.from_array(wy, "Wy"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        ]
+        scores_from = "logits_busy"
+    if dark_penalty is not None:
+        cls, amount = dark_penalty
+        shift = np.zeros((1, classes), dtype=np.float32)
+        shift[0, cls] = -amount
+        nodes += [
+            helper.make_node("Slice", ["input", "s0", "s1", "s_axis"], ["brightness"]),
+            helper.make_node("Less", ["brightness", "dark_below"], ["dark"]),
+            helper.make_node("Cast", ["dark"], ["dark_f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["dark_f", "shift"], ["penalty"]),
+            helper.make_node("Add", [scores_from, "penalty"], ["logits_dark"]),
+        ]
+        inits += [
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "s0"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "s1"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "s_axis"),
+            numpy_helper.from_array(np.array(-0.5, dtype=np.float32), "dark_below"),
+            numpy_helper.from_array(shift, "shift"),
+        ]
+        scores_from = "logits_dark"
+    nodes.append(helper.make_node("Softmax", [scores_from], ["probabilities"], axis=1))
     graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["input", "W"], ["logits_raw"]),
-            helper.make_node("Add", ["logits_raw", "B"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-        ],
+        nodes,
         "classifier",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
-        initializer=[numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
+        initializer=inits,
     )
     return _save(graph, path, producer="tidegate-samples")
 
@@ -129,6 +187,97 @@ def make_detector(
             helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", classes]),
         ],
         initializer=[weight("W1", features, hidden), weight("Wb", hidden, 4), weight("Ws", hidden, classes)],
+    )
+    return _save(graph, path)
+
+
+def make_multibox_detector(
+    path: Path,
+    *,
+    features: int = 32,
+    hidden: int = 64,
+    boxes: int = 8,
+    classes: int = 3,
+    seed: int = 0,
+    drift: float = 0.0,
+    jitter: float = 0.0,
+) -> Path:
+    """A small detector: ``image_features [N, features]`` → ``boxes [N, boxes, 4]`` (cx, cy,
+    w, h in normalised coordinates, w and h at most 0.3) and ``scores [N, boxes, classes]``
+    (softmax per box: a box is present when its top score reaches the threshold). `drift`
+    moves every box's centre by that much (boxes that drift), `jitter` perturbs the weights."""
+    rng = np.random.default_rng(seed)
+
+    def weight(name: str, rows: int, cols: int) -> onnx.TensorProto:
+        w = rng.standard_normal((rows, cols)) / np.sqrt(rows)
+        if jitter:
+            w = w + jitter * np.random.default_rng(seed + 20_000 + rows * cols).standard_normal(w.shape)
+        return numpy_helper.from_array((w * (3.0 if name == "Ws" else 1.0)).astype(np.float32), name)
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["image_features", "W1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "Wb"], ["box_flat"]),
+            helper.make_node("Reshape", ["box_flat", "box_shape"], ["box_logits"]),
+            helper.make_node("Sigmoid", ["box_logits"], ["box_unit"]),
+            helper.make_node("Mul", ["box_unit", "box_scale"], ["box_scaled"]),
+            helper.make_node("Add", ["box_scaled", "box_offset"], ["boxes"]),
+            helper.make_node("MatMul", ["r", "Ws"], ["score_flat"]),
+            helper.make_node("Reshape", ["score_flat", "score_shape"], ["score_logits"]),
+            helper.make_node("Softmax", ["score_logits"], ["scores"], axis=2),
+        ],
+        "multibox_detector",
+        [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["batch", features])],
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["batch", boxes, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", boxes, classes]),
+        ],
+        initializer=[
+            weight("W1", features, hidden),
+            weight("Wb", hidden, boxes * 4),
+            weight("Ws", hidden, boxes * classes),
+            numpy_helper.from_array(np.array([-1, boxes, 4], dtype=np.int64), "box_shape"),
+            numpy_helper.from_array(np.array([-1, boxes, classes], dtype=np.int64), "score_shape"),
+            numpy_helper.from_array(np.array([1.0, 1.0, 0.3, 0.3], dtype=np.float32), "box_scale"),
+            numpy_helper.from_array(np.array([drift, drift, 0.0, 0.0], dtype=np.float32), "box_offset"),
+        ],
+    )
+    return _save(graph, path)
+
+
+def make_trajectory_model(
+    path: Path,
+    *,
+    features: int = 16,
+    points: int = 12,
+    seed: int = 0,
+    scale: float = 1.0,
+    jitter: float = 0.0,
+) -> Path:
+    """A small trajectory predictor: ``history [N, features]`` → ``trajectory [N, points, 2]``,
+    future positions as offsets from the current one (the cumulative sum of predicted
+    steps). `scale` stretches every point (1.4: a final displacement 40 % off)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((features, points * 2)) / np.sqrt(features)
+    if jitter:
+        w = w + jitter * np.random.default_rng(seed + 30_000).standard_normal(w.shape)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["history", "W"], ["steps_flat"]),
+            helper.make_node("Reshape", ["steps_flat", "step_shape"], ["steps"]),
+            helper.make_node("CumSum", ["steps", "axis"], ["path"]),
+            helper.make_node("Mul", ["path", "scale"], ["trajectory"]),
+        ],
+        "trajectory",
+        [helper.make_tensor_value_info("history", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("trajectory", TensorProto.FLOAT, ["batch", points, 2])],
+        initializer=[
+            numpy_helper.from_array(w.astype(np.float32), "W"),
+            numpy_helper.from_array(np.array([-1, points, 2], dtype=np.int64), "step_shape"),
+            numpy_helper.from_array(np.array(1, dtype=np.int64), "axis"),
+            numpy_helper.from_array(np.array(scale, dtype=np.float32), "scale"),
+        ],
     )
     return _save(graph, path)
 

@@ -32,10 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cloud_serving import observability
 from cloud_serving.canary import CanarySpec
+from cloud_serving.errors import GatewayError
 from cloud_serving.experiments import ExperimentSpec
-from cloud_serving.gateway import Gateway, GatewayError
+from cloud_serving.gateway import Gateway, ShadowGateError
 from cloud_serving.quality import top_score
-from cloud_serving.shadow import ShadowBudget
+from cloud_serving.shadow import Budget, ShadowBudget
 from shared.kpis import summarise
 from shared.logs import REQUEST_ID_HEADER, correlated, request_id
 from shared.settings_file import first_error
@@ -96,15 +97,28 @@ class VersionBody(BaseModel):
     version: str = Field(min_length=1, max_length=64)
 
 
+class BudgetBody(BaseModel):
+    """``{"metric": "recall_delta", "class": "pedestrian", "slice": "time=night", "bound":
+    0.015}``: abs(Δ recall pedestrian, slice time=night) <= 1.5 %."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    metric: str = Field(min_length=1, max_length=64)
+    cls: str | None = Field(default=None, alias="class", min_length=1, max_length=64)
+    slice: str | None = Field(default=None, min_length=3, max_length=130, description="key=value")
+    bound: float
+    min_samples: int = Field(default=100, ge=1, le=10_000_000)
+
+
 class ShadowBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: str = Field(min_length=1, max_length=64)
     share: float = Field(default=1.0, gt=0, le=1)
-    max_diff_rate: float = Field(default=0.05, ge=0, le=1)
+    max_diff_rate: float | None = Field(default=0.05, ge=0, le=1, description="classifiers only")
     max_error_rate: float = Field(default=0.01, ge=0, le=1)
     max_p95_ms: float | None = Field(default=None, gt=0, le=600_000)
     min_samples: int = Field(default=100, ge=1, le=10_000_000)
     capture_abs_diff: float | None = Field(default=None, gt=0)
+    budgets: list[BudgetBody] = Field(default_factory=list, max_length=200)
 
 
 class CanaryBody(BaseModel):
@@ -117,13 +131,37 @@ class CanaryBody(BaseModel):
     slo_p95_ms: float = Field(default=100, gt=0, le=600_000)
     slo_p99_ms: float = Field(default=250, gt=0, le=600_000)
     window_s: float = Field(default=300, gt=0, le=7 * 86400)
+    # Against production over the same window; null switches a comparison off.
+    max_error_increase: float | None = Field(default=0.005, ge=0, le=1)
+    max_latency_increase: float | None = Field(default=0.10, ge=0, le=100, description="relative, at p95")
+    # With late labels (the gate waits for min_labels a side), e.g. 0.02 and 0.03.
+    max_accuracy_drop: float | None = Field(default=None, ge=0, le=1)
+    max_ece_increase: float | None = Field(default=None, ge=0, le=1)
+    min_labels: int = Field(default=200, ge=1, le=10_000_000)
+    alpha: float = Field(default=0.05, gt=0, lt=0.5, description="family-wise false-abort rate")
+    inconclusive_limit: int = Field(default=3, ge=1, le=100)
+    manual_steps: list[int] = Field(default_factory=list, description="1-based steps that wait for approval")
+    min_shadow_agreement: float | None = Field(default=None, ge=0, le=1)
+    cohort: dict[str, list[str]] | None = Field(default=None, description="metadata values on the candidate")
+    override_reason: str | None = Field(
+        default=None, min_length=3, max_length=500, description="start without a passing shadow verdict"
+    )
+
+
+class JudgeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    by: str = Field(default="an operator", min_length=1, max_length=100)
 
 
 log = logging.getLogger("tidegate.serving")
 
 
 def _canary_spec(body: CanaryBody) -> CanarySpec:
-    spec = CanarySpec(**{**body.model_dump(exclude={"candidate"}), "steps": tuple(body.steps)})
+    fields = body.model_dump(exclude={"candidate", "override_reason"})
+    fields["steps"] = tuple(body.steps)
+    fields["manual_steps"] = tuple(body.manual_steps)
+    fields["cohort"] = tuple((k, tuple(v)) for k, v in (body.cohort or {}).items())
+    spec = CanarySpec(**fields)
     try:
         spec.plan()
     except ValueError as exc:  # the gate engine's GateDefinitionError: steps, thresholds
@@ -217,6 +255,29 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
         registry=registry,
     )
 
+    shadow_kpi = Gauge(
+        "tidegate_shadow_kpi",
+        "A shadow's diff KPI against production (metric: agreement, recall_delta, box_recall_delta, "
+        "mean_iou, nms_stability, ade, fde, ...) per model, candidate version, class and slice ('-': all)",
+        ["model", "version", "metric", "class", "slice"],
+        registry=registry,
+    )
+    shadow_samples = Gauge(
+        "tidegate_shadow_samples",
+        "Answers, boxes or frames behind each shadow KPI",
+        ["model", "version", "metric", "class", "slice"],
+        registry=registry,
+    )
+    shadow_compared = Gauge(
+        "tidegate_shadow_compared", "Requests the shadow compared", ["model", "version"], registry=registry
+    )
+    shadow_verdict = Gauge(
+        "tidegate_shadow_verdict",
+        "The shadow's verdict now: 1 for the verdict it has (pass, fail, pending), 0 for the others",
+        ["model", "version", "verdict"],
+        registry=registry,
+    )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         if start:
@@ -251,7 +312,10 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
+        content: dict[str, Any] = {"detail": str(exc)}
+        if isinstance(exc, ShadowGateError):
+            content["verdict"] = exc.verdict.as_dict() if exc.verdict is not None else None
+        return JSONResponse(status_code=exc.status, content=content)
 
     @app.post(
         "/v1/models/{model}/infer",
@@ -415,8 +479,14 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
 
     @app.post("/v1/admin/models/{model}/shadow")
     async def shadow(model: str, body: ShadowBody, _: Admin) -> dict[str, Any]:
+        budgets = tuple(Budget(b.metric, b.bound, b.cls, b.slice, b.min_samples) for b in body.budgets)
         budget = ShadowBudget(
-            body.max_diff_rate, body.max_error_rate, body.max_p95_ms, body.min_samples, body.capture_abs_diff
+            body.max_diff_rate,
+            body.max_error_rate,
+            body.max_p95_ms,
+            body.min_samples,
+            body.capture_abs_diff,
+            budgets,
         )
         gateway.start_shadow(model, body.version, share=body.share, budget=budget)
         return gateway.status(model)
@@ -427,12 +497,23 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
 
     @app.post("/v1/admin/models/{model}/canary")
     async def canary(model: str, body: CanaryBody, _: Admin) -> dict[str, Any]:
-        gateway.start_canary(model, body.candidate, _canary_spec(body))
+        """409 with the shadow's verdict unless the candidate's shadow ended with a pass (or
+        the body gives an `override_reason`, recorded in the events and the model card)."""
+        gateway.start_canary(model, body.candidate, _canary_spec(body), override_reason=body.override_reason)
         return gateway.status(model)
+
+    @app.post("/v1/admin/models/{model}/canary/approve")
+    async def approve(model: str, _: Admin, body: JudgeBody | None = None) -> dict[str, Any]:
+        """Move a waiting canary (a manual step, or gates that could not decide) on."""
+        return gateway.judge_canary(model, approve=True, by=(body or JudgeBody()).by)
+
+    @app.post("/v1/admin/models/{model}/canary/reject")
+    async def reject(model: str, _: Admin, body: JudgeBody | None = None) -> dict[str, Any]:
+        return gateway.judge_canary(model, approve=False, by=(body or JudgeBody()).by)
 
     @app.post("/v1/admin/models/{model}/roll-through")
     async def roll_through(model: str, body: CanaryBody, _: Admin) -> dict[str, Any]:
-        gateway.roll_through(model, body.candidate, _canary_spec(body))
+        gateway.roll_through(model, body.candidate, _canary_spec(body), override_reason=body.override_reason)
         return gateway.status(model)
 
     @app.get("/healthz")
@@ -452,6 +533,18 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
                 if (e := cal.ece()) is not None:
                     ece.labels(name, version).set(e)
                     accuracy.labels(name, version).set(cal.accuracy() or 0.0)
+        for name, st in gateway.models.items():
+            if st.shadow is not None:
+                v = st.shadow.version
+                shadow_compared.labels(name, v).set(st.shadow.stats.compared)
+                for row in st.shadow.stats.summary.get("rows", ()):
+                    if row["value"] is None:
+                        continue
+                    labels = (name, v, row["metric"], row["class"] or "-", row["slice"] or "-")
+                    shadow_kpi.labels(*labels).set(row["value"])
+                    shadow_samples.labels(*labels).set(row["samples"])
+                for word in ("pass", "fail", "pending"):
+                    shadow_verdict.labels(name, v, word).set(1 if st.shadow.verdict.verdict == word else 0)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -17,19 +17,28 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shared.fsutil import atomic_write_bytes
 from shared.gates import (
     Action,
     Aggregation,
+    Columns,
     Comparator,
+    Comparison,
     Condition,
     Decision,
     Gate,
+    GateDefinitionError,
+    Method,
     RolloutPlan,
     RolloutState,
     Sample,
     Step,
+    Worse,
     decide,
+    family_alpha,
+    resume,
     start,
 )
 from shared.logs import DEFAULT_REDACTOR, Redactor
@@ -44,45 +53,79 @@ class CanarySpec:
     slo_p95_ms: float = 100.0
     slo_p99_ms: float = 250.0
     window_s: float = 300.0
+    # Against production over the same window (None: that comparison is off). Tolerances:
+    # error-rate and accuracy points (absolute), p95 latency as a relative change, ECE points.
+    max_error_increase: float | None = 0.005
+    max_latency_increase: float | None = 0.10
+    max_accuracy_drop: float | None = None  # e.g. 0.02 where late labels arrive: the gate waits for them
+    max_ece_increase: float | None = None  # e.g. 0.03
+    min_labels: int = 200  # labelled answers a side before accuracy and ECE are compared
+    alpha: float = 0.05  # family-wise false-abort rate of the comparisons (Bonferroni)
+    inconclusive_limit: int = 3  # bakes that cannot decide before the canary waits for a person
+    manual_steps: tuple[int, ...] = ()  # 1-based steps that wait for approval once passed
+    min_shadow_agreement: float | None = None  # the candidate's shadow verdict's agreement
+    cohort: tuple[tuple[str, tuple[str, ...]], ...] = ()  # metadata values allowed on the candidate
+
+    def comparisons(self) -> tuple[Comparison, ...]:
+        window = timedelta(seconds=self.window_s)
+        wanted = [
+            (self.max_error_increase, "errors", Method.PROPORTION, Worse.HIGHER, self.min_requests),
+            (self.max_latency_increase, "latency_ms", Method.MANN_WHITNEY, Worse.HIGHER, self.min_requests),
+            (self.max_accuracy_drop, "correct", Method.PROPORTION, Worse.LOWER, self.min_labels),
+            (self.max_ece_increase, "ece", Method.DIFFERENCE, Worse.HIGHER, self.min_labels),
+        ]
+        on = [w for w in wanted if w[0] is not None]
+        alpha = family_alpha(self.alpha, len(on), len(self.steps) * self.inconclusive_limit)
+        return tuple(
+            Comparison(metric, method, worse, tol, min_samples=n, window=window, alpha=alpha)
+            for tol, metric, method, worse, n in on
+            if tol is not None
+        )
 
     def plan(self) -> RolloutPlan:
         window = timedelta(seconds=self.window_s)
-        gate = Gate(
-            (
-                Condition(
-                    "success",
-                    Comparator.GE,
-                    self.min_success_rate,
-                    min_samples=self.min_requests,
-                    window=window,
-                ),
-                Condition(
-                    "latency_ms",
-                    Comparator.LE,
-                    self.slo_p95_ms,
-                    min_samples=self.min_requests,
-                    window=window,
-                    aggregation=Aggregation.P95,
-                ),
-                Condition(
-                    "latency_ms",
-                    Comparator.LE,
-                    self.slo_p99_ms,
-                    min_samples=self.min_requests,
-                    window=window,
-                    aggregation=Aggregation.P99,
-                ),
+        conditions = [
+            Condition(
+                "success", Comparator.GE, self.min_success_rate, min_samples=self.min_requests, window=window
             ),
-            name="canary",
-        )
+            Condition(
+                "latency_ms",
+                Comparator.LE,
+                self.slo_p95_ms,
+                min_samples=self.min_requests,
+                window=window,
+                aggregation=Aggregation.P95,
+            ),
+            Condition(
+                "latency_ms",
+                Comparator.LE,
+                self.slo_p99_ms,
+                min_samples=self.min_requests,
+                window=window,
+                aggregation=Aggregation.P99,
+            ),
+        ]
+        if self.min_shadow_agreement is not None:
+            conditions.append(Condition("shadow_agreement", Comparator.GE, self.min_shadow_agreement))
+        gate = Gate(tuple(conditions), name="canary", comparisons=self.comparisons())
+        bake = timedelta(seconds=self.bake_s)
+        manual = set(self.manual_steps)
+        if any(not 1 <= m <= len(self.steps) for m in manual):
+            raise GateDefinitionError(f"manual steps {sorted(manual)} are outside steps 1..{len(self.steps)}")
         return RolloutPlan(
-            tuple(Step(percent=p, bake=timedelta(seconds=self.bake_s)) for p in self.steps), gate=gate
+            tuple(Step(percent=p, bake=bake, manual=i + 1 in manual) for i, p in enumerate(self.steps)),
+            gate=gate,
+            inconclusive_limit=self.inconclusive_limit,
         )
+
+    def admits(self, metadata: dict[str, Any]) -> bool:
+        """Whether a caller may be routed to the candidate (its cohort, when one is set)."""
+        return all(str(metadata.get(k)) in values for k, values in self.cohort)
 
 
 EXCHANGE_EVERY = 50  # one successful exchange in 50 goes to the failure bundle; every failure does
 TRIM_EVERY = 1000
-MAX_SAMPLES = 50_000
+MAX_SAMPLES = 200_000  # per metric and side
 
 
 def redact(value: Any) -> Any:
@@ -91,32 +134,95 @@ def redact(value: Any) -> Any:
     return DEFAULT_REDACTOR(value)
 
 
+SIDES = ("candidate", "baseline")
+METRICS = ("success", "errors", "latency_ms", "correct")
+
+
+@dataclass
+class Recorded:
+    """One side's samples: a request costs a few list appends; a tick moves what arrived since
+    the last one into arrays once (`shared.gates.Columns`), so a tick's cost does not grow
+    with the samples already converted."""
+
+    at: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METRICS})
+    value: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METRICS})
+    arrays: dict[str, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = field(
+        default_factory=lambda: {m: (np.empty(0), np.empty(0)) for m in METRICS}
+    )
+    seen: int = 0
+
+    def add(self, metric: str, t: float, v: float) -> None:
+        self.at[metric].append(t)
+        self.value[metric].append(v)
+
+    def _settle(self, metric: str) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        at, value = self.arrays[metric]
+        if self.at[metric]:
+            at = np.concatenate([at, np.asarray(self.at[metric])])
+            value = np.concatenate([value, np.asarray(self.value[metric])])
+            self.at[metric].clear()
+            self.value[metric].clear()
+            self.arrays[metric] = (at, value)
+        return at, value
+
+    def trim(self, horizon: float) -> None:
+        for m in METRICS:
+            at, value = self._settle(m)
+            cut = max(int(np.searchsorted(at, horizon)), at.size - MAX_SAMPLES)
+            if cut > 0:
+                self.arrays[m] = (at[cut:], value[cut:])
+
+    def columns(self) -> dict[str, Columns]:
+        out = {}
+        for m in METRICS:
+            at, value = self._settle(m)
+            if at.size:
+                out[m] = Columns(at, value)
+        return out
+
+    def recent(self, metric: str, since: float) -> list[float]:
+        at, value = self._settle(metric)
+        return [float(v) for v in value[int(np.searchsorted(at, since)) :]]
+
+
 @dataclass
 class Canary:
-    """One running canary: the candidate's measurements and the plan's state."""
+    """One running canary: the candidate's measurements, production's over the same window
+    (the baseline of the relative gates), and the plan's state."""
 
     model: str
     production: str
     candidate: str
     spec: CanarySpec
     state: RolloutState
-    samples: dict[str, list[Sample]] = field(default_factory=lambda: {"success": [], "latency_ms": []})
+    sides: dict[str, Recorded] = field(default_factory=lambda: {side: Recorded() for side in SIDES})
+    # Late labels per side: (when, confidence, correct), for ECE.
+    labels: dict[str, deque[tuple[float, float, bool]]] = field(
+        default_factory=lambda: {side: deque(maxlen=MAX_SAMPLES) for side in SIDES}
+    )
     exchanges: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
     redactor: Redactor = DEFAULT_REDACTOR  # the gateway's, as configured
     log: list[str] = field(default_factory=list)
     started_at: datetime | None = None
-    _seen: int = 0
+    shadow_agreement: tuple[float, int] | None = None  # the candidate's shadow verdict
+    _plan: RolloutPlan | None = None
 
     @property
     def answered(self) -> int:
         """Requests the candidate has answered or failed."""
-        return self._seen
+        return self.sides["candidate"].seen
 
     @classmethod
     def begin(cls, model: str, production: str, candidate: str, spec: CanarySpec, now: datetime) -> Canary:
         c = cls(model, production, candidate, spec, start(now), started_at=now)
         c.log.append(f"{now.isoformat()} canary {candidate} over {production}: steps {list(spec.steps)} %")
         return c
+
+    @property
+    def plan(self) -> RolloutPlan:
+        if self._plan is None:
+            self._plan = self.spec.plan()
+        return self._plan
 
     @property
     def weight(self) -> float:
@@ -130,24 +236,61 @@ class Canary:
         ok: bool,
         latency_ms: float,
         exchange: Callable[[], dict[str, Any]] | None = None,
+        baseline: bool = False,
     ) -> None:
-        """One candidate request. Cheap on the request path: samples are appended and trimmed
-        in bulk; an exchange is built (and redacted) only when it is sampled for the bundle."""
-        self.samples["success"].append(Sample(now, 1.0 if ok else 0.0))
+        """One request of the candidate (or, with `baseline`, of production while the canary
+        runs). Cheap on the request path: a few appends, trimmed in bulk; an exchange is
+        built (and redacted) only when it is sampled for the bundle."""
+        rec = self.sides["baseline" if baseline else "candidate"]
+        t = now.timestamp()
+        rec.add("success", t, 1.0 if ok else 0.0)
+        rec.add("errors", t, 0.0 if ok else 1.0)
         if ok:
-            self.samples["latency_ms"].append(Sample(now, latency_ms))
-        self._seen += 1
-        if exchange is not None and (not ok or self._seen % EXCHANGE_EVERY == 1):
+            rec.add("latency_ms", t, latency_ms)
+        rec.seen += 1
+        if not baseline and exchange is not None and (not ok or rec.seen % EXCHANGE_EVERY == 1):
             self.exchanges.append(self.redactor(exchange()))
-        if self._seen % TRIM_EVERY == 0:
-            horizon = now - timedelta(seconds=self.spec.window_s * 2)
-            for name, values in self.samples.items():
-                self.samples[name] = [s for s in values if s.at >= horizon][-MAX_SAMPLES:]
+        if rec.seen % TRIM_EVERY == 0:
+            rec.trim(t - self.spec.window_s * 2)
+
+    def label(self, now: datetime, version: str, confidence: float, correct: bool) -> None:
+        """A late label for an answer given while the canary ran, by the version that gave it."""
+        if version not in (self.candidate, self.production):
+            return
+        side = "candidate" if version == self.candidate else "baseline"
+        t = now.timestamp()
+        self.labels[side].append((t, confidence, correct))
+        self.sides[side].add("correct", t, 1.0 if correct else 0.0)
+
+    def _snapshot(self, side: str, now: datetime) -> dict[str, Columns | list[Sample]]:
+        snap: dict[str, Columns | list[Sample]] = dict(self.sides[side].columns())
+        since = now.timestamp() - self.spec.window_s
+        recent = [(p, c) for at, p, c in self.labels[side] if at >= since]
+        if recent:
+            from shared.drift.stats import ece  # scipy, as for the gateway's calibration
+
+            conf = np.fromiter((p for p, _ in recent), dtype=np.float64, count=len(recent))
+            hits = np.fromiter((c for _, c in recent), dtype=np.float64, count=len(recent))
+            snap["ece"] = [Sample(now, float(ece(conf, hits, 10)[0]), len(recent))]
+        if side == "candidate" and self.shadow_agreement is not None:
+            value, n = self.shadow_agreement
+            snap["shadow_agreement"] = [Sample(now, value, max(1, n))]
+        return snap
 
     def tick(self, now: datetime) -> Decision:
-        d = decide(self.spec.plan(), self.state, self.samples, now)
+        d = decide(
+            self.plan, self.state, self._snapshot("candidate", now), now, self._snapshot("baseline", now)
+        )
+        return self._take(d, now)
+
+    def judge(self, now: datetime, *, approve: bool, by: str) -> Decision:
+        """A person's call on a canary that waits (a manual step, or gates that could not
+        decide): approve moves it on, reject rolls it back."""
+        return self._take(resume(self.plan, self.state, now, approve=approve, by=by), now)
+
+    def _take(self, d: Decision, now: datetime) -> Decision:
         self.state = d.state
-        if d.action is not Action.HOLD:
+        if d.action is not Action.HOLD or "inconclusive" in d.reason:
             self.log.append(f"{now.isoformat()} {d.action.value}: {d.reason}")
         return d
 
@@ -156,8 +299,9 @@ class Canary:
         stamp = now.strftime("%Y%m%dT%H%M%SZ")
         out = root / f"{self.model}-{self.candidate}-{stamp}"
         out.mkdir(parents=True, exist_ok=True)
-        window = now - timedelta(seconds=self.spec.window_s)
-        recent = {k: [s.value for s in v if s.at >= window] for k, v in self.samples.items()}
+        since = now.timestamp() - self.spec.window_s
+        cand = self.sides["candidate"]
+        recent = {m: cand.recent(m, since) for m in ("success", "latency_ms")}
         metrics = {
             "requests": len(recent["success"]),
             "success_rate": sum(recent["success"]) / len(recent["success"]) if recent["success"] else None,

@@ -6,6 +6,7 @@ committed without secrets. Paths are relative to the file.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -103,8 +104,25 @@ class AlertConfig(_Strict):
         )
 
 
+class TaskConfig(_Strict):
+    """What the model answers, so a shadow compares it the right way (`cloud_serving.diffs`).
+
+    Default: the `task` (and `classes`) of the production version's `inference_config.json`
+    when one lies beside its model file (an extracted bundle), else classification."""
+
+    kind: Literal["classification", "detection", "trajectory"] | None = None
+    classes: list[str] = Field(default_factory=list, description="class names, by index")
+    boxes_output: str = "boxes"
+    classes_output: str | None = None  # per-box class ids; default: argmax of the scores output
+    box_format: Literal["xyxy", "cxcywh"] = "xyxy"
+    score_threshold: float = Field(default=0.5, ge=0, le=1)
+    trajectory_output: str | None = None
+    iou: float = Field(default=0.5, gt=0, le=1)
+
+
 class ModelConfig(_Strict):
     production: str
+    task: TaskConfig = TaskConfig()
     versions: dict[str, VersionConfig] = Field(min_length=1)
     fallback: FallbackConfig | None = None
     scores_output: str | None = None
@@ -190,13 +208,39 @@ def load_config(path: Path) -> ServingConfig:
     except ValidationError as exc:
         raise ConfigError(f"{path}: {first_error(exc)}") from None
     base = path.parent
-    for model in cfg.models.values():
+    for name, model in cfg.models.items():
         for v in model.versions.values():
             if v.path is not None and not v.path.is_absolute():
                 v.path = base / v.path
+        _declared_task(name, model)
     reg = cfg.gateway.registry
     if reg is not None and reg.file is not None and not reg.file.is_absolute():
         reg.file = base / reg.file
     if not cfg.gateway.failure_dir.is_absolute():
         cfg.gateway.failure_dir = base / cfg.gateway.failure_dir
     return cfg
+
+
+def _declared_task(name: str, model: ModelConfig) -> None:
+    """Take the task and class names from the production model's `inference_config.json`
+    (the builder writes them) unless serving.toml says; a contradiction is an error."""
+    path = model.versions[model.production].path
+    declared = path.parent / "inference_config.json" if path is not None else None
+    if declared is None or not declared.is_file():
+        return
+    try:
+        info = json.loads(declared.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{declared}: not readable JSON ({exc})") from None
+    task = info.get("task") if isinstance(info, dict) else None
+    if task is None:
+        return
+    if model.task.kind is not None and model.task.kind != task:
+        raise ConfigError(f"models.{name}: task {model.task.kind!r} but {declared} declares {task!r}")
+    try:
+        model.task = TaskConfig.model_validate({**model.task.model_dump(), "kind": task})
+    except ValidationError as exc:
+        raise ConfigError(f"{declared}: {first_error(exc)}") from None
+    classes = info.get("classes")
+    if not model.task.classes and isinstance(classes, list) and all(isinstance(c, str) for c in classes):
+        model.task.classes = classes

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,19 +29,27 @@ import numpy as np
 from cloud_serving.backends import Backend, BackendError, ConstantFallback, OnnxBackend, TritonBackend
 from cloud_serving.canary import Canary, CanarySpec
 from cloud_serving.config import BatchingConfig, ConfigError, ModelConfig, ServingConfig, VersionConfig
+from cloud_serving.diffs import Task, TaskSpec
+from cloud_serving.errors import (
+    InvalidReleaseError,
+    OverloadError,
+    ReleaseError,
+    UnavailableError,
+    UnknownModelError,
+)
 from cloud_serving.experiments import Experiment, ExperimentSpec
 from cloud_serving.flags import FileFlags, FlagCache, FlagSource, HttpFlags
 from cloud_serving.incidents import IncidentRecorder
 from cloud_serving.observability import refresh_tracing, span
 from cloud_serving.quality import COHORT_KINDS, Calibration, Cohort, InputProfile, top_score
 from cloud_serving.registry import LocalRegistry, Promotion, Registry, RegistryClient
+from cloud_serving.release import Op, check, running
 from cloud_serving.routing import Split, normalise
-from cloud_serving.shadow import ShadowBudget, ShadowMirror
+from cloud_serving.shadow import ShadowBudget, ShadowMirror, ShadowVerdict
 from shared.alerts import AlertEvent, AlertRule, AlertState, CountSample, ValueSample, step
 from shared.batching import InferencePool, NonFiniteOutputError, OverloadedError
-from shared.errors import TidegateError
 from shared.fsutil import atomic_write_bytes
-from shared.gates import Action
+from shared.gates import Action, Decision
 from shared.kpis import Mitigation
 from shared.logs import DEFAULT_KEYS, DEFAULT_PATTERNS, Redactor
 from shared.webhooks import notify, payload
@@ -49,28 +57,13 @@ from shared.webhooks import notify, payload
 log = logging.getLogger("tidegate.serving")
 
 
-class GatewayError(TidegateError):
-    status = 500
+class ShadowGateError(ReleaseError):
+    """A canary asked for a candidate without a passing shadow verdict (409, with the
+    verdict's conditions in the answer)."""
 
-
-class UnknownModelError(GatewayError):
-    status = 404
-
-
-class ReleaseError(GatewayError):
-    """An operation the model's release state does not allow."""
-
-    status = 409
-
-
-class UnavailableError(GatewayError):
-    """The model failed and there is no fallback."""
-
-    status = 503
-
-
-class OverloadError(GatewayError):
-    status = 429
+    def __init__(self, message: str, verdict: ShadowVerdict | None) -> None:
+        super().__init__(message)
+        self.verdict = verdict
 
 
 def _utcnow() -> datetime:
@@ -128,6 +121,36 @@ class ModelState:
     calibration: dict[str, Calibration] = field(default_factory=dict)
     inputs: dict[str, list[int]] = field(default_factory=dict)
     values: dict[tuple[str, str], deque[ValueSample]] = field(default_factory=dict)
+    # Each candidate's last shadow verdict (the canary's entry condition), by version.
+    verdicts: dict[str, ShadowVerdict] = field(default_factory=dict)
+
+    def running(self) -> tuple[Any, str]:
+        """The release operation in progress (`cloud_serving.release`)."""
+        shadow = self.shadow.version if self.shadow is not None and self.shadow.active else None
+        return running(
+            shadow=shadow,
+            canary=self.canary.candidate if self.canary is not None else None,
+            experiment=f"{self.experiment.spec.control} vs {self.experiment.spec.treatment}"
+            if self.experiment is not None
+            else None,
+        )
+
+    def allow(self, op: Op) -> None:
+        check(self.name, op, self.running())
+
+    def task_spec(self) -> TaskSpec:
+        t = self.config.task
+        return TaskSpec(
+            task=Task(t.kind or "classification"),
+            scores_output=self.config.scores_output,
+            boxes_output=t.boxes_output,
+            classes_output=t.classes_output,
+            box_format=t.box_format,
+            score_threshold=t.score_threshold,
+            trajectory_output=t.trajectory_output,
+            iou=t.iou,
+            class_names=tuple(t.classes),
+        )
 
     def seen_input(self, version: str, unusual: bool) -> None:
         c = self.inputs.get(version)
@@ -285,6 +308,9 @@ class Gateway:
                 outputs, st.fallback.version, fallback=True, latency_ms=(time.perf_counter() - t0) * 1000
             )
         version = st.route().pick(key=key, salt=st.salt, rng=self._rng)
+        canary = st.canary
+        if canary is not None and version == canary.candidate and not canary.spec.admits(metadata or {}):
+            version = st.production  # a cohort canary: callers outside it stay on production
         t0 = time.perf_counter()
         try:
             if version == st.production and st.ensemble is not None:
@@ -296,26 +322,30 @@ class Gateway:
         except Exception as exc:  # BackendError, TimeoutError, the runtime's own errors
             ms = (time.perf_counter() - t0) * 1000
             st.count(version, False)
-            if st.canary is not None and version == st.canary.candidate:
+            if canary is not None and version == canary.candidate:
                 failure = exc
-                st.canary.record(
+                canary.record(
                     self.clock(),
                     ok=False,
                     latency_ms=ms,
                     exchange=lambda: _exchange(key, metadata, sample, None, failure),
                 )
                 return await self._production_or_fallback(st, sample, t0)  # the caller never sees it
+            if canary is not None and version == canary.production:
+                canary.record(self.clock(), ok=False, latency_ms=ms, baseline=True)
             return await self._fallback(st, sample, t0, exc)
         st.count(version, True)
-        if st.canary is not None and version == st.canary.candidate:
-            st.canary.record(
+        if canary is not None and version == canary.candidate:
+            canary.record(
                 self.clock(),
                 ok=True,
                 latency_ms=answer.latency_ms,
                 exchange=lambda: _exchange(key, metadata, sample, answer.outputs, None),
             )
+        elif canary is not None and version == canary.production:
+            canary.record(self.clock(), ok=True, latency_ms=answer.latency_ms, baseline=True)
         if st.shadow is not None and version == st.production:
-            st.shadow.offer(sample, answer.outputs, answer.latency_ms)
+            st.shadow.offer(sample, answer.outputs, answer.latency_ms, metadata)
         self._remember(st, answer, always=False)
         return answer
 
@@ -342,6 +372,8 @@ class Gateway:
         if cal is None:
             cal = st.calibration[version] = Calibration()
         cal.add(confidence, predicted == label)
+        if st.canary is not None:
+            st.canary.label(self.clock(), version, confidence, predicted == label)
         return {"version": version, "predicted": predicted, "correct": predicted == label}
 
     async def _experiment_infer(
@@ -420,8 +452,7 @@ class Gateway:
         ]
         if arms[0] == arms[1]:
             raise ReleaseError("the two arms are the same version with the same post-processing")
-        if st.canary is not None or st.experiment is not None:
-            raise ReleaseError(f"{name} has a canary or an experiment running; end it first")
+        st.allow(Op.START_EXPERIMENT)
         st.experiment = Experiment(spec, self.clock().isoformat())
         st.assigned.clear()
         self._note(st, f"experiment {spec.mode}: {spec.control} vs {spec.treatment}")
@@ -525,6 +556,7 @@ class Gateway:
         self, name: str, version: str, path: Path, batching: BatchingConfig | None = None
     ) -> None:
         st = self.model(name)
+        st.allow(Op.LOAD)
         if version in st.versions:
             raise ReleaseError(f"{name} {version} is loaded already")
         backend = _onnx(version, path, batching or BatchingConfig(), self.pool)
@@ -534,6 +566,7 @@ class Gateway:
 
     async def unload_version(self, name: str, version: str) -> None:
         st = self.model(name)
+        st.allow(Op.UNLOAD)
         self._known(st, version)
         busy = {st.production, *st.weights, *([st.canary.candidate] if st.canary else [])}
         if st.shadow is not None and st.shadow.active:
@@ -549,8 +582,7 @@ class Gateway:
         st = self.model(name)
         for v in weights:
             self._known(st, v)
-        if st.canary is not None or st.experiment is not None:
-            raise ReleaseError(f"{name} has a canary or an experiment running; end it first")
+        st.allow(Op.SET_WEIGHTS)
         split = normalise(weights)
         st.weights = split
         top = max(split, key=lambda v: split[v])
@@ -564,6 +596,7 @@ class Gateway:
         """Blue/green: check the other stack answers, then move all traffic at once."""
         st = self.model(name)
         self._known(st, version)
+        st.allow(Op.SWITCH)
         probe = np.zeros(
             [d or 1 for d in getattr(st.versions[version], "sample_shape", ())], dtype=np.float32
         )
@@ -571,8 +604,7 @@ class Gateway:
             await self._run(st, version, probe)
         except Exception as exc:
             raise ReleaseError(f"{name} {version} failed its pre-switch check: {exc}") from None
-        if st.canary is not None:
-            raise ReleaseError(f"{name} has a canary running; end it first")
+        st.allow(Op.SWITCH)  # again: the probe awaited, and another operation may have begun
         if version != st.production:
             st.history.append(st.production)
         st.production, st.weights = version, {version: 1.0}
@@ -582,6 +614,7 @@ class Gateway:
     async def rollback(self, name: str, reason: str = "operator rollback") -> str:
         """Back to the previous production version (or, with a canary running, end it)."""
         st = self.model(name)
+        st.allow(Op.ROLLBACK)
         if st.canary is not None:
             self._end_canary(st, promoted=False, reason=reason)
             return st.production
@@ -598,60 +631,146 @@ class Gateway:
     ) -> None:
         st = self.model(name)
         self._known(st, version)
+        st.allow(Op.START_SHADOW)
         if version == st.production:
             raise ReleaseError(f"{version} is production; shadow a candidate")
-        if st.shadow is not None and st.shadow.active:
-            raise ReleaseError(f"{name} is already shadowing {st.shadow.version}")
         # The mirror runs its own copy of the candidate in a low-priority process: callers'
         # requests keep the CPU and the event loop, and the shadow takes what is left.
         path = getattr(st.versions[version], "model_path", None)
         if path is None:
             raise ReleaseError(f"{name} {version} is not an in-process model; it cannot be shadowed")
-        st.shadow = ShadowMirror(
+        mirror = ShadowMirror(
             version,
             path,
             share=share,
             budget=budget,
-            scores_output=st.config.scores_output,
+            spec=st.task_spec(),
             queue_max=queue_max,
-        )
+            clock=self.clock,
+        )  # checks the budgets (BudgetError, 422) before any process starts
+        if st.shadow is not None:  # an earlier shadow that stopped on its budget: end its process
+            self._background(st.shadow.stop())
+        st.shadow = mirror
+        st.verdicts.pop(version, None)  # a new shadow, a new verdict
         st.shadow.start()
         self._note(st, f"shadowing {share:.0%} of traffic to {version}")
 
+    def _background(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._notifications.add(task)
+        task.add_done_callback(self._notifications.discard)
+
     async def stop_shadow(self, name: str) -> dict[str, Any]:
+        """End the shadow: its verdict on its last summary becomes final, and is what a canary
+        of that version is allowed on."""
         st = self.model(name)
         if st.shadow is None:
             raise ReleaseError(f"{name} has no shadow")
-        await st.shadow.stop()
-        st.shadow.noted = True
-        self._note(st, f"shadow of {st.shadow.version} stopped by an operator")
-        return st.shadow.stats.kpis()
+        shadow = st.shadow
+        verdict = await shadow.stop()
+        st.verdicts[shadow.version] = verdict
+        if not shadow.noted:
+            self._note(st, f"shadow of {shadow.version} ended: {verdict.verdict}: {verdict.reason}")
+        shadow.noted = True
+        st.shadow = None
+        return {**shadow.stats.kpis(), "verdict": verdict.as_dict()}
 
-    def start_canary(self, name: str, candidate: str, spec: CanarySpec) -> Canary:
+    def _shadow_ended(self, st: ModelState) -> None:
+        """A shadow that stopped itself (its verdict failed): the verdict is kept as final."""
+        shadow = st.shadow
+        if shadow is not None and shadow.stopped_reason and not shadow.noted:
+            shadow.noted = True
+            st.verdicts[shadow.version] = replace(shadow.verdict, final=True)
+            self._note(st, f"shadow of {shadow.version} stopped: {shadow.stopped_reason}")
+
+    def _shadow_gate(
+        self, st: ModelState, candidate: str, override_reason: str | None
+    ) -> ShadowVerdict | None:
+        """The canary's entry condition: the candidate's shadow ended with a pass. Without one,
+        a `ShadowGateError` (409, with the verdict), unless an `override_reason` is given: then
+        it is noted in the events and queued for the model card."""
+        self._shadow_ended(st)
+        verdict = st.verdicts.get(candidate)
+        if verdict is not None and verdict.verdict == "pass":
+            return verdict
+        why = (
+            f"no shadow of {candidate} has ended"
+            if verdict is None
+            else f"its shadow verdict is {verdict.verdict}: {verdict.reason}"
+        )
+        if not override_reason:
+            raise ShadowGateError(
+                f"{st.name}: no canary of {candidate}: {why}; shadow it first, or give an override_reason",
+                verdict,
+            )
+        self._note(st, f"shadow gate overridden for {candidate} ({why}): {override_reason}")
+        content = {
+            "gate": "shadow",
+            "reason": override_reason,
+            "verdict": verdict.as_dict() if verdict is not None else None,
+        }
+        self._promoted(st.name, candidate, "override", content, stage=False)
+        return None
+
+    def start_canary(
+        self, name: str, candidate: str, spec: CanarySpec, *, override_reason: str | None = None
+    ) -> Canary:
+        """A canary of `candidate`, allowed only after a shadow of it ended with a passing
+        verdict, or with a recorded `override_reason` (the API lets only admins give one)."""
         st = self.model(name)
         self._known(st, candidate)
+        st.allow(Op.START_CANARY)
         if candidate == st.production:
             raise ReleaseError(f"{candidate} is production already")
+        return self._begin_canary(st, candidate, spec, override_reason)
+
+    def _begin_canary(
+        self, st: ModelState, candidate: str, spec: CanarySpec, override_reason: str | None
+    ) -> Canary:
+        try:
+            spec.plan()  # steps, manual steps and bounds, before anything changes
+        except ValueError as exc:  # GateDefinitionError
+            raise InvalidReleaseError(f"{st.name} canary: {exc}") from None
+        verdict = self._shadow_gate(st, candidate, override_reason)
         if st.canary is not None:
-            raise ReleaseError(f"{name} already has a canary ({st.canary.candidate})")
-        st.canary = Canary.begin(name, st.production, candidate, spec, self.clock())
+            self._end_canary(st, promoted=False, reason=f"rolled through to {candidate}")
+        st.canary = Canary.begin(st.name, st.production, candidate, spec, self.clock())
         st.canary.redactor = self.redactor
-        st.salt = f"{name}:{candidate}"  # a new release reshuffles who is in the first 1 %
+        st.canary.shadow_agreement = verdict.agreement if verdict is not None else None
+        st.salt = f"{st.name}:{candidate}"  # a new release reshuffles who is in the first 1 %
         self._apply_canary_weight(st)
-        self._note(st, f"canary {candidate}: {list(spec.steps)} %, bake {spec.bake_s:g} s")
+        cohort = f", cohort {dict(spec.cohort)}" if spec.cohort else ""
+        self._note(st, f"canary {candidate}: {list(spec.steps)} %, bake {spec.bake_s:g} s{cohort}")
         return st.canary
 
-    def roll_through(self, name: str, candidate: str, spec: CanarySpec) -> Canary:
+    def roll_through(
+        self, name: str, candidate: str, spec: CanarySpec, *, override_reason: str | None = None
+    ) -> Canary:
         """Replace a failing (or superseded) canary with the next candidate: the old one is
-        rolled back and the new one starts from the first step."""
+        rolled back and the new one starts from the first step, through the same shadow gate
+        (checked before the old canary ends, so a refusal changes nothing)."""
         st = self.model(name)
         self._known(st, candidate)
         if st.canary is None:
             raise ReleaseError(f"{name} has no canary to roll through")
+        st.allow(Op.ROLL_THROUGH)
         if candidate in (st.canary.candidate, st.production):
             raise ReleaseError(f"roll through to a new candidate, not {candidate}")
-        self._end_canary(st, promoted=False, reason=f"rolled through to {candidate}")
-        return self.start_canary(name, candidate, spec)
+        return self._begin_canary(st, candidate, spec, override_reason)
+
+    def judge_canary(self, name: str, *, approve: bool, by: str = "an operator") -> dict[str, Any]:
+        """A person's call on a canary that waits (a manual step, or gates that could not
+        decide): approval moves it to the next step (or promotes it), rejection rolls it back."""
+        st = self.model(name)
+        if st.canary is None:
+            raise ReleaseError(f"{name} has no canary")
+        st.allow(Op.JUDGE_CANARY)
+        try:
+            decision = st.canary.judge(self.clock(), approve=approve, by=by)
+        except ValueError as exc:  # not paused
+            raise ReleaseError(f"{name} canary of {st.canary.candidate}: {exc}") from None
+        self._apply(st, decision, self.clock(), [])
+        return {"action": decision.action.value, "reason": decision.reason}
 
     def _apply_canary_weight(self, st: ModelState) -> None:
         assert st.canary is not None
@@ -665,12 +784,36 @@ class Gateway:
             st.history.append(st.production)
             st.production = candidate
             st.production_since = self.clock()
+            verdict = st.verdicts.get(candidate)
+            if verdict is not None:
+                self._promoted(st.name, candidate, "shadow", verdict.as_dict(), stage=False)
             self._promoted(
                 st.name, candidate, "canary", {"steps": list(st.canary.spec.steps), "log": st.canary.log}
             )
         st.weights = {st.production: 1.0}
         st.canary = None
         self._note(st, f"canary {candidate} {'promoted' if promoted else 'rolled back'}: {reason}")
+
+    def _apply(
+        self, st: ModelState, decision: Decision, now: datetime, done: list[tuple[str, str, Path | None]]
+    ) -> None:
+        """Carry out a canary decision (a tick's or a person's)."""
+        assert st.canary is not None
+        if decision.action is Action.ADVANCE:
+            self._apply_canary_weight(st)
+            self._note(st, decision.reason)
+        elif decision.action is Action.PAUSE:
+            self._note(st, f"canary {st.canary.candidate} paused: {decision.reason}")
+        elif decision.action is Action.COMPLETE:
+            self._end_canary(st, promoted=True, reason=decision.reason)
+            done.append((st.name, "promoted", None))
+        elif decision.action is Action.ABORT:
+            self._mitigated(st, "gates", decision.reason, now)
+            bundle = st.canary.write_failure_bundle(self.config.gateway.failure_dir, now, decision)
+            self._end_canary(st, promoted=False, reason=decision.reason)
+            done.append((st.name, "rolled back", bundle))
+        elif "inconclusive" in decision.reason:
+            self._note(st, decision.reason)
 
     def tick(self) -> list[tuple[str, str, Path | None]]:
         """Advance every canary, check every shadow's budget and every alert rule: (model,
@@ -679,26 +822,11 @@ class Gateway:
         done: list[tuple[str, str, Path | None]] = []
         for st in self.models.values():
             self._alerts(st, now, done)
-            shadow = st.shadow
-            if shadow is not None and shadow.stopped_reason and not shadow.noted:
-                shadow.noted = True
-                self._note(st, f"shadow of {shadow.version} stopped: {shadow.stopped_reason}")
+            self._shadow_ended(st)
             if st.experiment is not None and (verdict := st.experiment.analyse()) is not None:
                 done.append((st.name, verdict, self._conclude(st, verdict)))
-            if st.canary is None:
-                continue
-            decision = st.canary.tick(now)
-            if decision.action is Action.ADVANCE:
-                self._apply_canary_weight(st)
-                self._note(st, decision.reason)
-            elif decision.action is Action.COMPLETE:
-                self._end_canary(st, promoted=True, reason=decision.reason)
-                done.append((st.name, "promoted", None))
-            elif decision.action is Action.ABORT:
-                self._mitigated(st, "gates", decision.reason, now)
-                bundle = st.canary.write_failure_bundle(self.config.gateway.failure_dir, now, decision)
-                self._end_canary(st, promoted=False, reason=decision.reason)
-                done.append((st.name, "rolled back", bundle))
+            if st.canary is not None:
+                self._apply(st, st.canary.tick(now), now, done)
         return done
 
     # ---- alerts ---------------------------------------------------------------------------------
@@ -826,9 +954,13 @@ class Gateway:
                     if not fut.done():
                         fut.set_exception(TimeoutError(f"no answer within {st.config.timeout_ms:g} ms"))
 
-    def _promoted(self, model: str, version: str, section: str, content: dict[str, Any]) -> None:
+    def _promoted(
+        self, model: str, version: str, section: str, content: dict[str, Any], *, stage: bool = True
+    ) -> None:
+        """Queue a model-card section for the registry; `stage` also moves the release to
+        production (a promotion), otherwise the section is evidence only."""
         if self.registry is not None:
-            self.registry.pending.append(Promotion(model, version, section, content))
+            self.registry.pending.append(Promotion(model, version, section, content, promote=stage))
 
     async def flush_registry(self) -> int:
         """Send queued promotions to the registry off the event loop; retried on failure."""
@@ -873,6 +1005,7 @@ class Gateway:
             "weights": st.weights,
             "history": st.history,
             "fallback": st.fallback is not None,
+            "running": st.running()[0].value,
             "shadow": None
             if st.shadow is None
             else {
@@ -880,7 +1013,12 @@ class Gateway:
                 "share": st.shadow.share,
                 "active": st.shadow.active,
                 "stopped_reason": st.shadow.stopped_reason,
+                "task": st.shadow.spec.task.value,
+                "verdict": st.shadow.verdict.as_dict(),
                 "kpis": st.shadow.stats.kpis(),
+            },
+            "verdicts": {
+                v: {"verdict": x.verdict, "reason": x.reason, "at": x.at} for v, x in st.verdicts.items()
             },
             "canary": None
             if st.canary is None
@@ -888,6 +1026,9 @@ class Gateway:
                 "candidate": st.canary.candidate,
                 "step": st.canary.state.step,
                 "weight": st.canary.weight,
+                "status": st.canary.state.status.value,
+                "paused_reason": st.canary.state.paused_reason,
+                "cohort": dict(st.canary.spec.cohort) or None,
                 "log": st.canary.log,
             },
             "experiment": st.experiment.summary() if st.experiment else None,

@@ -42,8 +42,9 @@ class RegistryError(TidegateError):
 class Promotion:
     model: str
     version: str
-    section: str  # "canary" or "experiment"
+    section: str  # "canary", "experiment", "shadow" (its verdict) or "override"
     content: dict[str, Any]
+    promote: bool = True  # move the release on to production; False: evidence only
 
 
 # The stages a promotion walks through from each stage (the fleet server's transitions).
@@ -110,7 +111,7 @@ class RegistryClient(Registry):
         )
         if r.status_code >= 400:
             raise RegistryError(f"model card for {p.model} {p.version}: HTTP {r.status_code}: {r.text[:200]}")
-        for stage in _TO_PRODUCTION.get(release["stage"], []):
+        for stage in _TO_PRODUCTION.get(release["stage"], []) if p.promote else []:
             r = self._http.post(f"/api/v1/releases/{rid}/stage", json={"stage": stage})
             if r.status_code >= 400:
                 raise RegistryError(
@@ -148,7 +149,7 @@ class LocalRegistry(Registry):
         )
         at = self._now().isoformat()
         release["model_card"].append({"section": p.section, "at": at, "by": "gateway", "content": p.content})
-        for stage in _TO_PRODUCTION.get(release["stage"], []):
+        for stage in _TO_PRODUCTION.get(release["stage"], []) if p.promote else []:
             move = {"from": release["stage"], "to": stage}
             release["model_card"].append({"section": "stage", "at": at, "by": "gateway", "content": move})
             release["stage"] = stage

@@ -19,63 +19,207 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cloud_serving.diffs import COMMON, METRICS, Metric, Row, SlicedDiff, Task, TaskSpec, metric, slices_of
+from cloud_serving.errors import InvalidReleaseError
+from shared.gates import Comparator, Condition, ConditionResult, Gate, Sample, Verdict, evaluate_gate
+
+
+class BudgetError(InvalidReleaseError):
+    """A shadow budget that cannot be judged as written (unknown metric, class or slice form)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One bound on one diff KPI, optionally for one class and one request-metadata slice:
+    ``Budget("recall_delta", 0.015, cls="pedestrian", slice="time=night")`` reads
+    ``abs(Δ recall pedestrian, slice time=night) <= 1.5 %``. Fewer than `min_samples` behind
+    the value (answers of that class in that slice), or none at all, is pending, never pass."""
+
+    metric: str
+    bound: float
+    cls: str | None = None
+    slice: str | None = None
+    min_samples: int = 100
+
+    def key(self, m: Metric) -> str:
+        where = ", ".join(x for x in (self.cls, self.slice and f"slice {self.slice}") if x)
+        name = f"{self.metric}[{where}]" if where else self.metric
+        return f"abs({name})" if m.better == "zero" else name
+
+    def check(self, task: Task, classes: tuple[str, ...] | None) -> Metric:
+        """The budget's metric, or a `BudgetError` naming what is wrong; `classes` are the
+        model's class names (None: not known, so any class is accepted and judged at run time)."""
+        m = metric(task, self.metric)
+        if m is None:
+            known = ", ".join([*METRICS[task], *COMMON])
+            raise BudgetError(f"budget metric {self.metric!r} is not a {task} KPI; known: {known}")
+        if not (math.isfinite(self.bound) and self.bound >= 0) and m.better != "higher":
+            raise BudgetError(f"budget {self.metric}: bound must be a finite number >= 0")
+        if self.cls is not None and not m.per_class:
+            raise BudgetError(f"budget {self.metric} is not per class; drop class {self.cls!r}")
+        if self.cls is not None and classes is not None and self.cls not in classes:
+            raise BudgetError(f"budget {self.metric}: no class {self.cls!r}; classes: {', '.join(classes)}")
+        if self.slice is not None and not re.fullmatch(r"[^=\s]{1,64}=[^=]{1,64}", self.slice):
+            raise BudgetError(f"budget {self.metric}: slice {self.slice!r} is not key=value")
+        if self.slice is not None and self.metric in COMMON:
+            raise BudgetError(f"budget {self.metric} is measured over all traffic; drop slice {self.slice!r}")
+        if self.min_samples < 1:
+            raise BudgetError(f"budget {self.metric}: min_samples must be at least 1")
+        return m
+
 
 @dataclass(frozen=True)
 class ShadowBudget:
-    max_diff_rate: float = 0.05  # share of samples whose argmax disagrees with production
+    max_diff_rate: float | None = 0.05  # share of samples whose argmax disagrees with production
     max_error_rate: float = 0.01
     max_p95_ms: float | None = None
     min_samples: int = 100
     # A sample whose argmax disagrees with production's, or whose outputs differ by more
     # than this, is sent back whole (input, both answers) to be kept as a failure capture.
     capture_abs_diff: float | None = None
+    budgets: tuple[Budget, ...] = ()  # per class and slice, besides the overall bounds above
+
+    def all(self, task: Task) -> list[Budget]:
+        """Every bound the verdict judges: the overall ones (diff rate for classifiers) and
+        the named budgets."""
+        out = [Budget("error_rate", self.max_error_rate, min_samples=self.min_samples)]
+        if self.max_diff_rate is not None and task is Task.CLASSIFICATION:
+            out.append(Budget("diff_rate", self.max_diff_rate, min_samples=self.min_samples))
+        if self.max_p95_ms is not None:
+            out.append(Budget("p95_ms", self.max_p95_ms, min_samples=self.min_samples))
+        return out + list(self.budgets)
+
+
+@dataclass(frozen=True)
+class ShadowVerdict:
+    """What a shadow concluded about its candidate: pass, fail or pending, a reason each."""
+
+    version: str
+    verdict: str  # "pass" | "fail" | "pending"
+    conditions: tuple[dict[str, Any], ...]
+    at: str
+    compared: int
+    final: bool = False  # the shadow has ended; a running shadow's verdict may still move
+    agreement: tuple[float, int] | None = None  # overall argmax agreement (classifiers), answers
+    rows: tuple[dict[str, Any], ...] = ()  # the KPI rows judged (the model card's table)
+
+    @property
+    def reason(self) -> str:
+        bad = [c["reason"] for c in self.conditions if c["verdict"] == self.verdict] or [
+            c["reason"] for c in self.conditions
+        ]
+        return "; ".join(bad)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "conditions": list(self.conditions),
+            "at": self.at,
+            "compared": self.compared,
+            "final": self.final,
+            "rows": list(self.rows),
+        }
+
+
+_VERDICT = {Verdict.PASS: "pass", Verdict.FAIL: "fail", Verdict.WAIT: "pending"}
+
+
+def judge(
+    version: str, kpis: dict[str, Any], budgets: list[Budget], task: Task, now: datetime
+) -> ShadowVerdict:
+    """The budgets over the shadow's KPI rows, through the one gate engine: a budget whose row
+    is missing or too thin waits, so a shadow passes only on evidence."""
+    all_rows = tuple(kpis.get("rows", ()))
+    rows = {(r["metric"], r["class"], r["slice"]): r for r in all_rows}
+    agree = rows.get(("agreement", None, None))
+    conditions, snapshot = [], {}
+    for b in budgets:
+        m = metric(task, b.metric)
+        assert m is not None  # checked when the shadow started
+        key = b.key(m)
+        row = rows.get((b.metric, b.cls, b.slice))
+        if row is not None and row["value"] is not None:
+            value = abs(row["value"]) if m.better == "zero" else row["value"]
+            snapshot[key] = [Sample(now, float(value), int(row["samples"]))]
+        comparator = Comparator.GE if m.better == "higher" else Comparator.LE
+        conditions.append(Condition(key, comparator, b.bound, min_samples=b.min_samples))
+    result = evaluate_gate(Gate(tuple(conditions), name="shadow"), snapshot, now)
+    return ShadowVerdict(
+        version,
+        _VERDICT[result.verdict],
+        tuple(
+            {
+                "condition": r.condition.describe() if isinstance(r, ConditionResult) else r.reason,
+                "verdict": _VERDICT[r.verdict],
+                "observed": r.observed if isinstance(r, ConditionResult) else None,
+                "samples": r.samples,
+                "reason": r.reason,
+            }
+            for r in result.results
+        ),
+        now.isoformat(),
+        int(kpis.get("compared", 0)),
+        agreement=(agree["value"], agree["samples"]) if agree and agree["value"] is not None else None,
+        rows=all_rows,
+    )
 
 
 @dataclass
 class ShadowStats:
     """The comparisons, kept by the mirror's process."""
 
+    spec: TaskSpec = field(default_factory=TaskSpec)
     compared: int = 0
     errors: int = 0
-    disagreements: int = 0
-    max_abs_diff: float = 0.0
+    diff: SlicedDiff = field(init=False)
     captures: list[dict[str, Any]] = field(default_factory=list)  # large diffs since the last summary
     latency_delta_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     candidate_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
-    confusion: dict[tuple[int, int], int] = field(default_factory=dict)  # (production, candidate) → n
+
+    def __post_init__(self) -> None:
+        self.diff = SlicedDiff(self.spec)
 
     def kpis(self) -> dict[str, Any]:
-        classes = sorted({c for pair in self.confusion for c in pair})
-        per_class = {}
-        for c in classes:
-            tp = self.confusion.get((c, c), 0)
-            predicted = sum(n for (p, q), n in self.confusion.items() if q == c)
-            actual = sum(n for (p, q), n in self.confusion.items() if p == c)
-            per_class[str(c)] = {
-                "precision_vs_production": tp / predicted if predicted else None,
-                "recall_vs_production": tp / actual if actual else None,
-            }
+        rows = [r.as_dict() for r in self.diff.rows()]
+        seen = self.compared + self.errors
+        p95 = _quantile(self.candidate_ms, 0.95)
+        if seen:
+            rows.append(Row("error_rate", None, None, self.errors / seen, seen).as_dict())
+        if p95 is not None:
+            rows.append(Row("p95_ms", None, None, p95, len(self.candidate_ms)).as_dict())
+        overall = {r["metric"]: r["value"] for r in rows if r["class"] is None and r["slice"] is None}
+        per_class: dict[str, dict[str, float | None]] = {}
+        for r in rows:
+            if r["class"] is not None and r["slice"] is None:
+                per_class.setdefault(r["class"], {})[r["metric"]] = r["value"]
         return {
+            "task": str(self.spec.task),
             "compared": self.compared,
             "errors": self.errors,
-            "diff_rate": self.disagreements / self.compared if self.compared else None,
-            "argmax_agreement": 1 - self.disagreements / self.compared if self.compared else None,
-            "error_rate": self.errors / (self.compared + self.errors)
-            if self.compared + self.errors
-            else None,
-            "max_abs_diff": self.max_abs_diff,
+            "diff_rate": overall.get("diff_rate"),
+            "argmax_agreement": overall.get("agreement"),
+            "error_rate": overall.get("error_rate"),
+            "max_abs_diff": overall.get("max_abs_diff", 0.0),
             "latency_delta_ms_p50": _quantile(self.latency_delta_ms, 0.5),
-            "candidate_ms_p95": _quantile(self.candidate_ms, 0.95),
+            "candidate_ms_p95": p95,
             "per_class": per_class,
+            "slices": sorted(self.diff.slices),
+            "slices_dropped": self.diff.slices_dropped,
+            "rows": rows,
         }
 
 
@@ -86,8 +230,11 @@ def _quantile(values: deque[float], q: float) -> float | None:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-Item = tuple[np.ndarray[Any, Any], dict[str, np.ndarray[Any, Any]], float]  # sample, production, ms
-Packed = tuple[np.ndarray[Any, Any], dict[str, np.ndarray[Any, Any]], list[float]] | list[Item]
+# sample, production's outputs, production's ms, the request's slices
+Item = tuple[np.ndarray[Any, Any], dict[str, np.ndarray[Any, Any]], float, list[str]]
+Packed = (
+    tuple[np.ndarray[Any, Any], dict[str, np.ndarray[Any, Any]], list[float], list[list[str]]] | list[Item]
+)
 
 
 def _pack(items: list[Item]) -> Packed:
@@ -95,11 +242,11 @@ def _pack(items: list[Item]) -> Packed:
     the gateway's interpreter lock while it works) costs a few copies instead of two small
     arrays per sample. Outputs whose shapes vary from sample to sample go as they are."""
     try:
-        samples = np.stack([sample for sample, _, _ in items])
-        production = {n: np.stack([p[n] for _, p, _ in items]) for n in items[0][1]}
+        samples = np.stack([item[0] for item in items])
+        production = {n: np.stack([item[1][n] for item in items]) for n in items[0][1]}
     except (ValueError, KeyError):
         return items
-    return samples, production, [ms for _, _, ms in items]
+    return samples, production, [item[2] for item in items], [item[3] for item in items]
 
 
 @dataclass
@@ -127,6 +274,10 @@ FLUSH_EVERY_S = 0.02
 CAPTURES_PER_SUMMARY = 4  # large diffs sent back per summary: a bad candidate cannot flood us
 
 
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
 class ShadowMirror:
     def __init__(
         self,
@@ -135,14 +286,21 @@ class ShadowMirror:
         *,
         share: float,
         budget: ShadowBudget = ShadowBudget(),
-        scores_output: str | None = None,
+        spec: TaskSpec | None = None,
         queue_max: int = 4096,
         rng_seed: int | None = None,
+        clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.version, self.model_path = version, model_path
-        self.share, self.budget, self.scores_output = share, budget, scores_output
+        spec = spec or TaskSpec()
+        self.share, self.budget, self.spec = share, budget, spec
+        self.budgets = budget.all(spec.task)
+        for b in self.budgets:
+            b.check(spec.task, spec.class_names or None)
         self.queue_max = queue_max
+        self.clock = clock
         self.stats = ShadowReport()
+        self.verdict = judge(version, self.stats.summary, self.budgets, spec.task, clock())
         self.stopped_reason: str | None = None
         # Large diffs from the mirror, waiting to be written as failure captures (bounded).
         self.captures: deque[dict[str, Any]] = deque(maxlen=64)
@@ -157,7 +315,7 @@ class ShadowMirror:
         self._out: Any = ctx.Queue()
         self._proc = ctx.Process(
             target=_mirror_process,
-            args=(str(model_path), scores_output, budget, self._in, self._out),
+            args=(str(model_path), spec, budget.capture_abs_diff, self._in, self._out),
             name=f"tidegate-shadow-{version}",
             daemon=True,
         )
@@ -177,8 +335,9 @@ class ShadowMirror:
         self._reader.start()
         self._flusher = asyncio.create_task(self._flush_loop())
 
-    async def stop(self, reason: str = "stopped by an operator") -> None:
-        """Stop mirroring; the process finishes what it was sent and sends its last summary."""
+    async def stop(self, reason: str = "stopped by an operator") -> ShadowVerdict:
+        """Stop mirroring; the process finishes what it was sent and sends its last summary,
+        and the verdict on it is final."""
         if self.stopped_reason is None:
             self.stopped_reason = reason
         if self._flusher is not None:
@@ -191,9 +350,15 @@ class ShadowMirror:
         with contextlib.suppress(Exception):
             self._out.put(None)
         await asyncio.to_thread(self._reader.join, 5)
+        self.verdict = replace(self.verdict, final=True)
+        return self.verdict
 
     def offer(
-        self, sample: np.ndarray[Any, Any], production: dict[str, np.ndarray[Any, Any]], production_ms: float
+        self,
+        sample: np.ndarray[Any, Any],
+        production: dict[str, np.ndarray[Any, Any]],
+        production_ms: float,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         """Called on the caller's path: never blocks, never raises."""
         if not self.active or self._rng.random() >= self.share:
@@ -202,7 +367,7 @@ class ShadowMirror:
         if self._sent - self._done + len(self._buffer) >= self.queue_max:
             self.stats.dropped += 1
             return
-        self._buffer.append((sample, production, production_ms))
+        self._buffer.append((sample, production, production_ms, slices_of(metadata)))
         if len(self._buffer) >= 32:
             self._flush()
 
@@ -223,7 +388,8 @@ class ShadowMirror:
             self._flush()
 
     def _read(self) -> None:
-        """Summaries in: replace the last one; a stop the process decided on is taken over."""
+        """Summaries in: replace the last one and judge it; a failing verdict stops the
+        mirroring (the process idles until the shadow is ended)."""
         while True:
             try:
                 message = self._out.get()
@@ -231,48 +397,21 @@ class ShadowMirror:
                 return
             if message is None:
                 return
-            done, summary, stop, captures = message
+            done, summary, captures = message
             self.ready.set()
             self._done, self.stats.summary = done, summary
             self.captures.extend(captures)
             self.stats.captured += len(captures)
-            if stop is not None and self.stopped_reason is None:
-                self.stopped_reason = stop
+            self.verdict = judge(self.version, summary, self.budgets, self.spec.task, self.clock())
+            if self.verdict.verdict == "fail" and self.stopped_reason is None:
+                self.stopped_reason = self.verdict.reason
 
 
 def _unpack(packed: Packed) -> list[Item]:
     if isinstance(packed, list):
         return packed
-    samples, production, ms = packed
-    return [(samples[i], {n: v[i] for n, v in production.items()}, ms[i]) for i in range(len(ms))]
-
-
-def _merge(stats: ShadowStats, rec: tuple[int, int, float, float, float] | None) -> None:
-    if rec is None:
-        stats.errors += 1
-        return
-    p, c, diff, ms, prod_ms = rec
-    stats.compared += 1
-    stats.candidate_ms.append(ms)
-    stats.latency_delta_ms.append(ms - prod_ms)
-    stats.max_abs_diff = max(stats.max_abs_diff, diff)
-    if p >= 0:
-        stats.confusion[(p, c)] = stats.confusion.get((p, c), 0) + 1
-        if p != c:
-            stats.disagreements += 1
-
-
-def over_budget(kpis: dict[str, Any], budget: ShadowBudget) -> str | None:
-    """Why the shadow must stop, or None (also None until `min_samples` are in)."""
-    if kpis["compared"] + kpis["errors"] < budget.min_samples:
-        return None
-    if kpis["error_rate"] is not None and kpis["error_rate"] > budget.max_error_rate:
-        return f"error rate {kpis['error_rate']:.3f} above the budget {budget.max_error_rate}"
-    if kpis["diff_rate"] is not None and kpis["diff_rate"] > budget.max_diff_rate:
-        return f"diff rate {kpis['diff_rate']:.3f} above the budget {budget.max_diff_rate}"
-    if budget.max_p95_ms is not None and (kpis["candidate_ms_p95"] or 0) > budget.max_p95_ms:
-        return f"candidate p95 {kpis['candidate_ms_p95']:.1f} ms above the budget {budget.max_p95_ms} ms"
-    return None
+    samples, production, ms, slices = packed
+    return [(samples[i], {n: v[i] for n, v in production.items()}, ms[i], slices[i]) for i in range(len(ms))]
 
 
 def _idle_priority(pid: int) -> None:
@@ -284,11 +423,11 @@ def _idle_priority(pid: int) -> None:
 
 
 def _mirror_process(
-    model_path: str, scores_output: str | None, budget: ShadowBudget, inq: Any, outq: Any
+    model_path: str, spec: TaskSpec, capture_abs_diff: float | None, inq: Any, outq: Any
 ) -> None:
     """The candidate, in its own process at the lowest priority: run each batch, compare
-    with production's answers, keep the KPIs, and send a summary (samples done, KPIs, a stop
-    reason) at most every `SUMMARY_EVERY_S` and once more at the end."""
+    with production's answers, keep the KPIs, and send a summary (samples done, KPIs, large
+    diffs) at most every `SUMMARY_EVERY_S` and once more at the end."""
     _idle_priority(0)
     import onnxruntime as ort
 
@@ -298,25 +437,20 @@ def _mirror_process(
     sess = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
     input_name = sess.get_inputs()[0].name
     names = [o.name for o in sess.get_outputs()]
-    stats, done, last = ShadowStats(), 0, 0.0
-    stop: str | None = None
-    outq.put((done, stats.kpis(), stop, []))  # loaded: the gateway now knows the mirror is ready
+    stats, done, last = ShadowStats(spec), 0, 0.0
+    outq.put((done, stats.kpis(), []))  # loaded: the gateway now knows the mirror is ready
     while True:
         packed = inq.get()
         if packed is None:
-            kpis = stats.kpis()
-            outq.put((done, kpis, stop or over_budget(kpis, budget), stats.captures))
+            outq.put((done, stats.kpis(), stats.captures))
             return
         items = _unpack(packed)
-        if stop is None:
-            _compare(sess, input_name, names, scores_output, items, stats, budget.capture_abs_diff)
+        _compare(sess, input_name, names, items, stats, capture_abs_diff)
         done += len(items)
         now = time.monotonic()
         if now - last >= SUMMARY_EVERY_S or inq.empty():
             last = now
-            kpis = stats.kpis()
-            stop = stop or over_budget(kpis, budget)
-            outq.put((done, kpis, stop, stats.captures))
+            outq.put((done, stats.kpis(), stats.captures))
             stats.captures = []
 
 
@@ -324,38 +458,70 @@ def _compare(
     sess: Any,
     input_name: str,
     names: list[str],
-    scores_output: str | None,
     items: list[Item],
     stats: ShadowStats,
     capture_abs_diff: float | None = None,
 ) -> None:
+    """Run the candidate on a batch and compare it with production's answers: the task's KPIs
+    for the whole batch at once, and a few large diffs sent back whole."""
     t0 = time.perf_counter()
     try:
-        outs = sess.run(names, {input_name: np.stack([sample for sample, _, _ in items])})
+        outs = sess.run(names, {input_name: np.stack([item[0] for item in items])})
     except Exception:
-        for _ in items:
-            _merge(stats, None)
+        stats.errors += len(items)
         return
     ms = (time.perf_counter() - t0) * 1000
-    for row, (_, production, prod_ms) in enumerate(items):
-        got = {n: o[row] for n, o in zip(names, outs, strict=True)}
-        diff = 0.0
-        for name, ref in production.items():
-            if name in got and got[name].shape == ref.shape and ref.size:
-                diff = max(diff, float(np.max(np.abs(got[name] - ref))))
-        key = scores_output or next(iter(production))
-        p = c = -1
-        if key in got and production[key].size > 1:
-            p, c = int(np.argmax(production[key])), int(np.argmax(got[key]))
-        _merge(stats, (p, c, diff, ms, prod_ms))
-        large = p != c or (capture_abs_diff is not None and diff > capture_abs_diff)
-        if large and len(stats.captures) < CAPTURES_PER_SUMMARY:
-            stats.captures.append(
-                {
-                    "input": items[row][0].tolist(),
-                    "production": {n: v.tolist() for n, v in production.items()},
-                    "candidate": {n: v.tolist() for n, v in got.items()},
-                    "max_abs_diff": diff,
-                    "argmax": {"production": p, "candidate": c},
-                }
+    candidate = dict(zip(names, outs, strict=True))
+    try:
+        production = {n: np.stack([item[1][n] for item in items]) for n in items[0][1]}
+    except (KeyError, ValueError):  # answers of different shapes: one frame at a time
+        for row, item in enumerate(items):
+            one = {n: v[row : row + 1] for n, v in candidate.items()}
+            _compare_frames(
+                stats, [item], {n: v[None] for n, v in item[1].items()}, one, ms, capture_abs_diff
             )
+        return
+    _compare_frames(stats, items, production, candidate, ms, capture_abs_diff)
+
+
+def _compare_frames(
+    stats: ShadowStats,
+    items: list[Item],
+    production: dict[str, np.ndarray[Any, Any]],
+    candidate: dict[str, np.ndarray[Any, Any]],
+    ms: float,
+    capture_abs_diff: float | None,
+) -> None:
+    try:
+        frames = stats.diff.add_batch(production, candidate, [item[3] for item in items])
+    except (KeyError, ValueError, IndexError):  # outputs the task cannot read: failures
+        stats.errors += len(items)
+        return
+    stats.compared += len(items)
+    for item in items:
+        stats.candidate_ms.append(ms)
+        stats.latency_delta_ms.append(ms - item[2])
+    diffs = frames.get("max_abs_diff")
+    if diffs is None:
+        from cloud_serving.diffs import abs_diff
+
+        diffs = abs_diff(production, candidate)
+    top_p, top_c = frames.get("production"), frames.get("candidate")
+    large = np.zeros(len(items), dtype=bool)
+    if top_p is not None and top_c is not None:
+        large |= (top_p >= 0) & (top_p != top_c)
+    if capture_abs_diff is not None:
+        large |= diffs > capture_abs_diff
+    for row in np.nonzero(large)[0][: max(0, CAPTURES_PER_SUMMARY - len(stats.captures))]:
+        p = int(top_p[row]) if top_p is not None else -1
+        c = int(top_c[row]) if top_c is not None else -1
+        stats.captures.append(
+            {
+                "input": items[row][0].tolist(),
+                "production": {n: v.tolist() for n, v in items[row][1].items()},
+                "candidate": {n: v[row].tolist() for n, v in candidate.items()},
+                "max_abs_diff": float(diffs[row]),
+                "argmax": {"production": p, "candidate": c},
+                "slices": items[row][3],
+            }
+        )

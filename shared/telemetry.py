@@ -3,10 +3,11 @@ install receipts. One schema, used by both ends."""
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 BEACON_TOPIC = "tidegate/things/{thing}/beacon"
 RECEIPT_TOPIC = "tidegate/things/{thing}/receipt"
@@ -34,6 +35,17 @@ class InferenceStats(_Model):
     # [0, 1], since that model was loaded: what the server compares across versions for
     # drift (empty: the model's first output is not a probability vector).
     score_histogram: list[int] = Field(default_factory=list, max_length=SCORE_BINS)
+    # A light quality proxy per condition, named by the model's owner (e.g.
+    # "detections_per_frame@time=night": 2.4): what a campaign's relative wave gates compare.
+    quality: dict[str, float] = Field(default_factory=dict, max_length=32)
+
+    @field_validator("quality")
+    @classmethod
+    def _keys(cls, quality: dict[str, float]) -> dict[str, float]:
+        for k, v in quality.items():
+            if not 1 <= len(k) <= 64 or not math.isfinite(v):
+                raise ValueError(f"quality proxy {k[:70]!r}: a name of 1-64 characters and a finite value")
+        return quality
 
 
 class HealthBeacon(_Model):
@@ -52,6 +64,7 @@ class HealthBeacon(_Model):
     inference: InferenceStats = InferenceStats()
     free_disk_mb: float | None = None
     dropped_telemetry: int = 0
+    restarts: int = Field(default=0, ge=0)  # agent starts since the active version was committed
 
 
 class InstallReceipt(_Model):

@@ -205,6 +205,29 @@ def test_notify_start_next_progress_succeeded(
     assert all("clientToken" in b for b in start_next)
 
 
+def _starts(device: Path) -> int | None:
+    path = device / "starts.json"
+    return int(json.loads(path.read_text())["starts"]) if path.exists() else None
+
+
+def test_beacons_count_restarts_since_the_active_version(
+    world: World, tmp_path: Path, broker: Broker
+) -> None:
+    """What a campaign's relative wave gate compares: each start of the agent on the same
+    active version counts; the count is persisted across starts (starts.json)."""
+    device, _ = world.copy(tmp_path)
+    cfg = make_config(tmp_path, device, broker.port)
+    seen = []
+    for n in range(1, 4):
+        with DaemonThread(cfg) as d:
+            assert d.daemon is not None
+            wait_for(lambda n=n: _starts(device) == n, what="start")
+            wait_for(lambda n=n: d.daemon.restarts == n - 1, what="counted")  # type: ignore[union-attr]
+            seen.append(d.daemon.beacon().restarts)
+    assert seen == [0, 1, 2]
+    assert json.loads((device / "starts.json").read_text())["starts"] == 3
+
+
 def test_rejected_and_failed_paths(
     world: World, tmp_path: Path, broker: Broker, endpoint: JobsEndpoint
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,7 @@ def test_an_alert_on_a_canarys_errors_rolls_it_back_and_notifies_the_webhook(mod
             "classifier",
             "9.9.9-bad",
             CanarySpec(steps=(50, 100), bake_s=3600, min_success_rate=0.0, slo_p95_ms=1e6, slo_p99_ms=1e6),
+            override_reason="the alert is under test, not the shadow gate",
         )
         for second in range(5):
             for i in range(40):
@@ -437,3 +439,58 @@ def test_the_request_id_follows_a_call_from_the_gateway_to_the_fleet_server(tmp_
         assert r.request.headers[REQUEST_ID_HEADER] == "req-from-gateway"
     finally:
         served.stop()
+
+
+def _latency_beacon(db: Any, thing: str, seq: int, p95_ms: float, now: datetime) -> None:
+    import json as _json
+
+    from fleet_server.telemetry.service import ingest
+
+    body = {
+        "seq": seq,
+        "device_id": thing,
+        "sku": "edge-cpu",
+        "at": now.isoformat(),
+        "agent_version": "0.1.0",
+        "inference": {"count": 500, "p95_ms": p95_ms, "quality": {"detections_per_frame@time=night": 2.0}},
+    }
+    with db.session() as s:
+        assert ingest(s, f"tidegate/things/{thing}/beacon", _json.dumps(body).encode(), now) == "stored"
+
+
+@pytest.mark.parametrize("slower", [1.5, 1.0])
+def test_a_wave_whose_updated_devices_are_slower_than_the_rest_pauses(db: Any, slower: float) -> None:
+    """The relative wave gate on beacons: updated devices 50 % slower at p95 than the cohort's
+    devices not yet updated pause the campaign before its next wave; equal ones go on."""
+    from fleet_server.campaigns import service
+    from tests.test_campaign_service import T0 as C0
+    from tests.test_campaign_service import devices_answer, fleet, make
+
+    things = fleet(db, 60)
+    cid = make(
+        db,
+        waves=[{"percent": 50}, {"percent": 100}],
+        compare=[
+            {"metric": "p95_ms", "tolerance": 0.2, "min_devices": 20},
+            {"metric": "quality", "quality_key": "detections_per_frame@time=night", "worse": "lower"},
+        ],
+    )
+    now = C0 + timedelta(seconds=1)
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=now)
+    assert devices_answer(db, now) == 30
+    with db.session() as s:
+        updated = set(s.scalars(select(JobExecution.thing_name).where(JobExecution.status == "SUCCEEDED")))
+    rng = random.Random(4)
+    for t in things:
+        base = 20.0 * (slower if t in updated else 1.0)
+        _latency_beacon(db, t, 1, base * rng.lognormvariate(0, 0.1), now)
+    now += timedelta(seconds=5)
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=now)
+        c = service.get(s, cid)
+        if slower > 1:
+            assert c.state == "paused" and c.wave == 0 and c.paused_reason is not None
+            assert "updated devices worse than the rest of the cohort: p95_ms vs baseline" in c.paused_reason
+        else:
+            assert c.state == "running" and c.wave == 1, c.paused_reason

@@ -382,3 +382,56 @@ def test_rate_ramp_after_succeeded_or_after_notified() -> None:
         T0,
     )
     assert len(d.queue) == 15
+
+
+# ---- relative wave gates: updated devices against the cohort's others --------------------------
+
+
+def _cohort(rng: random.Random, updated_p95: float, others_p95: float, n: int = 40) -> Any:
+    from shared.gates import Sample
+
+    def side(center: float) -> dict[str, list[Sample]]:
+        return {"p95_ms": [Sample(T0, center * rng.lognormvariate(0, 0.1)) for _ in range(n)]}
+
+    return side(updated_p95), side(others_p95)
+
+
+def test_a_wave_whose_updated_devices_are_50_percent_slower_pauses_and_an_equal_one_advances() -> None:
+    s = spec(
+        waves=[{"percent": 10}, {"percent": 100}],
+        compare=[{"metric": "p95_ms", "tolerance": 0.2, "min_devices": 10}],
+        compare_wait_s=600,
+    )
+    done = tuple(
+        replace(m, status="SUCCEEDED", finished_at=T0) if i < 50 else m for i, m in enumerate(members(500))
+    )
+    state = CampaignState(0, T0, done)
+    now = T0 + timedelta(seconds=5)
+    rng = random.Random(1)
+    slow = plan_tick(s, state, now, cohort=lambda: _cohort(rng, 30.0, 20.0))
+    assert slow.advance_to is None and slow.pause_reason is not None
+    assert "updated devices worse than the rest of the cohort" in slow.pause_reason
+    assert "p95_ms vs baseline" in slow.pause_reason and "x) worse beyond tolerance 0.2" in slow.pause_reason
+    equal = plan_tick(s, state, now, cohort=lambda: _cohort(rng, 20.0, 20.0))
+    assert equal.advance_to == 1 and equal.pause_reason is None
+    assert any("no worse than the rest of the cohort" in line for line in equal.log)
+    # too few devices reporting: hold, then pause for a person after compare_wait_s
+    thin = plan_tick(s, state, now, cohort=lambda: _cohort(rng, 30.0, 20.0, n=3))
+    assert thin.advance_to is None and thin.pause_reason is None
+    assert any("3 candidate and 3 baseline samples" in line for line in thin.log)
+    late = plan_tick(s, state, T0 + timedelta(seconds=700), cohort=lambda: _cohort(rng, 30.0, 20.0, n=3))
+    assert late.pause_reason is not None and "waiting for a person" in late.pause_reason
+    # an operator's next-wave goes on regardless; the cohort is not even loaded
+    forced = plan_tick(s, replace(state, advance_requested=True), now, cohort=None)
+    assert forced.advance_to == 1
+    # the comparison is loaded only when a wave waits on it
+    calls: list[int] = []
+
+    def counted() -> Any:
+        calls.append(1)
+        return _cohort(rng, 20.0, 20.0)
+
+    plan_tick(s, CampaignState(0, T0, members(500)), now, cohort=counted)
+    assert not calls
+    with pytest.raises(ValidationError, match="quality_key"):
+        spec(compare=[{"metric": "quality"}])

@@ -59,8 +59,12 @@ def test_the_demo_tells_the_whole_story(tmp_path: Path) -> None:
     assert "stopped by the gates" in out and "error gate: failure_rate" in out
     assert "rolled_back: self-test failed" in out
     assert "[tamper] " in out and "refused (HashMismatchError)" in out
-    # 6: shadow, canary promoted, an A/B decision, an alert's fallback, the drift job
-    assert "canary promoted after" in out and "A/B decided after" in out
+    # 6: the hotfix refused at the shadow gate with its per-class table; the retrain through
+    # shadow, canary on relative gates, production; an A/B decision, an alert's fallback, drift
+    assert "shadow of hotfix 1.1.0" in out and "verdict FAIL" in out and "pedestrian " in out
+    assert "canary of 1.1.0 refused (HTTP 409)" in out
+    assert "shadow of retrain 1.0.1" in out and "verdict PASS" in out
+    assert "canary promoted after" in out and "production is 1.0.1" in out and "A/B decided after" in out
     assert "remediation: every request to the fallback" in out and "[drift] DRIFT" in out
     summary = json.loads((workdir / "demo-summary.json").read_text())
     waves = summary["rollout"]["waves"]

@@ -12,18 +12,23 @@ from shared.gates import (
     Action,
     Aggregation,
     Comparator,
+    Comparison,
     Condition,
     Gate,
     GateDefinitionError,
+    Method,
     RolloutPlan,
     RolloutState,
     RolloutStatus,
     Sample,
     Step,
     Verdict,
+    Worse,
     decide,
+    evaluate_comparison,
     evaluate_condition,
     evaluate_gate,
+    resume,
     start,
 )
 
@@ -238,3 +243,120 @@ def test_plan_step_only_moves_forward_and_stays_in_range(ticks: list[tuple[float
         if state.status is not RolloutStatus.RUNNING:
             assert d.state == state
         state = d.state
+
+
+# ---- comparisons with a baseline (relative gates) ---------------------------------------------
+
+
+def _series(values: list[float], at: datetime = T0) -> list[Sample]:
+    return [Sample(at, v) for v in values]
+
+
+def test_a_proportion_comparison_passes_within_tolerance_fails_when_significantly_worse() -> None:
+    cmp = Comparison("errors", Method.PROPORTION, Worse.HIGHER, tolerance=0.005, min_samples=100, alpha=0.01)
+    base = {"errors": _series([1.0] * 10 + [0.0] * 990)}  # 1 %
+    same = {"errors": _series([1.0] * 11 + [0.0] * 989)}
+    worse = {"errors": _series([1.0] * 40 + [0.0] * 960)}  # 4 %: significant at 1000 a side
+    thin = {"errors": _series([1.0] * 2 + [0.0] * 48)}
+    assert evaluate_comparison(cmp, same, base, T0).verdict is Verdict.PASS
+    r = evaluate_comparison(cmp, worse, base, T0)
+    assert r.verdict is Verdict.FAIL and r.p_value is not None and r.p_value < 0.01
+    assert "errors vs baseline" in r.reason and "0.0400 vs 0.0100" in r.reason
+    r = evaluate_comparison(cmp, thin, base, T0)
+    assert r.verdict is Verdict.WAIT and "50 candidate and 1000 baseline samples" in r.reason
+    # worse beyond the tolerance but not yet significant: inconclusive, never a pass
+    few = {"errors": _series([1.0] * 5 + [0.0] * 95)}
+    few_base = {"errors": _series([1.0] * 2 + [0.0] * 98)}
+    r = evaluate_comparison(cmp, few, few_base, T0)
+    assert r.verdict is Verdict.WAIT and "inconclusive" in r.reason
+    # lower is worse (accuracy): a drop is judged on the failures
+    acc = Comparison("correct", Method.PROPORTION, Worse.LOWER, tolerance=0.02, min_samples=100, alpha=0.01)
+    good = {"correct": _series([1.0] * 950 + [0.0] * 50)}
+    bad = {"correct": _series([1.0] * 850 + [0.0] * 150)}
+    assert evaluate_comparison(acc, bad, good, T0).verdict is Verdict.FAIL
+    assert evaluate_comparison(acc, good, bad, T0).verdict is Verdict.PASS  # better is fine
+
+
+def test_mann_whitney_fails_a_30_percent_slower_candidate_and_passes_an_equal_one() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    cmp = Comparison(
+        "latency_ms", Method.MANN_WHITNEY, Worse.HIGHER, tolerance=0.1, min_samples=200, alpha=0.001
+    )
+    base = {"latency_ms": _series(list(rng.lognormal(0, 0.3, 2000)))}
+    same = {"latency_ms": _series(list(rng.lognormal(0, 0.3, 2000)))}
+    slow = {"latency_ms": _series(list(1.3 * rng.lognormal(0, 0.3, 2000)))}
+    r = evaluate_comparison(cmp, slow, base, T0)
+    assert r.verdict is Verdict.FAIL and r.degradation is not None and 0.2 < r.degradation < 0.4
+    assert "p95" in r.reason
+    assert evaluate_comparison(cmp, same, base, T0).verdict is Verdict.PASS
+    # outside the window the samples do not count
+    old = {"latency_ms": _series(list(rng.lognormal(0, 0.3, 2000)), at=T0 - timedelta(hours=1))}
+    windowed = Comparison("latency_ms", Method.MANN_WHITNEY, window=timedelta(minutes=5), min_samples=200)
+    assert evaluate_comparison(windowed, old, base, T0).verdict is Verdict.WAIT
+
+
+def test_a_comparison_without_a_baseline_waits() -> None:
+    gate = Gate((), name="relative", comparisons=(Comparison("errors", Method.PROPORTION),))
+    r = evaluate_gate(gate, {"errors": _series([0.0] * 100)}, T0)
+    assert r.verdict is Verdict.WAIT and "no baseline" in r.reason
+    with pytest.raises(GateDefinitionError):
+        Gate((), name="empty")
+    with pytest.raises(GateDefinitionError, match="alpha"):
+        Comparison("errors", Method.PROPORTION, alpha=0.7)
+
+
+def _relative_plan(**kw: object) -> RolloutPlan:
+    gate = Gate(
+        (),
+        name="canary",
+        comparisons=(
+            Comparison(
+                "errors", Method.PROPORTION, Worse.HIGHER, tolerance=0.005, min_samples=100, alpha=0.01
+            ),
+        ),
+    )
+    steps = kw.pop("steps", (Step(percent=10, bake=timedelta(seconds=60)), Step(percent=100)))
+    return RolloutPlan(steps, gate=gate, **kw)  # type: ignore[arg-type]
+
+
+def test_relative_gates_are_looked_at_once_per_bake_and_inconclusive_bakes_pause_for_a_person() -> None:
+    plan = _relative_plan(inconclusive_limit=2)
+    state = start(T0)
+    few = {"errors": _series([1.0] * 6 + [0.0] * 94)}  # 6 % vs 2 %: worse, not yet significant
+    base = {"errors": _series([1.0] * 2 + [0.0] * 98)}
+    d = decide(plan, state, few, at(30), base)
+    assert d.action is Action.HOLD and "baking" in d.reason  # comparisons wait for the bake
+    d = decide(plan, d.state, few, at(61), base)
+    assert d.action is Action.HOLD and "inconclusive (1/2)" in d.reason and d.state.step_started_at == at(61)
+    d = decide(plan, d.state, few, at(90), base)
+    assert d.action is Action.HOLD and "baking" in d.reason  # the bake starts again
+    d = decide(plan, d.state, few, at(122), base)
+    assert d.action is Action.PAUSE and d.state.status is RolloutStatus.PAUSED
+    assert "waiting for a person" in d.reason
+    assert decide(plan, d.state, few, at(500), base).action is Action.HOLD  # paused holds
+    approved = resume(plan, d.state, at(600), approve=True, by="ops")
+    assert (
+        approved.action is Action.ADVANCE
+        and approved.state.step == 1
+        and "approved by ops" in approved.reason
+    )
+    rejected = resume(plan, d.state, at(600), approve=False, by="ops")
+    assert rejected.action is Action.ABORT and rejected.state.status is RolloutStatus.ABORTED
+    with pytest.raises(GateDefinitionError, match="not waiting"):
+        resume(plan, approved.state, at(601), approve=True, by="ops")
+
+
+def test_a_significantly_worse_candidate_aborts_and_a_manual_step_waits_for_approval() -> None:
+    base = {"errors": _series([0.0] * 1000)}
+    bad = {"errors": _series([1.0] * 50 + [0.0] * 950)}
+    d = decide(_relative_plan(), start(T0), bad, at(61), base)
+    assert d.action is Action.ABORT and "errors vs baseline" in d.reason
+    manual = _relative_plan(
+        steps=(Step(percent=10, bake=timedelta(seconds=60), manual=True), Step(percent=100))
+    )
+    d = decide(manual, start(T0), base, at(61), base)
+    assert d.action is Action.PAUSE and "waiting for approval" in d.reason
+    d = resume(manual, d.state, at(70), approve=True, by="alice")
+    assert d.action is Action.ADVANCE and d.state.status is RolloutStatus.RUNNING

@@ -11,8 +11,10 @@
    parks, a blackout window in one vehicle's local time, flat batteries);
 5. bad release: the hotfix's campaign, stopped by the gates while the one device that got
    it rolls back by itself; and a tampered bundle refused;
-6. cloud: `tidegate serve` with a shadow, a canary promoted by the same gates, an A/B test
-   that decides, an alert that switches a failing model to its fallback, and the drift job;
+6. cloud: `tidegate serve`: the hotfix refused at the shadow gate (per-class, per-slice
+   budgets), a retrain through shadow → canary on gates relative to production → production,
+   an A/B test that decides, an alert that switches a failing model to its fallback, and the
+   drift job;
 7. summary: where every report, receipt and summary is.
 
 Everything runs in `--workdir` (wiped first); Ctrl-C stops every process it started.
@@ -214,14 +216,18 @@ def _run(workdir: Path, keep_running: bool) -> dict[str, Any]:
             stopped = demo_fleet.bad_release(fleet, bad, good["version"], _say)
             _tamper(workdir, repo_dir)
         records = demo_fleet.export_records(fleet, workdir / "records")
-        with _step(6, "the cloud gateway: shadow, canary, A/B, alerts, drift", timings):
+        with _step(6, "the cloud gateway: shadow gate, canary, A/B, alerts, drift", timings):
             cloud = demo_serving.release_story(workdir / "serving", _say)
             drift = demo_serving.drift_story(workdir, workdir / "serving" / "1.0.0.onnx", _say)
         with _step(7, "summary", timings):
             summary.update(
                 rollout={"campaign": rollout["id"], "state": rollout["state"], "waves": rollout["waves"]},
                 bad_release={"campaign": stopped["id"], "paused_reason": stopped["paused_reason"]},
-                gateway={"production": cloud["production"], "ab_decision": cloud["decision"]},
+                gateway={
+                    "production": cloud["production"],
+                    "ab_decision": cloud["decision"],
+                    "shadow_refused": cloud["shadow_refused"],
+                },
                 files={
                     "bundles and SBOM, OCI archive, Greengrass recipe": str(bundles["oci"]),
                     "update repository (TUF)": str(repo_dir),

@@ -24,6 +24,18 @@ from shared.procs import stop_process
 
 Say = Callable[[str, str], None]
 MODEL = "classifier"
+CLASSES = ["pedestrian", "car", "cyclist", "truck"]
+# The shadow's budgets: overall agreement, and per class and slice (the seed's example).
+BUDGETS = [
+    {
+        "metric": "recall_delta",
+        "class": "pedestrian",
+        "slice": "time=night",
+        "bound": 0.015,
+        "min_samples": 50,
+    },
+    {"metric": "recall_delta", "class": "pedestrian", "bound": 0.03, "min_samples": 100},
+]
 
 
 @contextmanager
@@ -35,6 +47,7 @@ def running_gateway(d: Path, say: Say) -> Iterator[tuple[httpx.Client, httpx.Cli
     d.mkdir(parents=True, exist_ok=True)
     for seed, version in ((0, "1.0.0"), (1, "1.1.0"), (2, "1.2.0")):
         make_classifier(d / f"{version}.onnx", seed=seed)
+    make_classifier(d / "1.0.1.onnx", seed=0, jitter=0.003)  # a retrain that agrees with 1.0.0
     make_nan_classifier(d / "broken.onnx")
     key, key_hash = keygen()
     admin, admin_hash = keygen()
@@ -49,7 +62,9 @@ tick_s = 0.25
 [models.{MODEL}]
 production = "1.0.0"
 scores_output = "probabilities"
+task = {{ classes = {json.dumps(CLASSES)} }}
 versions."1.0.0".path = "1.0.0.onnx"
+versions."1.0.1".path = "1.0.1.onnx"
 versions."1.1.0".path = "1.1.0.onnx"
 versions."1.2.0".path = "1.2.0.onnx"
 
@@ -99,8 +114,12 @@ action = "fallback"
         log.close()
 
 
-def _infer(caller: httpx.Client, x: np.ndarray[Any, Any], key: str) -> dict[str, Any]:
-    r = caller.post(f"/v1/models/{MODEL}/infer", json={"inputs": x.tolist(), "key": key})
+def _infer(
+    caller: httpx.Client, x: np.ndarray[Any, Any], key: str, metadata: dict[str, str] | None = None
+) -> dict[str, Any]:
+    r = caller.post(
+        f"/v1/models/{MODEL}/infer", json={"inputs": x.tolist(), "key": key, "metadata": metadata or {}}
+    )
     if r.status_code != 200:
         raise TidegateError(f"inference: HTTP {r.status_code}: {r.text[:200]}")
     body: dict[str, Any] = r.json()
@@ -120,33 +139,86 @@ def _admin(operator: httpx.Client, path: str, body: dict[str, Any] | None = None
     return out
 
 
+def _scenes(n: int, seed: int) -> tuple[np.ndarray[Any, Any], list[dict[str, str]]]:
+    """Inputs with their request metadata: half at night (feature 0, the scene's brightness,
+    low), two regions."""
+    x = np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)
+    night = np.arange(n) % 2 == 0
+    x[:, 0] = np.where(night, -np.abs(x[:, 0]) - 0.5, np.abs(x[:, 0]))
+    meta = [{"time": "night" if k else "day", "region": "eu" if i % 3 else "us"} for i, k in enumerate(night)]
+    return x, meta
+
+
+def _shadow(
+    caller: httpx.Client,
+    operator: httpx.Client,
+    version: str,
+    x: np.ndarray[Any, Any],
+    meta: list[dict[str, str]],
+) -> dict[str, Any]:
+    """A shadow of `version` on 100 % of traffic until every request is compared; its verdict."""
+    _admin(operator, "shadow", {"version": version, "share": 1.0, "max_diff_rate": 0.05, "budgets": BUDGETS})
+    for i in range(len(x)):
+        assert _infer(caller, x[i], f"car-{i}", meta[i])["version"] == "1.0.0"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        shadow = _status(operator)["shadow"] or {}
+        if shadow.get("kpis", {}).get("compared", 0) >= len(x) or not shadow.get("active", True):
+            break
+        time.sleep(0.2)
+    r = operator.delete(f"/v1/admin/models/{MODEL}/shadow")
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def _class_table(kpis: dict[str, Any]) -> list[str]:
+    """Per class: recall delta overall, by day and by night (from the shadow's KPI rows)."""
+    rows = {(r["metric"], r["class"], r["slice"]): r["value"] for r in kpis["rows"]}
+    lines = [f"{'class':<11}{'Δ recall':>10}{'day':>9}{'night':>9}"]
+    for c in CLASSES:
+        cells = [rows.get(("recall_delta", c, s)) for s in (None, "time=day", "time=night")]
+        lines.append(f"{c:<11}" + "".join(f"{v:>+9.1%} " if v is not None else f"{'-':>9} " for v in cells))
+    return lines
+
+
 def release_story(d: Path, say: Say) -> dict[str, Any]:
-    """Shadow → canary → promote → A/B with a decision; returns what the summary reports."""
-    x = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
+    """Shadow gate (a hotfix refused, a retrain passed) → canary on relative gates → promote →
+    A/B with a decision; returns what the summary reports."""
+    x, meta = _scenes(600, 0)
     found: dict[str, Any] = {}
     with running_gateway(d, say) as (caller, operator, failures):
-        _admin(operator, "shadow", {"version": "1.1.0", "share": 1.0, "max_diff_rate": 1.0})
-        for i in range(300):
-            assert _infer(caller, x[i], f"car-{i}")["version"] == "1.0.0"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            k = (_status(operator)["shadow"] or {}).get("kpis", {})
-            if k.get("compared", 0) >= 300:
-                break
-            time.sleep(0.2)
-        r = operator.delete(f"/v1/admin/models/{MODEL}/shadow")
-        k = r.json()
+        bad = _shadow(caller, operator, "1.1.0", x[:300], meta[:300])
+        verdict = bad["verdict"]
         say(
             "gateway",
-            f"shadow of 1.1.0 on 100 % of traffic in its own low-priority process: {k['compared']} "
-            f"compared, argmax agreement {k['argmax_agreement'] or 0:.2f}, max |Δ| {k['max_abs_diff']:.2f}; "
-            "every caller got 1.0.0",
+            f"shadow of hotfix 1.1.0 on 100 % of traffic in its own low-priority process: {bad['compared']} "
+            f"compared, argmax agreement {bad['argmax_agreement'] or 0:.2f}; every caller got 1.0.0; "
+            f"verdict {verdict['verdict'].upper()}",
+        )
+        for line in _class_table(bad):
+            say("gateway", "  " + line)
+        for c in verdict["conditions"]:
+            if c["verdict"] == "fail":
+                say("gateway", f"  budget failed: {c['reason']}")
+        r = operator.post(f"/v1/admin/models/{MODEL}/canary", json={"candidate": "1.1.0"})
+        if r.status_code != 409:
+            raise TidegateError(f"a canary of the failed hotfix was not refused: HTTP {r.status_code}")
+        say("gateway", f"canary of 1.1.0 refused (HTTP 409): {r.json()['detail'][:160]}")
+        found["shadow_refused"] = verdict["reason"]
+
+        good = _shadow(caller, operator, "1.0.1", x, meta)
+        if good["verdict"]["verdict"] != "pass":
+            raise TidegateError(f"the retrain's shadow did not pass: {good['verdict']['reason']}")
+        say(
+            "gateway",
+            f"shadow of retrain 1.0.1: {good['compared']} compared, agreement "
+            f"{good['argmax_agreement']:.3f}, pedestrian recall at night within 1.5 %: verdict PASS",
         )
         _admin(
             operator,
             "canary",
             {
-                "candidate": "1.1.0",
+                "candidate": "1.0.1",
                 "steps": [10, 50, 100],
                 "bake_s": 1,
                 "min_requests": 20,
@@ -154,27 +226,35 @@ def release_story(d: Path, say: Say) -> dict[str, Any]:
                 "slo_p95_ms": 250,
                 "slo_p99_ms": 500,
                 "window_s": 30,
+                "max_error_increase": 0.01,
+                "max_latency_increase": 1.0,
             },
         )
-        say("gateway", "canary 1.1.0: 10 % → 50 % → 100 %, 1 s bake and 20 requests per step, p95 ≤ 250 ms")
+        say(
+            "gateway",
+            "canary 1.0.1: 10 % → 50 % → 100 %, each step judged against 1.0.0 over the same window "
+            "(error rate: two-proportion test; latency: Mann-Whitney U) and p95 ≤ 250 ms",
+        )
         i = 0
         deadline = time.monotonic() + 90
-        while _status(operator)["production"] != "1.1.0":
+        while _status(operator)["production"] != "1.0.1":
             for _ in range(25):
-                _infer(caller, x[i % 600], f"user-{i}")
+                _infer(caller, x[i % 600], f"user-{i}", meta[i % 600])
                 i += 1
             if time.monotonic() > deadline:
-                raise TidegateError("the canary of 1.1.0 did not complete within 90 s")
+                raise TidegateError(
+                    f"the canary of 1.0.1 did not complete within 90 s: {_status(operator)['events'][-2:]}"
+                )
         events = [e for e in _status(operator)["events"] if "canary" in e or "advanc" in e]
-        for e in events[-4:]:
-            say("gateway", e.split(" ", 1)[1])  # without its timestamp
-        say("gateway", f"canary promoted after {i} requests: production is 1.1.0")
+        for e in events[-3:]:
+            say("gateway", e.split(" ", 1)[1][:220])  # without its timestamp
+        say("gateway", f"canary promoted after {i} requests: production is 1.0.1")
         _admin(
             operator,
             "experiment",
-            {"control": "1.1.0", "treatment": "1.2.0", "baseline_rate": 0.2, "mde": 0.1},
+            {"control": "1.0.1", "treatment": "1.2.0", "baseline_rate": 0.2, "mde": 0.1},
         )
-        say("gateway", "A/B test 1.1.0 vs 1.2.0 on a 0-1 reward callers report back (mSPRT, always valid)")
+        say("gateway", "A/B test 1.0.1 vs 1.2.0 on a 0-1 reward callers report back (mSPRT, always valid)")
         rng = random.Random(1)
         n = 0
         deadline = time.monotonic() + 120

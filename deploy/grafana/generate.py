@@ -192,6 +192,43 @@ SLO = dashboard(
             32,
             unit="bytes",
         ),
+        panel(
+            11,
+            "Shadow: candidate vs production, by metric, class and slice",
+            [
+                (
+                    "max by (model, version, metric, class, slice) (tidegate_shadow_kpi)",
+                    "{{model}} {{version}} {{metric}} {{class}} {{slice}}",
+                )
+            ],
+            0,
+            40,
+            w=24,
+        ),
+        panel(
+            12,
+            "Shadow: verdict (1 = the verdict it has) and requests compared",
+            [
+                ('max by (model, version, verdict) (tidegate_shadow_verdict) == 1', "{{model}} {{version}} {{verdict}}"),
+                ("max by (model, version) (tidegate_shadow_compared)", "compared {{model}} {{version}}"),
+            ],
+            0,
+            48,
+            kind="table",
+            w=12,
+        ),
+        panel(
+            13,
+            "Shadow: samples behind each KPI (thin slices stay pending)",
+            [
+                (
+                    "max by (model, version, metric, class, slice) (tidegate_shadow_samples)",
+                    "{{model}} {{version}} {{metric}} {{class}} {{slice}}",
+                )
+            ],
+            12,
+            48,
+        ),
     ],
     ["slo"],
 )

@@ -17,11 +17,12 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from fleet_server.campaigns.spec import CampaignSpec
-from shared.gates import MetricsSnapshot, Sample, Verdict, evaluate_gate
+from shared.gates import Gate, MetricsSnapshot, Sample, Verdict, evaluate_gate
 from shared.iotjobs import JobStatus
 
 FAILURES = frozenset({JobStatus.FAILED.value, JobStatus.TIMED_OUT.value, JobStatus.REJECTED.value})
@@ -102,7 +103,18 @@ def plan_start(spec: CampaignSpec, now: datetime) -> bool:
     return spec.schedule.start_at is None or now >= spec.schedule.start_at
 
 
-def plan_tick(spec: CampaignSpec, state: CampaignState, now: datetime) -> Decision:
+# The cohort's beacons for the relative wave gates: (updated devices, devices not yet updated).
+CohortSnapshots = tuple[MetricsSnapshot, MetricsSnapshot]
+
+
+def plan_tick(
+    spec: CampaignSpec,
+    state: CampaignState,
+    now: datetime,
+    cohort: Callable[[], CohortSnapshots] | None = None,
+) -> Decision:
+    """`cohort` is called only when a wave waits on its relative gates (`spec.compare`):
+    loading the cohort's beacons costs a pass over it, which most ticks need not make."""
     d = Decision()
     bounds = wave_bounds(spec, len(state.members))
     if not state.members:
@@ -191,9 +203,41 @@ def plan_tick(spec: CampaignSpec, state: CampaignState, now: datetime) -> Decisi
     if now - last_done < soak:  # soak: quiet time after the wave's last device finished
         d.log.append(f"wave {wave + 1} soaking, {(soak - (now - last_done)).total_seconds():.0f}s left")
         return d
+    if spec.compare and not state.advance_requested:
+        waited = now - last_done - soak
+        held = _compare_cohort(spec, cohort() if cohort is not None else None, now)
+        if held is not None:
+            verdict, reason = held
+            if verdict is Verdict.FAIL:
+                d.pause_reason = (
+                    f"wave {wave + 1}: updated devices worse than the rest of the cohort: {reason}"
+                )
+                d.log.append(d.pause_reason)
+            elif waited >= timedelta(seconds=spec.compare_wait_s):
+                d.pause_reason = (
+                    f"wave {wave + 1}: the comparison with the rest of the cohort could not decide in "
+                    f"{spec.compare_wait_s:g}s; waiting for a person (next-wave to go on): {reason}"
+                )
+                d.log.append(d.pause_reason)
+            else:
+                d.log.append(f"wave {wave + 1} passed; comparing with the rest of the cohort: {reason}")
+            return d
+        d.log.append(f"wave {wave + 1}: updated devices no worse than the rest of the cohort")
     if spec.waves[wave].manual_advance and not state.advance_requested:
         d.log.append(f"wave {wave + 1} passed; waiting for an operator to start wave {wave + 2}")
         return d
     d.advance_to = wave + 1
     d.log.append(f"wave {wave + 1} passed ({success.reason}); starting wave {wave + 2}")
     return d
+
+
+def _compare_cohort(
+    spec: CampaignSpec, snaps: CohortSnapshots | None, now: datetime
+) -> tuple[Verdict, str] | None:
+    """None when every comparison passes; else the verdict (FAIL, or WAIT: too few devices,
+    inconclusive) and its reason."""
+    gate = Gate((), name="cohort", comparisons=tuple(c.comparison() for c in spec.compare))
+    result = evaluate_gate(gate, snaps[0] if snaps else {}, now, snaps[1] if snaps else None)
+    if result.verdict is Verdict.PASS:
+        return None
+    return result.verdict, result.reason

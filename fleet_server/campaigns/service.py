@@ -10,6 +10,7 @@ import bisect
 import uuid
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -19,6 +20,7 @@ from fleet_server.campaigns.planner import (
     FAILURES,
     TRANSIENT_DEFERRAL,
     CampaignState,
+    CohortSnapshots,
     MemberState,
     order_members,
     plan_start,
@@ -30,6 +32,7 @@ from fleet_server.devices.models import Device, DeviceGroup, GroupMember
 from fleet_server.jobs import protocol
 from fleet_server.jobs.models import ExecutionEvent, JobExecution
 from shared.errors import TidegateError
+from shared.gates import Sample
 from shared.iotjobs import JobStatus
 from shared.jobdoc import JobDocument
 
@@ -276,7 +279,7 @@ def tick(session: Session, *, campaign_id: str, now: datetime) -> list[protocol.
         for t in c.members
     )
     state = CampaignState(c.wave, c.wave_started_at or now, members, c.advance_requested)
-    decision = plan_tick(spec, state, now)
+    decision = plan_tick(spec, state, now, cohort=lambda: cohort_beacons(session, c, spec))
     out: list[protocol.Outgoing] = []
     document = JobDocument(
         operation="tidegate.install",
@@ -409,3 +412,51 @@ def active_ids(session: Session) -> list[str]:
             select(Campaign.id).where(Campaign.state.in_((S.SCHEDULED.value, S.RUNNING.value)))
         ).all()
     )
+
+
+def _beacon_value(beacon: dict[str, Any], metric: str, key: str | None) -> float | None:
+    """One device's reading of a relative wave gate's metric, from its latest beacon."""
+    inference = beacon.get("inference") or {}
+    if metric == "p95_ms":
+        return inference.get("p95_ms")
+    if metric == "ood_ratio":
+        count = inference.get("count") or 0
+        return (inference.get("ood") or 0) / count if count else None
+    if metric == "restarts":
+        return float(beacon.get("restarts") or 0)
+    if metric == "throttled":
+        return 1.0 if (beacon.get("throttle_level") or 0) > 0 else 0.0
+    value = (inference.get("quality") or {}).get(key)
+    return float(value) if value is not None else None
+
+
+def cohort_beacons(session: Session, c: Campaign, spec: CampaignSpec) -> CohortSnapshots:
+    """The relative wave gates' input: each member's latest beacon as one sample per metric,
+    split into devices this campaign updated (SUCCEEDED) and the cohort's others. One pass
+    over the cohort's SKU, as the drift watch makes."""
+    updated = set(
+        session.scalars(
+            select(JobExecution.thing_name).where(
+                JobExecution.campaign_id == c.id, JobExecution.status == JobStatus.SUCCEEDED.value
+            )
+        )
+    )
+    members = set(c.members)
+    sides: tuple[dict[str, list[Sample]], dict[str, list[Sample]]] = ({}, {})
+    for thing, beacon in session.execute(
+        select(Device.thing_name, Device.last_beacon).where(
+            Device.sku == spec.cohort.sku, Device.last_beacon.is_not(None)
+        )
+    ):
+        if thing not in members or not beacon:
+            continue
+        try:
+            at = datetime.fromisoformat(beacon["at"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        side = sides[0] if thing in updated else sides[1]
+        for cmp in spec.compare:
+            value = _beacon_value(beacon, cmp.metric, cmp.quality_key)
+            if value is not None:
+                side.setdefault(cmp.name, []).append(Sample(at, float(value)))
+    return sides

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fleet_server.campaigns.cron import CronError, Window
-from shared.gates import Comparator, Condition, Gate
+from shared.gates import Aggregation, Comparator, Comparison, Condition, Gate, Method, Worse
 from shared.jobdoc import Preconditions
 from shared.semver import InvalidVersionError, SemVer
 
@@ -47,6 +47,56 @@ class GateSpec(_Spec):
 
     def gate(self, name: str, reached: int) -> Gate:
         return Gate(tuple(c.condition(reached) for c in self.conditions), name=name)
+
+
+CompareMetric = Literal["p95_ms", "ood_ratio", "restarts", "throttled", "quality"]
+
+
+class CompareSpec(_Spec):
+    """A wave gate relative to the cohort: the devices this campaign updated against the
+    cohort's devices it has not updated yet, each device's latest beacon inside the same
+    window (`shared.gates.compare`). Checked when a wave has finished and soaked, before the
+    next starts; a regression pauses the campaign with the reason.
+
+    `p95_ms` (on-device p95 latency), `restarts` (agent restarts since the active version)
+    and `quality` (a proxy the beacon carries under `quality_key`, e.g.
+    ``detections_per_frame@time=night``) compare per-device values by Mann-Whitney U, with a
+    relative `tolerance` on the median (0.2: 20 % worse); `ood_ratio` the same way;
+    `throttled` (the share of devices throttled now) by a two-proportion test with an
+    absolute tolerance."""
+
+    metric: CompareMetric
+    quality_key: str | None = Field(default=None, min_length=1, max_length=64)
+    worse: Literal["higher", "lower"] = "higher"
+    tolerance: float = Field(default=0.2, ge=0, le=100)
+    min_devices: int = Field(default=20, ge=2, le=1_000_000)
+    window_s: float = Field(default=900, gt=0, le=7 * 86400)
+    alpha: float = Field(default=0.01, gt=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _key(self) -> CompareSpec:
+        if (self.metric == "quality") != (self.quality_key is not None):
+            raise ValueError(
+                "quality_key names the beacon's quality proxy, and only metric 'quality' has one"
+            )
+        return self
+
+    @property
+    def name(self) -> str:
+        return f"quality[{self.quality_key}]" if self.metric == "quality" else self.metric
+
+    def comparison(self) -> Comparison:
+        method = Method.PROPORTION if self.metric == "throttled" else Method.MANN_WHITNEY
+        return Comparison(
+            self.name,
+            method,
+            Worse(self.worse),
+            self.tolerance,
+            min_samples=self.min_devices,
+            window=timedelta(seconds=self.window_s),
+            alpha=self.alpha,
+            quantile=Aggregation.P50,
+        )
 
 
 class WaveSpec(_Spec):
@@ -248,6 +298,10 @@ class CampaignSpec(_Spec):
     schedule: ScheduleSpec = ScheduleSpec()
     in_progress_timeout_min: int | None = Field(default=None, ge=1, le=10080)
     seed: int = 0
+    # Updated devices against the cohort's others, before each next wave (see CompareSpec);
+    # comparisons that cannot decide hold the wave this long, then pause it for a person.
+    compare: list[CompareSpec] = Field(default_factory=list, max_length=20)
+    compare_wait_s: float = Field(default=1800, ge=0, le=7 * 86400)
 
     @field_validator("waves")
     @classmethod

@@ -1,7 +1,16 @@
 """One gate engine for fleet waves and cloud canaries (pure functions, injected clock)."""
 
+from shared.gates.compare import (
+    Comparison,
+    ComparisonResult,
+    Method,
+    Worse,
+    evaluate_comparison,
+    family_alpha,
+)
 from shared.gates.engine import (
     Aggregation,
+    Columns,
     Comparator,
     Condition,
     ConditionResult,
@@ -23,19 +32,24 @@ from shared.gates.plan import (
     RolloutStatus,
     Step,
     decide,
+    resume,
     start,
 )
 
 __all__ = [
     "Action",
     "Aggregation",
+    "Columns",
     "Comparator",
+    "Comparison",
+    "ComparisonResult",
     "Condition",
     "ConditionResult",
     "Decision",
     "Gate",
     "GateDefinitionError",
     "GateResult",
+    "Method",
     "MetricsSnapshot",
     "RolloutPlan",
     "RolloutState",
@@ -43,9 +57,13 @@ __all__ = [
     "Sample",
     "Step",
     "Verdict",
+    "Worse",
     "aggregate",
     "decide",
+    "evaluate_comparison",
     "evaluate_condition",
     "evaluate_gate",
+    "family_alpha",
+    "resume",
     "start",
 ]

@@ -16,8 +16,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from shared.errors import TidegateError
+
+if TYPE_CHECKING:
+    from shared.gates.compare import Comparison, ComparisonResult
 
 
 class GateDefinitionError(TidegateError, ValueError):
@@ -68,9 +74,6 @@ class Sample:
     weight: int = 1
 
 
-MetricsSnapshot = Mapping[str, Sequence[Sample]]
-
-
 @dataclass(frozen=True)
 class Condition:
     metric: str
@@ -109,11 +112,15 @@ class ConditionResult:
 
 @dataclass(frozen=True)
 class Gate:
+    """Absolute conditions on the candidate's snapshot and, optionally, comparisons of the
+    candidate with a baseline (`shared.gates.compare`)."""
+
     conditions: tuple[Condition, ...]
     name: str = "gate"
+    comparisons: tuple[Comparison, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.conditions:
+        if not self.conditions and not self.comparisons:
             raise GateDefinitionError(f"gate {self.name!r} has no conditions")
 
 
@@ -121,7 +128,7 @@ class Gate:
 class GateResult:
     gate: str
     verdict: Verdict
-    results: tuple[ConditionResult, ...] = field(default_factory=tuple)
+    results: tuple[ConditionResult | ComparisonResult, ...] = field(default_factory=tuple)
 
     @property
     def reason(self) -> str:
@@ -129,64 +136,100 @@ class GateResult:
         return "; ".join(r.reason for r in relevant)
 
 
-def _weighted_quantile(points: list[tuple[float, int]], q: float) -> float:
-    """Nearest-rank quantile over weighted values: the smallest value whose
-    cumulative weight reaches ``ceil(q * total)``."""
-    points.sort(key=lambda p: p[0])
-    total = sum(w for _, w in points)
-    rank = max(1, math.ceil(q * total))
-    seen = 0
-    for value, weight in points:
-        seen += weight
-        if seen >= rank:
-            return value
-    return points[-1][0]
+@dataclass(frozen=True)
+class Columns:
+    """Many samples as arrays: `at` in seconds since the epoch, `value`, and optional integer
+    `weight` (1 each by default). What a producer with thousands of samples per tick (a
+    canary's latencies) hands the engine instead of as many `Sample` objects."""
+
+    at: np.ndarray[Any, Any]
+    value: np.ndarray[Any, Any]
+    weight: np.ndarray[Any, Any] | None = None
+
+    def __len__(self) -> int:
+        return int(self.value.size)
+
+
+Series = Sequence[Sample] | Columns
+MetricsSnapshot = Mapping[str, Series]
+
+
+def window_arrays(
+    series: Series | None, now: datetime, window: timedelta | None
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int]:
+    """The series' values and weights inside (now - window, now], and how many invalid
+    samples (non-positive weight, non-finite value) were dropped."""
+    if series is None or len(series) == 0:
+        return np.empty(0), np.empty(0, dtype=np.int64), 0
+    if isinstance(series, Columns):
+        at, value = series.at, series.value.astype(np.float64, copy=False)
+        weight = series.weight if series.weight is not None else np.ones(value.size, dtype=np.int64)
+        t = now.timestamp()
+        keep = at <= t
+        if window is not None:
+            keep &= at >= t - window.total_seconds()
+        value, weight = value[keep], weight[keep]
+    else:
+        start = now - window if window is not None else None
+        inside = [s for s in series if s.at <= now and (start is None or s.at >= start)]
+        value = np.fromiter((s.value for s in inside), dtype=np.float64, count=len(inside))
+        weight = np.fromiter((s.weight for s in inside), dtype=np.int64, count=len(inside))
+    valid = (weight > 0) & np.isfinite(value)
+    dropped = int(valid.size - np.count_nonzero(valid))
+    if dropped:
+        value, weight = value[valid], weight[valid]
+    return value, weight, dropped
 
 
 _QUANTILES = {Aggregation.P50: 0.5, Aggregation.P90: 0.9, Aggregation.P95: 0.95, Aggregation.P99: 0.99}
 
 
-def aggregate(points: list[tuple[float, int]], how: Aggregation) -> float:
-    """Combine weighted values; `points` must be non-empty with positive weights."""
-    total = sum(w for _, w in points)
+def aggregate_arrays(values: np.ndarray[Any, Any], weights: np.ndarray[Any, Any], how: Aggregation) -> float:
+    """Combine weighted values (non-empty, positive weights). Quantiles are nearest-rank: the
+    smallest value whose cumulative weight reaches ``ceil(q * total)``."""
+    total = int(weights.sum())
     if how is Aggregation.MEAN:
-        return sum(v * w for v, w in points) / total
+        return float(np.dot(values, weights) / total)
     if how is Aggregation.SUM:
-        return sum(v * w for v, w in points)
+        return float(np.dot(values, weights))
     if how is Aggregation.COUNT:
         return float(total)
     if how is Aggregation.MIN:
-        return min(v for v, _ in points)
+        return float(values.min())
     if how is Aggregation.MAX:
-        return max(v for v, _ in points)
-    return _weighted_quantile(points, _QUANTILES[how])
+        return float(values.max())
+    rank = max(1, math.ceil(_QUANTILES[how] * total))
+    if int(weights.max()) == 1:  # one sample each: a selection, not a sort
+        return float(np.partition(values, rank - 1)[rank - 1])
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    idx = min(int(np.searchsorted(cumulative, rank)), order.size - 1)
+    return float(values[order[idx]])
+
+
+def aggregate(points: list[tuple[float, int]], how: Aggregation) -> float:
+    """Combine weighted (value, weight) points; `points` must be non-empty with positive weights."""
+    values = np.fromiter((v for v, _ in points), dtype=np.float64, count=len(points))
+    weights = np.fromiter((w for _, w in points), dtype=np.int64, count=len(points))
+    return aggregate_arrays(values, weights, how)
 
 
 def evaluate_condition(cond: Condition, snapshot: MetricsSnapshot, now: datetime) -> ConditionResult:
     series = snapshot.get(cond.metric)
-    if not series:
+    if series is None or len(series) == 0:
         return ConditionResult(cond, Verdict.WAIT, None, 0, f"{cond.metric}: no data yet")
-    start = now - cond.window if cond.window is not None else None
-    points: list[tuple[float, int]] = []
-    dropped = 0
-    for s in series:
-        if s.at > now or (start is not None and s.at < start):
-            continue
-        if s.weight <= 0 or not math.isfinite(s.value):
-            dropped += 1
-            continue
-        points.append((s.value, s.weight))
-    n = sum(w for _, w in points)
+    values, weights, dropped = window_arrays(series, now, cond.window)
+    n = int(weights.sum())
     note = f" ({dropped} invalid samples ignored)" if dropped else ""
     if n < cond.min_samples:
         return ConditionResult(
             cond,
             Verdict.WAIT,
-            aggregate(points, cond.aggregation) if points else None,
+            aggregate_arrays(values, weights, cond.aggregation) if values.size else None,
             n,
             f"{cond.metric}: {n} of {cond.min_samples} samples needed{note}",
         )
-    observed = aggregate(points, cond.aggregation)
+    observed = aggregate_arrays(values, weights, cond.aggregation)
     ok = cond.comparator.holds(observed, cond.threshold)
     verdict = Verdict.PASS if ok else Verdict.FAIL
     word = "holds" if ok else "breached"
@@ -200,9 +243,33 @@ def evaluate_condition(cond: Condition, snapshot: MetricsSnapshot, now: datetime
     )
 
 
-def evaluate_gate(gate: Gate, snapshot: MetricsSnapshot, now: datetime) -> GateResult:
-    """Any FAIL fails the gate; otherwise any WAIT holds it; only all-PASS passes."""
-    results = tuple(evaluate_condition(c, snapshot, now) for c in gate.conditions)
+def evaluate_gate(
+    gate: Gate,
+    snapshot: MetricsSnapshot,
+    now: datetime,
+    baseline: MetricsSnapshot | None = None,
+    *,
+    compare: bool = True,
+) -> GateResult:
+    """Any FAIL fails the gate; otherwise any WAIT holds it; only all-PASS passes.
+
+    Comparisons are judged against `baseline` when `compare` is set (a rollout plan looks
+    at them once per bake); without a baseline they WAIT, never pass."""
+    from shared.gates.compare import ComparisonResult, evaluate_comparison
+
+    results: tuple[ConditionResult | ComparisonResult, ...] = tuple(
+        evaluate_condition(c, snapshot, now) for c in gate.conditions
+    )
+    if compare:
+        for cmp in gate.comparisons:
+            if baseline is None:
+                results += (
+                    ComparisonResult(
+                        cmp, Verdict.WAIT, None, None, None, None, (0, 0), f"{cmp.metric}: no baseline"
+                    ),
+                )
+            else:
+                results += (evaluate_comparison(cmp, snapshot, baseline, now),)
     verdicts = {r.verdict for r in results}
     if Verdict.FAIL in verdicts:
         verdict = Verdict.FAIL

@@ -26,6 +26,7 @@ class Step:
     count: int | None = None
     bake: timedelta = timedelta(0)
     gate: Gate | None = None
+    manual: bool = False  # passed and baked, the step waits for a person's approval
 
     def __post_init__(self) -> None:
         if (self.percent is None) == (self.count is None):
@@ -47,6 +48,8 @@ class RolloutPlan:
     steps: tuple[Step, ...]
     gate: Gate | None = None
     failure_limit: int = 1
+    # Bakes in a row whose comparisons could not decide before the rollout pauses for a person.
+    inconclusive_limit: int = 3
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -59,6 +62,8 @@ class RolloutPlan:
             raise GateDefinitionError(f"step sizes are cumulative and must not decrease: {sizes}")
         if self.failure_limit < 1:
             raise GateDefinitionError("failure_limit must be at least 1")
+        if self.inconclusive_limit < 1:
+            raise GateDefinitionError("inconclusive_limit must be at least 1")
 
     def gate_for(self, index: int) -> Gate | None:
         return self.steps[index].gate or self.gate
@@ -77,6 +82,7 @@ class RolloutPlan:
 
 class RolloutStatus(StrEnum):
     RUNNING = "RUNNING"
+    PAUSED = "PAUSED"  # waiting for a person: a manual step, or comparisons that cannot decide
     COMPLETED = "COMPLETED"
     ABORTED = "ABORTED"
 
@@ -86,6 +92,7 @@ class Action(StrEnum):
     ADVANCE = "ADVANCE"
     COMPLETE = "COMPLETE"
     ABORT = "ABORT"
+    PAUSE = "PAUSE"
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,8 @@ class RolloutState:
     step_started_at: datetime
     consecutive_failures: int = 0
     status: RolloutStatus = RolloutStatus.RUNNING
+    inconclusive: int = 0  # bakes of this step whose comparisons could not decide
+    paused_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,35 +117,38 @@ def start(now: datetime) -> RolloutState:
     return RolloutState(step=0, step_started_at=now)
 
 
-def decide(plan: RolloutPlan, state: RolloutState, snapshot: MetricsSnapshot, now: datetime) -> Decision:
+def decide(
+    plan: RolloutPlan,
+    state: RolloutState,
+    snapshot: MetricsSnapshot,
+    now: datetime,
+    baseline: MetricsSnapshot | None = None,
+) -> Decision:
     """One evaluation tick: what should the rollout do now?
 
-    - the step's gate FAILs: count it; at `failure_limit` consecutive failures, ABORT;
-    - the gate WAITs (too little data): HOLD;
-    - the gate PASSes but the step has not baked long enough: HOLD;
-    - otherwise ADVANCE to the next step, or COMPLETE after the last.
+    - the step's absolute conditions FAIL: count it; at `failure_limit` consecutive failures,
+      ABORT; they WAIT (too little data): HOLD;
+    - the step has not baked long enough: HOLD;
+    - baked: the gate's comparisons with `baseline` are looked at, once per bake. FAIL:
+      ABORT. Inconclusive: bake again, and after `inconclusive_limit` such bakes PAUSE for a
+      person;
+    - all passed: PAUSE when the step is manual, else ADVANCE to the next step, or COMPLETE
+      after the last.
+
+    A paused rollout holds until `resume` (a person approves or rejects).
     """
     if state.status is not RolloutStatus.RUNNING:
-        return Decision(Action.HOLD, state, f"rollout is {state.status.value.lower()}")
+        why = f": {state.paused_reason}" if state.paused_reason else ""
+        return Decision(Action.HOLD, state, f"rollout is {state.status.value.lower()}{why}")
     if not 0 <= state.step < len(plan.steps):
         raise GateDefinitionError(f"state step {state.step} is outside the plan's {len(plan.steps)} steps")
     step = plan.steps[state.step]
     gate = plan.gate_for(state.step)
-    result = evaluate_gate(gate, snapshot, now) if gate is not None else None
+    result = evaluate_gate(gate, snapshot, now, compare=False) if gate is not None else None
     label = f"step {state.step + 1}/{len(plan.steps)}"
 
     if result is not None and result.verdict is Verdict.FAIL:
-        failures = state.consecutive_failures + 1
-        if failures >= plan.failure_limit:
-            new = replace(state, consecutive_failures=failures, status=RolloutStatus.ABORTED)
-            return Decision(Action.ABORT, new, f"{label}: gate failed: {result.reason}", result)
-        new = replace(state, consecutive_failures=failures)
-        return Decision(
-            Action.HOLD,
-            new,
-            f"{label}: gate failed ({failures}/{plan.failure_limit}): {result.reason}",
-            result,
-        )
+        return _failed(plan, state, label, result)
     if result is not None and result.verdict is Verdict.WAIT:
         return Decision(Action.HOLD, state, f"{label}: waiting: {result.reason}", result)
 
@@ -145,8 +157,58 @@ def decide(plan: RolloutPlan, state: RolloutState, snapshot: MetricsSnapshot, no
     if baked < step.bake:
         left = (step.bake - baked).total_seconds()
         return Decision(Action.HOLD, state, f"{label}: baking, {left:.0f}s left", result)
+    if gate is not None and gate.comparisons:
+        result = evaluate_gate(gate, snapshot, now, baseline)
+        if result.verdict is Verdict.FAIL:
+            return _failed(plan, state, label, result)
+        if result.verdict is Verdict.WAIT:
+            looks = state.inconclusive + 1
+            if looks >= plan.inconclusive_limit:
+                why = f"{label}: {looks} bakes could not decide; waiting for a person: {result.reason}"
+                new = replace(state, inconclusive=looks, status=RolloutStatus.PAUSED, paused_reason=why)
+                return Decision(Action.PAUSE, new, why, result)
+            new = replace(state, inconclusive=looks, step_started_at=now)
+            return Decision(
+                Action.HOLD,
+                new,
+                f"{label}: inconclusive ({looks}/{plan.inconclusive_limit}), baking again: {result.reason}",
+                result,
+            )
+    if step.manual:
+        why = f"{label}: passed; waiting for approval"
+        new = replace(state, status=RolloutStatus.PAUSED, paused_reason=why)
+        return Decision(Action.PAUSE, new, why, result)
+    return _next(plan, state, now, label, "passed", result)
+
+
+def _failed(plan: RolloutPlan, state: RolloutState, label: str, result: GateResult) -> Decision:
+    failures = state.consecutive_failures + 1
+    if failures >= plan.failure_limit:
+        new = replace(state, consecutive_failures=failures, status=RolloutStatus.ABORTED)
+        return Decision(Action.ABORT, new, f"{label}: gate failed: {result.reason}", result)
+    new = replace(state, consecutive_failures=failures)
+    return Decision(
+        Action.HOLD, new, f"{label}: gate failed ({failures}/{plan.failure_limit}): {result.reason}", result
+    )
+
+
+def _next(
+    plan: RolloutPlan, state: RolloutState, now: datetime, label: str, why: str, result: GateResult | None
+) -> Decision:
     if state.step == len(plan.steps) - 1:
-        new = replace(state, status=RolloutStatus.COMPLETED)
-        return Decision(Action.COMPLETE, new, f"{label}: passed; rollout complete", result)
+        new = replace(state, status=RolloutStatus.COMPLETED, paused_reason=None)
+        return Decision(Action.COMPLETE, new, f"{label}: {why}; rollout complete", result)
     new = RolloutState(step=state.step + 1, step_started_at=now)
-    return Decision(Action.ADVANCE, new, f"{label}: passed; advancing to step {state.step + 2}", result)
+    return Decision(Action.ADVANCE, new, f"{label}: {why}; advancing to step {state.step + 2}", result)
+
+
+def resume(plan: RolloutPlan, state: RolloutState, now: datetime, *, approve: bool, by: str) -> Decision:
+    """A person's judgement on a paused rollout: approval moves it on past the step it waited
+    at; rejection aborts it. Anything but a paused rollout is a `GateDefinitionError`."""
+    if state.status is not RolloutStatus.PAUSED:
+        raise GateDefinitionError(f"the rollout is {state.status.value.lower()}, not waiting for a person")
+    label = f"step {state.step + 1}/{len(plan.steps)}"
+    if not approve:
+        new = replace(state, status=RolloutStatus.ABORTED, paused_reason=None)
+        return Decision(Action.ABORT, new, f"{label}: rejected by {by}")
+    return _next(plan, replace(state, status=RolloutStatus.RUNNING), now, label, f"approved by {by}", None)
