@@ -282,6 +282,49 @@ def make_trajectory_model(
     return _save(graph, path)
 
 
+def make_hanging_classifier(path: Path, *, features: int = 16, classes: int = 4, seed: int = 0) -> Path:
+    """The classifier's contract behind a loop of 2**62 iterations: a model that loads and
+    never answers (a hung export), for tests of suite timeouts and interruption."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((features, classes)).astype(np.float32)
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["acc_in", "one"], ["acc_out"]),
+        ],
+        "spin",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, []),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, []),
+        ],
+        initializer=[numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one")],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Loop", ["trips", "keep_going", "zero"], ["spun"], body=body),
+            helper.make_node("Mul", ["spun", "zero"], ["nothing"]),
+            helper.make_node("MatMul", ["input", "W"], ["logits"]),
+            helper.make_node("Add", ["logits", "nothing"], ["logits_after"]),
+            helper.make_node("Softmax", ["logits_after"], ["probabilities"], axis=1),
+        ],
+        "hanging_classifier",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
+        initializer=[
+            numpy_helper.from_array(weight, "W"),
+            numpy_helper.from_array(np.array(2**62, dtype=np.int64), "trips"),
+            numpy_helper.from_array(np.array(True), "keep_going"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        ],
+    )
+    return _save(graph, path)
+
+
 def write_selftest(model: Path, out_dir: Path, *, batch: int = 8, seed: int = 1) -> tuple[Path, Path]:
     """Golden inputs and the model's own outputs on them, as ``inputs.npz`` and ``outputs.npz``."""
     import onnxruntime as ort

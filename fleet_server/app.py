@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from fleet_server.flags.routes import router as flags_router
 from fleet_server.jobs.models import JobExecution
 from fleet_server.jobs.protocol import Outgoing
 from fleet_server.releases.routes import router as releases_router
+from fleet_server.releases.service import parse_bench_keys
 from fleet_server.telemetry.metrics import FleetGauges
 from fleet_server.telemetry.routes import router as fleet_router
 from shared.logs import REQUEST_ID_HEADER, correlated
@@ -54,6 +55,8 @@ def create_app(
     repository: UpdateRepository | None = None,
     counters: Callable[[], dict[str, float]] | None = None,
     score_psi: Callable[[], dict[str, float]] | None = None,
+    bench_keys: Mapping[str, str] | None = None,
+    bench_simulated_thermal_skus: Collection[str] = (),
 ) -> FastAPI:
     """`counters`: monotonic totals from the MQTT side (the bridge's `counters`), exported on
     /metrics as ``tidegate_<name>_total``; `score_psi`: the drift watch's latest PSI per
@@ -65,6 +68,10 @@ def create_app(
     )
     app.state.db, app.state.publish, app.state.clock = db, publish, clock
     app.state.repository = repository
+    # The bench hosts whose signed HIL reports are accepted (name → ed25519 public key), and
+    # the SKUs whose reports may come from a simulated thermal zone.
+    app.state.bench_keys = parse_bench_keys(bench_keys or {})
+    app.state.bench_simulated_thermal_skus = frozenset(bench_simulated_thermal_skus)
     # Declares the bearer scheme in /openapi.json; the middleware and `require` enforce it.
     documented = [
         Depends(HTTPBearer(auto_error=False, description="A token from `tidegate server token create`."))

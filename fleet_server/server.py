@@ -53,6 +53,8 @@ class FleetServer:
             repository=repo,
             counters=self.bridge.counters,
             score_psi=lambda: dict(watch.last_psi),
+            bench_keys=settings.bench_keys,
+            bench_simulated_thermal_skus=settings.bench_simulated_thermal_skus,
         )
         self.app.state.drift = watch.config
         self.http = uvicorn.Server(

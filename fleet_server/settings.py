@@ -38,6 +38,14 @@ class Settings(BaseSettings):
     alert_webhooks: list[str] = Field(
         default=[], description='JSON list of URLs notified on alerts, e.g. ["https://hooks.example/x"]'
     )
+    bench_keys: dict[str, str] = Field(
+        default={},
+        description='bench hosts whose signed HIL reports are accepted: JSON {"name": "<public key>"} '
+        "(the key `tidegate hil keygen` prints)",
+    )
+    bench_simulated_thermal_skus: list[str] = Field(
+        default=[], description="SKUs whose bench reports may come from a simulated thermal zone (JSON list)"
+    )
     drift_psi_threshold: float = Field(
         default=0.25, description="score PSI (updated vs other devices) that pauses a campaign"
     )

@@ -21,19 +21,79 @@ class HilCommandError(TidegateError):
     exit_code = 2  # 1 is a suite that failed
 
 
+def _target(target: str, identity: Path | None, known_hosts: Path | None, remote_python: str) -> Any:
+    from hil.targets import target_for
+
+    ssh: dict[str, Any] = {"python": remote_python}
+    if identity is not None:
+        ssh["client_keys"] = [identity]
+    if known_hosts is not None:
+        ssh["known_hosts"] = known_hosts
+    return target_for(target, **ssh) if target.startswith("ssh://") else target_for(target)
+
+
+async def _interruptible(work: Any, say: Any) -> Any:
+    """Run `work` so that one Ctrl-C cancels it (the probe on the rig is killed, temp dirs
+    removed, the partial report written) and further Ctrl-Cs only say it is stopping."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    stopping: list[bool] = []
+
+    def on_sigint() -> None:
+        if not stopping:
+            stopping.append(True)
+            say("stopping: killing the probe on the rig and writing the partial report …")
+            task.cancel()
+        else:
+            say("still stopping (a few seconds at most) …")
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        return await task
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+TargetOpt = Annotated[str, typer.Option(help="'local' or ssh://[user@]host[:port] (user: yours, as ssh).")]
+IdentityOpt = Annotated[Path | None, typer.Option(help="SSH private key.")]
+KnownHostsOpt = Annotated[
+    Path | None, typer.Option(help="SSH known_hosts file (default: ~/.ssh/known_hosts).")
+]
+RemotePythonOpt = Annotated[
+    str, typer.Option(help="Python with Tidegate installed on the rig (see README: setting up a rig).")
+]
+ProbeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="A self-contained probe (`tidegate hil probe-package`) to run on the rig, not its Tidegate."
+    ),
+]
+CatalogueOpt = Annotated[
+    Path | None, typer.Option(help="SKU catalogue the rig is checked against (default config/skus.toml).")
+]
+
+
 @app.command("run")
 def run_command(
-    bundle: Annotated[Path, typer.Option(help="The bundle file to bench.")],
-    target: Annotated[str, typer.Option(help="'local' or ssh://user@host[:port].")] = "local",
+    bundle: Annotated[Path, typer.Option(help="The bundle file to bench (on this, the bench host).")],
+    target: TargetOpt = "local",
     suite: Annotated[str, typer.Option(help="smoke, full, or one suite's name.")] = "smoke",
     out: Annotated[Path, typer.Option(help="Directory for report.json, junit.xml and report.html.")] = Path(
         "hil-report"
     ),
     repo: Annotated[
-        str | None, typer.Option(help="Update repository (URL or directory) for the install cycle.")
+        str | None,
+        typer.Option(
+            help="Update repository for the install cycle: a path ON THE RIG, or a URL the rig reaches."
+        ),
     ] = None,
     trusted_root: Annotated[
-        str | None, typer.Option(help="root.json on the target (default: REPO/metadata/1.root.json).")
+        str | None,
+        typer.Option(
+            help="root.json ON THE RIG (default: REPO/metadata/1.root.json; needed with a URL --repo)."
+        ),
     ] = None,
     sku: Annotated[str | None, typer.Option(help="SKU to bench (default: the bundle's first).")] = None,
     runs: Annotated[int, typer.Option(help="Timed runs for the latency suite.", min=10)] = 200,
@@ -41,29 +101,39 @@ def run_command(
     thermal_root: Annotated[
         str | None,
         typer.Option(
-            help="Thermal zones on the target (e.g. /sys/class/thermal); default: a simulated zone."
+            help="Thermal zones ON THE RIG (e.g. /sys/class/thermal); default: a simulated zone, "
+            "named simulated in the report (the fleet server accepts that only for SKUs it allows)."
         ),
     ] = None,
     latency_budget_ms: Annotated[float | None, typer.Option(help="Override the bundle's p95 budget.")] = None,
-    identity: Annotated[Path | None, typer.Option(help="SSH private key.")] = None,
-    known_hosts: Annotated[
-        Path | None, typer.Option(help="SSH known_hosts file (default: ~/.ssh/known_hosts).")
+    identity: IdentityOpt = None,
+    known_hosts: KnownHostsOpt = None,
+    remote_python: RemotePythonOpt = "python3",
+    suite_timeout_s: Annotated[
+        float, typer.Option(help="Longest a single suite may take; a hung one is killed and fails alone.")
+    ] = 900.0,
+    signing_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="The bench host's key (`tidegate hil keygen`): signs report.json.",
+            envvar="TIDEGATE_BENCH_KEY",
+        ),
     ] = None,
-    remote_python: Annotated[str, typer.Option(help="Python with Tidegate on an SSH target.")] = "python3",
-    suite_timeout_s: Annotated[float, typer.Option(help="Longest a single suite may take.")] = 900.0,
+    catalogue: CatalogueOpt = None,
+    probe: ProbeOpt = None,
 ) -> None:
-    """Run SUITE against TARGET and write the reports to OUT; exit 0 only when every suite
-    passed (1: a suite failed, 2: the run could not start or finish, 130: interrupted)."""
+    """Run SUITE against TARGET and write the reports to OUT. A pre-flight checks the rig
+    first (Tidegate there, its architecture and runtime against the SKU, thermal zones,
+    the install suite's repository). Exit 0 only when every suite passed; 1 a suite failed;
+    2 the run could not start or finish (the pre-flight failed, the rig was lost); 130
+    interrupted."""
     from hil import runner
-    from hil.report import write_all
-    from hil.targets import TargetError, target_for
+    from hil.report import NOT_STARTED, write_all
+    from hil.targets import TargetError
+    from shared.benchreport import load_private
 
-    ssh: dict[str, Any] = {"python": remote_python}
-    if identity is not None:
-        ssh["client_keys"] = [identity]
-    if known_hosts is not None:
-        ssh["known_hosts"] = known_hosts
-    tgt = target_for(target, **ssh) if target.startswith("ssh://") else target_for(target)
+    key = load_private(signing_key) if signing_key is not None else None
+    tgt = _target(target, identity, known_hosts, remote_python)
     options: dict[str, Any] = {
         "repo": repo,
         "trusted_root": trusted_root,
@@ -82,22 +152,123 @@ def run_command(
     def say(text: str) -> None:
         typer.echo(text, err=True)
 
+    work = runner.run(
+        report,
+        manifest,
+        bundle,
+        tgt,
+        progress=say,
+        suite_timeout_s=suite_timeout_s,
+        catalogue=catalogue,
+        probe=probe,
+    )
     try:
-        asyncio.run(runner.run(report, manifest, bundle, tgt, progress=say, suite_timeout_s=suite_timeout_s))
-    except KeyboardInterrupt:
-        report.incomplete_reason = "interrupted (Ctrl-C) before every suite ran"
-        write_all(report, out)
-        typer.echo(f"interrupted: partial report (marked incomplete) in {out}", err=True)
+        asyncio.run(_interruptible(work, say))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        report.incomplete_reason = report.incomplete_reason or "interrupted (Ctrl-C) before every suite ran"
+        paths = write_all(report, out, key)
+        typer.echo(f"interrupted: partial report (marked incomplete) in {paths[0].parent}", err=True)
         raise typer.Exit(130) from None
+    except runner.PreflightError as exc:
+        paths = write_all(report, out, key)
+        where = paths[0].parent
+        kept = f"; the earlier report in {out} is kept" if where.name == NOT_STARTED else ""
+        for c in report.preflight["checks"]:
+            typer.echo(f"  {'ok    ' if c['passed'] else 'FAILED'} {c['name']:<13} {c['detail']}", err=True)
+        raise HilCommandError(f"{exc} (report marked not started in {where}{kept})") from None
     except TargetError as exc:
-        write_all(report, out)
-        raise HilCommandError(f"{exc} (report marked incomplete in {out})") from None
-    paths = write_all(report, out)
+        paths = write_all(report, out, key)
+        raise HilCommandError(f"{exc} (report marked incomplete in {paths[0].parent})") from None
+    paths = write_all(report, out, key)
     for r in report.results:
         typer.echo(f"  {r.name:<12} {r.status:<8} {r.reason}")
-    typer.echo(f"{'PASSED' if report.passed else 'FAILED'}: reports in {', '.join(str(p) for p in paths)}")
+    signed = " (signed)" if key is not None else " (unsigned: the fleet server will not accept it)"
+    typer.echo(
+        f"{'PASSED' if report.passed else 'FAILED'}: reports in {', '.join(str(p) for p in paths)}{signed}"
+    )
     if not report.passed:
         raise typer.Exit(1)
+
+
+@app.command()
+def doctor(
+    target: TargetOpt = "local",
+    sku: Annotated[str, typer.Option(help="The SKU the rig should stand for.")] = "edge-cpu",
+    suite: Annotated[str, typer.Option(help="The plan to check the rig for.")] = "full",
+    thermal_root: Annotated[str | None, typer.Option(help="Thermal zones on the rig.")] = None,
+    repo: Annotated[str | None, typer.Option(help="Update repository, as the rig sees it.")] = None,
+    trusted_root: Annotated[str | None, typer.Option(help="root.json on the rig.")] = None,
+    identity: IdentityOpt = None,
+    known_hosts: KnownHostsOpt = None,
+    remote_python: RemotePythonOpt = "python3",
+    catalogue: CatalogueOpt = None,
+    probe: ProbeOpt = None,
+) -> None:
+    """Check a rig without benching anything: the pre-flight alone. Exit 0 when the rig is
+    fit to bench SKU with SUITE, 2 when it is not (each check says why)."""
+    from hil import runner
+    from hil.targets import TargetError
+
+    if suite not in runner.PLANS:
+        raise HilCommandError(f"no suite {suite!r}; suites: {', '.join(runner.PLANS)}")
+    tgt = _target(target, identity, known_hosts, remote_python)
+    options: dict[str, Any] = {
+        "repo": repo,
+        "trusted_root": trusted_root,
+        "thermal": {"thermal_root": thermal_root} if thermal_root else {},
+    }
+    report = runner.Report(bundle={}, target=tgt.name, suite=suite, sku=sku, started_at="", options=options)
+
+    async def check() -> bool:
+        await tgt.connect()
+        try:
+            if probe is not None:
+                report.probe = [await tgt.put(probe)]
+            return await runner.preflight(report, tgt, catalogue=catalogue)
+        finally:
+            await tgt.close()
+
+    try:
+        ok = asyncio.run(check())
+    except TargetError as exc:
+        raise HilCommandError(str(exc)) from None
+    for c in report.preflight["checks"]:
+        typer.echo(f"  {'ok    ' if c['passed'] else 'FAILED'} {c['name']:<13} {c['detail']}")
+    facts = report.rig
+    if facts:
+        typer.echo(
+            f"rig: {facts.get('machine')}, {facts.get('os')}, {facts.get('cpu_model')} x{facts.get('cpus')}, "
+            f"{facts.get('memory_mb')} MB, Python {facts.get('python')}, Tidegate {facts.get('tidegate')}"
+        )
+    if not ok:
+        raise HilCommandError(f"{tgt.name} is not fit to bench {sku} ({suite})")
+    typer.echo(f"{tgt.name} is fit to bench {sku} ({suite})")
+
+
+@app.command("probe-package")
+def probe_package(
+    out: Annotated[Path, typer.Option(help="Where to write the zipapp.")] = Path("tidegate-probe.pyz"),
+) -> None:
+    """Write the self-contained probe: one file with the code a rig runs, for a rig whose
+    Python has only the probe's packages (printed) rather than the whole distribution."""
+    from hil.package import REQUIREMENTS, build_probe
+
+    build_probe(out)
+    typer.echo(f"{out}: run suites from it with --probe {out}")
+    typer.echo("on the rig: python3 -m pip install " + " ".join(f"'{r}'" for r in REQUIREMENTS))
+
+
+@app.command()
+def keygen(
+    out: Annotated[Path, typer.Option(help="Where to write the private key (0600; never overwritten).")],
+) -> None:
+    """A bench host's signing key. Give the printed public key to the fleet server
+    (TIDEGATE_BENCH_KEYS='{"NAME": "KEY"}'), which then accepts reports signed with it."""
+    from shared.benchreport import generate, key_id, public_text
+
+    public = generate(out)
+    typer.echo(f"private key: {out} (key id {key_id(public)})")
+    typer.echo(public_text(public))
 
 
 @app.command()

@@ -66,6 +66,9 @@ def determinism(f: dict[str, Any], b: Budgets) -> Verdict:
 
 def thermal(f: dict[str, Any], b: Budgets) -> Verdict:
     first = f["thresholds_c"][0]
+    source = "simulated zone" if f.get("simulated") else "thermal zones"
+    if f.get("max_temp_c") is None:
+        return False, f"read no temperature in {f['soak_s']:g} s ({source}): nothing was measured"
     hot = [p for p in f["trace"] if p["temp_c"] is not None and p["temp_c"] >= first]
     if hot and not any(p["level"] > 0 for p in hot):
         return (
@@ -79,10 +82,11 @@ def thermal(f: dict[str, Any], b: Budgets) -> Verdict:
     if not hot:
         return (
             True,
-            f"{f['soak_s']:g} s soak stayed below {first:g} °C (max {f['max_temp_c']}); no throttling needed",
+            f"{f['soak_s']:g} s soak ({source}) stayed below {first:g} °C (max {f['max_temp_c']:.1f}); "
+            "no throttling needed",
         )
     return True, (
-        f"{f['soak_s']:g} s soak: max {f['max_temp_c']:.1f} °C, throttling engaged (max level "
+        f"{f['soak_s']:g} s soak ({source}): max {f['max_temp_c']:.1f} °C, throttling engaged (max level "
         f"{f['max_level']}), throttled p95 {tp95:.2f} ms within {budget:g} ms"
     )
 

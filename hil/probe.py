@@ -29,6 +29,7 @@ from shared.bundle import MANIFEST_NAME, BundleError, BundleManifest, read_bundl
 from shared.errors import TidegateError
 
 SUITES = ("contract", "latency", "memory", "determinism", "thermal", "install")
+RIG_FILE = Path("/etc/tidegate/rig.toml")  # or $TIDEGATE_RIG_FILE: what a rig declares it stands for
 
 
 class ProbeError(TidegateError):
@@ -265,13 +266,11 @@ def thermal(payload: Path, manifest: BundleManifest, params: dict[str, Any]) -> 
     model = Model(payload, manifest)
     soak_s = float(params.get("soak_s", 20.0))
     policy = ThermalPolicy(thresholds_c=tuple(params.get("thresholds_c", (70.0, 80.0, 90.0))))
-    tmp: tempfile.TemporaryDirectory[str] | None = None
     sim: SimulatedZone | None = None
     if params.get("thermal_root"):
         root = Path(params["thermal_root"])
     else:  # no sysfs to read on this rig: the simulated zone, warmed by our own load
-        tmp = tempfile.TemporaryDirectory(prefix="tidegate-thermal-")
-        root = Path(tmp.name)
+        root = payload.parent / "simulated-thermal"
         sim = SimulatedZone(root, **params.get("simulation", {}))
     sensor = SysfsThermal(root)
     level = 0
@@ -299,8 +298,6 @@ def thermal(payload: Path, manifest: BundleManifest, params: dict[str, Any]) -> 
             next_sample = now + float(params.get("sample_s", 0.25))
             if len(trace) % 20 == 0:
                 progress(f"thermal: {now - start:.0f}/{soak_s:.0f} s, {hottest} °C, throttle level {level}")
-    if tmp is not None:
-        tmp.cleanup()
     throttled = [t for lvl, ts in times_by_level.items() if lvl > 0 for t in ts]
     seen: list[float] = [p["temp_c"] for p in trace if p["temp_c"] is not None]
     return {
@@ -334,7 +331,7 @@ def install(payload: Path, manifest: BundleManifest, params: dict[str, Any], bun
         raise ProbeError(f"{root_json}: cannot read the trusted root ({exc.strerror})") from None
     sku = params.get("sku") or manifest.skus[0]
     steps: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="tidegate-hil-device-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tidegate-hil-device-", dir=payload.parent) as tmp:
         dev = Path(tmp) / "device"
         DeviceRoot.provision(dev, DeviceConfig(device_id="hil-scratch", sku=sku), anchor)
         agent = Agent(dev)
@@ -397,11 +394,104 @@ def install(payload: Path, manifest: BundleManifest, params: dict[str, Any], bun
     return {"sku": sku, "previous_version": previous, "baselines_that_failed": skipped, "steps": steps}
 
 
-def measure(suite: str, bundle: Path, params: dict[str, Any]) -> dict[str, Any]:
+def preflight(params: dict[str, Any]) -> dict[str, Any]:
+    """What this rig is, for the bench host's pre-flight (`hil.rig`): no bundle needed."""
+    import os
+    import platform
+
+    from shared.version import TIDEGATE_VERSION
+
+    facts: dict[str, Any] = {
+        "machine": platform.machine(),
+        "kernel": platform.release(),
+        "os": _os_name(),
+        "cpu_model": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "memory_mb": _meminfo_mb(),
+        "python": platform.python_version(),
+        "tidegate": TIDEGATE_VERSION,
+        "onnxruntime": None,
+        "onnxruntime_providers": [],
+        "tensorrt": None,
+    }
+    try:
+        import onnxruntime as ort
+
+        facts["onnxruntime"], facts["onnxruntime_providers"] = ort.__version__, ort.get_available_providers()
+    except ImportError:
+        pass
+    try:
+        import tensorrt
+
+        facts["tensorrt"] = str(tensorrt.__version__)
+    except ImportError:
+        pass
+    root = (params.get("thermal") or {}).get("thermal_root")
+    if root:
+        from agent.thermal import SysfsThermal
+
+        facts["thermal_zones"] = sorted(SysfsThermal(Path(root)).read())
+    facts["thermal_source"] = "thermal zones" if root else "simulated"
+    rig = Path(os.environ.get("TIDEGATE_RIG_FILE") or RIG_FILE)
+    if rig.is_file():
+        import tomllib
+
+        try:
+            declared = tomllib.loads(rig.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ProbeError(f"{rig}: not a readable rig file ({exc})") from None
+        facts["rig_name"] = declared.get("name")
+        facts["rig_skus"] = [str(s) for s in declared.get("skus", [])]
+    return facts
+
+
+def _os_name() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    import platform
+
+    return platform.platform()
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Hardware", "Model"):
+                return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def _meminfo_mb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def measure(
+    suite: str, bundle: Path | None, params: dict[str, Any], workdir: Path | None = None
+) -> dict[str, Any]:
+    if suite == "preflight":
+        return preflight(params)
     if suite not in SUITES:
         raise ProbeError(f"no suite {suite!r}; suites: {', '.join(SUITES)}")
-    with tempfile.TemporaryDirectory(prefix="tidegate-hil-") as tmp:
-        payload = Path(tmp)
+    if bundle is None:
+        raise ProbeError(f"suite {suite} needs --bundle")
+    # Under the target's work directory when one is given: a probe killed at its timeout
+    # leaves nothing behind that the target's clean-up does not remove.
+    with tempfile.TemporaryDirectory(prefix=f"probe-{suite}-", dir=workdir) as tmp:
+        payload = Path(tmp) / "payload"
+        payload.mkdir()
         manifest = unpack(bundle, payload)
         if suite == "install":
             return install(payload, manifest, params, bundle)
@@ -414,11 +504,12 @@ def measure(suite: str, bundle: Path, params: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hil.probe")
     parser.add_argument("suite")
-    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--bundle", type=Path, help="the bundle (every suite but preflight)")
     parser.add_argument("--params", default="{}", help="JSON object of suite parameters")
+    parser.add_argument("--workdir", type=Path, help="scratch space (default: the system's temp)")
     args = parser.parse_args(argv)
     try:
-        result = measure(args.suite, args.bundle, json.loads(args.params))
+        result = measure(args.suite, args.bundle, json.loads(args.params), args.workdir)
     except (TidegateError, json.JSONDecodeError) as exc:
         print(json.dumps({"error": str(exc)}))
         return 2

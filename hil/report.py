@@ -11,17 +11,28 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hil.runner import Report
+from shared.benchreport import sign
 from shared.errors import TidegateError
 from shared.fsutil import atomic_write_bytes
 
 JSON_NAME, JUNIT_NAME, HTML_NAME = "report.json", "junit.xml", "report.html"
 
 
-def write_all(report: Report, out: Path) -> list[Path]:
+NOT_STARTED = "not-started"  # where a run that never started writes, beside an earlier report
+
+
+def write_all(report: Report, out: Path, key: Ed25519PrivateKey | None = None) -> list[Path]:
+    """The three files in `out`, `report.json` signed with the bench key when one is given.
+    A run that did not start never replaces an earlier report: it goes to `out/not-started/`."""
+    if not report.started and (out / JSON_NAME).exists():
+        out = out / NOT_STARTED
     out.mkdir(parents=True, exist_ok=True)
     data = report.to_json()
+    if key is not None:
+        data = sign(data, key)
     atomic_write_bytes(out / JSON_NAME, (json.dumps(data, indent=2) + "\n").encode())
     atomic_write_bytes(out / JUNIT_NAME, junit(report))
     atomic_write_bytes(out / HTML_NAME, page(report).encode())
@@ -37,7 +48,7 @@ def junit(report: Report) -> bytes:
         tests=str(len(report.results) + (0 if report.complete else 1)),
         failures=str(failures),
         errors=str(errors),
-        skipped=str(sum(r.status == "skipped" for r in report.results)),
+        skipped=str(sum(r.status in ("skipped", "not_run") for r in report.results)),
         time=f"{sum(r.duration_s for r in report.results):.3f}",
         timestamp=report.started_at,
         hostname=report.target,
@@ -46,8 +57,10 @@ def junit(report: Report) -> bytes:
         case = ET.SubElement(
             suite, "testcase", classname="tidegate.hil", name=r.name, time=f"{r.duration_s:.3f}"
         )
-        if r.status in ("failed", "error", "skipped"):
-            tag = {"failed": "failure", "error": "error", "skipped": "skipped"}[r.status]
+        if r.status in ("failed", "error", "skipped", "not_run"):
+            tag = {"failed": "failure", "error": "error", "skipped": "skipped", "not_run": "skipped"}[
+                r.status
+            ]
             ET.SubElement(case, tag, message=r.reason).text = r.reason
         else:
             ET.SubElement(case, "system-out").text = r.reason
@@ -63,31 +76,55 @@ W, H, PAD = 640, 220, 40
 
 
 def _histogram(values: list[float], budget: float) -> str:
-    lo, hi = min(values), max(*values, budget)
+    """The latencies' distribution on their own scale (p0.1-p99.9, so one outlier does not
+    squash the rest into a bar), with the p95 budget marked where it falls, or as an arrow
+    when it lies far beyond the measurements."""
+    ordered = sorted(values)
+    lo = ordered[int(0.005 * (len(ordered) - 1))]
+    top_v = ordered[int(0.99 * (len(ordered) - 1))]
+    hi = max(top_v, lo + 1e-6)
+    beyond = sum(v > hi for v in values)
+    if budget <= hi * 1.5:  # the budget is on the plot's scale: include it
+        hi = max(hi, budget)
     bins = 30
     width = (hi - lo) / bins or 1.0
     counts = [0] * bins
     for v in values:
-        counts[min(bins - 1, int((v - lo) / width))] += 1
-    top = max(counts)
+        counts[min(bins - 1, max(0, int((v - lo) / width)))] += 1  # beyond hi: the last bar
+    top = max(counts) or 1
     bw = (W - 2 * PAD) / bins
     bars = "".join(
         f'<rect x="{PAD + i * bw:.1f}" y="{H - PAD - c / top * (H - 2 * PAD):.1f}" width="{bw - 1:.1f}" '
-        f'height="{c / top * (H - 2 * PAD):.1f}" fill="#4a7bd0"><title>{lo + i * width:.2f}–'
-        f"{lo + (i + 1) * width:.2f} ms: {c}</title></rect>"
+        f'height="{c / top * (H - 2 * PAD):.1f}" fill="#4a7bd0"><title>{lo + i * width:.3f}–'
+        f"{lo + (i + 1) * width:.3f} ms: {c}</title></rect>"
         for i, c in enumerate(counts)
     )
-    bx = PAD + (budget - lo) / (hi - lo or 1) * (W - 2 * PAD)
+    label = f"p95 budget {budget:g} ms"
+    if budget <= hi:
+        bx = PAD + (budget - lo) / (hi - lo or 1) * (W - 2 * PAD)
+        anchor = "end" if bx > W / 2 else "start"  # the label stays inside the plot, whole
+        tx = bx - 4 if anchor == "end" else bx + 4
+        mark = (
+            f'<line x1="{bx:.1f}" y1="{PAD / 2}" x2="{bx:.1f}" y2="{H - PAD}" stroke="#c0392b" '
+            f'stroke-dasharray="4"/><text x="{tx:.1f}" y="{PAD / 2 + 10}" font-size="11" fill="#c0392b" '
+            f'text-anchor="{anchor}">{label}</text>'
+        )
+    else:
+        mark = (
+            f'<text x="{W - PAD}" y="{PAD / 2 + 10}" font-size="11" fill="#c0392b" text-anchor="end">'
+            f"{label} → (off this scale: {budget / hi:.0f}× the slowest run shown)</text>"
+        )
+    if beyond:
+        mark += (
+            f'<text x="{W - PAD}" y="{PAD / 2 + 24}" font-size="11" text-anchor="end">'
+            f"{beyond} slower run(s) up to {ordered[-1]:.3f} ms counted in the last bar</text>"
+        )
     return (
         f'<svg class="plot" id="latency-histogram" viewBox="0 0 {W} {H}" width="{W}" height="{H}" '
-        f'xmlns="http://www.w3.org/2000/svg">{bars}'
-        f'<line x1="{bx:.1f}" y1="{PAD / 2}" x2="{bx:.1f}" y2="{H - PAD}" stroke="#c0392b" '
-        'stroke-dasharray="4"/>'
-        f'<text x="{bx + 4:.1f}" y="{PAD / 2 + 10}" font-size="11" fill="#c0392b">'
-        f"p95 budget {budget:g} ms</text>"
+        f'xmlns="http://www.w3.org/2000/svg">{bars}{mark}'
         f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#333"/>'
-        f'<text x="{PAD}" y="{H - PAD + 16}" font-size="11">{lo:.2f} ms</text>'
-        f'<text x="{W - PAD}" y="{H - PAD + 16}" font-size="11" text-anchor="end">{hi:.2f} ms</text></svg>'
+        f'<text x="{PAD}" y="{H - PAD + 16}" font-size="11">{lo:.3f} ms</text>'
+        f'<text x="{W - PAD}" y="{H - PAD + 16}" font-size="11" text-anchor="end">{hi:.3f} ms</text></svg>'
     )
 
 
@@ -148,6 +185,30 @@ def page(report: Report) -> str:
         if not report.complete
         else ""
     )
+    checks = "".join(
+        f'<tr class="{"passed" if c["passed"] else "failed"}"><td>{e(c["name"])}</td>'
+        f"<td>{'passed' if c['passed'] else 'FAILED'}</td><td>{e(c['detail'])}</td></tr>"
+        for c in report.preflight.get("checks", [])
+    )
+    facts = report.rig
+    thermal_source = facts.get("thermal_source", "-")
+    rig_rows = (
+        "".join(
+            f"<tr><td>{e(k)}</td><td>{e(str(facts.get(k, '-')))}</td></tr>"
+            for k in (
+                "machine",
+                "kernel",
+                "os",
+                "cpu_model",
+                "cpus",
+                "memory_mb",
+                "python",
+                "onnxruntime",
+                "tidegate",
+            )
+        )
+        + f"<tr><td>thermal source</td><td>{e(str(thermal_source))}</td></tr>"
+    )
     b = report.bundle
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -164,7 +225,13 @@ tr.failed td:nth-child(2), tr.error td:nth-child(2) {{ color: #c0392b; }}
 <p class="verdict" id="verdict">{verdict}</p>{incomplete}
 <p>SKU {e(report.sku)} · target {e(report.target)} · suite {e(report.suite)}
  · started {e(report.started_at)}</p>
+<p>bundle sha256 {e(str(b.get("sha256", "-")))} · thermal source: {e(str(thermal_source))}</p>
+<h2>Pre-flight: {e(str(report.preflight.get("verdict")))}</h2>
+<table id="preflight"><tr><th>check</th><th>result</th><th>detail</th></tr>{checks}</table>
+<h2>Suites</h2>
 <table id="results"><tr><th>suite</th><th>result</th><th>time</th><th>why</th></tr>{rows}</table>
+<h2>The rig</h2>
+<table id="rig">{rig_rows}</table>
 {"".join(plots)}
 </body></html>
 """
@@ -177,8 +244,9 @@ class UploadError(TidegateError):
 
 
 def attach(http: httpx.Client, data: dict[str, Any]) -> dict[str, Any]:
-    """POST a complete report (`report.json`'s content) as its release's bench report for its
-    SKU, over an authenticated client on the fleet server; returns the created report."""
+    """POST a complete, signed report (`report.json`'s content) as its release's bench report
+    for its SKU, over an authenticated client on the fleet server, which re-judges it (409
+    with every reason it cannot gate a campaign); returns the created report."""
     name, version = data["bundle"]["name"], data["bundle"]["version"]
     try:
         r = http.get("/api/v1/releases", params={"name": name})
@@ -189,10 +257,16 @@ def attach(http: httpx.Client, data: dict[str, Any]) -> dict[str, Any]:
             raise UploadError(f"the fleet server has no release {name} {version}; publish it first")
         r = http.post(
             f"/api/v1/releases/{release['id']}/bench-reports",
-            json={"sku": data["sku"], "passed": bool(data["passed"]), "summary": data["summary"]},
+            json={"report": data},
         )
     except httpx.HTTPError as exc:
         raise UploadError(f"fleet server: {type(exc).__name__}: {exc}") from None
+    if r.status_code == 409:
+        detail = r.json().get("detail") or {}
+        reasons = detail.get("reasons") if isinstance(detail, dict) else None
+        raise UploadError(
+            "the fleet server refused the report: " + ("; ".join(reasons) if reasons else r.text[:300])
+        )
     if r.status_code >= 400:
         raise UploadError(f"the fleet server refused the report: HTTP {r.status_code}: {r.text[:200]}")
     return dict(r.json())

@@ -5,7 +5,10 @@ Ctrl-C or a lost target leaves a partial report marked incomplete, with the reas
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -13,10 +16,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hil import judge
-from hil.targets import Target, TargetError
+from builder.catalogue import DEFAULT_CATALOGUE, Sku, load_catalogue
+from builder.errors import CatalogueError
+from hil import judge, rig
+from hil.targets import Target, TargetError, TargetTimeoutError
 from shared.bundle import BundleError, BundleManifest, verify_bundle
 from shared.errors import TidegateError
+from shared.version import TIDEGATE_VERSION
 
 SUITE_PLANS = {
     "smoke": ("contract", "latency", "memory", "determinism"),
@@ -32,10 +38,15 @@ class HilError(TidegateError):
     exit_code = 2  # 1 is a suite that failed
 
 
+class PreflightError(HilError):
+    """The rig is not fit to bench this bundle (wrong architecture, no Tidegate, no thermal
+    zones to read, …): the run never started. The report says which checks failed."""
+
+
 @dataclass
 class SuiteResult:
     name: str
-    status: str  # passed | failed | error | skipped
+    status: str  # passed | failed | error | not_run | skipped
     reason: str
     duration_s: float
     figures: dict[str, Any] = field(default_factory=dict)
@@ -54,10 +65,19 @@ class Report:
     finished_at: str | None = None
     complete: bool = False
     incomplete_reason: str | None = None
+    started: bool = False  # the pre-flight passed and suites began
+    rig: dict[str, Any] = field(default_factory=dict)  # what the probe saw of the target
+    preflight: dict[str, Any] = field(default_factory=lambda: {"verdict": "not run", "checks": []})
+    bench_host: dict[str, Any] = field(default_factory=dict)
+    workdir: str = ""  # the run's scratch space on the target, removed when it ends
+    probe: list[str] = field(default_factory=lambda: ["-m", "hil.probe"])  # how the rig runs it
 
     @property
     def passed(self) -> bool:
-        return self.complete and all(r.status in ("passed", "skipped") for r in self.results)
+        """Every planned suite ran and passed: a skipped or not-run suite is not a pass."""
+        plan = PLANS.get(self.suite, ())
+        done = {r.name: r.status for r in self.results}
+        return self.complete and self.started and all(done.get(name) == "passed" for name in plan)
 
     def summary(self) -> dict[str, Any]:
         """What goes to the fleet server with the upload: verdicts and headline figures."""
@@ -75,6 +95,7 @@ class Report:
             "complete": self.complete,
             "suite": self.suite,
             "target": self.target,
+            "rig": {k: self.rig.get(k) for k in ("machine", "os", "cpu_model", "thermal_source")},
             "verdicts": {r.name: r.status for r in self.results},
             "figures": head,
         }
@@ -93,7 +114,8 @@ def budgets(manifest: BundleManifest, options: dict[str, Any]) -> judge.Budgets:
 
 
 def start(bundle: Path, target: Target, suite: str, options: dict[str, Any]) -> tuple[Report, BundleManifest]:
-    """Check what can be checked before touching the target."""
+    """Check what can be checked before touching the target (the rig's own pre-flight comes
+    first in `run`)."""
     if suite not in PLANS:
         raise HilError(f"no suite {suite!r}; suites: {', '.join(PLANS)}")
     try:
@@ -109,17 +131,78 @@ def start(bundle: Path, target: Target, suite: str, options: dict[str, Any]) -> 
             "version": manifest.version,
             "skus": manifest.skus,
             "file": bundle.name,
+            "sha256": _sha256(bundle),
         },
         target=target.name,
         suite=suite,
         sku=sku,
         started_at=datetime.now(UTC).isoformat(),
         options=options,
+        bench_host={"tidegate": TIDEGATE_VERSION, "hostname": platform.node()},
     )
     return report, manifest
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sku(name: str, catalogue: Path | None) -> Sku | None:
+    try:
+        return load_catalogue(catalogue or DEFAULT_CATALOGUE).skus.get(name)
+    except CatalogueError as exc:
+        raise HilError(f"the SKU catalogue cannot be read: {exc}") from None
+
+
 ProgressFn = Callable[[str], None]
+
+
+async def preflight(report: Report, target: Target, *, catalogue: Path | None = None) -> bool:
+    """Ask the rig what it is and judge that against the SKU and the plan: fills
+    `report.rig` and `report.preflight`; True when every check passed. The target must be
+    connected."""
+    done = None
+    probe_error = None
+    try:
+        done = await target.run(
+            ["{python}", *report.probe, "preflight", "--params", json.dumps(report.options)],
+            timeout_s=PREFLIGHT_TIMEOUT_S,
+        )
+    except TargetTimeoutError as exc:
+        probe_error = str(exc)
+    facts = _last_json(done.stdout) if done is not None else None
+    if done is not None and (facts is None or "error" in facts):
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        probe_error = str(facts["error"]) if facts else f"exit {done.returncode}: {tail[:300]}"
+        facts = None
+    report.rig = facts or {}
+    found = rig.checks(
+        facts,
+        probe_error=probe_error,
+        sku_name=report.sku,
+        sku=_sku(report.sku, catalogue),
+        plan=PLANS[report.suite],
+        options=report.options,
+        bench_version=TIDEGATE_VERSION,
+    )
+    report.preflight = rig.verdict(found)
+    return all(c.passed for c in found)
+
+
+PREFLIGHT_TIMEOUT_S = 60.0
+
+
+def _last_json(stdout: str) -> dict[str, Any] | None:
+    lines = stdout.strip().splitlines()
+    try:
+        value = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 async def run(
@@ -130,9 +213,15 @@ async def run(
     *,
     progress: ProgressFn = lambda text: None,
     suite_timeout_s: float = 900.0,
+    catalogue: Path | None = None,
+    probe: Path | None = None,
 ) -> Report:
-    """Run the plan, appending each suite's result to `report` as it finishes; the caller
-    writes the report whatever happens (this marks it complete only at the very end)."""
+    """Pre-flight, then the plan, appending each suite's result to `report` as it finishes;
+    the caller writes the report whatever happens (this marks it complete only at the very
+    end). A failed pre-flight raises `PreflightError` before any suite; a suite that hangs is
+    killed at `suite_timeout_s` and fails alone; whatever did not run is listed as not run.
+    `probe` is a self-contained probe (`hil.package`) to copy to the rig and run suites from,
+    instead of the rig's installed Tidegate."""
     plan = PLANS[report.suite]
     limits = budgets(manifest, report.options)
     report.budgets = asdict(limits)
@@ -141,31 +230,47 @@ async def run(
     except TargetError as exc:
         report.incomplete_reason = str(exc)
         raise
+    report.workdir = target.workdir
     try:
+        if probe is not None:
+            report.probe = [await target.put(probe)]
+        progress("pre-flight: what the rig is, against the SKU and the plan …")
+        if not await preflight(report, target, catalogue=catalogue):
+            failed = [c for c in report.preflight["checks"] if not c["passed"]]
+            report.incomplete_reason = "pre-flight failed: " + "; ".join(
+                f"{c['name']}: {c['detail']}" for c in failed
+            )
+            raise PreflightError(f"{target.name}: {report.incomplete_reason}")
+        report.started = True
         remote = await target.put(bundle)
         for i, name in enumerate(plan, 1):
             progress(f"[{i}/{len(plan)}] {name} …")
             t0 = time.monotonic()
-            if name == "install" and not report.options.get("repo"):
-                result = SuiteResult(
-                    name, "skipped", "no --repo given: the install cycle needs the repository", 0.0
-                )
-            else:
-                result = await _suite(target, name, remote, report, limits, suite_timeout_s, progress)
+            result = await _suite(target, name, remote, report, limits, suite_timeout_s, progress)
             result.duration_s = round(time.monotonic() - t0, 3)
             report.results.append(result)
             progress(f"[{i}/{len(plan)}] {name}: {result.status}: {result.reason}")
     except asyncio.CancelledError:
         report.incomplete_reason = "interrupted (Ctrl-C) before every suite ran"
         raise
+    except PreflightError:
+        raise
     except TargetError as exc:
         report.incomplete_reason = f"lost the target: {exc}"
         raise
     finally:
-        await target.close()
+        ran = {r.name for r in report.results}
+        why = "the run did not start" if not report.started else "the run stopped before it"
+        report.results += [SuiteResult(n, "not_run", why, 0.0) for n in plan if n not in ran]
+        await asyncio.shield(_close(target))
         report.finished_at = datetime.now(UTC).isoformat()
     report.complete = True
     return report
+
+
+async def _close(target: Target) -> None:
+    with contextlib.suppress(Exception):  # a target already gone: nothing left to clean there
+        await target.close()
 
 
 async def _suite(
@@ -185,16 +290,17 @@ async def _suite(
         if line.startswith("progress: "):
             progress(f"    {line.removeprefix('progress: ')}")
 
-    done = await target.run(
-        ["{python}", "-m", "hil.probe", name, "--bundle", remote_bundle, "--params", json.dumps(params)],
-        timeout_s=timeout_s,
-        on_stderr=relay,
-    )
-    lines = done.stdout.strip().splitlines()
+    argv = ["{python}", *report.probe, name, "--bundle", remote_bundle, "--params", json.dumps(params)]
     try:
-        figures = json.loads(lines[-1]) if lines else None
-    except json.JSONDecodeError:
-        figures = None
+        done = await target.run([*argv, "--workdir", target.workdir], timeout_s=timeout_s, on_stderr=relay)
+    except TargetTimeoutError:
+        return SuiteResult(
+            name,
+            "error",
+            f"the probe did not finish within {timeout_s:g} s and was killed (a hung model?)",
+            0.0,
+        )
+    figures = _last_json(done.stdout)
     if not isinstance(figures, dict):
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return SuiteResult(name, "error", f"the probe exited {done.returncode} without figures: {tail}", 0.0)

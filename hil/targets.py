@@ -12,6 +12,8 @@ import contextlib
 import os
 import shlex
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -29,6 +31,13 @@ class TargetError(TidegateError):
     exit_code = 2
 
 
+class TargetTimeoutError(TargetError):
+    """A command did not finish within its time and was killed (the target is still there)."""
+
+
+KILL_GRACE_S = 1.0  # how long stopping a command on the target may take, on Ctrl-C or a timeout
+
+
 @dataclass(frozen=True)
 class Completed:
     returncode: int
@@ -41,6 +50,7 @@ LineFn = Callable[[str], None]
 
 class Target(Protocol):
     name: str
+    workdir: str  # scratch space on the target, removed by `close`
 
     async def connect(self) -> None: ...
 
@@ -49,7 +59,8 @@ class Target(Protocol):
         ...
 
     async def run(self, argv: list[str], *, timeout_s: float, on_stderr: LineFn | None = None) -> Completed:
-        """Run `argv` there. Raises `TargetError` when it cannot run or times out."""
+        """Run `argv` there. Raises `TargetTimeoutError` (the command killed) when it does not
+        finish in time, `TargetError` when it cannot run; a cancelled run kills it too."""
         ...
 
     async def close(self) -> None: ...
@@ -65,15 +76,23 @@ async def _pump(stream: asyncio.StreamReader | None, sink: list[str], on_line: L
             on_line(line.rstrip("\n"))
 
 
+async def _drain(proc: Any, out: list[str], err: list[str], on_stderr: LineFn | None) -> None:
+    """Both streams to their ends and the exit: one coroutine, so a timeout or a Ctrl-C
+    cancels it as a whole (no gathered future left with an unread cancellation)."""
+    await asyncio.gather(_pump(proc.stdout, out, None), _pump(proc.stderr, err, on_stderr), proc.wait())
+
+
 class LocalTarget:
     """This machine: a device root's worth of scratch space and this Python."""
 
     def __init__(self, python: str = sys.executable) -> None:
         self.name, self.python = "local", python
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.workdir = ""
 
     async def connect(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="tidegate-hil-target-")
+        self.workdir = self._tmp.name
 
     async def put(self, local: Path) -> str:
         assert self._tmp is not None, "connect first"
@@ -87,25 +106,29 @@ class LocalTarget:
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [_project_root(), os.environ.get("PYTHONPATH")])),
         }
+        # Its own process group: a timeout or Ctrl-C kills the probe and whatever it started
+        # (the self-test child of the install suite), not just the first process.
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
         )
         out: list[str] = []
         err: list[str] = []
         try:
-            await asyncio.wait_for(
-                asyncio.gather(
-                    _pump(proc.stdout, out, None), _pump(proc.stderr, err, on_stderr), proc.wait()
-                ),
-                timeout_s,
-            )
+            await asyncio.wait_for(_drain(proc, out, err, on_stderr), timeout_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(proc.wait()), KILL_GRACE_S)
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise TargetError(f"local: {' '.join(argv[:4])} did not finish within {timeout_s:g} s") from None
+            raise TargetTimeoutError(
+                f"local: {' '.join(argv[1:4])} did not finish within {timeout_s:g} s and was killed"
+            ) from None
         return Completed(proc.returncode or 0, "".join(out), "".join(err))
 
     async def close(self) -> None:
@@ -135,9 +158,14 @@ class SshTarget:
         self.host, self.port, self.username = host, port, username
         self.client_keys, self.known_hosts, self.python = client_keys, known_hosts, python
         self.connect_timeout_s = connect_timeout_s
-        self.name = f"ssh://{username + '@' if username else ''}{host}:{port}"
+        if not username:  # as ssh does: the local user
+            import getpass
+
+            username = getpass.getuser()
+        self.username = username
+        self.name = f"ssh://{username}@{host}:{port}"
         self._conn: Any = None
-        self._workdir = ""
+        self.workdir = ""
 
     @classmethod
     def from_url(cls, url: str, **kwargs: object) -> SshTarget:
@@ -151,7 +179,7 @@ class SshTarget:
         done = await self.run(["mktemp", "-d", "/tmp/tidegate-hil-XXXXXX"], timeout_s=30)
         if done.returncode != 0:
             raise TargetError(f"{self.name}: cannot make a work directory: {done.stderr.strip()}")
-        self._workdir = done.stdout.strip()
+        self.workdir = done.stdout.strip()
 
     async def _open(self) -> None:
         try:
@@ -174,13 +202,32 @@ class SshTarget:
             )
         except TimeoutError:
             raise TargetError(f"{self.name}: no answer within {self.connect_timeout_s:g} s") from None
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise TargetError(
+                f"{self.name}: cannot connect: the host key of {self.host} port {self.port} is not known "
+                f"or has changed ({exc}); check it, then add it: ssh-keyscan -p {self.port} {self.host} "
+                f">> {self.known_hosts or '~/.ssh/known_hosts'}"
+            ) from None
+        except asyncssh.PermissionDenied:
+            raise TargetError(
+                f"{self.name}: cannot connect: {self.username} was refused at {self.host} port {self.port} "
+                "(give the key with --identity)"
+            ) from None
+        except socket.gaierror as exc:
+            raise TargetError(
+                f"{self.name}: cannot connect: no such host {self.host!r} ({exc.strerror})"
+            ) from None
+        except ConnectionRefusedError:
+            raise TargetError(
+                f"{self.name}: cannot connect: nothing listens on {self.host} port {self.port}"
+            ) from None
         except (OSError, asyncssh.Error) as exc:
-            raise TargetError(f"{self.name}: cannot connect: {exc}") from None
+            raise TargetError(f"{self.name}: cannot connect to {self.host} port {self.port}: {exc}") from None
 
     async def put(self, local: Path) -> str:
         import asyncssh
 
-        remote = f"{self._workdir}/{local.name}"
+        remote = f"{self.workdir}/{local.name}"
         for attempt in (1, 2):  # a rig's link drops now and then: reconnect and copy again, once
             try:
                 async with self._conn.start_sftp_client() as sftp:
@@ -199,33 +246,64 @@ class SshTarget:
         if self._conn is None:
             raise TargetError(f"{self.name}: not connected")
         command = shlex.join([self.python if a == "{python}" else a for a in argv])
+        # The command announces its pid first, so a timeout or a Ctrl-C can kill it (and its
+        # children) over another channel: closing a channel does not stop a quiet process.
+        wrapped = f"echo {PID_MARK}$$ >&2; exec {command}"
+        pid: list[str] = []
+
+        def lines(line: str) -> None:
+            if not pid and line.startswith(PID_MARK):
+                pid.append(line.removeprefix(PID_MARK).strip())
+            elif on_stderr is not None:
+                on_stderr(line)
+
         out: list[str] = []
         err: list[str] = []
+        proc: Any = None
         try:
-            async with self._conn.create_process(command) as proc:
-                try:
-                    await asyncio.wait_for(
-                        asyncio.gather(
-                            _pump(proc.stdout, out, None), _pump(proc.stderr, err, on_stderr), proc.wait()
-                        ),
-                        timeout_s,
-                    )
-                except TimeoutError:
-                    proc.kill()
-                    raise TargetError(
-                        f"{self.name}: {command[:80]} did not finish within {timeout_s:g} s"
-                    ) from None
-                code = proc.exit_status
+            proc = await self._conn.create_process(wrapped)
+            await asyncio.wait_for(_drain(proc, out, err, lines), timeout_s)
+            code = proc.exit_status
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            await self._kill(pid[0] if pid else None)
+            if proc is not None:
+                proc.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise TargetTimeoutError(
+                f"{self.name}: {command[:80]} did not finish within {timeout_s:g} s and was killed"
+            ) from None
         except (OSError, asyncssh.Error) as exc:
             raise TargetError(f"{self.name}: {command[:80]}: {exc}") from None
+        if proc is not None:
+            proc.close()
+        err = [line for line in err if not line.startswith(PID_MARK)]
         return Completed(code if code is not None else 255, "".join(out), "".join(err))
+
+    async def _kill(self, pid: str | None) -> None:
+        """Kill a command and its children on the rig, within `KILL_GRACE_S`."""
+        if pid is None or not pid.isdigit() or self._conn is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self._conn.run(
+                    f"pkill -KILL -P {pid} 2>/dev/null; kill -KILL {pid} 2>/dev/null; true", check=False
+                ),
+                KILL_GRACE_S,
+            )
 
     async def close(self) -> None:
         if self._conn is not None:
-            with contextlib.suppress(Exception):
-                await self.run(["rm", "-rf", self._workdir], timeout_s=30)
+            if self.workdir:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        self._conn.run(shlex.join(["rm", "-rf", self.workdir]), check=False), KILL_GRACE_S
+                    )
             self._conn.close()
             self._conn = None
+
+
+PID_MARK = "tidegate-probe-pid:"
 
 
 def target_for(spec: str, **ssh_options: object) -> Target:
@@ -233,4 +311,4 @@ def target_for(spec: str, **ssh_options: object) -> Target:
         return LocalTarget()
     if spec.startswith("ssh://"):
         return SshTarget.from_url(spec, **ssh_options)
-    raise TargetError(f"unknown target {spec!r}: use 'local' or ssh://user@host[:port]")
+    raise TargetError(f"unknown target {spec!r}: use 'local' or ssh://[user@]host[:port]")

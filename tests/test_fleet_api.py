@@ -78,7 +78,7 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("POST", "/api/v1/releases", Role.OPERATOR, None),
     ("POST", "/api/v1/releases/999/stage", Role.ADMIN, {"stage": "staging"}),
     ("POST", "/api/v1/releases/999/model-card", Role.OPERATOR, {"section": "canary", "content": {}}),
-    ("POST", "/api/v1/releases/999/bench-reports", Role.OPERATOR, {"sku": "edge-cpu", "passed": True}),
+    ("POST", "/api/v1/releases/999/bench-reports", Role.OPERATOR, {"report": {"sku": "edge-cpu"}}),
 ]
 
 

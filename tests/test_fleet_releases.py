@@ -11,24 +11,31 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleet_server.app import create_app
 from fleet_server.auth.service import Role, create_token
 from fleet_server.db import Database
 from fleet_server.migrate import upgrade
+from shared.benchreport import public_text
 from shared.trust import UpdateRepository
-from tests.helpers import build_bundle
+from tests.helpers import bench_report, build_bundle
 from tests.mqtt_helpers import free_port
+
+BENCH_KEY = Ed25519PrivateKey.generate()
 
 
 @pytest.fixture
 def served(tmp_path: Path, db: Database):  # type: ignore[no-untyped-def]
     repo = UpdateRepository.init(tmp_path / "repo")
+    keys = {"bench-1": public_text(BENCH_KEY.public_key())}
     with db.session() as s:
         tokens = {r.value: create_token(s, name=f"{r.value}-1", role=r, now=datetime.now(UTC)) for r in Role}
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(db, repository=repo), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(db, repository=repo, bench_keys=keys), host="127.0.0.1", port=port, log_level="warning"
+        )
     )
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
@@ -111,26 +118,64 @@ def test_publish_serve_install_and_the_bench_gate(
         return httpx.post(f"{url}/api/v1/campaigns/{cid}/approve", headers=h(tokens, "admin"))
 
     assert approve().status_code == 409 and "no bench (HIL) report" in approve().json()["detail"]
-    bad = httpx.post(
-        f"{url}/api/v1/releases/{rid}/bench-reports",
-        json={"sku": "edge-gpu", "passed": True},
-        headers=h(tokens, "operator"),
+
+    def upload(report: dict[str, object]) -> httpx.Response:
+        return httpx.post(
+            f"{url}/api/v1/releases/{rid}/bench-reports",
+            json={"report": report},
+            headers=h(tokens, "operator"),
+        )
+
+    def reasons(r: httpx.Response) -> str:
+        assert r.status_code == 409, r.text
+        return "; ".join(r.json()["detail"]["reasons"])
+
+    # A report proves what it claims or is refused, with every reason; nothing is stored.
+    good = bench_report(bundle, "edge-cpu", BENCH_KEY)
+    other = build_bundle(sample_payload, tmp_path / "o.bundle", version="2.0.1", skus=["edge-cpu"])
+    assert "not this release's" in reasons(upload(bench_report(other, "edge-cpu", BENCH_KEY)))
+    assert "SKU 'edge-gpu'" in reasons(upload(bench_report(bundle, "edge-gpu", BENCH_KEY)))
+    assert "not signed" in reasons(upload(bench_report(bundle, "edge-cpu", None)))
+    stranger = bench_report(bundle, "edge-cpu", Ed25519PrivateKey.generate())
+    assert "does not know" in reasons(upload(stranger))
+    edited = {**good, "results": [{**r, "status": "passed"} for r in good["results"]], "complete": True}
+    edited["suite"] = "smoke"  # any change after signing
+    assert "changed after the bench signed it" in reasons(upload(edited))
+    skipped = bench_report(
+        bundle,
+        "edge-cpu",
+        BENCH_KEY,
+        results=[
+            {**r, "status": "skipped", "reason": "no --repo"} if r["name"] == "install" else r
+            for r in good["results"]
+        ],
     )
-    assert bad.status_code == 422 and "not built for SKU edge-gpu" in bad.json()["detail"]
-    httpx.post(
-        f"{url}/api/v1/releases/{rid}/bench-reports",
-        json={"sku": "edge-cpu", "passed": False, "summary": {"p95_ms": 80}},
-        headers=h(tokens, "operator"),
-    ).raise_for_status()
-    assert "failed" in approve().json()["detail"]
-    httpx.post(
-        f"{url}/api/v1/releases/{rid}/bench-reports",
-        json={"sku": "edge-cpu", "passed": True, "summary": {"p95_ms": 4.2}},
-        headers=h(tokens, "operator"),
-    ).raise_for_status()
+    assert "suite install is skipped" in reasons(upload(skipped))
+    simulated = bench_report(
+        bundle,
+        "edge-cpu",
+        BENCH_KEY,
+        results=[
+            {**r, "figures": {"simulated": True}} if r["name"] == "thermal" else r for r in good["results"]
+        ],
+    )
+    assert "simulated zone" in reasons(upload(simulated))
+    wrong_rig = bench_report(
+        bundle,
+        "edge-cpu",
+        BENCH_KEY,
+        preflight={
+            "verdict": "failed",
+            "checks": [{"name": "architecture", "passed": False, "detail": "arm64"}],
+        },
+    )
+    assert "pre-flight did not pass (architecture)" in reasons(upload(wrong_rig))
+    assert "failed" in approve().json()["detail"] or "no bench" in approve().json()["detail"]
+    assert upload(good).status_code == 201
     assert approve().json()["state"] == "scheduled"
     card = httpx.get(url + "/api/v1/releases", headers=h(tokens, "viewer")).json()[0]["model_card"]
-    assert [c["section"] for c in card] == ["stage", "stage", "bench", "bench"]
+    assert [c["section"] for c in card] == ["stage", "stage", "bench"]
+    assert card[-1]["content"]["bundle_sha256"] == good["bundle"]["sha256"]
 
 
 def test_without_a_repository_publishing_is_503(tmp_path: Path) -> None:

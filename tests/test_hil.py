@@ -4,6 +4,7 @@ asyncssh server started here, which runs the probe's commands and serves SFTP)."
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 import sys
@@ -16,9 +17,11 @@ from xml.etree import ElementTree as ET
 import httpx
 import pytest
 
+from builder.samples import make_hanging_classifier
 from hil import runner
 from hil.report import write_all
 from hil.targets import LocalTarget
+from shared.benchreport import generate, public_text
 from shared.trust import UpdateRepository
 from tests.agent_world import _variant
 from tests.helpers import build_bundle
@@ -54,10 +57,38 @@ def bench(tmp_path_factory: pytest.TempPathFactory, sample_payload: Path) -> dic
     repo = UpdateRepository.init(d / "repo")
     for b in (v1, v2):
         repo.add_bundle(b)
-    return {"v1": v1, "v2": v2, "altered": altered, "repo": d / "repo", "dir": d}
+    hung_payload = shutil.copytree(sample_payload, d / "payload-hung")
+    make_hanging_classifier(hung_payload / "model.onnx")
+    hung = build_bundle(
+        hung_payload, d / "hung.bundle", name="classifier", version="1.3.0", skus=[SKU], self_test=_st()
+    )
+    arm = build_bundle(
+        sample_payload,
+        d / "arm.bundle",
+        name="classifier",
+        version="1.4.0",
+        skus=["edge-cpu-arm64-int8"],
+        self_test=_st(),
+    )
+    (d / "bench.pub").write_text(public_text(generate(d / "bench.key")))
+    return {
+        "v1": v1,
+        "v2": v2,
+        "altered": altered,
+        "hung": hung,
+        "arm": arm,
+        "repo": d / "repo",
+        "dir": d,
+        "key": d / "bench.key",
+        "public": d / "bench.pub",
+    }
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    if "--out" not in argv:  # never the default ./hil-report: the tests write in temp dirs only
+        import tempfile
+
+        argv = [*argv, "--out", tempfile.mkdtemp(prefix="hil-test-report-")]
     code = main(["hil", "run", *argv])
     out = capsys.readouterr()
     return code, out.out + out.err
@@ -81,13 +112,23 @@ def test_a_passing_bundle_passes_every_suite_on_this_machine_and_its_report_gate
             "100",
             "--out",
             str(out),
+            "--signing-key",
+            str(bench["key"]),
         ],
         capsys,
     )
     assert code == 0, text
+    assert "(signed)" in text
     assert "[5/6] thermal" in text and "install cycle: roll back" in text  # progress shown
     report = json.loads((out / "report.json").read_text())
-    assert report["passed"] and report["complete"]
+    assert report["passed"] and report["complete"] and report["started"]
+    assert report["preflight"]["verdict"] == "passed" and report["signature"]["alg"] == "ed25519"
+    assert report["bundle"]["sha256"] == hashlib.sha256(bench["v2"].read_bytes()).hexdigest()
+    assert (
+        report["rig"]["machine"]
+        and report["rig"]["tidegate"]
+        and report["rig"]["thermal_source"] == "simulated"
+    )
     results = {r["name"]: r for r in report["results"]}
     assert [r["status"] for r in report["results"]] == ["passed"] * 6
     assert (
@@ -125,7 +166,13 @@ def test_a_passing_bundle_passes_every_suite_on_this_machine_and_its_report_gate
     with db.session() as s:
         token = create_token(s, name="bench", role=Role.ADMIN, now=datetime.now(UTC))
     port = free_port()
-    served = ServedApp(fleet_app(db, repository=UpdateRepository.init(tmp_path / "fleet-repo")), port).start()
+    app = fleet_app(
+        db,
+        repository=UpdateRepository.init(tmp_path / "fleet-repo"),
+        bench_keys={"bench-1": bench["public"].read_text()},
+        bench_simulated_thermal_skus=[SKU],
+    )
+    served = ServedApp(app, port).start()
     try:
         url = f"http://127.0.0.1:{port}"
         r = httpx.post(
@@ -136,6 +183,18 @@ def test_a_passing_bundle_passes_every_suite_on_this_machine_and_its_report_gate
         assert r.status_code == 201, r.text
         with db.session() as s:
             target = r.json()["target"]
+            assert "no bench (HIL) report" in (bench_gate(s, target=target, sku=SKU) or "")
+        # a hand-edited report is refused (the signature), and so is nothing else yet
+        edited = json.loads((out / "report.json").read_text())
+        edited["results"][1]["figures"]["p95_ms"] = 0.001  # a faster bench than the one that ran
+        (tmp_path / "edited").mkdir()
+        (tmp_path / "edited" / "report.json").write_text(json.dumps(edited))
+        assert (
+            main(["hil", "upload", "--report", str(tmp_path / "edited"), "--server", url, "--token", token])
+            == 2
+        )
+        assert "changed after the bench signed it" in capsys.readouterr().err
+        with db.session() as s:
             assert "no bench (HIL) report" in (bench_gate(s, target=target, sku=SKU) or "")
         assert main(["hil", "upload", "--report", str(out), "--server", url, "--token", token]) == 0
         assert "attached a passing bench report" in capsys.readouterr().out
@@ -205,16 +264,26 @@ def test_bad_runs_say_why_and_exit_non_zero(
         ["--bundle", str(bench["v2"]), "--target", f"ssh://bench@127.0.0.1:{free_port()}", "--out", str(out)],
         capsys,
     )
-    assert code == 2 and "cannot connect" in text
+    assert code == 2 and "cannot connect" in text and "nothing listens on 127.0.0.1 port" in text
     report = json.loads((out / "report.json").read_text())
     assert not report["complete"] and "cannot connect" in report["incomplete_reason"]
+    # a failed connection never overwrites an earlier report in the same --out
+    (out / "report.json").write_text('{"passed": true}')
+    code, _ = _run(
+        ["--bundle", str(bench["v2"]), "--target", f"ssh://bench@127.0.0.1:{free_port()}", "--out", str(out)],
+        capsys,
+    )
+    assert code == 2 and (out / "report.json").read_text() == '{"passed": true}'
+    assert "cannot connect" in json.loads((out / "not-started" / "report.json").read_text())["incomplete_reason"]
 
 
 def test_an_interrupted_run_leaves_a_partial_report_marked_incomplete(
     bench: dict[str, Path], tmp_path: Path
 ) -> None:
     target = LocalTarget()
-    report, manifest = runner.start(bench["v2"], target, "full", {"thermal": {"soak_s": 60}})
+    report, manifest = runner.start(
+        bench["v2"], target, "full", {"thermal": {"soak_s": 60}, "repo": str(bench["repo"])}
+    )
     seen: list[str] = []
 
     async def go() -> None:
@@ -229,8 +298,11 @@ def test_an_interrupted_run_leaves_a_partial_report_marked_incomplete(
     write_all(report, tmp_path / "partial")
     saved = json.loads((tmp_path / "partial" / "report.json").read_text())
     assert not saved["complete"] and "interrupted" in saved["incomplete_reason"]
-    assert [r["name"] for r in saved["results"]] == ["contract", "latency", "memory", "determinism"]
-    assert "INCOMPLETE" in (tmp_path / "partial" / "report.html").read_text()
+    statuses = [(r["name"], r["status"]) for r in saved["results"]]
+    assert statuses[:4] == [(n, "passed") for n in ("contract", "latency", "memory", "determinism")]
+    assert statuses[4:] == [("thermal", "not_run"), ("install", "not_run")]
+    page = (tmp_path / "partial" / "report.html").read_text()
+    assert "INCOMPLETE" in page and "not_run" in page
 
 
 # ---- over SSH ----------------------------------------------------------------------------------
@@ -257,10 +329,17 @@ class _SshRig:
         self.ready = threading.Event()
 
         async def handle(process: Any) -> None:
+            # As sshd does: the command's output is forwarded to its end, then its exit status.
             proc = await asyncio.create_subprocess_shell(
                 process.command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
             )
-            await process.redirect(stdout=proc.stdout, stderr=proc.stderr)
+
+            async def copy(src: asyncio.StreamReader, dst: Any) -> None:
+                while chunk := await src.read(65536):
+                    dst.write(chunk.decode(errors="replace"))
+
+            assert proc.stdout is not None and proc.stderr is not None
+            await asyncio.gather(copy(proc.stdout, process.stdout), copy(proc.stderr, process.stderr))
             process.exit(await proc.wait())
 
         async def serve() -> None:
@@ -375,6 +454,8 @@ def test_ctrl_c_ends_the_cli_run_cleanly_with_a_partial_report(
             "120",
             "--runs",
             "20",
+            "--repo",
+            str(bench["repo"]),
             "--out",
             str(out),
         ],
@@ -392,4 +473,331 @@ def test_ctrl_c_ends_the_cli_run_cleanly_with_a_partial_report(
     assert "partial report (marked incomplete)" in rest
     saved = json.loads((out / "report.json").read_text())
     assert not saved["complete"] and "interrupted" in saved["incomplete_reason"]
-    assert [r["name"] for r in saved["results"]] == ["contract", "latency", "memory", "determinism"]
+    assert [r["name"] for r in saved["results"] if r["status"] == "passed"] == [
+        "contract",
+        "latency",
+        "memory",
+        "determinism",
+    ]
+    assert "Traceback" not in rest and "CancelledError" not in rest
+
+
+# ---- the former false passes, each now refused ---------------------------------------------------
+
+
+def test_an_arm64_bundle_on_an_x86_rig_does_not_start_and_keeps_the_earlier_report(
+    bench: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "r"
+    code, _ = _run(
+        ["--bundle", str(bench["v2"]), "--suite", "latency", "--runs", "20", "--out", str(out)], capsys
+    )
+    assert code == 0
+    earlier = (out / "report.json").read_text()
+    code, text = _run(
+        [
+            "--bundle",
+            str(bench["arm"]),
+            "--suite",
+            "smoke",
+            "--out",
+            str(out),
+            "--signing-key",
+            str(bench["key"]),
+        ],
+        capsys,
+    )
+    assert code == 2, text
+    assert "FAILED architecture" in text and "SKU edge-cpu-arm64-int8 is arm64" in text
+    assert (out / "report.json").read_text() == earlier  # a run that did not start never replaces one
+    refused = json.loads((out / "not-started" / "report.json").read_text())
+    assert refused["started"] is False and refused["preflight"]["verdict"] == "failed"
+    assert {r["status"] for r in refused["results"]} == {"not_run"} and not refused["passed"]
+    assert refused["bundle"]["sha256"] == hashlib.sha256(bench["arm"].read_bytes()).hexdigest()
+    # a rig that declares which SKUs it stands for refuses the others
+    rig = tmp_path / "rig.toml"
+    rig.write_text('name = "bench-7"\nskus = ["edge-cpu-x86"]\n')
+    import os
+
+    os.environ["TIDEGATE_RIG_FILE"] = str(rig)
+    try:
+        code, text = _run(
+            ["--bundle", str(bench["v2"]), "--suite", "latency", "--out", str(tmp_path / "r2")], capsys
+        )
+    finally:
+        del os.environ["TIDEGATE_RIG_FILE"]
+    assert code == 2 and "FAILED rig" in text and "bench-7" in text
+
+
+def test_thermal_without_zones_and_full_without_repo_do_not_start(
+    bench: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, text = _run(
+        [
+            "--bundle",
+            str(bench["v2"]),
+            "--suite",
+            "thermal",
+            "--thermal-root",
+            str(tmp_path / "no-such-thermal"),
+        ],
+        capsys,
+    )
+    assert code == 2 and "FAILED thermal" in text and "0 readable zone(s)" in text
+    (tmp_path / "empty").mkdir()
+    code, text = _run(
+        ["--bundle", str(bench["v2"]), "--suite", "thermal", "--thermal-root", str(tmp_path / "empty")],
+        capsys,
+    )
+    assert code == 2 and "FAILED thermal" in text
+    code, text = _run(["--bundle", str(bench["v2"]), "--suite", "full", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "FAILED install" in text and "needs --repo" in text
+    code, text = _run(
+        [
+            "--bundle",
+            str(bench["v2"]),
+            "--suite",
+            "install",
+            "--repo",
+            "http://127.0.0.1:9/repo",
+            "--out",
+            str(tmp_path / "u"),
+        ],
+        capsys,
+    )
+    assert code == 2 and "give --trusted-root" in text
+    # and the judge never passes a soak that read nothing
+    from hil.judge import Budgets, thermal
+
+    ok, why = thermal(
+        {
+            "thresholds_c": [70.0],
+            "trace": [],
+            "max_temp_c": None,
+            "soak_s": 5,
+            "simulated": False,
+            "throttled_p95_ms": None,
+        },
+        Budgets(latency_p95_ms=10, memory_ceiling_mb=100, throttled_factor=2, max_jitter_fraction=0.5),
+    )
+    assert not ok and "read no temperature" in why
+
+
+def test_a_hung_model_fails_each_suite_alone_at_its_timeout(
+    bench: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    out = tmp_path / "r"
+    t0 = time.monotonic()
+    code, text = _run(
+        ["--bundle", str(bench["hung"]), "--suite", "smoke", "--suite-timeout-s", "3", "--out", str(out)],
+        capsys,
+    )
+    took = time.monotonic() - t0
+    assert code == 1, text  # suites failed; the run itself finished
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] and report["started"] and not report["passed"]
+    assert [r["status"] for r in report["results"]] == ["error"] * 4
+    assert all("did not finish within 3 s and was killed" in r["reason"] for r in report["results"])
+    assert took < 40
+    assert report["workdir"] and not Path(report["workdir"]).exists()  # the killed probes left nothing
+    import subprocess
+
+    assert (
+        str(bench["hung"].name)
+        not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    )
+
+
+def test_a_rig_without_tidegate_could_not_start_and_ssh_errors_say_what_to_do(
+    bench: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import getpass
+
+    from hil.targets import SshTarget
+
+    with _SshRig(tmp_path) as rig:
+        base = [
+            "--target",
+            f"ssh://127.0.0.1:{rig.port}",  # no user: the local one, as ssh does
+            "--identity",
+            str(rig.identity),
+            "--known-hosts",
+            str(rig.known_hosts),
+        ]
+        code, text = _run(
+            [
+                "--bundle",
+                str(bench["v2"]),
+                *base,
+                "--remote-python",
+                "/nonexistent/python3",
+                "--out",
+                str(tmp_path / "r"),
+            ],
+            capsys,
+        )
+        assert code == 2, text
+        assert "FAILED probe" in text and "cannot run the probe" in text
+        report = json.loads((tmp_path / "r" / "report.json").read_text())
+        assert (
+            not report["started"]
+            and not report["passed"]
+            and report["target"].startswith(f"ssh://{getpass.getuser()}@")
+        )
+        # doctor: the same pre-flight alone
+        doctor = ["hil", "doctor", *base, "--remote-python", sys.executable, "--suite", "smoke"]
+        assert main([*doctor, "--sku", "edge-cpu"]) == 0
+        assert "is fit to bench edge-cpu" in capsys.readouterr().out
+        assert (
+            main(["hil", "doctor", *base, "--remote-python", sys.executable, "--sku", "edge-cpu-arm64-int8"])
+            == 2
+        )
+        wrong = tmp_path / "wrong_known_hosts"
+        import asyncssh
+
+        other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+        wrong.write_text(f"[127.0.0.1]:{rig.port} {other}")
+        code, text = _run(
+            [
+                "--bundle",
+                str(bench["v2"]),
+                "--target",
+                f"ssh://bench@127.0.0.1:{rig.port}",
+                "--identity",
+                str(rig.identity),
+                "--known-hosts",
+                str(wrong),
+            ],
+            capsys,
+        )
+        assert code == 2 and f"ssh-keyscan -p {rig.port} 127.0.0.1" in text
+    assert SshTarget.from_url("ssh://rig.example:2222").username == getpass.getuser()
+
+
+def test_ctrl_c_over_ssh_with_a_quiet_probe_stops_within_seconds_and_cleans_both_sides(
+    bench: dict[str, Path], tmp_path: Path
+) -> None:
+    """A hung model over SSH: the probe prints nothing; one SIGINT ends the run, kills the
+    probe on the rig, removes the rig's work directory, writes the partial report."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    with _SshRig(tmp_path) as rig:
+        out = tmp_path / "r"
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tidegate",
+                "hil",
+                "run",
+                "--bundle",
+                str(bench["hung"]),
+                "--target",
+                f"ssh://bench@127.0.0.1:{rig.port}",
+                "--identity",
+                str(rig.identity),
+                "--known-hosts",
+                str(rig.known_hosts),
+                "--remote-python",
+                sys.executable,
+                "--suite",
+                "smoke",
+                "--out",
+                str(out),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "[1/4] contract" in line:
+                break
+        time.sleep(2)  # the probe is loading and hangs in the model, quiet
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=30) == 130, rest
+        took = time.monotonic() - t0
+    print(f"\nCtrl-C over SSH with a quiet probe: exit 130 after {took:.2f} s")
+    assert took < 2.0, took
+    assert "Traceback" not in rest and "CancelledError" not in rest
+    saved = json.loads((out / "report.json").read_text())
+    assert not saved["complete"] and "interrupted" in saved["incomplete_reason"]
+    assert {r["status"] for r in saved["results"]} == {"not_run"}
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "hil.probe contract" not in ps  # killed on the rig
+    assert saved["workdir"].startswith("/tmp/tidegate-hil-") and not Path(saved["workdir"]).exists()
+
+
+def test_a_self_contained_probe_benches_a_rig_without_the_distribution(
+    bench: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The probe side as one file: it imports none of the server stack, and a rig runs every
+    suite from it over SSH (its Python started isolated, so only the file's code is Tidegate)."""
+    import subprocess
+
+    pyz = tmp_path / "tidegate-probe.pyz"
+    assert main(["hil", "probe-package", "--out", str(pyz)]) == 0
+    assert "pip install" in capsys.readouterr().out
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            f"import sys; sys.path.insert(0, {str(pyz)!r}); import hil.probe, agent.engine, shared.trust; "
+            "print(hil.probe.__file__); "
+            "print([m for m in ('fastapi', 'sqlalchemy', 'uvicorn', 'typer', 'httpx', 'scipy', 'builder') "
+            "if m in sys.modules])",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert check.returncode == 0, check.stderr
+    where, heavy = check.stdout.splitlines()
+    assert where.startswith(str(pyz)) and heavy == "[]"
+    isolated = tmp_path / "python-isolated"
+    isolated.write_text(f'#!/bin/sh\nexec {sys.executable} -I "$@"\n')
+    isolated.chmod(0o755)
+    with _SshRig(tmp_path) as rig:
+        out = tmp_path / "r"
+        code, text = _run(
+            [
+                "--bundle",
+                str(bench["v2"]),
+                "--target",
+                f"ssh://bench@127.0.0.1:{rig.port}",
+                "--identity",
+                str(rig.identity),
+                "--known-hosts",
+                str(rig.known_hosts),
+                "--remote-python",
+                str(isolated),
+                "--probe",
+                str(pyz),
+                "--suite",
+                "full",
+                "--repo",
+                str(bench["repo"]),
+                "--soak-s",
+                "3",
+                "--runs",
+                "30",
+                "--out",
+                str(out),
+            ],
+            capsys,
+        )
+    assert code == 0, text
+    report = json.loads((out / "report.json").read_text())
+    assert (
+        report["probe"][0].endswith("tidegate-probe.pyz")
+        and report["rig"]["tidegate"] == report["bench_host"]["tidegate"]
+    )
+    assert [r["status"] for r in report["results"]] == ["passed"] * 6

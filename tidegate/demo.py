@@ -135,7 +135,11 @@ def _bench(workdir: Path, bundle: Path, repo_dir: Path) -> dict[str, Any]:
     from hil import runner
     from hil.report import write_all
     from hil.targets import LocalTarget
+    from shared.benchreport import generate, key_id, load_private, public_text
 
+    key_path = workdir / "bench-host.key"
+    public = generate(key_path)
+    _say("hil", f"a bench host key (ed25519, id {key_id(public)}; the fleet server is told its public half)")
     target = LocalTarget()
     options = {
         "repo": str(repo_dir),
@@ -145,7 +149,9 @@ def _bench(workdir: Path, bundle: Path, repo_dir: Path) -> dict[str, Any]:
     }
     report, manifest = runner.start(bundle, target, "full", options)
     asyncio.run(runner.run(report, manifest, bundle, target))
-    write_all(report, workdir / "hil-report")
+    for c in report.preflight["checks"]:
+        _say("hil", f"pre-flight {c['name']}: {'ok' if c['passed'] else 'FAILED'}: {c['detail']}")
+    write_all(report, workdir / "hil-report", load_private(key_path))
     for r in report.results:
         _say("hil", f"{r.name}: {r.status}: {r.reason}")
     if not report.passed:
@@ -154,7 +160,9 @@ def _bench(workdir: Path, bundle: Path, repo_dir: Path) -> dict[str, Any]:
         "hil",
         f"every suite passed; reports in {workdir / 'hil-report'} (report.json, junit.xml, report.html)",
     )
-    return report.to_json()
+    signed: dict[str, Any] = json.loads((workdir / "hil-report" / "report.json").read_text())
+    signed["_public_key"] = public_text(public)
+    return signed
 
 
 def _tamper(workdir: Path, repo_dir: Path) -> None:
@@ -200,7 +208,8 @@ def _run(workdir: Path, keep_running: bool) -> dict[str, Any]:
         EmbeddedBroker(workdir / "probe")
     except TidegateError as exc:
         raise TidegateError(f"the fleet needs Mosquitto: {exc}") from None
-    with demo_fleet.running_fleet(workdir, repo, _say) as fleet:
+    public = report.pop("_public_key")
+    with demo_fleet.running_fleet(workdir, repo, _say, bench_keys={"demo-bench": public}) as fleet:
         with _step(3, "fleet server, real agents and a simulated fleet", timings):
             demo_fleet.announce(fleet, _say)
             good = demo_fleet.register_release(fleet, bundles["good"], _say)

@@ -113,7 +113,9 @@ def _wait_http(http: httpx.Client, seconds: float = 30) -> None:
 
 
 @contextmanager
-def running_fleet(workdir: Path, repo: UpdateRepository, say: Say) -> Iterator[Fleet]:
+def running_fleet(
+    workdir: Path, repo: UpdateRepository, say: Say, bench_keys: dict[str, str] | None = None
+) -> Iterator[Fleet]:
     """Step 3: the server (API, dashboard, /repo, jobs bridge, scheduler) on an embedded
     Mosquitto, stopped with everything it started when the block ends (Ctrl-C included)."""
     root = workdir / "fleet"
@@ -123,8 +125,14 @@ def running_fleet(workdir: Path, repo: UpdateRepository, say: Say) -> Iterator[F
         upgrade(db)
         with db.session() as s:
             token = create_token(s, name="demo-admin", role=Role.ADMIN, now=datetime.now(UTC))
+        # The demo's bench host signs its reports; its CPU SKU is benched on a simulated zone.
         settings = Settings(
-            database_url=db.url, mqtt_port=broker.port, repository_dir=repo.dir, sweep_interval_s=1
+            database_url=db.url,
+            mqtt_port=broker.port,
+            repository_dir=repo.dir,
+            sweep_interval_s=1,
+            bench_keys=bench_keys or {},
+            bench_simulated_thermal_skus=["edge-cpu-x86"],
         )
         port = free_port()
         server = FleetServer(db, settings, host="127.0.0.1", port=port, tick_s=0.5)

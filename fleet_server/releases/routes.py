@@ -62,10 +62,10 @@ class CardBody(BaseModel):
 
 
 class BenchBody(BaseModel):
+    """A bench report as `tidegate hil run` wrote and signed it (report.json's content)."""
+
     model_config = ConfigDict(extra="forbid")
-    sku: str = Field(min_length=1, max_length=64)
-    passed: bool
-    summary: dict[str, Any] = Field(default_factory=dict)
+    report: dict[str, Any]
 
 
 class BenchPublic(BaseModel):
@@ -194,17 +194,26 @@ def add_card(request: Request, release_id: ReleaseId, body: CardBody, who: Opera
     )
 
 
-@router.post("/api/v1/releases/{release_id}/bench-reports", response_model=BenchPublic, status_code=201)
+@router.post(
+    "/api/v1/releases/{release_id}/bench-reports",
+    response_model=BenchPublic,
+    status_code=201,
+    responses={409: {"description": "the report cannot gate a campaign; every reason is named"}},
+)
 def add_bench(request: Request, release_id: ReleaseId, body: BenchBody, who: Operator) -> BenchReport:
+    """Accepted only when the report is signed by a bench key this server knows, benched this
+    release's bundle (SHA-256) for one of its SKUs on a rig whose pre-flight passed, ran to
+    the end, and every required suite passed (install included; thermal on real zones unless
+    the SKU is allowed a simulated one)."""
     now = request.app.state.clock()
     try:
         with request.app.state.db.session() as s:
             report = service.add_bench_report(
                 s,
                 release_id=release_id,
-                sku=body.sku,
-                passed=body.passed,
-                summary=body.summary,
+                report=body.report,
+                keys=request.app.state.bench_keys,
+                simulated_thermal_skus=request.app.state.bench_simulated_thermal_skus,
                 actor=who.name,
                 now=now,
             )
@@ -214,13 +223,25 @@ def add_bench(request: Request, release_id: ReleaseId, body: BenchBody, who: Ope
                 role=who.role.value,
                 action="release.bench_report",
                 target=str(release_id),
-                outcome="passed" if body.passed else "failed",
+                outcome="accepted",
                 now=now,
             )
             s.flush()
             return report
     except service.ReleaseNotFoundError as exc:
         raise HTTPException(404, str(exc)) from None
+    except service.BenchRejectedError as exc:
+        with request.app.state.db.session() as s:
+            audit(
+                s,
+                actor=who.name,
+                role=who.role.value,
+                action="release.bench_report",
+                target=str(release_id),
+                outcome="refused: " + "; ".join(exc.reasons)[:400],
+                now=now,
+            )
+        raise HTTPException(409, {"message": str(exc), "reasons": exc.reasons}) from None
     except service.ReleaseError as exc:
         raise HTTPException(422, str(exc)) from None
 

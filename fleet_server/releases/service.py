@@ -3,15 +3,18 @@ the bench (HIL) gate that campaigns must pass before they start."""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleet_server.releases.models import BenchReport, Release
+from shared.benchreport import BenchKeyError, acceptance, parse_public
 from shared.bundle import read_manifest
 from shared.errors import TidegateError
 from shared.trust import UpdateRepository
@@ -114,32 +117,58 @@ def append_card(
     return r
 
 
+class BenchRejectedError(ReleaseError):
+    """A bench report that cannot count as a passing run of the release: every reason named."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__("the bench report cannot gate a campaign: " + "; ".join(reasons))
+        self.reasons = reasons
+
+
 def add_bench_report(
     session: Session,
     *,
     release_id: int,
-    sku: str,
-    passed: bool,
-    summary: dict[str, Any],
+    report: dict[str, Any],
+    keys: Mapping[str, Ed25519PublicKey],
+    simulated_thermal_skus: Collection[str],
     actor: str,
     now: datetime,
 ) -> BenchReport:
+    """Accept a signed bench report only as evidence that this release's bundle passed every
+    required suite on a rig that matched (`shared.benchreport.acceptance`): nothing is taken
+    on the uploader's word. Anything less is a `BenchRejectedError` and nothing is stored."""
     r = get(session, release_id)
-    if sku not in r.skus:
-        raise ReleaseError(f"release {r.name} {r.version} is not built for SKU {sku} ({', '.join(r.skus)})")
-    report = BenchReport(
-        release_id=r.id, sku=sku, passed=passed, summary=summary, uploaded_at=now, uploaded_by=actor
+    sku = str(report.get("sku"))
+    reasons = acceptance(
+        report,
+        release_sha256=r.sha256,
+        release_skus=r.skus,
+        keys=keys,
+        simulated_thermal_ok=sku in simulated_thermal_skus,
     )
-    session.add(report)
+    if reasons:
+        raise BenchRejectedError(reasons)
+    summary = {
+        **(report.get("summary") or {}),
+        "bundle_sha256": report["bundle"]["sha256"],
+        "rig": report.get("rig", {}),
+        "signed_by": report["signature"]["keyid"],
+        "started_at": report.get("started_at"),
+    }
+    bench = BenchReport(
+        release_id=r.id, sku=sku, passed=True, summary=summary, uploaded_at=now, uploaded_by=actor
+    )
+    session.add(bench)
     append_card(
         session,
         release_id=r.id,
         section="bench",
-        content={"sku": sku, "passed": passed, **summary},
+        content={"sku": sku, "passed": True, **summary},
         actor=actor,
         now=now,
     )
-    return report
+    return bench
 
 
 def bench_gate(session: Session, *, target: str, sku: str) -> str | None:
@@ -157,3 +186,14 @@ def bench_gate(session: Session, *, target: str, sku: str) -> str | None:
     if not report.passed:
         return f"the newest bench report for {r.name} {r.version} on {sku} failed"
     return None
+
+
+def parse_bench_keys(keys: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:
+    """The bench hosts this server trusts, by name (settings: TIDEGATE_BENCH_KEYS)."""
+    out = {}
+    for name, text in keys.items():
+        try:
+            out[name] = parse_public(text)
+        except BenchKeyError as exc:
+            raise ReleaseError(f"bench key {name!r}: {exc}") from None
+    return out
