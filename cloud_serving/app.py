@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import httpx
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
@@ -35,8 +36,11 @@ from cloud_serving.canary import CanarySpec
 from cloud_serving.errors import GatewayError
 from cloud_serving.experiments import ExperimentSpec
 from cloud_serving.gateway import Gateway, ShadowGateError
+from cloud_serving.providers import ProviderCondition
+from cloud_serving.providers import check as check_providers
 from cloud_serving.quality import top_score
 from cloud_serving.shadow import Budget, ShadowBudget
+from shared.gates import Comparator
 from shared.kpis import summarise
 from shared.logs import REQUEST_ID_HEADER, correlated, request_id
 from shared.settings_file import first_error
@@ -146,6 +150,24 @@ class CanaryBody(BaseModel):
     override_reason: str | None = Field(
         default=None, min_length=3, max_length=500, description="start without a passing shadow verdict"
     )
+    providers: list[ProviderBody] = Field(default_factory=list, max_length=20)
+
+
+class ProviderBody(BaseModel):
+    """A gate condition read from outside the gateway: a PromQL instant query against a
+    Prometheus, or a JSON field of an HTTP endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    provider: Literal["prometheus", "http"]
+    url: str = Field(
+        min_length=1, max_length=2048, pattern=r"^https?://", description="Prometheus, or the endpoint"
+    )
+    query: str = Field(default="", max_length=4096, description="PromQL (prometheus)")
+    field: str = Field(default="", max_length=256, description="dotted JSON path (http)")
+    comparator: Literal[">=", ">", "<=", "<"]
+    threshold: float
+    timeout_s: float = Field(default=5.0, gt=0, le=60)
 
 
 class JudgeBody(BaseModel):
@@ -157,7 +179,13 @@ log = logging.getLogger("tidegate.serving")
 
 
 def _canary_spec(body: CanaryBody) -> CanarySpec:
-    fields = body.model_dump(exclude={"candidate", "override_reason"})
+    fields = body.model_dump(exclude={"candidate", "override_reason", "providers"})
+    fields["providers"] = tuple(
+        ProviderCondition(
+            p.name, p.provider, Comparator(p.comparator), p.threshold, p.url, p.query, p.field, p.timeout_s
+        )
+        for p in body.providers
+    )
     fields["steps"] = tuple(body.steps)
     fields["manual_steps"] = tuple(body.manual_steps)
     fields["cohort"] = tuple((k, tuple(v)) for k, v in (body.cohort or {}).items())
@@ -167,6 +195,12 @@ def _canary_spec(body: CanaryBody) -> CanarySpec:
     except ValueError as exc:  # the gate engine's GateDefinitionError: steps, thresholds
         raise HTTPException(422, str(exc)) from None
     return spec
+
+
+def _check_providers(providers: tuple[ProviderCondition, ...]) -> None:
+    if providers:
+        with httpx.Client() as client:
+            check_providers(providers, client)
 
 
 def _hash(key: str) -> str:
@@ -498,8 +532,11 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
     @app.post("/v1/admin/models/{model}/canary")
     async def canary(model: str, body: CanaryBody, _: Admin) -> dict[str, Any]:
         """409 with the shadow's verdict unless the candidate's shadow ended with a pass (or
-        the body gives an `override_reason`, recorded in the events and the model card)."""
-        gateway.start_canary(model, body.candidate, _canary_spec(body), override_reason=body.override_reason)
+        the body gives an `override_reason`, recorded in the events and the model card); 422
+        for a provider query Prometheus refuses as written."""
+        spec = _canary_spec(body)
+        await asyncio.to_thread(_check_providers, spec.providers)
+        gateway.start_canary(model, body.candidate, spec, override_reason=body.override_reason)
         return gateway.status(model)
 
     @app.post("/v1/admin/models/{model}/canary/approve")

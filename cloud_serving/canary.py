@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
+from cloud_serving.providers import ProviderCondition, ProviderError
 from shared.fsutil import atomic_write_bytes
 from shared.gates import (
     Action,
@@ -65,6 +67,7 @@ class CanarySpec:
     manual_steps: tuple[int, ...] = ()  # 1-based steps that wait for approval once passed
     min_shadow_agreement: float | None = None  # the candidate's shadow verdict's agreement
     cohort: tuple[tuple[str, tuple[str, ...]], ...] = ()  # metadata values allowed on the candidate
+    providers: tuple[ProviderCondition, ...] = ()  # conditions read from Prometheus or HTTP JSON
 
     def comparisons(self) -> tuple[Comparison, ...]:
         window = timedelta(seconds=self.window_s)
@@ -107,6 +110,7 @@ class CanarySpec:
         ]
         if self.min_shadow_agreement is not None:
             conditions.append(Condition("shadow_agreement", Comparator.GE, self.min_shadow_agreement))
+        conditions += [p.condition() for p in self.providers]
         gate = Gate(tuple(conditions), name="canary", comparisons=self.comparisons())
         bake = timedelta(seconds=self.bake_s)
         manual = set(self.manual_steps)
@@ -205,6 +209,11 @@ class Canary:
     log: list[str] = field(default_factory=list)
     started_at: datetime | None = None
     shadow_agreement: tuple[float, int] | None = None  # the candidate's shadow verdict
+    # The providers' latest readings (one sample each: a gate judges what they say now) and
+    # why a provider could not be read on its last poll.
+    readings: dict[str, list[Sample]] = field(default_factory=dict)
+    provider_errors: dict[str, str] = field(default_factory=dict)
+    last_reason: str | None = None  # the latest decision's, holds included
     _plan: RolloutPlan | None = None
 
     @property
@@ -262,8 +271,23 @@ class Canary:
         self.labels[side].append((t, confidence, correct))
         self.sides[side].add("correct", t, 1.0 if correct else 0.0)
 
+    def poll(self, client: httpx.Client, now: datetime) -> None:
+        """Read every provider once (blocking: call it off the event loop). A failed read
+        leaves no reading, so its condition waits, and its reason is kept for the decision."""
+        for p in self.spec.providers:
+            try:
+                value = p.read(client)
+            except ProviderError as exc:
+                self.readings.pop(p.name, None)
+                self.provider_errors[p.name] = str(exc)
+                continue
+            self.readings[p.name] = [Sample(now, value)]
+            self.provider_errors.pop(p.name, None)
+
     def _snapshot(self, side: str, now: datetime) -> dict[str, Columns | list[Sample]]:
         snap: dict[str, Columns | list[Sample]] = dict(self.sides[side].columns())
+        if side == "candidate":
+            snap.update(self.readings)
         since = now.timestamp() - self.spec.window_s
         recent = [(p, c) for at, p, c in self.labels[side] if at >= since]
         if recent:
@@ -281,6 +305,9 @@ class Canary:
         d = decide(
             self.plan, self.state, self._snapshot("candidate", now), now, self._snapshot("baseline", now)
         )
+        if self.provider_errors:  # pending with the reason: what the provider said, not "no data"
+            why = "; ".join(f"provider {n}: {e}" for n, e in sorted(self.provider_errors.items()))
+            d = replace(d, reason=f"{d.reason}; {why}")
         return self._take(d, now)
 
     def judge(self, now: datetime, *, approve: bool, by: str) -> Decision:
@@ -290,6 +317,7 @@ class Canary:
 
     def _take(self, d: Decision, now: datetime) -> Decision:
         self.state = d.state
+        self.last_reason = d.reason
         if d.action is not Action.HOLD or "inconclusive" in d.reason:
             self.log.append(f"{now.isoformat()} {d.action.value}: {d.reason}")
         return d

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from cloud_serving.backends import Backend, BackendError, ConstantFallback, OnnxBackend, TritonBackend
@@ -51,7 +52,7 @@ from shared.batching import InferencePool, NonFiniteOutputError, OverloadedError
 from shared.fsutil import atomic_write_bytes
 from shared.gates import Action, Decision
 from shared.kpis import Mitigation
-from shared.logs import DEFAULT_KEYS, DEFAULT_PATTERNS, Redactor
+from shared.logs import DEFAULT_KEYS, DEFAULT_PATTERNS, Redactor, pass_request_id
 from shared.webhooks import notify, payload
 
 log = logging.getLogger("tidegate.serving")
@@ -229,6 +230,7 @@ class Gateway:
                 source = HttpFlags(reg.url, token, timeout_s=reg.timeout_s)
             self.flags = FlagCache(source, ttl_s=reg.flags_ttl_s)
         self._pending_starts: list[asyncio.Future[None]] = []
+        self._providers_http: httpx.Client | None = None
         self._notifications: set[asyncio.Task[Any]] = set()
         self.on_request: Callable[[str, Answer | None, bool], None] = lambda model, answer, ok: None
 
@@ -281,6 +283,8 @@ class Gateway:
             self.registry.close()
         if self.flags is not None:
             self.flags.close()
+        if self._providers_http is not None:
+            self._providers_http.close()
 
     def model(self, name: str) -> ModelState:
         try:
@@ -986,9 +990,20 @@ class Gateway:
                     written.append(path)
         return written
 
+    def poll_providers(self) -> None:
+        """Read the running canaries' metric providers (Prometheus, HTTP JSON): blocking, with
+        each provider's own timeout, so the tick loop calls it in a thread."""
+        for st in list(self.models.values()):
+            canary = st.canary
+            if canary is not None and canary.spec.providers:
+                if self._providers_http is None:
+                    self._providers_http = httpx.Client(event_hooks={"request": [pass_request_id]})
+                canary.poll(self._providers_http, self.clock())
+
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.gateway.tick_s)
+            await asyncio.to_thread(self.poll_providers)
             self.tick()
             await asyncio.to_thread(self.record_shadow_diffs)
             await self.flush_registry()
@@ -1029,6 +1044,8 @@ class Gateway:
                 "status": st.canary.state.status.value,
                 "paused_reason": st.canary.state.paused_reason,
                 "cohort": dict(st.canary.spec.cohort) or None,
+                "last_decision": st.canary.last_reason,
+                "providers": _readings(st.canary),
                 "log": st.canary.log,
             },
             "experiment": st.experiment.summary() if st.experiment else None,
@@ -1037,6 +1054,15 @@ class Gateway:
             "forced_fallback": st.forced_fallback,
             "alerts": {name: a.status for name, a in st.alert_states.items()},
         }
+
+
+def _readings(canary: Canary) -> dict[str, dict[str, Any]]:
+    """Each provider condition's latest reading, or why there is none."""
+    out = {}
+    for p in canary.spec.providers:
+        read = canary.readings.get(p.name)
+        out[p.name] = {"value": read[0].value if read else None, "error": canary.provider_errors.get(p.name)}
+    return out
 
 
 def _exchange(

@@ -274,7 +274,8 @@ def test_bad_runs_say_why_and_exit_non_zero(
         capsys,
     )
     assert code == 2 and (out / "report.json").read_text() == '{"passed": true}'
-    assert "cannot connect" in json.loads((out / "not-started" / "report.json").read_text())["incomplete_reason"]
+    refused = json.loads((out / "not-started" / "report.json").read_text())
+    assert "cannot connect" in refused["incomplete_reason"]
 
 
 def test_an_interrupted_run_leaves_a_partial_report_marked_incomplete(
