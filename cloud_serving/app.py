@@ -89,6 +89,9 @@ class ExperimentBody(BaseModel):
     )
     treatment_ensemble: dict[str, Annotated[float, Field(gt=0)]] | None = None
     hours_utc: tuple[int, int] | None = Field(default=None, description="[start, end) hours, UTC")
+    flags: dict[str, Any] | None = Field(
+        default=None, description="flags set while it runs; reverted unless the treatment wins"
+    )
 
 
 class WeightsBody(BaseModel):

@@ -183,6 +183,9 @@ class GatewayConfig(_Strict):
     )
     redact_default_patterns: bool = True  # e-mail, VIN, phone, IPv4
     webhook_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    gray_log: bool = Field(default=True, description="keep every canary request/response pair (redacted)")
+    gray_log_max_mb: float = Field(default=16, gt=0, description="per canary file; one rotated file kept")
+    gray_log_max_age_days: float = Field(default=7, gt=0)
     incidents_keep: int = Field(default=200, ge=1, description="captures kept per kind")
     incidents_max_age_days: float = Field(default=14, gt=0)
 

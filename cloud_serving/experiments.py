@@ -213,6 +213,9 @@ class ExperimentSpec:
     # ... or a weighted average of several versions' outputs (an ensemble), weights > 0.
     control_ensemble: dict[str, float] | None = None
     treatment_ensemble: dict[str, float] | None = None
+    # Feature flags set while the experiment runs (in the flag store: the fleet server's or the
+    # local registry file); kept if the treatment wins, reverted on any other end.
+    flags: dict[str, Any] | None = None
 
     def ensemble_of(self, arm: str) -> dict[str, float] | None:
         """The arm's ensemble, weights normalised to sum to 1 (None: a single version)."""

@@ -19,9 +19,11 @@ from typing import Any, Protocol
 
 import httpx
 
+from shared.fsutil import atomic_write_bytes
 from shared.logs import pass_request_id
 
 log = logging.getLogger("tidegate.serving.flags")
+UNSET: Any = object()  # "no such flag": what a flag an experiment created reverts to
 
 
 class FlagSource(Protocol):
@@ -29,7 +31,23 @@ class FlagSource(Protocol):
         """Every flag now (blocking). Raises on any failure; the cache keeps its values."""
         ...
 
+    def put(self, key: str, value: Any, why: str) -> None:
+        """Set one flag at the source (blocking); raises on failure."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove one flag at the source (blocking); absent is fine."""
+        ...
+
     def close(self) -> None: ...
+
+
+# One lock per local registry file: the flags and the registry's records share it.
+_FILE_LOCKS: dict[Path, threading.Lock] = {}
+
+
+def file_lock(path: Path) -> threading.Lock:
+    return _FILE_LOCKS.setdefault(path.resolve(), threading.Lock())
 
 
 class HttpFlags:
@@ -48,6 +66,16 @@ class HttpFlags:
         r.raise_for_status()
         return {f["key"]: f["value"] for f in r.json()}
 
+    def put(self, key: str, value: Any, why: str) -> None:
+        self._http.put(
+            f"/api/v1/flags/{key}", json={"value": value, "description": why[:1024]}
+        ).raise_for_status()
+
+    def delete(self, key: str) -> None:
+        r = self._http.delete(f"/api/v1/flags/{key}")
+        if r.status_code != 404:
+            r.raise_for_status()
+
     def close(self) -> None:
         self._http.close()
 
@@ -65,6 +93,21 @@ class FileFlags:
         if not isinstance(flags, dict):
             raise ValueError(f"{self.path}: 'flags' is not an object")
         return dict(flags)
+
+    def _edit(self, change: Callable[[dict[str, Any]], None]) -> None:
+        with file_lock(self.path):
+            data = json.loads(self.path.read_text()) if self.path.exists() else {"releases": {}, "flags": {}}
+            flags = data.setdefault("flags", {})
+            if not isinstance(flags, dict):
+                raise ValueError(f"{self.path}: 'flags' is not an object")
+            change(flags)
+            atomic_write_bytes(self.path, (json.dumps(data, indent=2) + "\n").encode())
+
+    def put(self, key: str, value: Any, why: str) -> None:
+        self._edit(lambda flags: flags.__setitem__(key, value))
+
+    def delete(self, key: str) -> None:
+        self._edit(lambda flags: flags.pop(key, None))
 
     def close(self) -> None:
         return None
@@ -104,6 +147,22 @@ class FlagCache:
             self._values = fresh
         self.fetched_at, self.last_error = self.clock(), None
         return True
+
+    def known(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._values)
+
+    def write(self, key: str, value: Any, why: str) -> None:
+        """Set (or, with value `UNSET`, remove) a flag at the source and in the cache (blocking)."""
+        if value is UNSET:
+            self.source.delete(key)
+        else:
+            self.source.put(key, value, why)
+        with self._lock:
+            if value is UNSET:
+                self._values.pop(key, None)
+            else:
+                self._values[key] = value
 
     def status(self) -> dict[str, Any]:
         age = None if self.fetched_at is None else self.clock() - self.fetched_at

@@ -39,7 +39,8 @@ from cloud_serving.errors import (
     UnknownModelError,
 )
 from cloud_serving.experiments import Experiment, ExperimentSpec
-from cloud_serving.flags import FileFlags, FlagCache, FlagSource, HttpFlags
+from cloud_serving.flags import UNSET, FileFlags, FlagCache, FlagSource, HttpFlags
+from cloud_serving.graylog import GrayLog
 from cloud_serving.incidents import IncidentRecorder
 from cloud_serving.observability import refresh_tracing, span
 from cloud_serving.quality import COHORT_KINDS, Calibration, Cohort, InputProfile, top_score
@@ -124,6 +125,8 @@ class ModelState:
     values: dict[tuple[str, str], deque[ValueSample]] = field(default_factory=dict)
     # Each candidate's last shadow verdict (the canary's entry condition), by version.
     verdicts: dict[str, ShadowVerdict] = field(default_factory=dict)
+    # The flags a running experiment set, and what each was before it (UNSET: absent).
+    flag_restore: dict[str, Any] = field(default_factory=dict)
 
     def running(self) -> tuple[Any, str]:
         """The release operation in progress (`cloud_serving.release`)."""
@@ -215,6 +218,16 @@ class Gateway:
             keep=g.incidents_keep,
             max_age_s=g.incidents_max_age_days * 86400,
         )
+        self.gray = (
+            GrayLog(
+                g.failure_dir.parent / "gray",
+                self.redactor,
+                max_bytes=int(g.gray_log_max_mb * (1 << 20)),
+                max_age_s=g.gray_log_max_age_days * 86400,
+            )
+            if g.gray_log
+            else None
+        )
         self.registry: Registry | None = None
         self.flags: FlagCache | None = None
         if (reg := config.gateway.registry) is not None:
@@ -231,6 +244,7 @@ class Gateway:
             self.flags = FlagCache(source, ttl_s=reg.flags_ttl_s)
         self._pending_starts: list[asyncio.Future[None]] = []
         self._providers_http: httpx.Client | None = None
+        self._flag_writes: deque[tuple[str, Any, str]] = deque()  # (key, value or UNSET, why)
         self._notifications: set[asyncio.Task[Any]] = set()
         self.on_request: Callable[[str, Answer | None, bool], None] = lambda model, answer, ok: None
 
@@ -278,6 +292,9 @@ class Gateway:
             for b in st.versions.values():
                 await b.stop()
         self.pool.shutdown()
+        await self.flush_flags()
+        if self.gray is not None:
+            await asyncio.to_thread(self.gray.flush)
         if self.registry is not None:
             await self.flush_registry()
             self.registry.close()
@@ -346,6 +363,15 @@ class Gateway:
                 latency_ms=answer.latency_ms,
                 exchange=lambda: _exchange(key, metadata, sample, answer.outputs, None),
             )
+            if self.gray is not None:
+                self.gray.offer(
+                    f"{st.name}-{version}",
+                    lambda: {
+                        "at": self.clock().isoformat(),
+                        "version": version,
+                        **_exchange(key, metadata, sample, answer.outputs, None),
+                    },
+                )
         elif canary is not None and version == canary.production:
             canary.record(self.clock(), ok=True, latency_ms=answer.latency_ms, baseline=True)
         if st.shadow is not None and version == st.production:
@@ -457,7 +483,17 @@ class Gateway:
         if arms[0] == arms[1]:
             raise ReleaseError("the two arms are the same version with the same post-processing")
         st.allow(Op.START_EXPERIMENT)
+        if spec.flags and self.flags is None:
+            raise InvalidReleaseError(
+                f"{name}: the experiment sets flags, but this gateway has no flag store ([gateway.registry])"
+            )
         st.experiment = Experiment(spec, self.clock().isoformat())
+        if spec.flags and self.flags is not None:
+            before = self.flags.known()
+            st.flag_restore = {k: before.get(k, UNSET) for k in spec.flags}
+            why = f"experiment {spec.control} vs {spec.treatment} on {name}"
+            self._flag_writes.extend((k, v, why) for k, v in spec.flags.items())
+            self._note(st, f"experiment set flags {', '.join(f'{k}={v!r}' for k, v in spec.flags.items())}")
         st.assigned.clear()
         self._note(st, f"experiment {spec.mode}: {spec.control} vs {spec.treatment}")
         return st.experiment
@@ -477,7 +513,18 @@ class Gateway:
             st.ensemble = exp.spec.ensemble_of(exp.spec.treatment)  # after production: it clears it
             self._promoted(st.name, winner, "experiment", exp.summary())
         else:
-            st.weights = {st.production: 1.0}  # flags revert: everyone back on production
+            st.weights = {st.production: 1.0}  # everyone back on production
+        if st.flag_restore:
+            if decision == "treatment_wins":
+                self._note(st, f"experiment flags kept: {', '.join(st.flag_restore)}")
+            else:
+                why = f"experiment on {st.name} ended: {decision}"
+                self._flag_writes.extend((k, v, why) for k, v in st.flag_restore.items())
+                undone = ", ".join(
+                    f"{k} (removed)" if v is UNSET else f"{k}={v!r}" for k, v in st.flag_restore.items()
+                )
+                self._note(st, f"experiment {decision}: reverted the flags it set: {undone}")
+            st.flag_restore = {}
         out = self.config.gateway.failure_dir.parent / "experiments" / f"{st.name}-{exp.spec.treatment}"
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "ab_summary.json", json.dumps(exp.summary(), indent=2).encode())
@@ -966,6 +1013,25 @@ class Gateway:
         if self.registry is not None:
             self.registry.pending.append(Promotion(model, version, section, content, promote=stage))
 
+    def _write_flags(self) -> int:
+        """Send queued flag writes to the flag store (blocking); a failure keeps the rest."""
+        written = 0
+        while self._flag_writes and self.flags is not None:
+            key, value, why = self._flag_writes[0]
+            try:
+                self.flags.write(key, value, why)
+            except (httpx.HTTPError, OSError, ValueError) as exc:
+                log.warning("flag %s not written yet: %s", key, exc)
+                return written
+            self._flag_writes.popleft()
+            written += 1
+        return written
+
+    async def flush_flags(self) -> int:
+        if not self._flag_writes:
+            return 0
+        return await asyncio.to_thread(self._write_flags)
+
     async def flush_registry(self) -> int:
         """Send queued promotions to the registry off the event loop; retried on failure."""
         if self.registry is None or not self.registry.pending:
@@ -1006,6 +1072,9 @@ class Gateway:
             await asyncio.to_thread(self.poll_providers)
             self.tick()
             await asyncio.to_thread(self.record_shadow_diffs)
+            if self.gray is not None and self.gray.pending:
+                await asyncio.to_thread(self.gray.flush)
+            await self.flush_flags()
             await self.flush_registry()
             if self.flags is not None and self.flags.stale:
                 await asyncio.to_thread(self.flags.refresh)

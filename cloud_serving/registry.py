@@ -141,6 +141,12 @@ class LocalRegistry(Registry):
         return data
 
     def record(self, p: Promotion) -> dict[str, Any]:
+        from cloud_serving.flags import file_lock
+
+        with file_lock(self.path):
+            return self._record(p)
+
+    def _record(self, p: Promotion) -> dict[str, Any]:
         data = self.read()
         release = (
             data["releases"]

@@ -70,6 +70,7 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("GET", "/api/v1/fleet/summary", Role.VIEWER, None),
     ("GET", "/api/v1/flags", Role.VIEWER, None),
     ("PUT", "/api/v1/flags/classifier.threshold", Role.OPERATOR, {"value": 0.6}),
+    ("DELETE", "/api/v1/flags/classifier.threshold", Role.OPERATOR, None),
     ("POST", "/api/v1/groups", Role.OPERATOR, {"name": "pilot"}),
     ("GET", "/api/v1/groups/pilot", Role.VIEWER, None),
     ("POST", "/api/v1/groups/none/members", Role.OPERATOR, {"add": ["car-1"]}),

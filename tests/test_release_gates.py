@@ -16,7 +16,12 @@ import httpx
 import numpy as np
 import pytest
 
-from builder.samples import make_classifier, make_multibox_detector, make_trajectory_model
+from builder.samples import (
+    make_classifier,
+    make_multibox_detector,
+    make_nan_classifier,
+    make_trajectory_model,
+)
 from cloud_serving.app import _hash
 from cloud_serving.canary import Canary, CanarySpec
 from cloud_serving.config import load_config
@@ -29,6 +34,7 @@ from cloud_serving.diffs import (
     iou_matrix,
     match_boxes,
 )
+from cloud_serving.errors import InvalidReleaseError
 from cloud_serving.experiments import ExperimentSpec
 from cloud_serving.gateway import Gateway
 from cloud_serving.release import ALLOWED, Op, ReleaseError, Running, check
@@ -48,6 +54,7 @@ def quality_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_classifier(d / "night.onnx", seed=0, dark_penalty=(PEDESTRIAN, 0.15))
     make_classifier(d / "retrained.onnx", seed=0, jitter=0.03)
     make_classifier(d / "slow.onnx", seed=0, extra_work=150_000)
+    make_nan_classifier(d / "broken.onnx")
     (d / "detector").mkdir()
     make_multibox_detector(d / "detector" / "prod.onnx", seed=0)
     (d / "detector" / "inference_config.json").write_text(
@@ -75,6 +82,7 @@ versions."1.0.1".path = "good.onnx"
 versions."1.1.0-night".path = "night.onnx"
 versions."1.2.0-retrained".path = "retrained.onnx"
 versions."1.3.0-slow".path = "slow.onnx"
+versions."9.9.9-bad".path = "broken.onnx"
 
 [models.detector]
 production = "1.0.0"
@@ -644,3 +652,100 @@ def test_aa_canaries_abort_rarely(capsys: pytest.CaptureFixture[str]) -> None:
     with capsys.disabled():
         print(f"\nA/A: {aborted} of {runs} canaries aborted ({rate:.1%}), {paused} paused for a person")
     assert rate <= 0.05
+
+
+def test_a_guardrail_breach_reverts_the_flags_the_experiment_set(quality_models: Path) -> None:
+    """The experiment sets a flag in the flag store (here the standalone gateway's registry
+    file); its treatment fails, the guardrail ends it, and the flag is reverted, in the events."""
+    config = load_config(quality_models / "serving.toml")
+    registry = quality_models / "registry.json"
+    rng = np.random.default_rng(21)
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        before = json.loads(registry.read_text()) if registry.exists() else {"releases": {}, "flags": {}}
+        before.setdefault("flags", {})["classifier.keep"] = "untouched"
+        registry.write_text(json.dumps(before))
+        await asyncio.to_thread(gw.flags.refresh)  # type: ignore[union-attr]
+        spec = ExperimentSpec(
+            control="1.0.0", treatment="9.9.9-bad", flags={"classifier.new_postprocessing": True}
+        )
+        gw.start_experiment("classifier", spec)
+        assert await gw.flush_flags() == 1
+        flags = json.loads(registry.read_text())["flags"]
+        assert flags["classifier.new_postprocessing"] is True and flags["classifier.keep"] == "untouched"
+        ended = None
+        for i in range(400):
+            x, _ = _scene(i, rng)
+            r = await client.post(
+                "/v1/models/classifier/infer", json={"inputs": x.tolist(), "key": f"e{i}"}, headers=caller()
+            )
+            assert r.status_code == 200  # the treatment's failures are answered by production
+            if i % 50 == 49 and (done := gw.tick()):
+                ended = done[0]
+                break
+        assert ended is not None and ended[1].startswith("stopped: guardrail")
+        assert await gw.flush_flags() == 1
+        flags = json.loads(registry.read_text())["flags"]
+        assert "classifier.new_postprocessing" not in flags and flags["classifier.keep"] == "untouched"
+        events = gw.status("classifier")["events"]
+        assert any("reverted the flags it set: classifier.new_postprocessing (removed)" in e for e in events)
+        saved, gw.flags = gw.flags, None
+        try:
+            with pytest.raises(InvalidReleaseError, match="no flag store"):
+                gw.start_experiment("classifier", spec)
+        finally:
+            gw.flags = saved
+
+    serve(config, body)
+
+
+def test_gray_logging_keeps_the_canarys_pairs_redacted_and_bounded(
+    quality_models: Path, tmp_path: Path
+) -> None:
+    import os
+
+    from cloud_serving.graylog import GrayLog
+    from shared.logs import DEFAULT_REDACTOR
+
+    config = load_config(quality_models / "serving.toml")
+    rng = np.random.default_rng(31)
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        gw.start_canary(
+            "classifier", "1.0.1", CanarySpec(steps=(50, 100)), override_reason="gray logging under test"
+        )
+        served = 0
+        for i in range(120):
+            x, _ = _scene(i, rng)
+            r = await client.post(
+                "/v1/models/classifier/infer",
+                json={"inputs": x.tolist(), "key": f"g{i}", "metadata": {"email": "x@y.z", "time": "day"}},
+                headers=caller(),
+            )
+            served += r.json()["version"] == "1.0.1"
+        assert gw.gray is not None and await asyncio.to_thread(gw.gray.flush) == served > 0
+        lines = (
+            (config.gateway.failure_dir.parent / "gray" / "classifier-1.0.1.jsonl").read_text().splitlines()
+        )
+        pairs = [json.loads(line) for line in lines]
+        assert len(pairs) == served and all(p["version"] == "1.0.1" and p["outputs"] for p in pairs)
+        assert all(
+            p["metadata"]["email"].startswith("redacted:") and p["metadata"]["time"] == "day" for p in pairs
+        )
+        assert all(p["caller_key"].startswith("redacted:") for p in pairs)
+
+    serve(config, body)
+    # bounded by size (one rotated file kept) and by age
+    now = [1_000_000.0]
+    gray = GrayLog(tmp_path / "gray", DEFAULT_REDACTOR, max_bytes=2000, max_age_s=3600, clock=lambda: now[0])
+    for round_ in range(5):
+        for i in range(20):
+            gray.offer("m-2", lambda i=i: {"i": i, "pad": "x" * 40})
+        gray.flush()
+        assert sum(p.stat().st_size for p in (tmp_path / "gray").iterdir()) <= 2 * 2000 + 1500, round_
+    assert sorted(p.name for p in (tmp_path / "gray").iterdir()) == ["m-2.jsonl", "m-2.jsonl.1"]
+    old = tmp_path / "gray" / "m-2.jsonl.1"
+    os.utime(old, (now[0] - 7200, now[0] - 7200))
+    gray.offer("m-2", lambda: {"i": -1})
+    gray.flush()
+    assert not old.exists()

@@ -67,3 +67,15 @@ def set_flag(request: Request, key: FlagKey, body: FlagBody, who: Operator) -> F
         audit(s, actor=who.name, role=who.role.value, action="flag.set", target=key, outcome="ok", now=now)
         s.flush()
         return flag
+
+
+@router.delete("/{key}", status_code=204)
+def delete_flag(request: Request, key: FlagKey, who: Operator) -> None:
+    """Remove a flag (what an experiment that created one does when it is reverted)."""
+    now = request.app.state.clock()
+    with request.app.state.db.session() as s:
+        flag: FeatureFlag | None = s.get(FeatureFlag, key)
+        if flag is None:
+            raise HTTPException(404, f"no flag {key!r}")
+        s.delete(flag)
+        audit(s, actor=who.name, role=who.role.value, action="flag.delete", target=key, outcome="ok", now=now)
