@@ -64,7 +64,9 @@ class FeedbackBody(BaseModel):
 class LabelBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     request_id: str = Field(min_length=1, max_length=64)
-    label: int = Field(ge=0, description="the true class of the answered request")
+    label: (
+        Annotated[int, Field(ge=0)] | Annotated[list[list[float]], Field(min_length=1, max_length=1000)]
+    ) = Field(description="the true class of the answered request, or a trajectory's true points")
 
 
 class ExperimentBody(BaseModel):
@@ -144,6 +146,7 @@ class CanaryBody(BaseModel):
     # With late labels (the gate waits for min_labels a side), e.g. 0.02 and 0.03.
     max_accuracy_drop: float | None = Field(default=None, ge=0, le=1)
     max_ece_increase: float | None = Field(default=None, ge=0, le=1)
+    max_fde_increase: float | None = Field(default=None, ge=0, le=100, description="relative, trajectories")
     min_labels: int = Field(default=200, ge=1, le=10_000_000)
     alpha: float = Field(default=0.05, gt=0, lt=0.5, description="family-wise false-abort rate")
     inconclusive_limit: int = Field(default=3, ge=1, le=100)
@@ -292,6 +295,12 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
         registry=registry,
     )
 
+    path_error = Gauge(
+        "tidegate_serving_displacement",
+        "Mean ADE and FDE (metric) of a trajectory version's last answers against their late truths",
+        ["model", "version", "metric"],
+        registry=registry,
+    )
     shadow_kpi = Gauge(
         "tidegate_shadow_kpi",
         "A shadow's diff KPI against production (metric: agreement, recall_delta, box_recall_delta, "
@@ -574,6 +583,10 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
                     ece.labels(name, version).set(e)
                     accuracy.labels(name, version).set(cal.accuracy() or 0.0)
         for name, st in gateway.models.items():
+            for version, pairs in list(st.displacements.items()):
+                if pairs:
+                    path_error.labels(name, version, "ade").set(sum(a for a, _ in pairs) / len(pairs))
+                    path_error.labels(name, version, "fde").set(sum(f for _, f in pairs) / len(pairs))
             if st.shadow is not None:
                 v = st.shadow.version
                 shadow_compared.labels(name, v).set(st.shadow.stats.compared)

@@ -61,6 +61,7 @@ class CanarySpec:
     max_latency_increase: float | None = 0.10
     max_accuracy_drop: float | None = None  # e.g. 0.02 where late labels arrive: the gate waits for them
     max_ece_increase: float | None = None  # e.g. 0.03
+    max_fde_increase: float | None = None  # trajectories: FDE against late truths, relative (0.1)
     min_labels: int = 200  # labelled answers a side before accuracy and ECE are compared
     alpha: float = 0.05  # family-wise false-abort rate of the comparisons (Bonferroni)
     inconclusive_limit: int = 3  # bakes that cannot decide before the canary waits for a person
@@ -76,6 +77,7 @@ class CanarySpec:
             (self.max_latency_increase, "latency_ms", Method.MANN_WHITNEY, Worse.HIGHER, self.min_requests),
             (self.max_accuracy_drop, "correct", Method.PROPORTION, Worse.LOWER, self.min_labels),
             (self.max_ece_increase, "ece", Method.DIFFERENCE, Worse.HIGHER, self.min_labels),
+            (self.max_fde_increase, "fde", Method.MANN_WHITNEY, Worse.HIGHER, self.min_labels),
         ]
         on = [w for w in wanted if w[0] is not None]
         alpha = family_alpha(self.alpha, len(on), len(self.steps) * self.inconclusive_limit)
@@ -139,7 +141,7 @@ def redact(value: Any) -> Any:
 
 
 SIDES = ("candidate", "baseline")
-METRICS = ("success", "errors", "latency_ms", "correct")
+METRICS = ("success", "errors", "latency_ms", "correct", "ade", "fde")
 
 
 @dataclass
@@ -283,6 +285,15 @@ class Canary:
                 continue
             self.readings[p.name] = [Sample(now, value)]
             self.provider_errors.pop(p.name, None)
+
+    def path_label(self, now: datetime, version: str, ade: float, fde: float) -> None:
+        """A trajectory's late truth for an answer given while the canary ran."""
+        if version not in (self.candidate, self.production):
+            return
+        rec = self.sides["candidate" if version == self.candidate else "baseline"]
+        t = now.timestamp()
+        rec.add("ade", t, ade)
+        rec.add("fde", t, fde)
 
     def _snapshot(self, side: str, now: datetime) -> dict[str, Columns | list[Sample]]:
         snap: dict[str, Columns | list[Sample]] = dict(self.sides[side].columns())

@@ -30,7 +30,7 @@ import numpy as np
 from cloud_serving.backends import Backend, BackendError, ConstantFallback, OnnxBackend, TritonBackend
 from cloud_serving.canary import Canary, CanarySpec
 from cloud_serving.config import BatchingConfig, ConfigError, ModelConfig, ServingConfig, VersionConfig
-from cloud_serving.diffs import Task, TaskSpec
+from cloud_serving.diffs import Task, TaskSpec, displacement
 from cloud_serving.errors import (
     InvalidReleaseError,
     OverloadError,
@@ -125,6 +125,10 @@ class ModelState:
     values: dict[tuple[str, str], deque[ValueSample]] = field(default_factory=dict)
     # Each candidate's last shadow verdict (the canary's entry condition), by version.
     verdicts: dict[str, ShadowVerdict] = field(default_factory=dict)
+    # Trajectories awaiting their truth (request id → version, points), and per version the
+    # last (ADE, FDE) pairs against the truth.
+    recent_paths: OrderedDict[str, tuple[str, np.ndarray[Any, Any]]] = field(default_factory=OrderedDict)
+    displacements: dict[str, deque[tuple[float, float]]] = field(default_factory=dict)
     # The flags a running experiment set, and what each was before it (UNSET: absent).
     flag_restore: dict[str, Any] = field(default_factory=dict)
 
@@ -380,20 +384,29 @@ class Gateway:
         return answer
 
     def _remember(self, st: ModelState, answer: Answer, *, always: bool) -> None:
-        """Give the answer a request id and, when it is a probability vector, keep its top
-        class and score until its true label arrives (bounded: the oldest go first)."""
-        best = top_score(answer.outputs, st.config.scores_output)
-        if best is None and not always:
+        """Give the answer a request id and keep what its late label is judged against (bounded:
+        the oldest go first): a classifier's top class and score, a trajectory's points."""
+        trajectory = st.config.task.kind == "trajectory"
+        best = None if trajectory else top_score(answer.outputs, st.config.scores_output)
+        if best is None and not always and not trajectory:
             return
         answer.request_id = request_id = uuid.uuid4().hex
-        if best is not None:
+        if trajectory:
+            name = st.config.task.trajectory_output or next(iter(answer.outputs))
+            st.recent_paths[request_id] = (answer.version, answer.outputs[name])
+            while len(st.recent_paths) > RECENT_MAX:
+                st.recent_paths.popitem(last=False)
+        elif best is not None:
             st.recent[request_id] = (answer.version, best[0], best[1])
             while len(st.recent) > RECENT_MAX:
                 st.recent.popitem(last=False)
 
-    def ground_truth(self, name: str, request_id: str, label: int) -> dict[str, Any]:
-        """The true class of an answered request: counted for its version's calibration."""
+    def ground_truth(self, name: str, request_id: str, label: int | list[list[float]]) -> dict[str, Any]:
+        """The truth of an answered request, when it becomes known: a classifier's true class
+        (its version's calibration and accuracy) or a trajectory's true points (ADE, FDE)."""
         st = self.model(name)
+        if isinstance(label, list):
+            return self._path_truth(st, request_id, label)
         seen = st.recent.pop(request_id, None)
         if seen is None:
             raise UnknownModelError(f"no answer {request_id!r} awaits a label (unknown, labelled or too old)")
@@ -405,6 +418,25 @@ class Gateway:
         if st.canary is not None:
             st.canary.label(self.clock(), version, confidence, predicted == label)
         return {"version": version, "predicted": predicted, "correct": predicted == label}
+
+    def _path_truth(self, st: ModelState, request_id: str, points: list[list[float]]) -> dict[str, Any]:
+        seen = st.recent_paths.get(request_id)
+        if seen is None:
+            raise UnknownModelError(
+                f"no trajectory {request_id!r} awaits its truth (unknown, labelled or too old)"
+            )
+        version, predicted = seen
+        truth = np.asarray(points, dtype=np.float64)
+        if truth.shape != predicted.shape:
+            raise InvalidReleaseError(
+                f"the true trajectory has shape {list(truth.shape)}; the answer had {list(predicted.shape)}"
+            )
+        st.recent_paths.pop(request_id)
+        ade, fde = displacement(predicted, truth)
+        st.displacements.setdefault(version, deque(maxlen=5000)).append((ade, fde))
+        if st.canary is not None:
+            st.canary.path_label(self.clock(), version, ade, fde)
+        return {"version": version, "ade": ade, "fde": fde}
 
     async def _experiment_infer(
         self, st: ModelState, exp: Experiment, sample: np.ndarray[Any, Any], key: str | None

@@ -749,3 +749,69 @@ def test_gray_logging_keeps_the_canarys_pairs_redacted_and_bounded(
     gray.offer("m-2", lambda: {"i": -1})
     gray.flush()
     assert not old.exists()
+
+
+def test_a_trajectory_canary_with_fde_40_percent_worse_on_late_truths_is_rolled_back(
+    quality_models: Path,
+) -> None:
+    """Trajectories judged against ground truth when it arrives: the truth is production's
+    path plus a little noise; the candidate stretches every point by 1.4, so its FDE against
+    the truth is far above production's, and the relative FDE gate aborts the canary."""
+    import onnxruntime as ort
+
+    config = load_config(quality_models / "serving.toml")
+    clock = Clock()
+    rng = np.random.default_rng(41)
+    truth_model = ort.InferenceSession(str(quality_models / "traj.onnx"), providers=["CPUExecutionProvider"])
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        spec = {
+            "candidate": "1.1.0-long",
+            "steps": [50, 100],
+            "bake_s": 30,
+            "min_requests": 20,
+            "min_labels": 100,
+            "slo_p95_ms": 250,
+            "slo_p99_ms": 500,
+            "max_latency_increase": None,
+            "max_fde_increase": 0.1,
+            "override_reason": "the late-truth FDE gate is under test",
+        }
+        r = await client.post("/v1/admin/models/trajectory/canary", json=spec, headers=caller(ADMIN))
+        assert r.status_code == 200, r.text
+        outcome = None
+        fde: dict[str, list[float]] = {}
+        for _ in range(6):
+            for _ in range(300):
+                x = rng.standard_normal(16).astype(np.float32)
+                r = await client.post(
+                    "/v1/models/trajectory/infer", json={"inputs": x.tolist()}, headers=caller()
+                )
+                answer = r.json()
+                truth = truth_model.run(None, {"history": x[None]})[0][0] + rng.normal(0, 0.01, (12, 2))
+                got = await client.post(
+                    "/v1/models/trajectory/labels",
+                    json={"request_id": answer["request_id"], "label": truth.tolist()},
+                    headers=caller(),
+                )
+                assert got.status_code == 200, got.text
+                fde.setdefault(answer["version"], []).append(got.json()["fde"])
+            clock.now += timedelta(seconds=31)
+            if done := gw.tick():
+                outcome = done[0]
+                break
+        assert outcome is not None and outcome[1] == "rolled back", gw.model("trajectory").events[-3:]
+        decision = json.loads((outcome[2] / "decision.json").read_text())
+        assert "fde vs baseline" in decision["reason"]
+        ratio = np.mean(fde["1.1.0-long"]) / np.mean(fde["1.0.0"])
+        assert ratio > 5  # production's FDE is the noise; the candidate's is 40 % of the path
+        bad = await client.post(
+            "/v1/models/trajectory/labels",
+            json={"request_id": "nope", "label": [[0.0, 0.0]]},
+            headers=caller(),
+        )
+        assert bad.status_code == 404
+        metrics = (await client.get("/metrics")).text
+        assert 'tidegate_serving_displacement{metric="fde",model="trajectory",version="1.0.0"}' in metrics
+
+    serve(config, body, clock)
