@@ -10,6 +10,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,14 @@ class GrayLog:
         self.written = 0
 
     def offer(self, name: str, pair: Callable[[], dict[str, Any]]) -> None:
-        """On the request path: build and keep one pair for `name` (model-candidate)."""
+        """On the request path: build and keep one pair for `name` (model-candidate); the
+        pair is redacted when written, its time is not (a date is not personal data)."""
         if len(self.pending) >= BUFFER:
             self.dropped += 1
             return
-        self.pending.append((name, pair()))
+        self.pending.append(
+            (name, {"pair": pair(), "at": datetime.fromtimestamp(self.clock(), UTC).isoformat()})
+        )
 
     def flush(self) -> int:
         """Write what is pending (blocking), rotating a file past `max_bytes` and removing
@@ -50,7 +54,8 @@ class GrayLog:
         lines: dict[str, list[str]] = {}
         while self.pending:
             name, pair = self.pending.popleft()
-            lines.setdefault(name, []).append(json.dumps(self.redactor(pair), sort_keys=True) + "\n")
+            record = {"at": pair["at"], **self.redactor(pair["pair"])}
+            lines.setdefault(name, []).append(json.dumps(record, sort_keys=True) + "\n")
         for name, chunk in lines.items():
             path = self.root / f"{name}.jsonl"
             data = "".join(chunk).encode()
