@@ -34,6 +34,7 @@ from agent.health import HealthServer, SystemdNotifier
 from agent.jobs import JobsClient, JobsRejectedError, JobsTimeoutError
 from agent.mqtt import MqttSettings, PahoTransport, Transport
 from agent.outbox import Outbox
+from agent.quality import QualityProxy
 from agent.thermal import SysfsThermal, ThermalPolicy, Throttle, next_level, throttle_for
 from agent.vehicle import JsonFileVehicleState, evaluate_preconditions
 from shared.fsutil import atomic_write_bytes
@@ -110,6 +111,7 @@ class AgentDaemon:
         self.temps: dict[str, float] = {}
         self.scores = [0] * SCORE_BINS
         self.restarts = 0  # agent starts since the active version was committed (see _count_start)
+        self.quality = QualityProxy()
         self.batcher = (
             DynamicBatcher(
                 None,
@@ -200,6 +202,7 @@ class AgentDaemon:
             top = float(first.max())
             if 0.0 <= top <= 1.0:  # a probability vector: its top score is the model's confidence
                 self.scores[score_bin(top)] += 1
+        self.quality.add(out, datetime.now().astimezone().hour)  # the device's local time of day
         return 200, {"outputs": {k: np.asarray(v).tolist() for k, v in out.items()}}
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -268,6 +271,7 @@ class AgentDaemon:
             return
         self.batcher.reload(runner)
         self.scores = [0] * SCORE_BINS  # the histogram describes the model now answering
+        self.quality = QualityProxy()
         self.restarts = 0  # and the restarts count from its commit
 
     # ---- jobs ---------------------------------------------------------------------------------
@@ -541,6 +545,7 @@ class AgentDaemon:
                 p95_ms=b.latency_ms(0.95),
                 errors=b.stats.errors,
                 score_histogram=list(self.scores) if any(self.scores) else [],
+                quality=self.quality.snapshot(),
             )
             if b
             else InferenceStats(),

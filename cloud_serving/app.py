@@ -152,7 +152,9 @@ class CanaryBody(BaseModel):
     inconclusive_limit: int = Field(default=3, ge=1, le=100)
     manual_steps: list[int] = Field(default_factory=list, description="1-based steps that wait for approval")
     min_shadow_agreement: float | None = Field(default=None, ge=0, le=1)
-    cohort: dict[str, list[str]] | None = Field(default=None, description="metadata values on the candidate")
+    cohort: dict[str, list[str]] | None = Field(
+        default=None, description='metadata values on the candidate; "header:NAME" keys match request headers'
+    )
     override_reason: str | None = Field(
         default=None, min_length=3, max_length=500, description="start without a passing shadow verdict"
     )
@@ -201,6 +203,14 @@ def _canary_spec(body: CanaryBody) -> CanarySpec:
     except ValueError as exc:  # the gate engine's GateDefinitionError: steps, thresholds
         raise HTTPException(422, str(exc)) from None
     return spec
+
+
+def _cohort_headers(st: Any, request: Request) -> dict[str, str] | None:
+    """The headers a running cohort canary selects on (none read otherwise)."""
+    canary = st.canary
+    if canary is None or not any(k.startswith("header:") for k, _ in canary.spec.cohort):
+        return None
+    return {k.lower(): v for k, v in request.headers.items()}
 
 
 def _check_providers(providers: tuple[ProviderCondition, ...]) -> None:
@@ -385,7 +395,9 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
                 unusual = st.profile.out_of_distribution(sample) if st.profile is not None else False
             t0 = time.perf_counter()
             try:
-                answer = await gateway.infer(model, sample, key=req.key, metadata=req.metadata)
+                answer = await gateway.infer(
+                    model, sample, key=req.key, metadata=req.metadata, headers=_cohort_headers(st, request)
+                )
             except GatewayError as exc:
                 if observe:
                     requests.labels(model, "-", "-", type(exc).__name__).inc()

@@ -124,9 +124,17 @@ class CanarySpec:
             inconclusive_limit=self.inconclusive_limit,
         )
 
-    def admits(self, metadata: dict[str, Any]) -> bool:
-        """Whether a caller may be routed to the candidate (its cohort, when one is set)."""
-        return all(str(metadata.get(k)) in values for k, values in self.cohort)
+    def admits(self, metadata: dict[str, Any], headers: dict[str, str] | None = None) -> bool:
+        """Whether a caller may be routed to the candidate (its cohort, when one is set): a
+        ``header:NAME`` key matches the request's header NAME, any other key its metadata."""
+        for k, values in self.cohort:
+            if k.startswith("header:"):
+                got = (headers or {}).get(k.removeprefix("header:").lower())
+            else:
+                got = metadata.get(k)
+            if str(got) not in values:
+                return False
+        return True
 
 
 EXCHANGE_EVERY = 50  # one successful exchange in 50 goes to the failure bundle; every failure does

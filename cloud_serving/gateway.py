@@ -183,7 +183,10 @@ class Gateway(ReleaseOperations, Monitoring):
         *,
         key: str | None = None,
         metadata: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Answer:
+        """`headers`: the caller's request headers a cohort canary may select on (``header:NAME``
+        keys in its cohort), apart from the metadata so they never become shadow slices."""
         st = self.model(name)
         if st.experiment is not None and st.experiment.spec.admits(metadata or {}, self.clock().hour):
             return await self._experiment_infer(st, st.experiment, sample, key)
@@ -195,7 +198,11 @@ class Gateway(ReleaseOperations, Monitoring):
             )
         version = st.route().pick(key=key, salt=st.salt, rng=self._rng)
         canary = st.canary
-        if canary is not None and version == canary.candidate and not canary.spec.admits(metadata or {}):
+        if (
+            canary is not None
+            and version == canary.candidate
+            and not canary.spec.admits(metadata or {}, headers)
+        ):
             version = st.production  # a cohort canary: callers outside it stay on production
         t0 = time.perf_counter()
         try:

@@ -223,3 +223,17 @@ def test_the_self_test_measures_its_own_memory_not_its_parents(tmp_path: Path, s
     del ballast
     assert result.passed, result.reason
     assert result.peak_rss_mb is not None and result.peak_rss_mb < 400
+
+
+def test_the_quality_proxy_counts_detections_and_confidence_by_time_of_day() -> None:
+    import numpy as np
+
+    from agent.quality import QualityProxy, condition
+
+    q = QualityProxy()
+    scores = np.array([[0.9, 0.1], [0.3, 0.2], [0.1, 0.8]])  # two boxes present of three
+    q.add({"boxes": np.zeros((3, 4)), "scores": scores}, hour=23)
+    q.add({"boxes": np.zeros((3, 4)), "scores": scores[:1]}, hour=2)
+    q.add({"probabilities": np.array([0.7, 0.3])}, hour=12)
+    assert q.snapshot() == {"detections_per_frame@time=night": 1.5, "top_score_mean@time=day": 0.7}
+    assert condition(6) == "time=day" and condition(18) == "time=night"

@@ -496,6 +496,10 @@ def test_health_endpoints_inference_and_systemd_notify(
             out = json.loads(urllib.request.urlopen(req, timeout=5).read())
             probs = out["outputs"]["probabilities"]
             assert len(probs) == 4 and abs(sum(probs) - 1) < 1e-5
+            # the beacon's quality proxy: the mean top score, by the device's time of day
+            quality = daemon.beacon().inference.quality
+            assert len(quality) == 1 and next(iter(quality)).startswith("top_score_mean@time=")
+            assert next(iter(quality.values())) == pytest.approx(max(probs), abs=1e-6)
             bad = urllib.request.Request(base + "/v1/infer", data=b"{oops", method="POST")
             with pytest.raises(urllib.error.HTTPError) as err:
                 urllib.request.urlopen(bad, timeout=5)

@@ -526,6 +526,23 @@ def test_manual_judgement_and_a_cohort_canary(quality_models: Path) -> None:
         assert r.status_code == 409  # step 2 is not waiting
         r = await client.post("/v1/admin/models/classifier/rollback", headers=caller(ADMIN))
         assert r.status_code == 200 and r.json()["production"] == "1.0.0" and r.json()["canary"] is None
+        # a cohort by request header: internal callers first
+        spec["cohort"] = {"header:x-tidegate-cohort": ["internal"]}
+        spec["manual_steps"] = []
+        r = await client.post(
+            "/v1/admin/models/classifier/canary", json={"candidate": "1.0.1", **spec}, headers=caller(ADMIN)
+        )
+        assert r.status_code == 200, r.text
+        by_header: dict[bool, set[str]] = {True: set(), False: set()}
+        for i in range(200):
+            x, meta = _scene(i, rng)
+            internal = i % 2 == 0
+            headers = {**caller(), **({"X-Tidegate-Cohort": "internal"} if internal else {})}
+            r = await client.post(
+                "/v1/models/classifier/infer", json={"inputs": x.tolist(), "key": f"h{i}"}, headers=headers
+            )
+            by_header[internal].add(r.json()["version"])
+        assert by_header[False] == {"1.0.0"} and by_header[True] == {"1.0.0", "1.0.1"}
 
     serve(config, body, clock)
 
