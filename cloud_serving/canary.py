@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -370,7 +370,7 @@ class Canary:
                     "log": self.log,
                 },
                 indent=2,
-                default=list,
+                default=_plain,
             ).encode(),
         )
         atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
@@ -379,3 +379,10 @@ class Canary:
             "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.exchanges).encode(),
         )
         return out
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what a spec holds besides plain values: provider conditions, tuples."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    return list(value)

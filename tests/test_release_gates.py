@@ -833,3 +833,18 @@ def test_a_trajectory_canary_with_fde_40_percent_worse_on_late_truths_is_rolled_
         assert 'tidegate_serving_displacement{metric="fde",model="trajectory",version="1.0.0"}' in metrics
 
     serve(config, body, clock)
+
+
+def test_a_failure_bundle_records_a_spec_with_provider_conditions(tmp_path: Path) -> None:
+    from cloud_serving.providers import ProviderCondition
+    from shared.gates import Comparator
+
+    spec = CanarySpec(
+        providers=(ProviderCondition("p99", "prometheus", Comparator.LE, 0.25, "http://prom:9090", "up"),)
+    )
+    clock = Clock()
+    c = Canary.begin("m", "a", "b", spec, clock.now)
+    c.record(clock.now, ok=False, latency_ms=1.0)
+    out = c.write_failure_bundle(tmp_path, clock.now, c.tick(clock.now))
+    saved = json.loads((out / "decision.json").read_text())
+    assert saved["spec"]["providers"][0]["name"] == "p99" and saved["spec"]["steps"] == [1, 5, 25, 50, 100]
