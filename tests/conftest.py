@@ -6,6 +6,8 @@ import pytest
 
 from builder.samples import make_sample_payload
 
+pytest_plugins = ["tests.skipguard"]
+
 
 @pytest.fixture(scope="session")
 def sample_payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
