@@ -113,6 +113,10 @@ def build_world(base: Path, payload: Path) -> World:
         },
     }
     bundles = {
+        # Published oldest first: a repository refuses a version below the newest unless it is
+        # an allowed downgrade, so the un-allowed old one goes in before the rest.
+        "old": mk(payload, b / "old.bundle", version="0.9.0", **common),
+        "old-allowed": mk(payload, b / "old-ok.bundle", version="0.8.0", **common),
         "v1": mk(payload, b / "v1.bundle", version="1.0.0", **common),
         "v2": mk(big, b / "v2.bundle", version="2.0.0", **common),
         "v3-bad": mk(bad, b / "v3.bundle", version="3.0.0", **common),
@@ -135,8 +139,6 @@ def build_world(base: Path, payload: Path) -> World:
             payload, b / "o.bundle", version="7.0.0", skus=["other-sku"], self_test=common["self_test"]
         ),
         "new-agent": mk(payload, b / "n.bundle", version="8.0.0", min_agent_version="99.0.0", **common),
-        "old": mk(payload, b / "old.bundle", version="0.9.0", **common),
-        "old-allowed": mk(payload, b / "old-ok.bundle", version="0.8.0", **common),
     }
     repo = UpdateRepository.init(base / "repo")
     targets = {}

@@ -313,3 +313,21 @@ def test_init_refuses_bad_threshold_and_nonempty_dir(tmp_path: Path) -> None:
         UpdateRepository.init(tmp_path / "full")
     with pytest.raises(RepositoryConfigError, match="no such repository"):
         UpdateRepository(tmp_path / "missing")
+
+
+def test_an_older_version_is_refused_unless_it_is_an_allowed_downgrade(
+    repo: UpdateRepository, tmp_path: Path, sample_payload: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The repository already holds classifier 1.0.0 for edge-cpu (the fixture)."""
+    from tidegate.cli import main
+
+    repo.add_bundle(build_bundle(sample_payload, tmp_path / "v11.bundle", version="1.1.0"))
+    older = build_bundle(sample_payload, tmp_path / "v105.bundle", version="1.0.5")
+    with pytest.raises(TrustError, match=r"1\.0\.5 is older than 1\.1\.0.*--allow-rollback"):
+        repo.add_bundle(older)
+    assert not any("1.0.5" in p for p in repo.targets().targets)
+    assert main(["repo", "add", str(repo.dir), str(older)]) == 1
+    assert "older than 1.1.0" in capsys.readouterr().err
+    assert repo.add_bundle(older, allow_rollback=True).custom["allow_rollback"] is True
+    other_sku = build_bundle(sample_payload, tmp_path / "v09.bundle", version="0.9.0", skus=["edge-gpu"])
+    assert repo.add_bundle(other_sku).path.endswith("edge-gpu.bundle")  # no edge-gpu version above it

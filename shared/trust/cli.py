@@ -56,7 +56,11 @@ def add(
     bundle: Annotated[Path, typer.Argument(help="Bundle file to publish.")],
     path: Annotated[str | None, typer.Option(help="Target path (default NAME/VERSION/SKUS.bundle).")] = None,
     allow_rollback: Annotated[
-        bool, typer.Option(help="Mark this version as an allowed downgrade target.")
+        bool,
+        typer.Option(
+            help="Publish a version below the newest one for its name and SKU, marked as an allowed "
+            "downgrade target (refused otherwise)."
+        ),
     ] = False,
 ) -> None:
     """Verify BUNDLE completely, then publish it as a signed target."""

@@ -267,6 +267,8 @@ class UpdateRepository:
         tf = TargetFile.from_file(path, str(bundle), ["sha256"])
         tf.unrecognized_fields["custom"] = custom
         md: Metadata[Targets] = self._load("targets")
+        if not allow_rollback and path not in md.signed.targets:
+            _refuse_older(md.signed, manifest.name, manifest.version, set(manifest.skus))
         existing = md.signed.targets.get(path)
         if existing is not None:
             if existing.hashes == tf.hashes and existing.custom == tf.custom:
@@ -344,3 +346,21 @@ def _load_signer(path: Path, public_key: Any) -> Signer:
     except (ValueError, TypeError) as exc:
         raise RepositoryConfigError(f"{path}: unreadable private key ({exc})") from None
     return CryptoSigner(private, public_key)
+
+
+def _refuse_older(targets: Targets, name: str, version: str, skus: set[str]) -> None:
+    """A version below the newest already published for the same name and a shared SKU is a
+    mistake unless it is meant (`allow_rollback`): devices would see it as a downgrade."""
+    from shared.semver import SemVer
+
+    ours = SemVer.parse(version)
+    for path, tf in targets.targets.items():
+        other = (tf.unrecognized_fields.get("custom") or {}).get(CUSTOM_KEY) or {}
+        if other.get("name") != name or not skus & set(other.get("skus", [])):
+            continue
+        theirs = str(other.get("version", "0.0.0"))
+        if SemVer.parse(theirs) > ours:
+            raise TrustError(
+                f"{name} {version} is older than {theirs}, already published as {path}; "
+                "publish a downgrade on purpose with --allow-rollback"
+            )
