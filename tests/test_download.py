@@ -239,3 +239,19 @@ def test_an_error_body_never_poisons_the_next_request_on_a_pooled_connection() -
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_mirror_serving_a_truncated_target_is_named_as_such(repo: UpdateRepository, tmp_path: Path) -> None:
+    """Over HTTP the resume after the short read gets 416 from the mirror; the error says the
+    mirror's copy is shorter than what was signed, not just "HTTP 416"."""
+    from shared.trust import FetchError
+    from shared.trust.http import RepoHTTPServer
+
+    stored = next(repo.targets_dir.rglob("*.bundle"))
+    stored.write_bytes(stored.read_bytes()[:300_000])
+    with RepoHTTPServer(repo.dir) as server:
+        c = make_client(repo, server.url, tmp_path / "cache", [])
+        with pytest.raises(
+            FetchError, match="has only 300000 of the signed .* bytes: it serves a truncated target"
+        ):
+            c.download(c.targets()[0], tmp_path / "b.bundle")

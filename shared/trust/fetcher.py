@@ -143,6 +143,11 @@ class TidegateFetcher(FetcherInterface):
                 except tuf_exc.DownloadLengthMismatchError:
                     raise
                 except tuf_exc.DownloadHTTPError as exc:
+                    if exc.status_code == 416 and offset > 0:  # nothing from where we had got to
+                        raise tuf_exc.DownloadError(
+                            f"{_name(url)}: the mirror has only {offset} of the signed {length} bytes: "
+                            "it serves a truncated target"
+                        ) from None
                     if exc.status_code < 500 and exc.status_code != 429:
                         raise
                     attempt = self._backoff(attempt, start, offset, exc)
