@@ -107,6 +107,34 @@ def status(
 
 
 @app.command()
+def verify(
+    root: Root = DEFAULT_ROOT,
+    repair: Annotated[
+        bool, typer.Option(help="Switch to the other slot when it is good and verifies.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+) -> None:
+    """Check the active slot at rest against its signed manifest (every file's SHA-256); a
+    damaged slot is marked invalid and, with --repair, the other good slot takes over. Exit
+    0 when what is active verifies, 1 when the device must be reinstalled."""
+    out = Agent(root).verify(repair=repair)
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+    elif out["ok"]:
+        typer.echo(f"slot {out['active_slot']}: {out['reason']}")
+    else:
+        typer.echo(f"slot damaged at rest: {out['reason']}")
+        if out["repaired"]:
+            typer.echo(f"repaired: {out['repaired']}")
+        else:
+            typer.echo(
+                f"not repaired: reinstall {out.get('reinstall')} (tidegate agent install --target ...)"
+            )
+    if not out["ok"] and not out["repaired"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def rollback(root: Root = DEFAULT_ROOT) -> None:
     """Go back to the previous committed slot."""
     typer.echo(f"rolled back: {Agent(root).rollback().reason}")

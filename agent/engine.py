@@ -283,9 +283,18 @@ class Agent:
         if current.bundle is None:
             return None
         if current.bundle.sha256 == info.sha256 and current.status is SlotStatus.GOOD:
-            return InstallReport(
-                Outcome.COMMITTED, f"{info.path} is already installed and committed", current.bundle.version
-            )
+            damage = self._damage(active)
+            if damage is None:
+                return InstallReport(
+                    Outcome.COMMITTED,
+                    f"{info.path} is already installed and committed",
+                    current.bundle.version,
+                )
+            current.status = SlotStatus.INVALID  # damaged at rest: install it again, into the other slot
+            self.dev.state.save(state)
+            return None
+        if current.bundle.sha256 == info.sha256 and current.status is SlotStatus.INVALID:
+            return None  # the same signed bytes again, over a slot found damaged: not a downgrade
         if current.bundle.name == meta.get("name"):
             new, old = SemVer.parse(str(meta.get("version"))), SemVer.parse(current.bundle.version)
             if new <= old and not meta.get("allow_rollback", False):
@@ -488,6 +497,54 @@ class Agent:
                 return self._rollback(state, f"slot {rec.to_slot} damaged after the flip: {exc}", rec.figures)
             self.dev.slots.activate(rec.to_slot)  # re-assert a flip that may not have landed
             return self._trial(state, cfg)
+
+    def _damage(self, slot: str) -> str | None:
+        """Why a committed slot no longer matches its signed manifest (None: every byte does)."""
+        path = self.dev.slots.slot_dir(slot)
+        try:
+            verify_tree(path, BundleManifest.from_json_bytes((path / MANIFEST_NAME).read_bytes()))
+        except (TidegateError, OSError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def verify(self, *, repair: bool = False) -> dict[str, Any]:
+        """Check the active slot at rest against its signed manifest (every file's size and
+        SHA-256). Damage marks the slot invalid; with `repair`, a good other slot that also
+        verifies becomes active. What cannot be repaired here says what to reinstall."""
+        with self.dev.locked():
+            state = self.dev.state.load()
+            active = self.dev.slots.active()
+            if active is None or state.slots[active].bundle is None:
+                return {"active_slot": active, "ok": True, "reason": "no model installed", "repaired": None}
+            info = state.slots[active]
+            assert info.bundle is not None
+            damage = self._damage(active)
+            out: dict[str, Any] = {
+                "active_slot": active,
+                "version": info.bundle.version,
+                "ok": damage is None,
+                "reason": damage or "every file matches the signed manifest",
+                "repaired": None,
+            }
+            if damage is None:
+                return out
+            info.status = SlotStatus.INVALID
+            self.dev.state.save(state)
+            back = other(active)
+            prev = state.slots[back]
+            if (
+                repair
+                and prev.status is SlotStatus.GOOD
+                and prev.bundle is not None
+                and self._damage(back) is None
+            ):
+                self.dev.slots.activate(back)
+                out["repaired"] = f"switched to slot {back} ({prev.bundle.name} {prev.bundle.version})"
+                out["active_slot"], out["version"] = back, prev.bundle.version
+            else:
+                out["repaired"] = None
+                out["reinstall"] = info.bundle.target
+            return out
 
     def rollback(self) -> InstallReport:
         """Go back to the other committed slot (an operator's decision)."""

@@ -215,6 +215,13 @@ class AgentDaemon:
         if recovered is not None:
             log.info("recovered an interrupted install: %s", recovered.reason)
             await self._receipt(None, None, recovered)
+        checked = await asyncio.to_thread(Agent(self.dev.root).verify, repair=True)
+        if not checked["ok"]:  # never serve a model that is not the signed one
+            log.error(
+                "the active slot is damaged at rest: %s; %s",
+                checked["reason"],
+                checked["repaired"] or f"reinstall {checked.get('reinstall')}",
+            )
         await self._load_model()
         self.restarts = await asyncio.to_thread(self._count_start)
         self.transport.set_handlers(self._on_message, self._on_connect)

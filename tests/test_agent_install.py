@@ -415,3 +415,42 @@ def test_a_bundle_that_failed_its_trial_is_not_tried_again(world: World, tmp_pat
     r = Agent(device).install(repository=str(repo), target=world.targets["v3-bad"])
     assert r.outcome is Outcome.FAILED and "already failed its trial" in r.reason
     assert "self_test" not in r.figures  # refused before any work
+
+
+def _damage_active(device: Path) -> Path:
+    model = (device / "current").resolve() / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    return model
+
+
+def test_a_slot_damaged_at_rest_is_found_marked_and_reinstalled(world: World, tmp_path: Path) -> None:
+    """A byte changed in the committed active model: `verify` finds it (recover and the old
+    status never did), marks the slot invalid, and installing the same target again writes it
+    afresh instead of answering "already installed"."""
+    device, repo = world.copy(tmp_path)
+    assert Agent(device).install(repository=str(repo), target=world.targets["v2"]).outcome is Outcome.COMMITTED
+    assert Agent(device).verify()["ok"]
+    _damage_active(device)
+    assert Agent(device).recover() is None  # nothing interrupted: recover cannot see it
+    found = Agent(device).verify(repair=False)
+    assert not found["ok"] and "model.onnx" in found["reason"] and found["reinstall"] == world.targets["v2"]
+    st = Agent(device).status()
+    assert st["slots"][st["active_slot"]]["status"] == "invalid"  # status no longer says "good"
+    again = Agent(device).install(repository=str(repo), target=world.targets["v2"])
+    assert again.outcome is Outcome.COMMITTED and "already installed" not in again.reason
+    after = Agent(device).verify()
+    assert after["ok"] and after["version"] == "2.0.0" and after["active_slot"] != found["active_slot"]
+
+
+def test_a_damaged_slot_is_repaired_from_the_other_good_slot(world: World, tmp_path: Path) -> None:
+    from tidegate.cli import main
+
+    device, repo = world.copy(tmp_path)
+    assert Agent(device).install(repository=str(repo), target=world.targets["v2"]).outcome is Outcome.COMMITTED
+    _damage_active(device)
+    assert main(["agent", "verify", "--root", str(device), "--no-repair"]) == 1
+    assert main(["agent", "verify", "--root", str(device)]) == 0  # repaired: the other slot took over
+    view = device_view(device)
+    assert view["version"] == "1.0.0" and Agent(device).verify()["ok"]
