@@ -430,7 +430,9 @@ def test_a_slot_damaged_at_rest_is_found_marked_and_reinstalled(world: World, tm
     status never did), marks the slot invalid, and installing the same target again writes it
     afresh instead of answering "already installed"."""
     device, repo = world.copy(tmp_path)
-    assert Agent(device).install(repository=str(repo), target=world.targets["v2"]).outcome is Outcome.COMMITTED
+    assert (
+        Agent(device).install(repository=str(repo), target=world.targets["v2"]).outcome is Outcome.COMMITTED
+    )
     assert Agent(device).verify()["ok"]
     _damage_active(device)
     assert Agent(device).recover() is None  # nothing interrupted: recover cannot see it
@@ -448,7 +450,9 @@ def test_a_damaged_slot_is_repaired_from_the_other_good_slot(world: World, tmp_p
     from tidegate.cli import main
 
     device, repo = world.copy(tmp_path)
-    assert Agent(device).install(repository=str(repo), target=world.targets["v2"]).outcome is Outcome.COMMITTED
+    assert (
+        Agent(device).install(repository=str(repo), target=world.targets["v2"]).outcome is Outcome.COMMITTED
+    )
     _damage_active(device)
     assert main(["agent", "verify", "--root", str(device), "--no-repair"]) == 1
     assert main(["agent", "verify", "--root", str(device)]) == 0  # repaired: the other slot took over
