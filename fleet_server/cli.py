@@ -171,10 +171,13 @@ def device_cert(
 def ca_broker_config(
     directory: PkiDir,
     port: Annotated[int, typer.Option(help="mTLS listener port.")] = 8883,
+    bind: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every one).")] = "127.0.0.1",
+    user: Annotated[str, typer.Option(help="The user the broker drops privileges to.")] = "mosquitto",
 ) -> None:
-    """Write mosquitto.conf and an ACL that keeps every device to its own topics."""
+    """Write mosquitto.conf and an ACL that keeps every device to its own topics; the
+    configuration starts as written (mosquitto -c DIR/mosquitto.conf)."""
     from fleet_server.pki.service import broker_config, issue_service
 
     issue_service(directory, "tidegate-fleet-server")
-    conf = broker_config(directory, port=port)
+    conf = broker_config(directory, port=port, bind=bind, user=user)
     typer.echo(f"wrote {conf} and {directory / 'acl'}; fleet server identity in {directory / 'services'}")

@@ -37,9 +37,11 @@ def tidegate(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def tls_client(pki: Path, name: str, kind: str, port: int) -> mqtt.Client:
+def tls_client(pki: Path, name: str, kind: str, port: int, client_id: str | None = None) -> mqtt.Client:
     c = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"{name}-probe", protocol=mqtt.MQTTv5
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id or f"{name}-probe",
+        protocol=mqtt.MQTTv5,
     )
     c.tls_set(
         ca_certs=str(pki / "ca.pem"),
@@ -57,26 +59,40 @@ def tls_client(pki: Path, name: str, kind: str, port: int) -> mqtt.Client:
 
 
 def test_device_certificates_and_the_broker_acl(tmp_path: Path, sample_payload: Path) -> None:
-    pki = tmp_path / "pki"
+    # The broker drops to its own user: the PKI lives where that user can reach it (pytest's
+    # own temp root is 0700), as a real deployment keeps it in /etc/tidegate/pki.
+    import tempfile
+
+    reachable = Path(tempfile.mkdtemp(prefix="tidegate-pki-"))
+    reachable.chmod(0o711)
+    pki = reachable / "pki"
+    hidden = tmp_path / "hidden-pki"
+    assert tidegate("ca", "init", "--dir", str(hidden)).returncode == 0
+    if os.geteuid() == 0:
+        p = tidegate("ca", "broker-config", "--dir", str(hidden))
+        assert p.returncode != 0 and "cannot reach" in p.stderr  # says so instead of a broker that fails
     assert tidegate("ca", "init", "--dir", str(pki)).returncode == 0
     p = tidegate("ca", "init", "--dir", str(pki))
     assert p.returncode != 0 and "already exists" in p.stderr
     for thing in ("car-1", "car-2"):
         assert tidegate("device-cert", thing, "--dir", str(pki)).returncode == 0
     assert "invalid thing name" in tidegate("device-cert", "bad name", "--dir", str(pki)).stderr
+    for bad in ("tidegate-fleet-server", "Tidegate-anything", "car/1", "car+", "car#"):
+        refused = tidegate("device-cert", bad, "--dir", str(pki))
+        assert refused.returncode != 0 and (
+            "reserved for services" in refused.stderr or "invalid" in refused.stderr
+        )
     assert stat.S_IMODE(os.stat(pki / "ca.key").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(pki / "devices" / "car-1.key").st_mode) == 0o600
     port = free_port()
     assert tidegate("ca", "broker-config", "--dir", str(pki), "--port", str(port)).returncode == 0
-    conf = pki / "mosquitto.conf"
-    text = conf.read_text().replace(f"listener {port} 0.0.0.0", f"listener {port} 127.0.0.1")
-    if os.geteuid() == 0:
-        text += "user root\n"
-    conf.write_text(text)
+    conf = pki / "mosquitto.conf"  # started exactly as written: no line added or changed
+    assert f"listener {port} 127.0.0.1" in conf.read_text()  # loopback unless told otherwise
     broker = subprocess.Popen(
-        [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=(tmp_path / "broker.log").open("wb")
     )
     time.sleep(0.5)
+    assert broker.poll() is None, (tmp_path / "broker.log").read_text()
     db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
     upgrade(db)
     service = pki / "services"
@@ -136,6 +152,29 @@ def test_device_certificates_and_the_broker_acl(tmp_path: Path, sample_payload: 
         rogue.loop_stop()
         rogue.disconnect()
         assert got and set(got) == {"$aws/things/car-1/jobs/notify-next"}  # …that car-1 never sees
+
+        # client-id takeover: car-1's certificate asking for car-2's or the service's client id
+        # gets its own (the CN); the victims keep their connections
+        victim = tls_client(pki, "car-2", "devices", port)
+        drops: list[str] = []
+        victim.on_disconnect = lambda *a: drops.append("car-2")
+        for stolen in ("car-2", "tidegate-fleet-server"):
+            thief = tls_client(pki, "car-1", "devices", port, client_id=stolen)
+            time.sleep(0.5)
+            assert victim.is_connected() and bridge.connected.is_set(), stolen
+            thief.loop_stop()
+            thief.disconnect()
+        assert not drops
+        # a packet above the broker's bound is refused: the sender is disconnected
+        big = tls_client(pki, "car-1", "devices", port)
+        big.publish("tidegate/things/car-1/beacon", b"x" * (300 * 1024), qos=1)
+        deadline = time.monotonic() + 5
+        while big.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not big.is_connected()
+        big.loop_stop()
+        victim.loop_stop()
+        victim.disconnect()
         with db.session() as s:
             assert (
                 s.scalars(select(JobExecution.status).where(JobExecution.job_id == "j-car-2")).one()
@@ -145,3 +184,6 @@ def test_device_certificates_and_the_broker_acl(tmp_path: Path, sample_payload: 
         bridge.stop()
         broker.terminate()
         broker.wait(10)
+        import shutil
+
+        shutil.rmtree(reachable, ignore_errors=True)
