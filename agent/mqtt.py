@@ -113,6 +113,11 @@ class PahoTransport(TransportBase):
         c.on_message = self._paho_message
         c.on_subscribe = self._paho_subscribe
         self._sub_mid: int | None = None
+        self._sub_topics: list[str] = []
+        self.refused: dict[str, str] = {}  # topic → the broker's reason, from the last SUBACK
+        self.taken_over = 0  # closes in a row soon after connecting (a takeover, or a flap)
+        self._connected_at = 0.0
+        self.connects = 0
         self._jitter_reconnect(c)
         self._client = c
 
@@ -168,13 +173,20 @@ class PahoTransport(TransportBase):
             log.warning("MQTT connect refused: %s", reason)
             return
         self._connected = True
+        self._connected_at = time.monotonic()
+        self.connects += 1
         if self._topics:
             # Requests go out only once the replies' subscriptions are acknowledged.
-            _, self._sub_mid = client.subscribe([(t, SubscribeOptions(qos=1)) for t in self._topics])
+            self._sub_topics = list(self._topics)
+            _, self._sub_mid = client.subscribe([(t, SubscribeOptions(qos=1)) for t in self._sub_topics])
         elif self._loop is not None:
             self._loop.call_soon_threadsafe(self._on_connect)
 
     def _paho_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        if mid == self._sub_mid:
+            self.refused = refused_subscriptions(self._sub_topics, reasons)
+            for topic, why in self.refused.items():  # the broker said no: nothing will arrive there
+                log.error("MQTT subscription to %s refused by the broker: %s", topic, why)
         if mid == self._sub_mid and self._loop is not None:
             self._loop.call_soon_threadsafe(self._on_connect)
 
@@ -182,9 +194,40 @@ class PahoTransport(TransportBase):
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
         self._connected = False
+        lived = time.monotonic() - self._connected_at
+        if getattr(reason, "value", None) == SESSION_TAKEN_OVER or lived < FLAP_S:
+            # Closed soon after it opened (brokers close a connection whose client id another
+            # one takes, some without saying so): reconnecting at once would take it back and
+            # start a flap. Each such close in a row doubles the wait, up to the longest.
+            self.taken_over += 1
+            wait = min(self.settings.reconnect_max_s, self.settings.reconnect_min_s * 2**self.taken_over)
+            client.reconnect_delay_set(min_delay=max(1, int(wait)), max_delay=max(1, int(wait)))
+            log.warning(
+                "MQTT connection closed %.1f s after it opened (%s): another connection may hold "
+                "this client id; retrying in %d s",
+                lived,
+                reason,
+                int(wait),
+            )
+            return
+        self.taken_over = 0
         self._jitter_reconnect(client)
         log.info("MQTT disconnected (%s); reconnecting with backoff", reason)
 
     def _paho_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._on_message, msg.topic, bytes(msg.payload))
+
+
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5 reason code
+FLAP_S = 10.0  # a connection closed sooner than this counts as a takeover or a flap
+
+
+def refused_subscriptions(topics: list[str], reasons: Any) -> dict[str, str]:
+    """The topics a SUBACK refused (MQTT 5 reason codes of 0x80 and above), with the reason."""
+    out = {}
+    for topic, rc in zip(topics, reasons or [], strict=False):
+        value = getattr(rc, "value", rc)
+        if isinstance(value, int) and value >= 0x80:
+            out[topic] = str(rc)
+    return out

@@ -592,3 +592,38 @@ def test_mutual_tls_with_a_device_certificate(world: World, tmp_path: Path) -> N
     finally:
         endpoint.close()
         broker.stop()
+
+
+def test_a_taken_over_session_backs_off_and_refused_subscriptions_are_named(broker: Broker) -> None:
+    """Two connections with one client id: the older is closed with "session taken over" and
+    waits the longest backoff instead of taking it back at once (no flapping)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from agent.mqtt import MqttSettings, PahoTransport, refused_subscriptions
+
+    async def go() -> tuple[PahoTransport, PahoTransport]:
+        settings = MqttSettings(port=broker.port, client_id="car-9", reconnect_min_s=1, reconnect_max_s=30)
+        first, second = PahoTransport(settings), PahoTransport(settings)
+        first.set_handlers(lambda t, p: None, lambda: None)
+        second.set_handlers(lambda t, p: None, lambda: None)
+        await first.start()
+        for _ in range(100):
+            if first.connected:
+                break
+            await asyncio.sleep(0.05)
+        await second.start()
+        await asyncio.sleep(6)  # without the backoff the two would take the id back and forth each second
+        return first, second
+
+    first, second = asyncio.run(go())
+    try:
+        # one took the id from the other; the one closed waits 2 s, then 4 s: no flap
+        assert 1 <= first.taken_over + second.taken_over <= 3
+        assert first.connects + second.connects <= 5  # a flap at the 1 s backoff would be a dozen
+    finally:
+        asyncio.run(first.stop())
+        asyncio.run(second.stop())
+    granted = ReasonCode(PacketTypes.SUBACK, identifier=1)
+    refused = ReasonCode(PacketTypes.SUBACK, identifier=0x87)  # not authorized
+    assert refused_subscriptions(["a", "b"], [granted, refused]) == {"b": "Not authorized"}
