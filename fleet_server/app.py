@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm.exc import StaleDataError
 
 from fleet_server.auth.deps import principal_from_header
+from fleet_server.auth.routes import router as auth_router
 from fleet_server.campaigns.models import Campaign
 from fleet_server.campaigns.routes import router as campaigns_router
 from fleet_server.db import Database
@@ -76,6 +77,7 @@ def create_app(
     documented = [
         Depends(HTTPBearer(auto_error=False, description="A token from `tidegate server token create`."))
     ]
+    app.include_router(auth_router, dependencies=documented)
     app.include_router(devices_router, dependencies=documented)
     app.include_router(groups_router, dependencies=documented)
     app.include_router(campaigns_router, dependencies=documented)

@@ -75,9 +75,14 @@ app.add_typer(token_app, name="token")
 def token_create(
     role: Annotated[str, typer.Option(help="viewer, operator or admin.")],
     name: Annotated[str, typer.Option(help="Who or what holds the token.")],
+    expires_days: Annotated[
+        float | None, typer.Option(min=0.001, help="Refused after this many days (default: never).")
+    ] = None,
     db: DbOpt = None,
 ) -> None:
     """Create an operator API token; it is printed once and stored only as a hash."""
+    from datetime import timedelta
+
     from fleet_server.auth.service import Role, create_token
 
     try:
@@ -85,9 +90,36 @@ def token_create(
     except ValueError:
         raise TidegateError(f"unknown role {role!r}; one of viewer, operator, admin") from None
     database = _db(db)
+    now = datetime.now(UTC)
+    expires = now + timedelta(days=expires_days) if expires_days is not None else None
     with database.session() as s:
-        token = create_token(s, name=name, role=r, now=datetime.now(UTC))
+        token = create_token(s, name=name, role=r, now=now, expires_at=expires)
     typer.echo(token)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    name: Annotated[str | None, typer.Option(help="Revoke every live token of this holder.")] = None,
+    token_id: Annotated[
+        int | None, typer.Option("--id", help="Revoke this token (see GET /api/v1/tokens).")
+    ] = None,
+    db: DbOpt = None,
+) -> None:
+    """Revoke tokens: the next request with one is a 401."""
+    from fleet_server.auth.service import TokenNotFoundError, audit, revoke_token
+
+    if (name is None) == (token_id is None):
+        raise TidegateError("give exactly one of --name or --id")
+    database = _db(db)
+    now = datetime.now(UTC)
+    with database.session() as s:
+        try:
+            rows = revoke_token(s, token_id=token_id, name=name)
+        except TokenNotFoundError as exc:
+            raise TidegateError(str(exc)) from None
+        for row in rows:
+            audit(s, actor="cli", role="admin", action="token.revoke", target=row.name, outcome="ok", now=now)
+    typer.echo(f"revoked {len(rows)} token(s): {', '.join(f'#{r.id} {r.name}' for r in rows)}")
 
 
 @app.command("device-add")

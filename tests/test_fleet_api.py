@@ -80,6 +80,9 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("POST", "/api/v1/releases/999/stage", Role.ADMIN, {"stage": "staging"}),
     ("POST", "/api/v1/releases/999/model-card", Role.OPERATOR, {"section": "canary", "content": {}}),
     ("POST", "/api/v1/releases/999/bench-reports", Role.OPERATOR, {"report": {"sku": "edge-cpu"}}),
+    ("GET", "/api/v1/tokens", Role.ADMIN, None),
+    ("POST", "/api/v1/tokens/999/revoke", Role.ADMIN, None),
+    ("GET", "/api/v1/audit", Role.ADMIN, None),
 ]
 
 
@@ -263,3 +266,54 @@ def test_a_campaign_through_the_api(
     spec = client.get("/openapi.json").json()
     assert "/api/v1/campaigns/{campaign_id}/next-wave" in spec["paths"]
     assert 'tidegate_campaigns{state="paused"} 1.0' in client.get("/metrics").text
+
+
+def test_tokens_expire_are_revoked_and_the_audit_log_can_be_read(db: Database) -> None:
+    from datetime import datetime as dt
+    from datetime import timedelta
+
+    from tidegate.cli import main
+
+    app = create_app(db, clock=lambda: T0)
+    client = TestClient(app)
+    now = dt.now(UTC)
+    with db.session() as s:
+        admin = create_token(s, name="alice", role=Role.ADMIN, now=now)
+        soon = create_token(s, name="ci", role=Role.OPERATOR, now=now, expires_at=now + timedelta(seconds=1))
+        gone = create_token(s, name="old", role=Role.VIEWER, now=now, expires_at=now - timedelta(days=1))
+        bob = create_token(s, name="bob", role=Role.OPERATOR, now=now)
+    auth = {"Authorization": f"Bearer {admin}"}
+    assert client.get("/api/v1/devices", headers={"Authorization": f"Bearer {gone}"}).status_code == 401
+    assert client.get("/api/v1/devices", headers={"Authorization": f"Bearer {soon}"}).status_code == 200
+    tokens = {t["name"]: t for t in client.get("/api/v1/tokens", headers=auth).json()}
+    assert tokens["ci"]["last_used_at"] is not None and tokens["bob"]["last_used_at"] is None
+    assert "token_sha256" not in tokens["ci"]
+    import time
+
+    time.sleep(1.1)
+    assert client.get("/api/v1/devices", headers={"Authorization": f"Bearer {soon}"}).status_code == 401
+    # revoke through the API, and through the CLI by name
+    r = client.post(f"/api/v1/tokens/{tokens['bob']['id']}/revoke", headers=auth)
+    assert r.status_code == 200 and r.json()["revoked"] is True
+    assert client.get("/api/v1/devices", headers={"Authorization": f"Bearer {bob}"}).status_code == 401
+    assert client.post(f"/api/v1/tokens/{tokens['bob']['id']}/revoke", headers=auth).status_code == 404
+    assert main(["server", "token", "revoke", "--name", "nobody", "--db", db.url]) != 0
+    with db.session() as s:
+        carol = create_token(s, name="carol", role=Role.VIEWER, now=now)
+    assert main(["server", "token", "revoke", "--name", "carol", "--db", db.url]) == 0
+    assert client.get("/api/v1/devices", headers={"Authorization": f"Bearer {carol}"}).status_code == 401
+    # the audit log, filtered and paged
+    entries = client.get("/api/v1/audit", params={"action": "token."}, headers=auth).json()
+    assert [e["target"] for e in entries] == ["carol", "bob"]
+    page = client.get("/api/v1/audit", params={"limit": 1, "action": "token.revoke"}, headers=auth).json()
+    older = client.get(
+        "/api/v1/audit",
+        params={"limit": 1, "action": "token.revoke", "before_id": page[0]["id"]},
+        headers=auth,
+    ).json()
+    assert [page[0]["target"], older[0]["target"]] == ["carol", "bob"]
+    assert client.get("/api/v1/audit", params={"actor": "alice"}, headers=auth).json()[0]["target"] == "bob"
+    assert client.get("/api/v1/audit", params={"since": "nonsense"}, headers=auth).status_code == 422
+    far = {"until": "9999-12-31T23:59:59-14:00"}  # no UTC time for it: a 422, not a 500
+    assert client.get("/api/v1/audit", params=far, headers=auth).status_code == 422
+    assert client.post("/api/v1/tokens/99999999999999/revoke", headers=auth).status_code == 422

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleet_server.auth.models import ApiToken, AuditEntry
+from shared.errors import TidegateError
 
 TOKEN_PREFIX = "tg_"
 
@@ -31,21 +32,57 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(session: Session, *, name: str, role: Role, now: datetime) -> str:
+def create_token(
+    session: Session, *, name: str, role: Role, now: datetime, expires_at: datetime | None = None
+) -> str:
     """Make a token; returns it in clear text, the only time it exists outside the caller."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     session.add(
-        ApiToken(name=name, role=role.value, token_sha256=_digest(token), created_at=now, revoked=False)
+        ApiToken(
+            name=name,
+            role=role.value,
+            token_sha256=_digest(token),
+            created_at=now,
+            revoked=False,
+            expires_at=expires_at,
+        )
     )
     return token
 
 
-def authenticate(session: Session, *, token: str) -> ApiToken | None:
+LAST_USED_EVERY = timedelta(minutes=1)  # how stale `last_used_at` may be: a write per minute, not per call
+
+
+def authenticate(session: Session, *, token: str, now: datetime | None = None) -> ApiToken | None:
+    """The token's row, or None when it is unknown, revoked or expired."""
     digest = _digest(token)
     row = session.scalars(select(ApiToken).where(ApiToken.token_sha256 == digest)).first()
     if row is None or row.revoked or not hmac.compare_digest(row.token_sha256, digest):
         return None
+    now = now or datetime.now(UTC)
+    if row.expires_at is not None and now >= row.expires_at:
+        return None
+    if row.last_used_at is None or now - row.last_used_at >= LAST_USED_EVERY:
+        row.last_used_at = now
     return row
+
+
+class TokenNotFoundError(TidegateError):
+    pass
+
+
+def revoke_token(session: Session, *, token_id: int | None = None, name: str | None = None) -> list[ApiToken]:
+    """Revoke a token by id, or every token of a holder's name; the revoked rows."""
+    q = select(ApiToken).where(ApiToken.revoked.is_(False))
+    q = q.where(ApiToken.id == token_id) if token_id is not None else q.where(ApiToken.name == name)
+    rows = list(session.scalars(q).all())
+    if not rows:
+        raise TokenNotFoundError(
+            f"no live token {'#' + str(token_id) if token_id is not None else 'named ' + repr(name)}"
+        )
+    for row in rows:
+        row.revoked = True
+    return rows
 
 
 def audit(
