@@ -16,6 +16,15 @@ import numpy as np
 DETECTION_SCORE = 0.5
 
 
+def top_probability(outputs: Mapping[str, Any]) -> float | None:
+    """The top score of an answer whose first output is a probability vector (else None)."""
+    first = np.asarray(next(iter(outputs.values()))) if outputs else None
+    if first is None or first.ndim != 1 or first.size < 2 or not np.issubdtype(first.dtype, np.floating):
+        return None
+    top = float(first.max())
+    return top if 0.0 <= top <= 1.0 else None
+
+
 def condition(hour: int) -> str:
     return "time=day" if 6 <= hour < 18 else "time=night"
 
@@ -31,12 +40,9 @@ class QualityProxy:
             per_box = np.asarray(scores, dtype=np.float64).max(axis=1)
             self._add(f"detections_per_frame@{where}", float((per_box >= DETECTION_SCORE).sum()))
             return
-        first = np.asarray(next(iter(outputs.values()))) if outputs else None
-        vector = first is not None and first.ndim == 1 and first.size > 1
-        if first is not None and vector and np.issubdtype(first.dtype, np.floating):
-            top = float(first.max())
-            if 0.0 <= top <= 1.0:
-                self._add(f"top_score_mean@{where}", top)
+        top = top_probability(outputs)
+        if top is not None:
+            self._add(f"top_score_mean@{where}", top)
 
     def _add(self, name: str, value: float) -> None:
         acc = self._sums.setdefault(name, [0.0, 0.0])

@@ -34,7 +34,7 @@ from agent.health import HealthServer, SystemdNotifier
 from agent.jobs import JobsClient, JobsRejectedError, JobsTimeoutError
 from agent.mqtt import MqttSettings, PahoTransport, Transport
 from agent.outbox import Outbox
-from agent.quality import QualityProxy
+from agent.quality import QualityProxy, top_probability
 from agent.thermal import SysfsThermal, ThermalPolicy, Throttle, next_level, throttle_for
 from agent.vehicle import JsonFileVehicleState, evaluate_preconditions
 from shared.fsutil import atomic_write_bytes
@@ -192,16 +192,8 @@ class AgentDaemon:
             self.m_infer.labels("error").inc()
             return 400, {"error": f"inference failed: {str(exc).splitlines()[0][:200]}"}
         self.m_infer.labels("ok").inc()
-        first = np.asarray(next(iter(out.values()))) if out else None
-        if (
-            first is not None
-            and first.ndim == 1
-            and first.size > 1
-            and np.issubdtype(first.dtype, np.floating)
-        ):
-            top = float(first.max())
-            if 0.0 <= top <= 1.0:  # a probability vector: its top score is the model's confidence
-                self.scores[score_bin(top)] += 1
+        if (top := top_probability(out)) is not None:  # a probability vector: the model's confidence
+            self.scores[score_bin(top)] += 1
         self.quality.add(out, datetime.now().astimezone().hour)  # the device's local time of day
         return 200, {"outputs": {k: np.asarray(v).tolist() for k, v in out.items()}}
 

@@ -32,6 +32,11 @@ def _target(target: str, identity: Path | None, known_hosts: Path | None, remote
     return target_for(target, **ssh) if target.startswith("ssh://") else target_for(target)
 
 
+def _print_checks(preflight: dict[str, Any], *, err: bool = False) -> None:
+    for c in preflight["checks"]:
+        typer.echo(f"  {'ok    ' if c['passed'] else 'FAILED'} {c['name']:<13} {c['detail']}", err=err)
+
+
 async def _interruptible(work: Any, say: Any) -> Any:
     """Run `work` so that one Ctrl-C cancels it (the probe on the rig is killed, temp dirs
     removed, the partial report written) and further Ctrl-Cs only say it is stopping."""
@@ -173,8 +178,7 @@ def run_command(
         paths = write_all(report, out, key)
         where = paths[0].parent
         kept = f"; the earlier report in {out} is kept" if where.name == NOT_STARTED else ""
-        for c in report.preflight["checks"]:
-            typer.echo(f"  {'ok    ' if c['passed'] else 'FAILED'} {c['name']:<13} {c['detail']}", err=True)
+        _print_checks(report.preflight, err=True)
         raise HilCommandError(f"{exc} (report marked not started in {where}{kept})") from None
     except TargetError as exc:
         paths = write_all(report, out, key)
@@ -232,8 +236,7 @@ def doctor(
         ok = asyncio.run(check())
     except TargetError as exc:
         raise HilCommandError(str(exc)) from None
-    for c in report.preflight["checks"]:
-        typer.echo(f"  {'ok    ' if c['passed'] else 'FAILED'} {c['name']:<13} {c['detail']}")
+    _print_checks(report.preflight)
     facts = report.rig
     if facts:
         typer.echo(

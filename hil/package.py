@@ -6,6 +6,7 @@ server stack. `tidegate hil run --probe FILE` copies it to the rig and runs suit
 
 from __future__ import annotations
 
+import io
 import zipfile
 from pathlib import Path
 
@@ -54,8 +55,6 @@ def build_probe(out: Path) -> Path:
             if rel == "shared/version.py":  # the rig may have no installed distribution to ask
                 data = f'TIDEGATE_VERSION = "{TIDEGATE_VERSION}"\n'.encode()
             members.append((rel, data))
-    import io
-
     buf = io.BytesIO()
     buf.write(b"#!/usr/bin/env python3\n")
     with zipfile.ZipFile(buf, "a", compression=zipfile.ZIP_DEFLATED) as z:

@@ -359,6 +359,11 @@ class _SshRig:
             target=lambda: (self.loop.run_until_complete(serve()), self.loop.run_forever()), daemon=True
         )
 
+    def args(self, target: str | None = None) -> list[str]:
+        """`tidegate hil run` options that reach this rig as bench@127.0.0.1."""
+        target = target or f"ssh://bench@127.0.0.1:{self.port}"
+        return ["--target", target, "--identity", str(self.identity), "--known-hosts", str(self.known_hosts)]
+
     def __enter__(self) -> _SshRig:
         self.thread.start()
         assert self.ready.wait(10)
@@ -379,12 +384,7 @@ def test_the_same_suites_pass_on_a_rig_over_ssh(
             [
                 "--bundle",
                 str(bench["v2"]),
-                "--target",
-                f"ssh://bench@127.0.0.1:{rig.port}",
-                "--identity",
-                str(rig.identity),
-                "--known-hosts",
-                str(rig.known_hosts),
+                *rig.args(),
                 "--remote-python",
                 sys.executable,
                 "--suite",
@@ -698,12 +698,7 @@ def test_ctrl_c_over_ssh_with_a_quiet_probe_stops_within_seconds_and_cleans_both
                 "run",
                 "--bundle",
                 str(bench["hung"]),
-                "--target",
-                f"ssh://bench@127.0.0.1:{rig.port}",
-                "--identity",
-                str(rig.identity),
-                "--known-hosts",
-                str(rig.known_hosts),
+                *rig.args(),
                 "--remote-python",
                 sys.executable,
                 "--suite",
@@ -772,12 +767,7 @@ def test_a_self_contained_probe_benches_a_rig_without_the_distribution(
             [
                 "--bundle",
                 str(bench["v2"]),
-                "--target",
-                f"ssh://bench@127.0.0.1:{rig.port}",
-                "--identity",
-                str(rig.identity),
-                "--known-hosts",
-                str(rig.known_hosts),
+                *rig.args(),
                 "--remote-python",
                 str(isolated),
                 "--probe",
