@@ -223,6 +223,13 @@ class Agent:
     def _resolve(
         self, client: TrustClient, cfg: DeviceConfig, target: str | None, bundle: Path | None
     ) -> TargetInfo:
+        if bundle is None and target is not None:
+            # A path resolves through the delegation walk itself, so a role that fails
+            # verification is refused with its reason, not reported as a missing target.
+            try:
+                return client.get_target(target)
+            except TargetNotFoundError:
+                pass
         targets = client.targets()
         if bundle is not None:
             try:
@@ -236,9 +243,6 @@ class Agent:
                 )
             return matches[0]
         assert target is not None
-        exact = [t for t in targets if t.path == target]
-        if exact:
-            return exact[0]
         named = [t for t in targets if t.tidegate.get("name") == target]
         if not named:
             raise TargetNotFoundError(f"no target or bundle named {target!r} in the repository")

@@ -13,6 +13,7 @@ from fleet_server.alerts.watch import DriftWatch, DriftWatchConfig
 from fleet_server.app import create_app
 from fleet_server.db import Database
 from fleet_server.jobs.bridge import JobsBridge
+from fleet_server.releases.keeper import RepositoryKeeper
 from fleet_server.scheduler import CampaignScheduler
 from fleet_server.settings import Settings
 from shared.trust import UpdateRepository
@@ -47,6 +48,9 @@ class FleetServer:
             db, self.bridge.publish, _utcnow, interval_s=tick_s, watch=watch, webhooks=settings.alert_webhooks
         )
         repo = UpdateRepository(settings.repository_dir) if settings.repository_dir else None
+        self.keeper = (
+            RepositoryKeeper(repo, _utcnow, interval_s=settings.repository_refresh_check_s) if repo else None
+        )
         self.app = create_app(
             db,
             publish=self.bridge.publish,
@@ -65,9 +69,13 @@ class FleetServer:
         """Blocks until SIGINT/SIGTERM (uvicorn's handlers), then stops everything."""
         self.bridge.start()
         self.scheduler.start()
+        if self.keeper is not None:
+            self.keeper.start()
         try:
             self.http.run()
         finally:
+            if self.keeper is not None:
+                self.keeper.stop()
             self.scheduler.stop()
             self.bridge.stop()
 

@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     repository_dir: Path | None = Field(
         default=None, description="the TUF repository the server signs into and serves at /repo"
     )
+    repository_refresh_check_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="how often the server checks whether snapshot and timestamp need re-signing "
+        "(it re-signs in the last half of their validity)",
+    )
     renotify_queued_s: float = Field(
         default=60.0, description="re-notify devices whose queued job may have been missed"
     )

@@ -57,24 +57,24 @@ def _variant(base: Path, dest: Path, *, bad_golden: bool = False, garbage_model:
 
 
 def sign_raw_target(repo: UpdateRepository, path: str, file: Path, custom: dict[str, Any]) -> None:
-    """Publish `file` without the repository's bundle checks: what a stolen targets key allows."""
+    """Publish `file` without the repository's bundle checks: what a stolen release key allows."""
     digest = TargetFile.from_file(path, str(file), ["sha256"])
     digest.unrecognized_fields["custom"] = {CUSTOM_KEY: custom}
     dirname, _, base = path.rpartition("/")
     dest = repo.targets_dir / dirname / f"{digest.hashes['sha256']}.{base}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(file, dest)
-    md: Metadata[Any] = Metadata.from_bytes((repo.metadata_dir / "targets.json").read_bytes())
+    md: Metadata[Any] = Metadata.from_bytes((repo.metadata_dir / "release.json").read_bytes())
     md.signed.targets[path] = digest
     md.signed.version += 1
     md.signatures.clear()
-    for s in repo.signers("targets"):
+    for s in repo.signers("release"):
         md.sign(s, append=True)
     data = md.to_bytes()
-    (repo.metadata_dir / f"{md.signed.version}.targets.json").write_bytes(data)
-    (repo.metadata_dir / "targets.json").write_bytes(data)
+    (repo.metadata_dir / f"{md.signed.version}.release.json").write_bytes(data)
+    (repo.metadata_dir / "release.json").write_bytes(data)
     snap: Metadata[Any] = Metadata.from_bytes((repo.metadata_dir / "snapshot.json").read_bytes())
-    snap.signed.meta["targets.json"] = MetaFile(md.signed.version)
+    snap.signed.meta["release.json"] = MetaFile(md.signed.version)
     snap.signed.version += 1
     snap.signatures.clear()
     for s in repo.signers("snapshot"):

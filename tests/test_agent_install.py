@@ -238,17 +238,17 @@ def test_refuses_rolled_back_metadata(world: World, tmp_path: Path) -> None:
 
 
 def test_refuses_mixed_and_matched_metadata(world: World, tmp_path: Path) -> None:
-    """A new publish (targets v N+1, which the device has not seen) served with the content of
-    targets v N under v N+1's name: the version inside does not match what snapshot pins."""
+    """A new publish (release v N+1, which the device has not seen) served with the content of
+    release v N under v N+1's name: the version inside does not match what snapshot pins."""
     device, repo_dir = world.copy(tmp_path, repo=True)
     repo = UpdateRepository(repo_dir)
     v2 = next((repo_dir / "targets").rglob(f"*{Path(world.targets['v2']).name}"))
     custom = {"name": "classifier", "version": "2.0.1", "skus": [SKU], "min_agent_version": "0.1.0"}
     sign_raw_target(repo, "classifier/2.0.1/edge-cpu.bundle", v2, custom)
     meta = repo_dir / "metadata"
-    tv = json.loads((meta / "snapshot.json").read_bytes())["signed"]["meta"]["targets.json"]["version"]
-    (meta / f"{tv}.targets.json").write_bytes((meta / f"{tv - 1}.targets.json").read_bytes())
-    _assert_refused(world, device, repo_dir, world.targets["v2"], "targets")
+    tv = json.loads((meta / "snapshot.json").read_bytes())["signed"]["meta"]["release.json"]["version"]
+    (meta / f"{tv}.release.json").write_bytes((meta / f"{tv - 1}.release.json").read_bytes())
+    _assert_refused(world, device, repo_dir, world.targets["v2"], "release")
 
 
 @pytest.mark.parametrize(

@@ -66,10 +66,20 @@ def test_pack_publish_rotate_verify_over_http_and_dir(sample_payload: Path, tmp_
     proc = run("bundle", "inspect", str(bundle), "--json")
     assert json.loads(proc.stdout)["skus"] == ["edge-cpu", "edge-gpu"]
 
-    repo = tmp_path / "repo"
+    repo, offline = tmp_path / "repo", tmp_path / "offline"
     assert (
         run(
-            "repo", "init", str(repo), "--root-keys", "3", "--root-threshold", "2", "--expiry", "timestamp=2"
+            "repo",
+            "init",
+            str(repo),
+            "--offline-keys",
+            str(offline),
+            "--root-keys",
+            "3",
+            "--root-threshold",
+            "2",
+            "--expiry",
+            "timestamp=2",
         ).returncode
         == 0
     )
@@ -78,8 +88,10 @@ def test_pack_publish_rotate_verify_over_http_and_dir(sample_payload: Path, tmp_
     assert proc.returncode == 0, proc.stderr
     assert "classifier/1.2.0/edge-cpu+edge-gpu.bundle" in proc.stdout
     root = repo / "metadata" / "1.root.json"
-    for role in ("targets", "root"):
-        assert run("repo", "rotate", str(repo), "--role", role).returncode == 0
+    assert_one_line_error(run("repo", "rotate", str(repo), "--role", "timestamp"), "offline keys")
+    for role in ("targets", "root", "release"):
+        proc = run("repo", "rotate", str(repo), "--role", role, "--offline-keys", str(offline))
+        assert proc.returncode == 0, proc.stderr
     assert run("repo", "refresh", str(repo)).returncode == 0
     listing = json.loads(run("repo", "list", str(repo), "--json").stdout)
     assert listing[0]["custom"]["version"] == "1.2.0"
@@ -146,7 +158,7 @@ def test_errors_are_one_line(sample_payload: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "x.bundle").exists()
 
     repo = tmp_path / "repo"
-    run("repo", "init", str(repo))
+    run("repo", "init", str(repo), "--offline-keys", str(tmp_path / "offline"))
     bundle = tmp_path / "c.bundle"
     run(
         "bundle",
@@ -161,14 +173,14 @@ def test_errors_are_one_line(sample_payload: Path, tmp_path: Path) -> None:
         "-o",
         str(bundle),
     )
-    for key in (repo / "keys" / "targets").glob("*.pem"):
+    for key in (repo / "keys" / "release").glob("*.pem"):
         key.unlink()
-    assert_one_line_error(run("repo", "add", str(repo), str(bundle)), "private key")
+    assert_one_line_error(run("repo", "add", str(repo), str(bundle)), "no such key file")
     assert_one_line_error(run("repo", "refresh", str(tmp_path / "nowhere")), "no such repository")
-    assert_one_line_error(run("repo", "rotate", str(repo), "--role", "admin"), "unknown role")
+    assert_one_line_error(run("repo", "rotate", str(repo), "--role", "admin"), "no delegated role 'admin'")
 
     other = tmp_path / "other"
-    run("repo", "init", str(other))
+    run("repo", "init", str(other), "--offline-keys", str(tmp_path / "other-offline"))
     proc = run(
         "repo",
         "verify",

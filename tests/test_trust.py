@@ -32,6 +32,7 @@ from shared.trust import (
     UpdateRepository,
 )
 from shared.trust.http import RepoHTTPServer, parse_range
+from shared.trust.repository import default_offline_dir
 from tests.helpers import build_bundle
 
 
@@ -97,12 +98,20 @@ def test_verify_and_fetch(repo: UpdateRepository, source: str, tmp_path: Path) -
     assert got.read_bytes() == (tmp_path / "v1.bundle").read_bytes()
 
 
-def test_private_keys_are_0600_and_outside_metadata(repo: UpdateRepository) -> None:
-    keys = list(repo.keys_dir.rglob("*.pem"))
-    assert len(keys) == 3 + 1 + 1 + 1
-    for k in keys:
+def test_private_keys_are_0600_and_root_and_targets_are_offline(repo: UpdateRepository) -> None:
+    """The repository directory (what the fleet server holds) has the online keys only:
+    snapshot, timestamp and the delegated release role; root and targets are elsewhere."""
+    online = {k.parent.name for k in repo.keys_dir.rglob("*.pem")}
+    assert online == {"snapshot", "timestamp", "release"}
+    offline_dir = default_offline_dir(repo.dir)
+    offline = sorted(k.parent.name for k in offline_dir.rglob("*.pem"))
+    assert offline == ["root", "root", "root", "targets"]
+    for k in [*repo.keys_dir.rglob("*.pem"), *offline_dir.rglob("*.pem")]:
         assert stat.S_IMODE(os.stat(k).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(repo.keys_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(offline_dir).st_mode) == 0o700
+    signers = json.loads((repo.dir / "repo.json").read_text())["signers"].values()
+    assert not [u for u in signers if "offline" in u]
     served = list(repo.metadata_dir.rglob("*")) + list(repo.targets_dir.rglob("*"))
     assert not [p for p in served if p.suffix == ".pem"]
 
@@ -150,11 +159,22 @@ def test_unknown_target(repo: UpdateRepository, source: str, tmp_path: Path) -> 
 
 
 def test_missing_key_is_a_clear_error(repo: UpdateRepository, tmp_path: Path, sample_payload: Path) -> None:
-    for k in (repo.keys_dir / "targets").glob("*.pem"):
+    for k in (repo.keys_dir / "snapshot").glob("*.pem"):
         k.unlink()
     other = build_bundle(sample_payload, tmp_path / "v2.bundle", version="2.0.0")
-    with pytest.raises(RepositoryConfigError, match="role 'targets': 0 private key"):
+    with pytest.raises(RepositoryConfigError, match="signer file2:.*snapshot.*: no such key file"):
         repo.add_bundle(other)
+
+
+def test_a_publish_without_the_release_key_fails_and_publishes_nothing(
+    repo: UpdateRepository, source: str, tmp_path: Path, sample_payload: Path
+) -> None:
+    for k in (repo.keys_dir / "release").glob("*.pem"):
+        k.unlink()
+    server = UpdateRepository(repo.dir)
+    with pytest.raises(RepositoryConfigError, match="no such key file"):
+        server.add_bundle(build_bundle(sample_payload, tmp_path / "v2.bundle", version="2.0.0"))
+    assert [t.path for t in client(repo, source, tmp_path / "cache").targets()] == [TARGET]
 
 
 # ---- rotation ---------------------------------------------------------------------------------
@@ -259,12 +279,12 @@ def test_rolled_back_targets_version(
 ) -> None:
     repo.add_bundle(build_bundle(sample_payload, tmp_path / "v2.bundle", version="2.0.0"))
     cache = tmp_path / "cache"
-    client(repo, source, cache).refresh()
-    # An attacker with snapshot and timestamp keys serves targets v2 (without 2.0.0) again.
-    forge(repo, "snapshot", lambda s: s.meta.__setitem__("targets.json", MetaFile(2)))
+    client(repo, source, cache).targets()
+    # An attacker with snapshot and timestamp keys serves release v2 (without 2.0.0) again.
+    forge(repo, "snapshot", lambda s: s.meta.__setitem__("release.json", MetaFile(2)))
     sv = json.loads((repo.metadata_dir / "snapshot.json").read_bytes())["signed"]["version"]
     forge(repo, "timestamp", lambda s: setattr(s, "snapshot_meta", MetaFile(sv)))
-    with pytest.raises(RollbackAttackError, match="targets"):
+    with pytest.raises(RollbackAttackError, match="release"):
         client(repo, source, cache).refresh()
 
 
@@ -292,16 +312,18 @@ def test_root_threshold_not_met(repo: UpdateRepository, source: str, tmp_path: P
 def test_mix_and_match_targets(
     repo: UpdateRepository, source: str, tmp_path: Path, sample_payload: Path
 ) -> None:
-    """targets.json from one publish served with a snapshot that names another version."""
+    """release.json from one publish served with a snapshot that names another version."""
     repo.add_bundle(build_bundle(sample_payload, tmp_path / "v2.bundle", version="2.0.0"))
     current = json.loads((repo.metadata_dir / "snapshot.json").read_bytes())["signed"]
-    tv = current["meta"]["targets.json"]["version"]
-    # Serve the older targets file under the current version's name.
-    (repo.metadata_dir / f"{tv}.targets.json").write_bytes(
-        (repo.metadata_dir / f"{tv - 1}.targets.json").read_bytes()
+    tv = current["meta"]["release.json"]["version"]
+    # Serve the older release file under the current version's name.
+    (repo.metadata_dir / f"{tv}.release.json").write_bytes(
+        (repo.metadata_dir / f"{tv - 1}.release.json").read_bytes()
     )
-    with pytest.raises(RollbackAttackError, match="targets"):
-        client(repo, source, tmp_path / "cache").refresh()
+    c = client(repo, source, tmp_path / "cache")
+    assert c.targets() == []  # the role fails verification: it vouches for nothing
+    with pytest.raises(RollbackAttackError, match="release"):
+        c.get_target("classifier/2.0.0/edge-cpu.bundle")
 
 
 def test_init_refuses_bad_threshold_and_nonempty_dir(tmp_path: Path) -> None:

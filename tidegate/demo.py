@@ -199,8 +199,14 @@ def _run(workdir: Path, keep_running: bool) -> dict[str, Any]:
     summary: dict[str, Any] = {"workdir": str(workdir.resolve()), "timings_s": timings}
     with _step(1, "build, sign and publish", timings):
         repo_dir = workdir / "repository"
-        repo = UpdateRepository.init(repo_dir, root_keys=3, root_threshold=2)
-        _say("repo", f"a TUF repository (3 root keys, threshold 2; keys 0600 in {repo_dir / 'keys'})")
+        offline = workdir / "offline-keys"
+        repo = UpdateRepository.init(repo_dir, offline_dir=offline, root_keys=3, root_threshold=2)
+        repo = UpdateRepository(repo_dir)  # from here on, only what the fleet server holds
+        _say(
+            "repo",
+            f"a TUF repository: root (3 keys, threshold 2) and targets offline in {offline.name}/; "
+            f"the server holds snapshot, timestamp and the delegated role 'release' ({repo_dir.name}/keys)",
+        )
         bundles = _build(workdir, repo_dir)
     with _step(2, "bench the release on this machine (HIL)", timings):
         report = _bench(workdir, bundles["good"], repo_dir)

@@ -11,10 +11,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from fleet_server.auth.deps import Principal, require
 from fleet_server.auth.service import Role, audit
@@ -100,6 +101,10 @@ def list_releases(
     "/api/v1/releases",
     response_model=ReleasePublic,
     status_code=201,
+    responses={
+        202: {"description": "staged: the target's role needs a signature this server does not hold"},
+        422: {"description": "the bundle is refused; the reason is named"},
+    },
     openapi_extra={
         "requestBody": {
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
@@ -107,7 +112,7 @@ def list_releases(
         }
     },
 )
-async def publish(request: Request, who: Operator) -> Release:
+async def publish(request: Request, who: Operator) -> Release | JSONResponse:
     """Upload a bundle (raw body): it is verified, signed into the repository and registered."""
     repo = _repo(request)
     fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".bundle", dir=repo.dir)
@@ -122,20 +127,36 @@ async def publish(request: Request, who: Operator) -> Release:
         if size == 0:
             raise HTTPException(422, "empty body: send the bundle file as application/octet-stream")
         now = request.app.state.clock()
-        try:
+
+        def publish_and_record() -> Release | JSONResponse:
             with request.app.state.db.session() as s:
-                release = service.publish(s, repo=repo, bundle=Path(tmp), actor=who.name, now=now)
+                release, published = service.publish(s, repo=repo, bundle=Path(tmp), actor=who.name, now=now)
                 audit(
                     s,
                     actor=who.name,
                     role=who.role.value,
-                    action="release.publish",
-                    target=release.target,
+                    action="release.publish" if release is not None else "release.stage",
+                    target=published.path,
                     outcome="ok",
                     now=now,
                 )
                 s.flush()
+                if release is None:
+                    return JSONResponse(
+                        status_code=202,
+                        content={
+                            "staged": True,
+                            "target": published.path,
+                            "role": published.role,
+                            "waiting": [p.describe() for p in published.pending],
+                        },
+                    )
                 return release
+
+        try:
+            # Signing and hashing a bundle takes seconds: off the event loop, so the API, the
+            # dashboard and /repo keep answering while it runs (the repository lock orders writers).
+            return await run_in_threadpool(publish_and_record)
         except TidegateError as exc:
             raise HTTPException(422, f"bundle refused: {exc}") from None
     finally:

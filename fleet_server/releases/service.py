@@ -17,7 +17,7 @@ from fleet_server.releases.models import BenchReport, Release
 from shared.benchreport import BenchKeyError, acceptance, parse_public
 from shared.bundle import read_manifest
 from shared.errors import TidegateError
-from shared.trust import UpdateRepository
+from shared.trust import PublishedTarget, UpdateRepository
 
 
 class Stage(StrEnum):
@@ -51,13 +51,19 @@ def publish(
     actor: str,
     now: datetime,
     lineage: dict[str, Any] | None = None,
-) -> Release:
-    """Verify and sign the bundle into the repository (immutable per path) and record it."""
+) -> tuple[Release | None, PublishedTarget]:
+    """Verify and sign the bundle into the repository (immutable per path) and record it.
+
+    A target whose delegated role needs a signature this server does not hold (a production
+    role's approver) is staged, not published, and not recorded: devices could not fetch it.
+    Posting the same bundle again once it is signed (`tidegate repo import`) records it."""
     published = repo.add_bundle(bundle)
+    if published.pending:
+        return None, published
     manifest = read_manifest(bundle)
     existing = session.scalars(select(Release).where(Release.target == published.path)).first()
     if existing is not None:
-        return existing
+        return existing, published
     release = Release(
         name=manifest.name,
         version=manifest.version,
@@ -74,7 +80,7 @@ def publish(
     )
     session.add(release)
     session.flush()
-    return release
+    return release, published
 
 
 def get(session: Session, release_id: int) -> Release:

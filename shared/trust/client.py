@@ -8,6 +8,7 @@ exception is mapped to one of ours at this boundary.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from shared.trust.errors import (
 )
 from shared.trust.fetcher import ProgressCallback, TidegateFetcher, source_to_url
 from shared.trust.repository import CUSTOM_KEY
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -136,11 +139,45 @@ class TrustClient:
             self.refresh()
 
     def targets(self) -> list[TargetInfo]:
-        """Every top-level target in the verified targets metadata."""
+        """Every target the verified metadata vouches for, top-level and delegated.
+
+        Each delegated role's candidates are resolved again through ngclient's own walk
+        (`get_targetinfo`), so a path a role lists outside its delegated patterns, or one a
+        more trusted role shadows, is never returned. A delegated role that fails verification
+        lists nothing (asking for one of its paths with `get_target` raises the reason).
+        """
         self._ensure_fresh()
         # ngclient has no public listing; its trusted set is the verified state (tuf pinned).
-        signed = self._updater._trusted_set.targets
-        return [_info(tf) for _, tf in sorted(signed.targets.items())]
+        trusted = self._updater._trusted_set
+        top = trusted.targets
+        paths = set(top.targets)
+        roles = (top.delegations.roles or {}) if top.delegations is not None else {}
+        pending = [(r.name, "targets") for r in roles.values()]
+        seen: set[str] = set()
+        while pending:
+            role, parent = pending.pop()
+            if role in seen:
+                continue
+            seen.add(role)
+            try:
+                with translate_errors(f"delegated role {role!r}"):
+                    signed = self._updater._load_targets(role, parent)
+            except TrustError as exc:
+                _log.warning("%s", exc)
+                continue
+            paths.update(signed.targets)
+            if signed.delegations is not None and signed.delegations.roles:
+                pending.extend((r.name, role) for r in signed.delegations.roles.values())
+        out = []
+        for path in sorted(paths):
+            try:
+                with translate_errors(f"target {path!r}"):
+                    tf = self._updater.get_targetinfo(path)
+            except TrustError:
+                continue
+            if tf is not None:
+                out.append(_info(tf))
+        return out
 
     def get_target(self, path: str) -> TargetInfo:
         self._ensure_fresh()
