@@ -189,3 +189,31 @@ def test_without_a_repository_publishing_is_503(tmp_path: Path) -> None:
         "/api/v1/releases", content=b"x", headers={"Authorization": f"Bearer {token}"}
     )
     assert r.status_code == 503 and "no update repository" in r.json()["detail"]
+
+
+def test_a_release_whose_role_needs_an_approver_is_staged_then_recorded(
+    served: tuple[str, dict[str, str], UpdateRepository], tmp_path: Path, sample_payload: Path
+) -> None:
+    """A production role of two keys: the server holds the build key, so a publish answers 202
+    with the signature it waits for, records nothing, and /repo does not list it; once the
+    approver's signature is imported, posting the same bundle records the release."""
+    from shared.trust.keys import generate_file_key
+    from shared.trust.repository import sign_envelope
+
+    url, tokens, repo = served
+    approver_uri, approver = generate_file_key(tmp_path / "approver")
+    repo.delegate("safety", ["safety/*/*"], threshold=2, new_keys=1, public_keys=[approver.public_key])
+    bundle = build_bundle(sample_payload, tmp_path / "s.bundle", name="safety", version="1.0.0")
+    r = httpx.post(url + "/api/v1/releases", content=bundle.read_bytes(), headers=h(tokens, "operator"))
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["staged"] and body["role"] == "safety" and "1 of 2 signature" in body["waiting"][0]
+    releases = httpx.get(url + "/api/v1/releases", headers=h(tokens, "viewer")).json()
+    assert "safety" not in {x["name"] for x in releases}
+    signed, _ = sign_envelope(UpdateRepository(repo.dir).export("safety"), approver_uri)
+    UpdateRepository(repo.dir).import_signatures(signed)
+    r = httpx.post(url + "/api/v1/releases", content=bundle.read_bytes(), headers=h(tokens, "operator"))
+    assert r.status_code == 201, r.text
+    assert r.json()["target"] == "safety/1.0.0/edge-cpu.bundle"
+    audit = httpx.get(url + "/api/v1/audit?action=release.stage", headers=h(tokens, "admin")).json()
+    assert audit and audit[0]["target"] == "safety/1.0.0/edge-cpu.bundle"

@@ -435,3 +435,25 @@ def test_the_fleet_servers_keeper_re_signs_before_expiry_on_its_own(
     clock[0] += timedelta(hours=13)
     assert not keeper.tick()
     assert keeper.last_error is not None and "timestamp" in keeper.last_error
+
+
+def test_a_catch_all_release_key_cannot_sign_a_path_a_later_delegation_took(
+    tmp_path: Path, sample_payload: Path
+) -> None:
+    """The default release role covers */*/*; a later safety delegation (2 of 2) goes ahead of
+    it, so a target under safety/ forged into release.json is never consulted."""
+    repo = UpdateRepository.init(tmp_path / "repo")
+    approver = CryptoSigner.generate_ed25519()
+    repo.delegate("safety", [SAFETY], threshold=2, new_keys=1, public_keys=[approver.public_key])
+    assert [d.name for d in repo.delegations()] == ["safety", "release"]
+    server = UpdateRepository(repo.dir)
+    v1 = server.add_bundle(build_bundle(sample_payload, tmp_path / "v1.bundle", skus=[SKU]))
+    assert v1.role == "release" and not v1.pending
+    device = tmp_path / "device"
+    DeviceRoot.provision(
+        device, DeviceConfig(device_id="d", sku=SKU), (repo.metadata_dir / "1.root.json").read_bytes()
+    )
+    assert Agent(device).install(repository=str(repo.dir), target=v1.path).ok
+    evil = build_bundle(sample_payload, tmp_path / "e.bundle", name="safety", version="6.6.6", skus=[SKU])
+    _attack(server, "release", _plant(server, "safety/6.6.6/edge-cpu.bundle", evil))
+    _refused(device, repo.dir, "safety/6.6.6/edge-cpu.bundle", "safety")

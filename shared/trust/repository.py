@@ -875,7 +875,14 @@ def _add_delegation(targets: Targets, d: Delegation, keys: Sequence[Key]) -> Non
     if old is not None:
         for keyid in list(old.keyids):
             targets.revoke_key(keyid, d.name)
-    dele.roles[d.name] = DelegatedRole(d.name, [], d.threshold, True, paths=list(d.paths))
+    role = DelegatedRole(d.name, [], d.threshold, True, paths=list(d.paths))
+    if old is not None:
+        dele.roles[d.name] = role  # keeps its place in the order devices search
+    else:
+        # A new delegation goes first: devices search delegations in order and every role is
+        # terminating, so a narrower role added later (safety/*/*, 2 of 2) must not be
+        # shadowed by an older catch-all (release, */*/*).
+        dele.roles = {d.name: role, **dele.roles}
     for key in keys:
         targets.add_key(key, d.name)
 
