@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import print_table, write_result
 from fleet_server.broker import EmbeddedBroker
-from fleet_server.db import Database
-from fleet_server.devices.models import Device
-from fleet_server.migrate import upgrade
 from fleet_server.sim.fleet import SimSettings, SimulatedFleet
 from shared.net import free_port
 from shared.procs import stop_process
@@ -116,14 +113,13 @@ def _counters(api: httpx.Client) -> dict[str, float]:
     return out
 
 
-def _register(url: str, n: int, sku: str) -> list[str]:
-    db = Database(url)
-    upgrade(db)
+def _register(api: httpx.Client, n: int, sku: str) -> list[str]:
+    """Register the simulated fleet through the API (POST /api/v1/devices/batch), as an
+    operator's provisioning script would."""
     things = [f"sim-{i:06d}" for i in range(n)]
-    now = datetime.now(UTC)
-    with db.session() as s:
-        s.add_all(Device(thing_name=t, sku=sku, registered_at=now, attributes={}) for t in things)
-    db.engine.dispose()
+    for start in range(0, n, 10_000):
+        chunk = [{"thing_name": t, "sku": sku} for t in things[start : start + 10_000]]
+        api.post("/api/v1/devices/batch", json={"devices": chunk}).raise_for_status()
     return things
 
 
@@ -178,9 +174,9 @@ def server_process(
 
 def campaign(work: Path, devices: int, db_url: str, broker_port: int) -> dict[str, Any]:
     sku = "bench-sku"
-    things = _register(db_url, devices, sku)
-    fleet = SimulatedFleet(things, SimSettings(port=broker_port, install_s=(0.05, 0.2), seed=1))
     with server_process(work, db_url, broker_port, tick_s=0.5) as api:
+        things = _register(api, devices, sku)
+        fleet = SimulatedFleet(things, SimSettings(port=broker_port, install_s=(0.05, 0.2), seed=1))
         try:
             return _campaign(api, fleet, devices, sku)
         finally:

@@ -25,6 +25,7 @@ from fleet_server.devices.routes import router as devices_router
 from fleet_server.flags.routes import router as flags_router
 from fleet_server.jobs.models import JobExecution
 from fleet_server.jobs.protocol import Outgoing
+from fleet_server.jobs.routes import router as executions_router
 from fleet_server.releases.routes import router as releases_router
 from fleet_server.releases.service import parse_bench_keys
 from fleet_server.telemetry.metrics import FleetGauges
@@ -84,6 +85,7 @@ def create_app(
     app.include_router(releases_router, dependencies=documented)
     app.include_router(flags_router, dependencies=documented)
     app.include_router(fleet_router, dependencies=documented)
+    app.include_router(executions_router, dependencies=documented)
 
     registry = CollectorRegistry()
     register_system_metrics(registry)

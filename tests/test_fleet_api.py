@@ -83,6 +83,9 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("GET", "/api/v1/tokens", Role.ADMIN, None),
     ("POST", "/api/v1/tokens/999/revoke", Role.ADMIN, None),
     ("GET", "/api/v1/audit", Role.ADMIN, None),
+    ("GET", "/api/v1/executions", Role.VIEWER, None),
+    ("GET", "/api/v1/executions/999", Role.VIEWER, None),
+    ("GET", "/api/v1/receipts", Role.VIEWER, None),
 ]
 
 
@@ -242,6 +245,30 @@ def test_a_campaign_through_the_api(
     assert body["waves"][1]["counts"] == {"NOT_STARTED": 3}
     assert sum(sum(v.values()) for v in body["regions"].values()) == 3
     assert len([o for o in published if o.topic.endswith("notify-next")]) == 3
+    # Executions, as operators (and the stuck-campaign runbook) read them.
+    viewer = headers["viewer"]
+    rows = client.get("/api/v1/executions", params={"campaign": c["id"]}, headers=viewer).json()
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"QUEUED"} and {r["wave"] for r in rows} == {0}
+    ids = [r["id"] for r in rows]
+    assert ids == sorted(ids, reverse=True)
+    page = client.get("/api/v1/executions", params={"limit": 2}, headers=viewer).json()
+    rest = client.get("/api/v1/executions", params={"before_id": page[-1]["id"]}, headers=viewer).json()
+    assert [r["id"] for r in page + rest] == ids
+    by_region = client.get("/api/v1/executions", params={"region": "eu"}, headers=viewer).json()
+    regions = {f"car-{i}": "eu" if i % 2 else "us" for i in range(6)}
+    assert by_region and {regions[r["thing_name"]] for r in by_region} == {"eu"}
+    mine = client.get("/api/v1/executions", params={"thing": rows[0]["thing_name"]}, headers=viewer).json()
+    assert [r["id"] for r in mine] == [rows[0]["id"]]
+    one = client.get(f"/api/v1/executions/{rows[0]['id']}", headers=viewer).json()
+    assert one["events"][0]["to_status"] == "QUEUED" and one["document"]["operation"]
+    for bad, needle in (
+        ({"regoin": "eu"}, "unknown filter(s): regoin"),
+        ({"status": "DONE"}, "status 'DONE': one of QUEUED"),
+        ({"before_id": 0}, "greater than or equal to 1"),
+    ):
+        r = client.get("/api/v1/executions", params=bad, headers=viewer)
+        assert r.status_code == 422 and needle in r.text, (bad, r.text)
+    assert client.get("/api/v1/executions/999999", headers=viewer).status_code == 404
     paused = client.post(
         f"/api/v1/campaigns/{c['id']}/pause", json={"reason": "checking dashboards"}, headers=op
     )
@@ -317,3 +344,50 @@ def test_tokens_expire_are_revoked_and_the_audit_log_can_be_read(db: Database) -
     far = {"until": "9999-12-31T23:59:59-14:00"}  # no UTC time for it: a 422, not a 500
     assert client.get("/api/v1/audit", params=far, headers=auth).status_code == 422
     assert client.post("/api/v1/tokens/99999999999999/revoke", headers=auth).status_code == 422
+
+
+def test_receipts_are_filtered_by_device_version_and_outcome_and_paged(
+    api: tuple[TestClient, dict[str, dict[str, str]], list[Outgoing]], db: Database
+) -> None:
+    from fleet_server.devices.models import Device
+    from fleet_server.telemetry.models import TelemetryRecord
+
+    client, headers, _ = api
+    with db.session() as s:
+        for i in range(3):
+            s.add(Device(thing_name=f"car-{i}", sku="edge-cpu", registered_at=T0, attributes={}))
+        s.flush()
+        for seq in range(12):
+            thing = f"car-{seq % 3}"
+            outcome = "rolled_back" if seq % 4 == 0 else "committed"
+            s.add(
+                TelemetryRecord(
+                    thing_name=thing,
+                    kind="receipt",
+                    seq=seq,
+                    at=T0,
+                    received_at=T0,
+                    payload={
+                        "device_id": thing,
+                        "version": f"1.{seq % 2}.0",
+                        "outcome": outcome,
+                        "reason": "r",
+                    },
+                )
+            )
+        s.add(TelemetryRecord(thing_name="car-0", kind="beacon", seq=99, at=T0, received_at=T0, payload={}))
+    viewer = headers["viewer"]
+    every = client.get("/api/v1/receipts", headers=viewer).json()
+    assert len(every) == 12 and all(r["receipt"]["outcome"] for r in every)
+    picked = client.get(
+        "/api/v1/receipts", params={"thing": "car-0", "outcome": "rolled_back"}, headers=viewer
+    ).json()
+    assert {r["seq"] for r in picked} == {0}  # car-0 holds seq 0, 3, 6, 9; of those 0 rolled back
+    v1 = client.get("/api/v1/receipts", params={"version": "1.1.0", "limit": 2}, headers=viewer).json()
+    assert len(v1) == 2 and all(r["receipt"]["version"] == "1.1.0" for r in v1)
+    more = client.get(
+        "/api/v1/receipts", params={"version": "1.1.0", "before_id": v1[-1]["id"]}, headers=viewer
+    ).json()
+    assert len(v1) + len(more) == 6
+    r = client.get("/api/v1/receipts", params={"device": "car-0"}, headers=viewer)
+    assert r.status_code == 422 and "unknown filter(s): device" in r.text

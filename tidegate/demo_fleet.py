@@ -350,15 +350,10 @@ def rollout(fleet: Fleet, release: dict[str, Any], say: Say) -> dict[str, Any]:
 
 
 def _unmet(fleet: Fleet, thing: str) -> str | None:
-    from sqlalchemy import select
-
-    from fleet_server.jobs.models import JobExecution
-
-    with fleet.db.session() as s:
-        ex = s.scalars(
-            select(JobExecution).where(JobExecution.thing_name == thing, JobExecution.status == "IN_PROGRESS")
-        ).first()
-        return (ex.status_details or {}).get("unmet") if ex is not None else None
+    """Why `thing` waits, as operators read it: its execution's statusDetails.unmet."""
+    rows = fleet.http.get("/api/v1/executions", params={"thing": thing, "status": "IN_PROGRESS"}).json()
+    unmet = (rows[0]["status_details"] or {}).get("unmet") if rows else None
+    return str(unmet) if unmet is not None else None
 
 
 def _await_versions(fleet: Fleet, version: str, seconds: float = 30) -> None:
@@ -422,18 +417,10 @@ def bad_release(fleet: Fleet, release: dict[str, Any], good: str, say: Say) -> d
 
 def _receipts(fleet: Fleet, version: str, seconds: float = 15) -> list[dict[str, Any]]:
     """The install receipts the devices sent for `version` (they follow the job's status)."""
-    from sqlalchemy import select
-
-    from fleet_server.telemetry.models import TelemetryRecord
-
     deadline = time.monotonic() + seconds
     while True:
-        with fleet.db.session() as s:
-            got = [
-                r.payload
-                for r in s.scalars(select(TelemetryRecord).where(TelemetryRecord.kind == "receipt"))
-                if r.payload.get("version") == version
-            ]
+        rows = fleet.http.get("/api/v1/receipts", params={"version": version}).json()
+        got = [r["receipt"] for r in rows]
         if got or time.monotonic() > deadline:
             return got
         time.sleep(0.5)
@@ -442,10 +429,6 @@ def _receipts(fleet: Fleet, version: str, seconds: float = 15) -> list[dict[str,
 def export_records(fleet: Fleet, out: Path) -> dict[str, Path]:
     """The campaigns with their decision logs, the devices' install receipts and the failure
     cohort of the stopped campaign, as JSON files an operator can attach to a report."""
-    from sqlalchemy import select
-
-    from fleet_server.telemetry.models import TelemetryRecord
-
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for story, cid in fleet.campaigns.items():
@@ -459,13 +442,8 @@ def export_records(fleet: Fleet, out: Path) -> dict[str, Path]:
         cohort = fleet.http.get(f"/api/v1/campaigns/{fleet.campaigns['bad']}/cohorts/failure").json()
         paths["failure-cohort"] = out / "failure-cohort.json"
         paths["failure-cohort"].write_text(json.dumps(cohort, indent=2) + "\n")
-    with fleet.db.session() as s:
-        receipts = [
-            {"thing": r.thing_name, "seq": r.seq, **r.payload}
-            for r in s.scalars(
-                select(TelemetryRecord).where(TelemetryRecord.kind == "receipt").order_by(TelemetryRecord.id)
-            )
-        ]
+    rows = fleet.http.get("/api/v1/receipts", params={"limit": 1000}).json()
+    receipts = [{"thing": r["thing_name"], "seq": r["seq"], **r["receipt"]} for r in reversed(rows)]
     paths["receipts"] = out / "receipts.json"
     paths["receipts"].write_text(json.dumps(receipts, indent=2, default=str) + "\n")
     return paths
