@@ -175,7 +175,6 @@ def check_patterns(paths: Sequence[str], existing: Iterable[str] = ()) -> None:
     if not paths:
         raise RepositoryConfigError("a delegation needs at least one path pattern")
     known = list(existing)
-    probe = DelegatedRole("probe", [], 1, True, paths=list(paths))
     for pattern in paths:
         if not pattern or pattern.startswith("/") or "//" in pattern:
             raise RepositoryConfigError(f"path pattern {pattern!r}: not a relative target path")
@@ -189,7 +188,6 @@ def check_patterns(paths: Sequence[str], existing: Iterable[str] = ()) -> None:
                 f"path pattern {pattern!r} matches no target: target paths are NAME/VERSION/SKUS.bundle "
                 f"and TUF's * stops at /; did you mean {hint!r}?"
             )
-    del probe
 
 
 class UpdateRepository:
