@@ -59,13 +59,13 @@ def provision(
     try:
         anchor = trusted_root.read_bytes()
     except OSError as exc:
-        raise AgentError(f"{trusted_root}: cannot read trusted root ({exc.strerror})") from None
+        raise AgentError(f"{trusted_root}: cannot read trusted root ({exc.strerror})") from exc
     try:
         cfg = DeviceConfig(
             device_id=device_id, sku=sku, max_trial_boots=max_trial_boots, reserve_mb=reserve_mb
         )
     except ValueError as exc:
-        raise AgentError(f"invalid device settings: {str(exc).splitlines()[-1].strip()}") from None
+        raise AgentError(f"invalid device settings: {str(exc).splitlines()[-1].strip()}") from exc
     DeviceRoot.provision(root, cfg, anchor)
     typer.echo(f"provisioned {device_id} ({sku}) in {root}")
 

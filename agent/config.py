@@ -96,4 +96,4 @@ class AgentConfig(_Section):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            raise AgentError(f"{path}: {first_error(exc)}") from None
+            raise AgentError(f"{path}: {first_error(exc)}") from exc

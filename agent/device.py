@@ -63,8 +63,8 @@ class DeviceRoot:
             raise AgentError(f"{root}: already provisioned as {dev.load_config().device_id}")
         try:
             json.loads(trusted_root)["signed"]["_type"]
-        except (ValueError, KeyError, TypeError):
-            raise AgentError("trusted root is not TUF root metadata") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AgentError("trusted root is not TUF root metadata") from exc
         root.mkdir(parents=True, exist_ok=True)
         (dev.trust_dir / "cache").mkdir(parents=True, exist_ok=True)
         dev.downloads.mkdir(exist_ok=True)
@@ -77,12 +77,12 @@ class DeviceRoot:
     def load_config(self) -> DeviceConfig:
         try:
             return DeviceConfig.model_validate_json(self.config_path.read_bytes())
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
             raise NotProvisionedError(
                 f"{self.root}: not a provisioned device root (run 'tidegate agent provision')"
-            ) from None
+            ) from exc
         except ValidationError as exc:
-            raise AgentError(f"{self.config_path}: invalid ({str(exc).splitlines()[0]})") from None
+            raise AgentError(f"{self.config_path}: invalid ({str(exc).splitlines()[0]})") from exc
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -92,8 +92,8 @@ class DeviceRoot:
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise BusyError(f"{self.root}: another agent process is working on this device") from None
+            except BlockingIOError as exc:
+                raise BusyError(f"{self.root}: another agent process is working on this device") from exc
             yield
         finally:
             os.close(fd)

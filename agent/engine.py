@@ -235,7 +235,7 @@ class Agent:
             try:
                 digest, _ = sha256_file(bundle)
             except OSError as exc:
-                raise AgentError(f"{bundle}: cannot read bundle ({exc.strerror})") from None
+                raise AgentError(f"{bundle}: cannot read bundle ({exc.strerror})") from exc
             matches = [t for t in targets if t.sha256 == digest and (target is None or t.path == target)]
             if not matches:
                 raise InstallRefusedError(

@@ -83,8 +83,8 @@ class JobsClient:
             if not await self.transport.publish(topic, json.dumps(body).encode()):
                 raise JobsTimeoutError(f"publish to {topic} was not acknowledged")
             return await asyncio.wait_for(fut, self.timeout_s)
-        except TimeoutError:
-            raise JobsTimeoutError(f"no reply to {topic} within {self.timeout_s:g}s") from None
+        except TimeoutError as exc:
+            raise JobsTimeoutError(f"no reply to {topic} within {self.timeout_s:g}s") from exc
         finally:
             self._pending.pop(token, None)
 

@@ -22,10 +22,10 @@ class AwsIotTransport(TransportBase):
     def __init__(self, settings: MqttSettings) -> None:
         try:
             from awscrt import io, mqtt5
-        except ImportError:
+        except ImportError as exc:
             raise AgentError(
                 "mqtt.transport = 'awsiot' needs the 'aws' extra: pip install 'tidegate[aws]'"
-            ) from None
+            ) from exc
         super().__init__(settings)
         self._mqtt5 = mqtt5
         tls = None

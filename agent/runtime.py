@@ -440,6 +440,12 @@ class AgentDaemon:
                         current = await self.jobs.describe(job.job_id)
                         job.version = (current or {}).get("versionNumber", job.version)
                     continue
+                if exc.code == "RequestThrottled" and final and not self._stop.is_set():
+                    # The service is shedding load: the outcome must still arrive, later.
+                    wait = min(30.0, 0.5 * 2**attempts)
+                    log.info("update of job %s throttled; retrying in %.1f s", job.job_id, wait)
+                    await asyncio.sleep(wait)
+                    continue
                 log.warning("update of job %s to %s rejected: %s", job.job_id, status, exc)
                 return False
             except JobsTimeoutError as exc:

@@ -153,12 +153,12 @@ class StateStore:
     def load(self) -> AgentState:
         try:
             raw = self.path.read_bytes()
-        except FileNotFoundError:
-            raise CorruptStateError(f"{self.path}: missing") from None
+        except FileNotFoundError as exc:
+            raise CorruptStateError(f"{self.path}: missing") from exc
         try:
             return AgentState.model_validate(json.loads(raw))
         except (ValueError, ValidationError) as exc:
-            raise CorruptStateError(f"{self.path}: unreadable state ({str(exc).splitlines()[0]})") from None
+            raise CorruptStateError(f"{self.path}: unreadable state ({str(exc).splitlines()[0]})") from exc
 
     def save(self, state: AgentState) -> None:
         if state.install is not None:

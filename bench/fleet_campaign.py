@@ -141,6 +141,7 @@ def server_process(
         "TIDEGATE_MQTT_PORT": str(broker_port),
         "TIDEGATE_MQTT_CLIENT_ID": f"bench-server-{http_port}",
     }
+    _tidegate("server", "migrate", env=env)
     token = _tidegate("server", "token", "create", "--role", "admin", "--name", "bench", env=env).strip()
     exe = str(Path(sys.executable).with_name("tidegate"))
     with (work / "server.log").open("wb") as log:

@@ -14,6 +14,7 @@ from bench import (
     cloud_serving,
     drift,
     fleet_campaign,
+    jobs_flood,
     observability,
     release_gates,
 )
@@ -31,6 +32,7 @@ def main() -> None:
     observability.run()
     release_gates.run()
     fleet_campaign.run(int(os.environ.get("TIDEGATE_BENCH_DEVICES", "10000")))
+    jobs_flood.run()
 
 
 if __name__ == "__main__":

@@ -112,8 +112,8 @@ def created_time() -> str:
         return FIXED_CREATED
     try:
         return datetime.fromtimestamp(int(epoch), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except ValueError:
-        raise BuildError(f"SOURCE_DATE_EPOCH={epoch!r} is not a whole number of seconds") from None
+    except ValueError as exc:
+        raise BuildError(f"SOURCE_DATE_EPOCH={epoch!r} is not a whole number of seconds") from exc
 
 
 # ---- checks before anything is built -------------------------------------------------------
@@ -129,7 +129,7 @@ def _check_request(
     try:
         SemVer.parse(req.version)
     except InvalidVersionError as exc:
-        raise VersionError(f"--version: {exc}") from None
+        raise VersionError(f"--version: {exc}") from exc
     if not req.skus:
         raise BuildError("name at least one --sku")
     if len(set(req.skus)) != len(req.skus):

@@ -49,7 +49,7 @@ class Sku(BaseModel):
         try:
             SemVer.parse(self.min_agent_version)
         except InvalidVersionError as exc:
-            raise ValueError(f"min_agent_version: {exc}") from None
+            raise ValueError(f"min_agent_version: {exc}") from exc
         if self.runtime == "tensorrt" and self.tensorrt_major is None:
             raise ValueError("a tensorrt SKU names its tensorrt_major (10 or 11)")
         if self.runtime == "onnxruntime" and self.precision == "fp16":
@@ -67,10 +67,10 @@ class Catalogue(BaseModel):
     def get(self, name: str) -> Sku:
         try:
             return self.skus[name]
-        except KeyError:
+        except KeyError as exc:
             raise CatalogueError(
                 f"unknown SKU {name!r}; the catalogue has: {', '.join(sorted(self.skus))}"
-            ) from None
+            ) from exc
 
 
 def load_catalogue(path: Path = DEFAULT_CATALOGUE) -> Catalogue:
@@ -83,5 +83,5 @@ def load_catalogue(path: Path = DEFAULT_CATALOGUE) -> Catalogue:
         try:
             skus[name] = Sku.model_validate({**fields, "name": name})
         except ValidationError as exc:
-            raise CatalogueError(f"{path}: SKU {name!r}: {first_error(exc)}") from None
+            raise CatalogueError(f"{path}: SKU {name!r}: {first_error(exc)}") from exc
     return Catalogue(skus=skus)

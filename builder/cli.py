@@ -28,7 +28,7 @@ def _params(path: Path | None) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise BuildError(f"{path}: unreadable inference parameters ({exc})") from None
+        raise BuildError(f"{path}: unreadable inference parameters ({exc})") from exc
     if not isinstance(raw, dict) or set(raw) - {"preprocessing", "postprocessing", "thresholds"}:
         raise BuildError(f"{path}: an object with preprocessing, postprocessing and thresholds only")
     return raw

@@ -62,17 +62,17 @@ def inspect_model(path: Path) -> ModelInfo:
     """Load and check `path` (onnx.checker, full check with shape inference)."""
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise ModelError(f"{path}: no such model file") from None
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path}: no such model file") from exc
     try:
         model = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError, onnx its own types
-        raise ModelError(f"{path}: not an ONNX model ({exc})") from None
+        raise ModelError(f"{path}: not an ONNX model ({exc})") from exc
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: the ONNX checker refuses it: {first}") from None
+        raise ModelError(f"{path}: the ONNX checker refuses it: {first}") from exc
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
@@ -101,10 +101,10 @@ def load_calibration(path: Path, info: ModelInfo) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except FileNotFoundError:
-        raise CalibrationError(f"{path}: no such calibration file") from None
+    except FileNotFoundError as exc:
+        raise CalibrationError(f"{path}: no such calibration file") from exc
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise CalibrationError(f"{path}: not a numpy .npz archive ({exc})") from None
+        raise CalibrationError(f"{path}: not a numpy .npz archive ({exc})") from exc
     wanted = {i.name for i in info.inputs}
     if set(arrays) != wanted:
         raise CalibrationError(f"{path}: holds {sorted(arrays)}, the model's inputs are {sorted(wanted)}")

@@ -12,13 +12,15 @@ import hashlib
 import io
 import json
 import tarfile
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from builder.catalogue import Sku
 from builder.model import ModelInfo
+from shared.fsutil import atomic_writer
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -49,104 +51,133 @@ def _json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _tar(entries: Iterable[tuple[str, bytes | None]]) -> bytes:
-    """A reproducible tar: fixed owner, mode and mtime; `None` content is a directory."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+#: A tar member's content: bytes, a file streamed from disk, or None for a directory.
+Content = bytes | Path | None
+
+
+class _Hashing:
+    """A write-only stream that hashes and counts what passes through it to `out` (all
+    tarfile needs of a file opened for writing is write and tell)."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out, self.sha, self.size = out, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.out.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def _tar_to(out: Any, entries: Iterable[tuple[str, Content]]) -> None:
+    """A reproducible tar: fixed owner, mode and mtime. A file's content is copied from disk
+    in chunks by tarfile, never read whole: bundles are hundreds of megabytes."""
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for name, data in entries:
             info = tarfile.TarInfo(name)
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
             if data is None:
                 info.type, info.mode = tarfile.DIRTYPE, 0o755
                 tf.addfile(info)
+            elif isinstance(data, Path):
+                info.size, info.mode = data.stat().st_size, 0o644
+                with data.open("rb") as fh:
+                    tf.addfile(info, fh)
             else:
                 info.size, info.mode = len(data), 0o644
                 tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _descriptor(media_type: str, blob: bytes, **extra: Any) -> dict[str, Any]:
-    return {
-        "mediaType": media_type,
-        "digest": f"sha256:{hashlib.sha256(blob).hexdigest()}",
-        "size": len(blob),
-        **extra,
-    }
+    return _descriptor_of(media_type, hashlib.sha256(blob).hexdigest(), len(blob), **extra)
+
+
+def _descriptor_of(media_type: str, sha256: str, size: int, **extra: Any) -> dict[str, Any]:
+    return {"mediaType": media_type, "digest": f"sha256:{sha256}", "size": size, **extra}
 
 
 def write_oci_archive(
     out: Path, bundle: Path, *, name: str, version: str, sku: Sku, created: str, description: str
 ) -> Path:
     """An OCI image layout as a tar (`oci-archive:`), one image whose only layer holds the
-    bundle at `tidegate/bundles/<file>`, tagged `<version>-<sku>`, for any OCI registry."""
-    layer = _tar(
-        [
-            ("tidegate", None),
-            (LAYER_DIR, None),
-            (f"{LAYER_DIR}/{bundle.name}", bundle.read_bytes()),
-        ]
-    )
-    bundle_sha = hashlib.sha256(bundle.read_bytes()).hexdigest()
-    annotations = {
-        "org.opencontainers.image.created": created,
-        "org.opencontainers.image.title": f"{name} {version} for {sku.name}",
-        "org.opencontainers.image.description": description,
-        "org.opencontainers.image.version": version,
-        "org.opencontainers.image.vendor": "Tidegate",
-        f"{BUNDLE_ANNOTATION}.name": name,
-        f"{BUNDLE_ANNOTATION}.sku": sku.name,
-        f"{BUNDLE_ANNOTATION}.runtime": sku.runtime,
-        f"{BUNDLE_ANNOTATION}.precision": sku.precision,
-        f"{BUNDLE_ANNOTATION}.sha256": bundle_sha,
-        f"{BUNDLE_ANNOTATION}.path": f"/{LAYER_DIR}/{bundle.name}",
-    }
-    config = _json(
-        {
-            "architecture": sku.architecture,
-            "os": "linux",
-            "created": created,
-            "config": {"Labels": annotations},
-            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(layer).hexdigest()}"]},
-            "history": [{"created": created, "created_by": "tidegate build"}],
-        }
-    )
-    manifest = _json(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": _descriptor(OCI_CONFIG, config),
-            "layers": [
-                _descriptor(OCI_LAYER, layer, annotations={"org.opencontainers.image.title": bundle.name})
-            ],
-            "annotations": annotations,
-        }
-    )
-    index = _json(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_INDEX,
-            "manifests": [
-                _descriptor(
-                    OCI_MANIFEST,
-                    manifest,
-                    platform={"architecture": sku.architecture, "os": "linux"},
-                    annotations={"org.opencontainers.image.ref.name": f"{version}-{sku.name}"},
-                )
-            ],
-        }
-    )
-    blobs = sorted({hashlib.sha256(b).hexdigest(): b for b in (layer, config, manifest)}.items())
-    out.write_bytes(
-        _tar(
-            [
-                ("oci-layout", _json({"imageLayoutVersion": "1.0.0"})),
-                ("index.json", index),
-                ("blobs", None),
-                ("blobs/sha256", None),
-                *((f"blobs/sha256/{digest}", blob) for digest, blob in blobs),
-            ]
+    bundle at `tidegate/bundles/<file>`, tagged `<version>-<sku>`, for any OCI registry.
+
+    Written by streaming: the layer goes to a temporary file beside `out` (hashed as it is
+    written), then into the archive, which replaces `out` atomically; memory stays a few
+    buffers whatever the bundle's size."""
+    bundle_sha = Artifact.of(bundle).sha256
+    with tempfile.TemporaryDirectory(prefix=".oci-", dir=out.parent) as scratch:
+        layer_path = Path(scratch) / "layer.tar"
+        with layer_path.open("wb") as raw:
+            hashing = _Hashing(raw)
+            _tar_to(hashing, [("tidegate", None), (LAYER_DIR, None), (f"{LAYER_DIR}/{bundle.name}", bundle)])
+        layer = _descriptor_of(
+            OCI_LAYER,
+            hashing.sha.hexdigest(),
+            hashing.size,
+            annotations={"org.opencontainers.image.title": bundle.name},
         )
-    )
+        annotations = {
+            "org.opencontainers.image.created": created,
+            "org.opencontainers.image.title": f"{name} {version} for {sku.name}",
+            "org.opencontainers.image.description": description,
+            "org.opencontainers.image.version": version,
+            "org.opencontainers.image.vendor": "Tidegate",
+            f"{BUNDLE_ANNOTATION}.name": name,
+            f"{BUNDLE_ANNOTATION}.sku": sku.name,
+            f"{BUNDLE_ANNOTATION}.runtime": sku.runtime,
+            f"{BUNDLE_ANNOTATION}.precision": sku.precision,
+            f"{BUNDLE_ANNOTATION}.sha256": bundle_sha,
+            f"{BUNDLE_ANNOTATION}.path": f"/{LAYER_DIR}/{bundle.name}",
+        }
+        config = _json(
+            {
+                "architecture": sku.architecture,
+                "os": "linux",
+                "created": created,
+                "config": {"Labels": annotations},
+                "rootfs": {"type": "layers", "diff_ids": [layer["digest"]]},  # uncompressed: same digest
+                "history": [{"created": created, "created_by": "tidegate build"}],
+            }
+        )
+        manifest = _json(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": _descriptor(OCI_CONFIG, config),
+                "layers": [layer],
+                "annotations": annotations,
+            }
+        )
+        index = _json(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": [
+                    _descriptor(
+                        OCI_MANIFEST,
+                        manifest,
+                        platform={"architecture": sku.architecture, "os": "linux"},
+                        annotations={"org.opencontainers.image.ref.name": f"{version}-{sku.name}"},
+                    )
+                ],
+            }
+        )
+        blobs: dict[str, Content] = {hashlib.sha256(b).hexdigest(): b for b in (config, manifest)}
+        blobs[hashing.sha.hexdigest()] = layer_path
+        with atomic_writer(out) as fh:
+            _tar_to(
+                fh,
+                [
+                    ("oci-layout", _json({"imageLayoutVersion": "1.0.0"})),
+                    ("index.json", index),
+                    ("blobs", None),
+                    ("blobs/sha256", None),
+                    *((f"blobs/sha256/{digest}", blob) for digest, blob in sorted(blobs.items())),
+                ],
+            )
     return out
 
 

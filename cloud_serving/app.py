@@ -201,7 +201,7 @@ def _canary_spec(body: CanaryBody) -> CanarySpec:
     try:
         spec.plan()
     except ValueError as exc:  # the gate engine's GateDefinitionError: steps, thresholds
-        raise HTTPException(422, str(exc)) from None
+        raise HTTPException(422, str(exc)) from exc
     return spec
 
 
@@ -371,7 +371,7 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
         content: dict[str, Any] = {"detail": str(exc)}
         if isinstance(exc, ShadowGateError):
             content["verdict"] = exc.verdict.as_dict() if exc.verdict is not None else None
-        return JSONResponse(status_code=exc.status, content=content)
+        return JSONResponse(status_code=exc.http_status, content=content)
 
     @app.post(
         "/v1/models/{model}/infer",
@@ -389,7 +389,7 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
                 try:
                     req = InferRequest.model_validate_json(body)
                 except ValidationError as exc:
-                    raise HTTPException(422, first_error(exc, root="body")) from None
+                    raise HTTPException(422, first_error(exc, root="body")) from exc
                 st = gateway.model(model)
                 sample = _sample(req.inputs, getattr(st.versions[st.production], "sample_shape", None))
                 unusual = st.profile.out_of_distribution(sample) if st.profile is not None else False
@@ -403,7 +403,7 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
                     requests.labels(model, "-", "-", type(exc).__name__).inc()
                 span.set_attribute("tidegate.error", type(exc).__name__)
                 observability.failed(span, str(exc))
-                if exc.status >= 500:
+                if exc.http_status >= 500:
                     detail = {
                         "request_id": request_id.get(),
                         "error": f"{type(exc).__name__}: {exc}",
@@ -631,8 +631,8 @@ async def _read_capped(request: Request, cap: int) -> bytes:
 def _sample(inputs: Any, shape: tuple[int | None, ...] | None) -> np.ndarray[Any, Any]:
     try:
         arr = np.asarray(inputs, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise HTTPException(422, "inputs: a (nested) list of numbers of one shape") from None
+    except (ValueError, TypeError) as exc:
+        raise HTTPException(422, "inputs: a (nested) list of numbers of one shape") from exc
     if not np.all(np.isfinite(arr)):
         raise HTTPException(422, "inputs: NaN or infinite values")
     if shape is not None and (

@@ -65,9 +65,7 @@ class OnnxBackend:
         try:
             runner = OnnxModelRunner(model, threads=threads, version=version)
         except Exception as exc:  # ONNX Runtime's load errors come in several types
-            raise BackendError(
-                f"version {version}: cannot load {model}: {str(exc).splitlines()[0]}"
-            ) from None
+            raise BackendError(f"version {version}: cannot load {model}: {str(exc).splitlines()[0]}") from exc
         self.input_name = runner.input_name
         self.output_names = runner.output_names
         self.sample_shape: tuple[int | None, ...] = tuple(
@@ -141,10 +139,8 @@ class TritonBackend:
         try:
             import tritonclient.http as triton_http
             import tritonclient.http.aio as triton_aio
-        except ImportError:
-            raise BackendError(
-                "a Triton backend needs tritonclient: pip install 'tidegate[triton]'"
-            ) from None
+        except ImportError as exc:
+            raise BackendError("a Triton backend needs tritonclient: pip install 'tidegate[triton]'") from exc
         self.version, self.url, self.model, self.model_version = version, url, model, model_version
         self.timeout_s = timeout_s
         self._http, self._aio = triton_http, triton_aio
@@ -160,7 +156,7 @@ class TritonBackend:
             meta = await self._client.get_model_metadata(self.model, self.model_version)
         except Exception as exc:  # tritonclient raises its own InferenceServerException and aiohttp's errors
             await self._client.close()
-            raise BackendError(f"Triton at {self.url}: model {self.model!r} unavailable: {exc}") from None
+            raise BackendError(f"Triton at {self.url}: model {self.model!r} unavailable: {exc}") from exc
         first = meta["inputs"][0]
         self.input_name, self.input_type = first["name"], first["datatype"]
         self.sample_shape = tuple(d if d > 0 else None for d in first["shape"][1:])
@@ -184,7 +180,7 @@ class TritonBackend:
                 timeout=int(self.timeout_s * 1e6),
             )
         except Exception as exc:
-            raise BackendError(f"Triton {self.model} {self.version}: {str(exc)[:200]}") from None
+            raise BackendError(f"Triton {self.model} {self.version}: {str(exc)[:200]}") from exc
         outputs = {n: np.asarray(result.as_numpy(n))[0] for n in self.output_names}
         for name, value in outputs.items():
             if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):

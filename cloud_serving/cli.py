@@ -36,10 +36,10 @@ def serve(
     if (t := gateway.config.gateway.tracing) is not None:
         try:
             from cloud_serving.tracing import setup_tracing
-        except ImportError:
+        except ImportError as exc:
             raise typer.BadParameter(
                 "[gateway.tracing] needs the OpenTelemetry SDK: pip install 'tidegate[otel]'"
-            ) from None
+            ) from exc
         setup_tracing(
             endpoint=t.otlp_endpoint,
             sample_rate=t.sample_rate,

@@ -195,7 +195,7 @@ class GatewayConfig(_Strict):
             try:
                 re.compile(p)
             except re.error as exc:
-                raise ValueError(f"redaction pattern {p!r} does not compile: {exc}") from None
+                raise ValueError(f"redaction pattern {p!r} does not compile: {exc}") from exc
         return self
 
 
@@ -209,7 +209,7 @@ def load_config(path: Path) -> ServingConfig:
     try:
         cfg = ServingConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {first_error(exc)}") from None
+        raise ConfigError(f"{path}: {first_error(exc)}") from exc
     base = path.parent
     for name, model in cfg.models.items():
         for v in model.versions.values():
@@ -234,7 +234,7 @@ def _declared_task(name: str, model: ModelConfig) -> None:
     try:
         info = json.loads(declared.read_text())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{declared}: not readable JSON ({exc})") from None
+        raise ConfigError(f"{declared}: not readable JSON ({exc})") from exc
     task = info.get("task") if isinstance(info, dict) else None
     if task is None:
         return
@@ -243,7 +243,7 @@ def _declared_task(name: str, model: ModelConfig) -> None:
     try:
         model.task = TaskConfig.model_validate({**model.task.model_dump(), "kind": task})
     except ValidationError as exc:
-        raise ConfigError(f"{declared}: {first_error(exc)}") from None
+        raise ConfigError(f"{declared}: {first_error(exc)}") from exc
     classes = info.get("classes")
     if not model.task.classes and isinstance(classes, list) and all(isinstance(c, str) for c in classes):
         model.task.classes = classes

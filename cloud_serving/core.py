@@ -63,8 +63,8 @@ class GatewayCore:
     def model(self, name: str) -> ModelState:
         try:
             return self.models[name]
-        except KeyError:
-            raise UnknownModelError(f"no model {name!r}; serving {', '.join(sorted(self.models))}") from None
+        except KeyError as exc:
+            raise UnknownModelError(f"no model {name!r}; serving {', '.join(sorted(self.models))}") from exc
 
     def _note(self, st: ModelState, text: str) -> None:
         st.events.append(f"{self.clock().isoformat()} {text}")

@@ -6,31 +6,31 @@ from shared.errors import TidegateError
 
 
 class GatewayError(TidegateError):
-    status = 500
+    http_status = 500
 
 
 class UnknownModelError(GatewayError):
-    status = 404
+    http_status = 404
 
 
 class ReleaseError(GatewayError):
     """An operation the model's release state does not allow."""
 
-    status = 409
+    http_status = 409
 
 
 class InvalidReleaseError(GatewayError):
     """A release operation asked with settings that cannot work (a budget on an unknown
     metric or class, a step outside the plan)."""
 
-    status = 422
+    http_status = 422
 
 
 class UnavailableError(GatewayError):
     """The model failed and there is no fallback."""
 
-    status = 503
+    http_status = 503
 
 
 class OverloadError(GatewayError):
-    status = 429
+    http_status = 429

@@ -91,49 +91,19 @@ def naive_z_p_value(n: int, sum_t: float, sumsq_t: float, sum_c: float, sumsq_c:
     return 2 * (1 - _N.cdf(abs(z)))
 
 
-def _chi2_sf(x: float, dof: int) -> float:
-    """Survival function of chi-square: the regularised upper incomplete gamma Q(dof/2, x/2)."""
-    a, xx = dof / 2, x / 2
-    if xx <= 0:
-        return 1.0
-    if xx < a + 1:  # series for P, then Q = 1 - P
-        term = total = 1 / a
-        k = a
-        for _ in range(500):
-            k += 1
-            term *= xx / k
-            total += term
-            if term < total * 1e-15:
-                break
-        return max(0.0, 1 - total * math.exp(-xx + a * math.log(xx) - math.lgamma(a)))
-    # continued fraction for Q (Lentz)
-    b, c, d = xx + 1 - a, 1 / 1e-300, 1 / (xx + 1 - a)
-    h = d
-    for i in range(1, 500):
-        an = -i * (i - a)
-        b += 2
-        d = an * d + b
-        d = 1e-300 if abs(d) < 1e-300 else d
-        c = b + an / c
-        c = 1e-300 if abs(c) < 1e-300 else c
-        d = 1 / d
-        h *= d * c
-        if abs(d * c - 1) < 1e-15:
-            break
-    return min(1.0, math.exp(-xx + a * math.log(xx) - math.lgamma(a)) * h)
-
-
 def srm_p_value(counts: dict[str, int], planned: dict[str, float]) -> float:
-    """Chi-square goodness of fit of observed arm counts against the planned shares."""
+    """Chi-square goodness of fit of observed arm counts against the planned shares (scipy;
+    loaded the first time an experiment has enough traffic to be checked)."""
+    from scipy.stats import chisquare
+
     total = sum(counts.values())
     weight = sum(planned.values())
     if total == 0:
         return 1.0
-    stat = 0.0
-    for arm, share in planned.items():
-        expected = total * share / weight
-        stat += (counts.get(arm, 0) - expected) ** 2 / expected
-    return _chi2_sf(stat, len(planned) - 1)
+    observed = [counts.get(arm, 0) for arm in planned]
+    expected = [total * share / weight for share in planned.values()]
+    scale = sum(observed) / sum(expected)  # arms outside the plan do not count against it
+    return float(chisquare(observed, [e * scale for e in expected]).pvalue)
 
 
 @dataclass

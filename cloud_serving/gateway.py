@@ -52,7 +52,7 @@ from cloud_serving.registry import LocalRegistry, Registry, RegistryClient
 from cloud_serving.release_ops import ReleaseOperations, ShadowGateError
 from shared.batching import InferencePool, NonFiniteOutputError, OverloadedError
 from shared.kpis import Mitigation
-from shared.logs import DEFAULT_KEYS, DEFAULT_PATTERNS, Redactor
+from shared.logs import DEFAULT_KEYS, DEFAULT_PATTERNS, RateLimitedLog, Redactor
 
 log = logging.getLogger("tidegate.serving")
 
@@ -77,6 +77,9 @@ class Gateway(ReleaseOperations, Monitoring):
     ) -> None:
         self.config, self.clock = config, clock
         self.models: dict[str, ModelState] = {}
+        # Failures the request path answers around (the caller never sees them), logged at most
+        # once a minute per model and version so a dead backend cannot flood the log.
+        self.handled = RateLimitedLog(log)
         self._rng = random.Random(seed)
         self._ticker: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -211,8 +214,9 @@ class Gateway(ReleaseOperations, Monitoring):
             else:
                 answer = await self._run(st, version, sample)
         except OverloadedError as exc:
-            raise OverloadError(f"{name} {version}: {exc}") from None
+            raise OverloadError(f"{name} {version}: {exc}") from exc
         except Exception as exc:  # BackendError, TimeoutError, the runtime's own errors
+            self.handled.exception(f"{name}/{version}", f"{name} {version} failed a request", exc)
             ms = (time.perf_counter() - t0) * 1000
             st.count(version, False)
             if canary is not None and version == canary.candidate:
@@ -318,8 +322,9 @@ class Gateway(ReleaseOperations, Monitoring):
             else:
                 answer = await self._run(st, spec.version_of(arm), sample)
         except OverloadedError as exc:
-            raise OverloadError(f"{st.name} {arm}: {exc}") from None
+            raise OverloadError(f"{st.name} {arm}: {exc}") from exc
         except Exception as exc:
+            self.handled.exception(f"{st.name}/{arm}", f"{st.name} arm {arm} failed a request", exc)
             exp.record_error(arm)
             if arm == spec.treatment:  # the caller is answered by production instead
                 answer = await self._production_or_fallback(st, sample, t0)
@@ -376,7 +381,7 @@ class Gateway(ReleaseOperations, Monitoring):
             try:
                 outputs = await fut
             except NonFiniteOutputError as exc:  # guardrail: a model that emits NaN has failed
-                raise BackendError(f"{st.name} {version}: {exc}") from None
+                raise BackendError(f"{st.name} {version}: {exc}") from exc
         return Answer(outputs, version, latency_ms=(time.perf_counter() - t0) * 1000)
 
     async def _ensemble(
@@ -406,6 +411,7 @@ class Gateway(ReleaseOperations, Monitoring):
                 return await self._ensemble(st, st.ensemble, sample)
             return await self._run(st, st.production, sample)
         except Exception as exc:
+            self.handled.exception(f"{st.name}/production", f"{st.name} production failed a request", exc)
             return await self._fallback(st, sample, t0, exc)
 
     async def _fallback(
@@ -415,7 +421,7 @@ class Gateway(ReleaseOperations, Monitoring):
             why = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
             raise UnavailableError(
                 f"{st.name}: the model failed ({why}) and no fallback is configured"
-            ) from None
+            ) from exc
         outputs = await st.fallback.infer(sample)
         return Answer(
             outputs, st.fallback.version, fallback=True, latency_ms=(time.perf_counter() - t0) * 1000

@@ -51,25 +51,25 @@ class ProviderCondition:
                 )
                 return _prometheus_value(self.query, r)
             r = client.get(self.url, timeout=self.timeout_s)
-        except httpx.TimeoutException:
+        except httpx.TimeoutException as exc:
             raise ProviderError(
                 f"{self.provider} at {self.url}: no answer within {self.timeout_s:g} s"
-            ) from None
+            ) from exc
         except httpx.HTTPError as exc:
-            raise ProviderError(f"{self.provider} at {self.url}: {type(exc).__name__}: {exc}") from None
+            raise ProviderError(f"{self.provider} at {self.url}: {type(exc).__name__}: {exc}") from exc
         if r.status_code >= 400:
             raise ProviderError(f"{self.url}: HTTP {r.status_code}")
         try:
             return _number(_dig(r.json(), self.field), self.field)
         except ValueError as exc:
-            raise ProviderError(f"{self.url}: {exc}") from None
+            raise ProviderError(f"{self.url}: {exc}") from exc
 
 
 def _prometheus_value(query: str, r: httpx.Response) -> float:
     try:
         body = r.json()
-    except ValueError:
-        raise ProviderError(f"prometheus: HTTP {r.status_code}, not JSON") from None
+    except ValueError as exc:
+        raise ProviderError(f"prometheus: HTTP {r.status_code}, not JSON") from exc
     if body.get("status") != "success":
         raise ProviderError(f"prometheus refused {query!r}: {body.get('errorType')}: {body.get('error')}")
     data = body.get("data") or {}
@@ -101,8 +101,8 @@ def _dig(value: Any, path: str) -> Any:
 def _number(value: Any, what: str) -> float:
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} is {value!r}, not a number") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} is {value!r}, not a number") from exc
     if not math.isfinite(number):
         raise ValueError(f"{what} is {value!r}, not a finite number")
     return number

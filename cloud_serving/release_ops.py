@@ -172,7 +172,7 @@ class ReleaseOperations(GatewayCore):
         try:
             await self._run(st, version, probe)
         except Exception as exc:
-            raise ReleaseError(f"{name} {version} failed its pre-switch check: {exc}") from None
+            raise ReleaseError(f"{name} {version} failed its pre-switch check: {exc}") from exc
         st.allow(Op.SWITCH)  # again: the probe awaited, and another operation may have begun
         if version != st.production:
             st.history.append(st.production)
@@ -294,7 +294,7 @@ class ReleaseOperations(GatewayCore):
         try:
             spec.plan()  # steps, manual steps and bounds, before anything changes
         except ValueError as exc:  # GateDefinitionError
-            raise InvalidReleaseError(f"{st.name} canary: {exc}") from None
+            raise InvalidReleaseError(f"{st.name} canary: {exc}") from exc
         verdict = self._shadow_gate(st, candidate, override_reason)
         if st.canary is not None:
             self._end_canary(st, promoted=False, reason=f"rolled through to {candidate}")
@@ -332,7 +332,7 @@ class ReleaseOperations(GatewayCore):
         try:
             decision = st.canary.judge(self.clock(), approve=approve, by=by)
         except ValueError as exc:  # not paused
-            raise ReleaseError(f"{name} canary of {st.canary.candidate}: {exc}") from None
+            raise ReleaseError(f"{name} canary of {st.canary.candidate}: {exc}") from exc
         self._apply(st, decision, self.clock(), [])
         return {"action": decision.action.value, "reason": decision.reason}
 

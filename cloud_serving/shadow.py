@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import multiprocessing
 import os
@@ -34,6 +35,9 @@ import numpy as np
 from cloud_serving.diffs import COMMON, METRICS, Metric, Row, SlicedDiff, Task, TaskSpec, metric, slices_of
 from cloud_serving.errors import InvalidReleaseError
 from shared.gates import Comparator, Condition, ConditionResult, Gate, Sample, Verdict, evaluate_gate
+from shared.logs import RateLimitedLog
+
+_handled = RateLimitedLog(logging.getLogger("tidegate.serving.shadow"))
 
 
 class BudgetError(InvalidReleaseError):
@@ -377,8 +381,9 @@ class ShadowMirror:
         items, self._buffer = self._buffer, []
         try:
             self._in.put_nowait(_pack(items))
-        except Exception:  # a dead or full pipe: drop, never block the caller
+        except Exception as exc:  # a dead or full pipe: drop, never block the caller
             self.stats.dropped += len(items)
+            _handled.exception("shadow", f"shadow dropped {len(items)} requests", exc)
             return
         self._sent += len(items)
 

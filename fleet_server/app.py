@@ -30,6 +30,7 @@ from fleet_server.releases.routes import router as releases_router
 from fleet_server.releases.service import parse_bench_keys
 from fleet_server.telemetry.metrics import FleetGauges
 from fleet_server.telemetry.routes import router as fleet_router
+from shared.errors import TidegateError
 from shared.logs import REQUEST_ID_HEADER, correlated
 from shared.sysmetrics import register_system_metrics
 from shared.trust import UpdateRepository
@@ -125,9 +126,11 @@ def create_app(
             status_code=409, content={"detail": "an execution changed at the same moment; try again"}
         )
 
-    @app.exception_handler(ValueError)
-    async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": str(exc)})
+    @app.exception_handler(TidegateError)
+    async def _refused(request: Request, exc: TidegateError) -> JSONResponse:
+        # Only deliberate errors get their own status; anything else (a ValueError from a bug
+        # included) is a 500 with a traceback in the log, never passed off as the caller's mistake.
+        return JSONResponse(status_code=exc.http_status, content={"detail": str(exc)})
 
     page = (Path(__file__).parent / "dashboard" / "page.html").read_bytes()
 

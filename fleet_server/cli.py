@@ -20,21 +20,33 @@ app = typer.Typer(
 DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default $TIDEGATE_DATABASE_URL).")]
 
 
-def _db(url: str | None) -> Database:
-    from fleet_server.migrate import upgrade
+def _db(url: str | None, *, create: bool = False) -> Database:
+    """The database, upgraded to the newest migration. Only `migrate` (create=True) may start
+    from nothing: any other command on a database without a schema is refused, so a misspelt
+    URL is an error rather than a new, empty fleet."""
+    from fleet_server.migrate import missing_schema, upgrade
 
     db = Database(url or Settings().database_url)
+    shown = db.engine.url.render_as_string(hide_password=True)
     try:
-        upgrade(db)
+        why = None if create else missing_schema(db)
+        if why is None:
+            upgrade(db)
     except Exception as exc:  # driver and connection errors come in many types
-        raise TidegateError(f"database {db.engine.url.render_as_string(hide_password=True)}: {exc}") from None
+        raise TidegateError(f"database {shown}: {exc}") from exc
+    if why is not None:
+        raise TidegateError(
+            f"database {shown}: {why}; create it with `tidegate server migrate --db {shown}` "
+            "(or check --db / TIDEGATE_DATABASE_URL)"
+        )
     return db
 
 
 @app.command()
 def migrate(db: DbOpt = None) -> None:
-    """Upgrade the database schema to the newest migration."""
-    database = _db(db)
+    """Create the database schema, or upgrade it to the newest migration: the one command that
+    may start from an empty database (every other command refuses one)."""
+    database = _db(db, create=True)
     typer.echo(f"database at head: {database.engine.url.render_as_string(hide_password=True)}")
 
 
@@ -64,7 +76,7 @@ def run(
     try:
         server.run()
     except TimeoutError as exc:
-        raise TidegateError(str(exc)) from None
+        raise TidegateError(str(exc)) from exc
 
 
 token_app = typer.Typer(help="Operator API tokens.", no_args_is_help=True)
@@ -87,8 +99,8 @@ def token_create(
 
     try:
         r = Role(role)
-    except ValueError:
-        raise TidegateError(f"unknown role {role!r}; one of viewer, operator, admin") from None
+    except ValueError as exc:
+        raise TidegateError(f"unknown role {role!r}; one of viewer, operator, admin") from exc
     database = _db(db)
     now = datetime.now(UTC)
     expires = now + timedelta(days=expires_days) if expires_days is not None else None
@@ -116,7 +128,7 @@ def token_revoke(
         try:
             rows = revoke_token(s, token_id=token_id, name=name)
         except TokenNotFoundError as exc:
-            raise TidegateError(str(exc)) from None
+            raise TidegateError(str(exc)) from exc
         for row in rows:
             audit(s, actor="cli", role="admin", action="token.revoke", target=row.name, outcome="ok", now=now)
     typer.echo(f"revoked {len(rows)} token(s): {', '.join(f'#{r.id} {r.name}' for r in rows)}")
@@ -133,11 +145,8 @@ def device_add(
     from fleet_server.devices.service import register_device
 
     database = _db(db)
-    try:
-        with database.session() as s:
-            register_device(s, thing_name=thing, sku=sku, region=region, now=datetime.now(UTC))
-    except ValueError as exc:
-        raise TidegateError(str(exc)) from None
+    with database.session() as s:  # a FleetError (a bad name) is the CLI's one-line error
+        register_device(s, thing_name=thing, sku=sku, region=region, now=datetime.now(UTC))
     typer.echo(f"registered {thing} ({sku})")
 
 
@@ -154,15 +163,10 @@ def job_create(
     try:
         doc = json.loads(document)
     except ValueError as exc:
-        raise TidegateError(f"--document is not valid JSON: {exc}") from None
+        raise TidegateError(f"--document is not valid JSON: {exc}") from exc
     database = _db(db)
-    try:
-        with database.session() as s:
-            protocol.create_execution(s, thing, job_id, doc, datetime.now(UTC))
-    except (ValueError, LookupError) as exc:
-        raise TidegateError(str(exc)) from None
-    except Exception as exc:
-        raise TidegateError(f"could not queue {job_id} for {thing}: {str(exc).splitlines()[0]}") from None
+    with database.session() as s:  # an unknown device or a bad job id: a one-line error
+        protocol.create_execution(s, thing, job_id, doc, datetime.now(UTC))
     typer.echo(f"queued {job_id} for {thing}")
 
 
@@ -199,6 +203,49 @@ def device_cert(
     typer.echo(f"issued {cert} (key {key}, mode 0600)")
 
 
+@ca_app.command("service-cert")
+def ca_service_cert(
+    name: Annotated[str, typer.Argument(help="tidegate-<name>: one per fleet-server replica.")],
+    directory: PkiDir,
+) -> None:
+    """Issue a service identity (the fleet server's MQTT client certificate) and grant it the
+    service lines of the ACL; device-cert refuses these names."""
+    from fleet_server.pki.service import issue_service
+
+    cert, key = issue_service(directory, name)
+    typer.echo(f"issued {cert} (key {key}, mode 0600); ACL updated (reload the broker: SIGHUP)")
+
+
+@ca_app.command("aws-policy")
+def ca_aws_policy(
+    region: Annotated[str, typer.Option(help="AWS region, e.g. eu-central-1.")] = "REGION",
+    account: Annotated[str, typer.Option(help="AWS account id.")] = "ACCOUNT_ID",
+) -> None:
+    """Print the AWS IoT Core policy for device certificates: the same rules as the Mosquitto
+    ACL (connect only as the thing's own client id, topics under its own name, no $share)."""
+    from fleet_server.pki.acl import aws_iot_policy_json
+
+    typer.echo(aws_iot_policy_json(region, account), nl=False)
+
+
+@app.command("device-revoke")
+def device_revoke(
+    thing: Annotated[str | None, typer.Argument(help="Thing whose certificate is revoked.")] = None,
+    directory: PkiDir = Path("."),
+    refresh: Annotated[bool, typer.Option(help="Only re-sign the CRL (it expires after 30 days).")] = False,
+) -> None:
+    """Put a device certificate on the CRL the broker reads (then reload the broker: SIGHUP)."""
+    from fleet_server.pki.service import revoke_device, write_crl
+
+    if refresh:
+        typer.echo(f"re-signed {write_crl(directory)}")
+        return
+    if thing is None:
+        raise TidegateError("name the thing to revoke (or give --refresh)")
+    serial = revoke_device(directory, thing)
+    typer.echo(f"revoked {thing} (serial {serial:x}) in {directory / 'crl.pem'}; reload the broker")
+
+
 @ca_app.command("broker-config")
 def ca_broker_config(
     directory: PkiDir,
@@ -207,9 +254,12 @@ def ca_broker_config(
     user: Annotated[str, typer.Option(help="The user the broker drops privileges to.")] = "mosquitto",
 ) -> None:
     """Write mosquitto.conf and an ACL that keeps every device to its own topics; the
-    configuration starts as written (mosquitto -c DIR/mosquitto.conf)."""
-    from fleet_server.pki.service import broker_config, issue_service
+    configuration starts as written (mosquitto -c DIR/mosquitto.conf). The first service
+    identity, tidegate-fleet-server, is issued if there is none yet."""
+    from fleet_server.pki.service import broker_config, issue_service, services
 
-    issue_service(directory, "tidegate-fleet-server")
+    directory = directory.resolve()
+    if not services(directory):
+        issue_service(directory, "tidegate-fleet-server")
     conf = broker_config(directory, port=port, bind=bind, user=user)
-    typer.echo(f"wrote {conf} and {directory / 'acl'}; fleet server identity in {directory / 'services'}")
+    typer.echo(f"wrote {conf} and {directory / 'acl'}; service identities in {directory / 'services'}")

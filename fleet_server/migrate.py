@@ -31,3 +31,22 @@ def downgrade(db: Database, revision: str) -> None:
         cfg = alembic_config(db.url)
         cfg.attributes["connection"] = connection
         command.downgrade(cfg, revision)
+
+
+def missing_schema(db: Database) -> str | None:
+    """Why `db` holds no Tidegate schema yet (None when it does). Checked before anything
+    connects, because connecting to a SQLite path creates an empty file: a misspelt
+    TIDEGATE_DATABASE_URL must not quietly become a fresh, empty fleet."""
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
+
+    url = make_url(db.url)
+    if url.get_backend_name() == "sqlite":
+        if not url.database or url.database == ":memory:":
+            return "it is an in-memory database"
+        if not Path(url.database).exists():
+            return f"there is no file {url.database}"
+    with db.engine.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            return "it holds no Tidegate schema"
+    return None

@@ -13,6 +13,7 @@ from fleet_server.alerts.watch import DriftWatch, DriftWatchConfig
 from fleet_server.app import create_app
 from fleet_server.db import Database
 from fleet_server.jobs.bridge import JobsBridge
+from fleet_server.jobs.throttle import DeviceLimiter
 from fleet_server.releases.keeper import RepositoryKeeper
 from fleet_server.scheduler import CampaignScheduler
 from fleet_server.settings import Settings
@@ -40,6 +41,7 @@ class FleetServer:
             tls=(settings.mqtt_ca_file, settings.mqtt_cert_file, settings.mqtt_key_file)
             if settings.mqtt_ca_file and settings.mqtt_cert_file and settings.mqtt_key_file
             else None,
+            limiter=DeviceLimiter(settings.jobs_device_rate_per_s, settings.jobs_device_burst),
         )
         watch = DriftWatch(
             DriftWatchConfig(psi_threshold=settings.drift_psi_threshold, min_scores=settings.drift_min_scores)

@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     renotify_queued_s: float = Field(
         default=60.0, description="re-notify devices whose queued job may have been missed"
     )
+    jobs_device_rate_per_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="each device's sustained MQTT requests a second; beyond it (and its burst) the "
+        "bridge answers RequestThrottled without touching the database",
+    )
+    jobs_device_burst: int = Field(default=50, ge=1, description="requests a device may send at once")
     sweep_interval_s: float = Field(
         default=5.0, description="how often step and in-progress timeouts are swept"
     )

@@ -169,20 +169,20 @@ def run_command(
     )
     try:
         asyncio.run(_interruptible(work, say))
-    except (KeyboardInterrupt, asyncio.CancelledError):
+    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
         report.incomplete_reason = report.incomplete_reason or "interrupted (Ctrl-C) before every suite ran"
         paths = write_all(report, out, key)
         typer.echo(f"interrupted: partial report (marked incomplete) in {paths[0].parent}", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(130) from exc
     except runner.PreflightError as exc:
         paths = write_all(report, out, key)
         where = paths[0].parent
         kept = f"; the earlier report in {out} is kept" if where.name == NOT_STARTED else ""
         _print_checks(report.preflight, err=True)
-        raise HilCommandError(f"{exc} (report marked not started in {where}{kept})") from None
+        raise HilCommandError(f"{exc} (report marked not started in {where}{kept})") from exc
     except TargetError as exc:
         paths = write_all(report, out, key)
-        raise HilCommandError(f"{exc} (report marked incomplete in {paths[0].parent})") from None
+        raise HilCommandError(f"{exc} (report marked incomplete in {paths[0].parent})") from exc
     paths = write_all(report, out, key)
     for r in report.results:
         typer.echo(f"  {r.name:<12} {r.status:<8} {r.reason}")
@@ -235,7 +235,7 @@ def doctor(
     try:
         ok = asyncio.run(check())
     except TargetError as exc:
-        raise HilCommandError(str(exc)) from None
+        raise HilCommandError(str(exc)) from exc
     _print_checks(report.preflight)
     facts = report.rig
     if facts:
@@ -290,7 +290,7 @@ def upload(
         data = json.loads((report / JSON_NAME).read_text())
         name, version, sku = data["bundle"]["name"], data["bundle"]["version"], data["sku"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise HilCommandError(f"{report}: not a HIL report directory ({exc})") from None
+        raise HilCommandError(f"{report}: not a HIL report directory ({exc})") from exc
     if not data.get("complete"):
         raise HilCommandError(
             f"{report}: the report is incomplete ({data.get('incomplete_reason')}); rerun the bench"

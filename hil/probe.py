@@ -58,7 +58,7 @@ class Model:
                 str(payload / manifest.entry_model), opts, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # the runtime's own load errors
-            raise ProbeError(f"model failed to load: {str(exc).splitlines()[0][:300]}") from None
+            raise ProbeError(f"model failed to load: {str(exc).splitlines()[0][:300]}") from exc
         self.output_names = [o.name for o in self.sess.get_outputs()]
         with np.load(payload / manifest.self_test.inputs) as f:
             self.feeds = {k: f[k] for k in f.files}
@@ -80,7 +80,7 @@ def unpack(bundle: Path, dest: Path) -> BundleManifest:
     try:
         manifest = read_bundle(bundle, dest)
     except BundleError as exc:
-        raise ProbeError(f"bundle failed verification: {exc}") from None
+        raise ProbeError(f"bundle failed verification: {exc}") from exc
     (dest / MANIFEST_NAME).write_bytes(manifest.to_json_bytes())
     return manifest
 
@@ -328,7 +328,7 @@ def install(payload: Path, manifest: BundleManifest, params: dict[str, Any], bun
     try:
         anchor = root_json.read_bytes()
     except OSError as exc:
-        raise ProbeError(f"{root_json}: cannot read the trusted root ({exc.strerror})") from None
+        raise ProbeError(f"{root_json}: cannot read the trusted root ({exc.strerror})") from exc
     sku = params.get("sku") or manifest.skus[0]
     steps: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="tidegate-hil-device-", dir=payload.parent) as tmp:
@@ -439,7 +439,7 @@ def preflight(params: dict[str, Any]) -> dict[str, Any]:
         try:
             declared = tomllib.loads(rig.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ProbeError(f"{rig}: not a readable rig file ({exc})") from None
+            raise ProbeError(f"{rig}: not a readable rig file ({exc})") from exc
         facts["rig_name"] = declared.get("name")
         facts["rig_skus"] = [str(s) for s in declared.get("skus", [])]
     return facts

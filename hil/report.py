@@ -260,7 +260,7 @@ def attach(http: httpx.Client, data: dict[str, Any]) -> dict[str, Any]:
             json={"report": data},
         )
     except httpx.HTTPError as exc:
-        raise UploadError(f"fleet server: {type(exc).__name__}: {exc}") from None
+        raise UploadError(f"fleet server: {type(exc).__name__}: {exc}") from exc
     if r.status_code == 409:
         detail = r.json().get("detail") or {}
         reasons = detail.get("reasons") if isinstance(detail, dict) else None

@@ -121,7 +121,7 @@ def start(bundle: Path, target: Target, suite: str, options: dict[str, Any]) -> 
     try:
         manifest = verify_bundle(bundle)
     except BundleError as exc:
-        raise HilError(f"{bundle}: bundle failed verification: {exc}") from None
+        raise HilError(f"{bundle}: bundle failed verification: {exc}") from exc
     sku = options.get("sku") or manifest.skus[0]
     if sku not in manifest.skus:
         raise HilError(f"{bundle.name} is not built for SKU {sku} ({', '.join(manifest.skus)})")
@@ -155,7 +155,7 @@ def _sku(name: str, catalogue: Path | None) -> Sku | None:
     try:
         return load_catalogue(catalogue or DEFAULT_CATALOGUE).skus.get(name)
     except CatalogueError as exc:
-        raise HilError(f"the SKU catalogue cannot be read: {exc}") from None
+        raise HilError(f"the SKU catalogue cannot be read: {exc}") from exc
 
 
 ProgressFn = Callable[[str], None]

@@ -128,7 +128,7 @@ class LocalTarget:
                 raise
             raise TargetTimeoutError(
                 f"local: {' '.join(argv[1:4])} did not finish within {timeout_s:g} s and was killed"
-            ) from None
+            ) from exc
         return Completed(proc.returncode or 0, "".join(out), "".join(err))
 
     async def close(self) -> None:
@@ -184,8 +184,8 @@ class SshTarget:
     async def _open(self) -> None:
         try:
             import asyncssh
-        except ImportError:
-            raise TargetError("an SSH target needs asyncssh: pip install 'tidegate[hil]'") from None
+        except ImportError as exc:
+            raise TargetError("an SSH target needs asyncssh: pip install 'tidegate[hil]'") from exc
         options: dict[str, Any] = {}
         if self.known_hosts is not None:  # otherwise asyncssh's default: ~/.ssh/known_hosts
             options["known_hosts"] = str(self.known_hosts)
@@ -200,29 +200,29 @@ class SshTarget:
                 ),
                 self.connect_timeout_s,
             )
-        except TimeoutError:
-            raise TargetError(f"{self.name}: no answer within {self.connect_timeout_s:g} s") from None
+        except TimeoutError as exc:
+            raise TargetError(f"{self.name}: no answer within {self.connect_timeout_s:g} s") from exc
         except asyncssh.HostKeyNotVerifiable as exc:
             raise TargetError(
                 f"{self.name}: cannot connect: the host key of {self.host} port {self.port} is not known "
                 f"or has changed ({exc}); check it, then add it: ssh-keyscan -p {self.port} {self.host} "
                 f">> {self.known_hosts or '~/.ssh/known_hosts'}"
-            ) from None
-        except asyncssh.PermissionDenied:
+            ) from exc
+        except asyncssh.PermissionDenied as exc:
             raise TargetError(
                 f"{self.name}: cannot connect: {self.username} was refused at {self.host} port {self.port} "
                 "(give the key with --identity)"
-            ) from None
+            ) from exc
         except socket.gaierror as exc:
             raise TargetError(
                 f"{self.name}: cannot connect: no such host {self.host!r} ({exc.strerror})"
-            ) from None
-        except ConnectionRefusedError:
+            ) from exc
+        except ConnectionRefusedError as exc:
             raise TargetError(
                 f"{self.name}: cannot connect: nothing listens on {self.host} port {self.port}"
-            ) from None
+            ) from exc
         except (OSError, asyncssh.Error) as exc:
-            raise TargetError(f"{self.name}: cannot connect to {self.host} port {self.port}: {exc}") from None
+            raise TargetError(f"{self.name}: cannot connect to {self.host} port {self.port}: {exc}") from exc
 
     async def put(self, local: Path) -> str:
         import asyncssh
@@ -236,7 +236,7 @@ class SshTarget:
             except (OSError, asyncssh.Error) as exc:
                 lost = isinstance(exc, asyncssh.ConnectionLost | asyncssh.ChannelOpenError | ConnectionError)
                 if attempt == 2 or not lost:
-                    raise TargetError(f"{self.name}: cannot copy {local.name}: {exc}") from None
+                    raise TargetError(f"{self.name}: cannot copy {local.name}: {exc}") from exc
                 await self._open()
         raise AssertionError("unreachable")
 
@@ -272,9 +272,9 @@ class SshTarget:
                 raise
             raise TargetTimeoutError(
                 f"{self.name}: {command[:80]} did not finish within {timeout_s:g} s and was killed"
-            ) from None
+            ) from exc
         except (OSError, asyncssh.Error) as exc:
-            raise TargetError(f"{self.name}: {command[:80]}: {exc}") from None
+            raise TargetError(f"{self.name}: {command[:80]}: {exc}") from exc
         if proc is not None:
             proc.close()
         err = [line for line in err if not line.startswith(PID_MARK)]

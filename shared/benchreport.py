@@ -76,9 +76,9 @@ def load_private(path: Path) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except OSError as exc:
-        raise BenchKeyError(f"{path}: cannot read the bench key ({exc.strerror})") from None
+        raise BenchKeyError(f"{path}: cannot read the bench key ({exc.strerror})") from exc
     except (ValueError, TypeError) as exc:
-        raise BenchKeyError(f"{path}: not a PEM private key ({exc})") from None
+        raise BenchKeyError(f"{path}: not a PEM private key ({exc})") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise BenchKeyError(f"{path}: a bench key is ed25519, not {type(key).__name__}")
     return key

@@ -9,3 +9,6 @@ class TidegateError(Exception):
     """Base class of every deliberate, user-facing Tidegate error."""
 
     exit_code: int = 1
+    #: What an HTTP API answers this error with. A deliberate error is about the caller's input
+    #: unless the package's own root says otherwise (the gateway's errors, the fleet server's).
+    http_status: int = 422

@@ -48,6 +48,7 @@ class RejectedCode(StrEnum):
     RESOURCE_NOT_FOUND = "ResourceNotFound"
     VERSION_MISMATCH = "VersionMismatch"
     INTERNAL_ERROR = "InternalError"
+    REQUEST_THROTTLED = "RequestThrottled"
 
 
 def valid_thing_name(name: str) -> bool:

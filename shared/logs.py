@@ -140,3 +140,31 @@ def configure_logging(level: int = logging.INFO, redactor: Redactor = DEFAULT_RE
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+class RateLimitedLog:
+    """Log an exception that a hot path handles and moves past (a failed canary answered by
+    production, a dropped shadow batch) without letting a failing backend write a line per
+    request: the first occurrence of each kind is logged with its traceback, further ones
+    within `every_s` are counted and reported, with the count, on the next line logged."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 60.0, clock: Any = None) -> None:
+        import time
+
+        self.logger, self.every_s = logger, every_s
+        self.clock = clock or time.monotonic
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def exception(self, kind: str, message: str, exc: BaseException) -> bool:
+        """Log `exc` under `kind` unless one was logged within `every_s`; True if it was."""
+        now = self.clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.every_s:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return False
+        self._last[kind] = now
+        more = self._suppressed.pop(kind, 0)
+        suffix = f" ({more} more since the last report)" if more else ""
+        self.logger.warning("%s: %s%s", message, str(exc) or type(exc).__name__, suffix, exc_info=exc)
+        return True

@@ -110,3 +110,24 @@ def issue(
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     return KeyPair(_key_pem(key), cert.public_bytes(serialization.Encoding.PEM))
+
+
+def make_crl(
+    ca: KeyPair, revoked: list[tuple[int, datetime]], *, now: datetime | None = None, days: int = 30
+) -> bytes:
+    """A CRL signed by `ca` listing `revoked` (serial, when), valid for `days`: brokers read it
+    (Mosquitto's `crlfile`) and refuse those certificates at the TLS handshake."""
+    now = now or datetime.now(UTC)
+    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - timedelta(minutes=5))
+        .next_update(now + timedelta(days=days))
+    )
+    for serial, when in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)

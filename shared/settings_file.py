@@ -16,12 +16,12 @@ def read_toml(path: Path, error: type[TidegateError], what: str) -> dict[str, An
     """The parsed file, or `error` naming the file and what is wrong with it."""
     try:
         return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise error(f"{path}: no such {what}") from None
+    except FileNotFoundError as exc:
+        raise error(f"{path}: no such {what}") from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise error(f"{path}: cannot read the {what} ({exc})") from None
+        raise error(f"{path}: cannot read the {what} ({exc})") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise error(f"{path}: not valid TOML: {exc}") from None
+        raise error(f"{path}: not valid TOML: {exc}") from exc
 
 
 def first_error(exc: ValidationError, root: str = "(root)") -> str:

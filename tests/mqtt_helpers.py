@@ -98,6 +98,7 @@ class JobsEndpoint:
         self.lock = threading.Lock()
         self.executions: dict[str, list[Execution]] = {}
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.throttle_terminal = 0  # answer this many terminal updates RequestThrottled
         self.port = port
         self.c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id="jobs-endpoint", protocol=mqtt.MQTTv5
@@ -206,6 +207,9 @@ class JobsEndpoint:
                     )
                 elif ex2.status not in ("QUEUED", "IN_PROGRESS"):
                     accepted, out = False, {"code": "InvalidStateTransition", "message": ex2.status}
+                elif self.throttle_terminal and body.get("status") not in ("QUEUED", "IN_PROGRESS"):
+                    self.throttle_terminal -= 1
+                    accepted, out = False, {"code": "RequestThrottled", "message": "too many requests"}
                 else:
                     ex2.status, ex2.version = body["status"], ex2.version + 1
                     ex2.details = dict(body.get("statusDetails") or {})

@@ -205,6 +205,27 @@ def test_notify_start_next_progress_succeeded(
     assert all("clientToken" in b for b in start_next)
 
 
+def test_a_throttled_final_update_is_retried_until_it_lands(
+    world: World, tmp_path: Path, broker: Broker, endpoint: JobsEndpoint
+) -> None:
+    """The service sheds load with RequestThrottled: the outcome of an install must still
+    arrive (later), not be dropped as a rejected update would be."""
+    device, _ = world.copy(tmp_path)
+    endpoint.throttle_terminal = 2
+    with DaemonThread(make_config(tmp_path, device, broker.port)):
+        endpoint.add_job(THING, "job-t", job_doc(world, "v2"))
+        ex = endpoint.wait_status(THING, "job-t", {"SUCCEEDED", "FAILED", "REJECTED"})
+    assert ex.status == "SUCCEEDED" and endpoint.throttle_terminal == 0
+    finals = [
+        i
+        for i, (t, b) in enumerate(endpoint.requests)
+        if t.endswith("job-t/update") and b["status"] == "SUCCEEDED"
+    ]
+    assert len(finals) >= 3  # two throttled, then accepted
+    between = [t for t, _ in endpoint.requests[finals[0] : finals[-1]] if t.endswith("start-next")]
+    assert between == []  # the same update retried, not the job dropped and started over
+
+
 def _starts(device: Path) -> int | None:
     path = device / "starts.json"
     return int(json.loads(path.read_text())["starts"]) if path.exists() else None

@@ -399,3 +399,52 @@ def test_the_cli_exit_codes_and_json_summary(models: dict[str, tuple[Path, Path]
             *common, "--sku", "edge-cpu-x86", "--sku", "jetson-orin-fp16", "--out", str(tmp_path / "b")
         )
         assert partial.returncode == 3 and "needs a GPU with TensorRT 10.x" in partial.stdout
+
+
+def test_the_oci_archive_is_streamed_not_held_in_memory(tmp_path: Path) -> None:
+    """A bundle is hundreds of megabytes on a build host that builds several SKUs at once: the
+    archive is written from disk in chunks, so Python's peak allocation stays a few buffers
+    whatever the bundle's size (reading it whole would show up as 3-4 times its size)."""
+    import os
+    import tracemalloc
+
+    from builder.catalogue import Sku
+    from builder.packaging import write_oci_archive
+
+    bundle = tmp_path / "big.bundle"
+    with bundle.open("wb") as fh:
+        for _ in range(48):
+            fh.write(os.urandom(1 << 20))
+    sku = Sku(
+        name="edge-cpu",
+        runtime="onnxruntime",
+        memory_ceiling_mb=64,
+        latency_budget_ms=5,
+        tolerance={"max_abs_error": 0.01},
+    )
+    tracemalloc.start()
+    try:
+        out = write_oci_archive(
+            tmp_path / "big.oci.tar",
+            bundle,
+            name="big",
+            version="1.0.0",
+            sku=sku,
+            created="2026-12-02T00:00:00Z",
+            description="streamed",
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"peak {peak / 2**20:.1f} MiB while archiving a 48 MiB bundle"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bundle", "big.oci.tar"]  # no scratch left
+    with tarfile.open(out) as tf:
+        names = tf.getnames()
+        layer_name = next(
+            n for n in names if n.startswith("blobs/sha256/") and tf.getmember(n).size > 1 << 20
+        )
+        digest = hashlib.sha256()
+        with tf.extractfile(layer_name) as layer:  # type: ignore[union-attr]
+            while chunk := layer.read(1 << 20):
+                digest.update(chunk)
+    assert layer_name.endswith(digest.hexdigest())  # the streamed layer is content-addressed

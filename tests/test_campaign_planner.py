@@ -10,11 +10,12 @@ import random
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import ValidationError
 
-from fleet_server.campaigns.cron import Cron, CronError, Window
+from fleet_server.campaigns.cron import CronError, Window
 from fleet_server.campaigns.planner import CampaignState, MemberState, order_members, plan_tick, wave_bounds
 from fleet_server.campaigns.spec import CampaignSpec
 
@@ -57,16 +58,38 @@ def test_spec_validation() -> None:
 
 
 def test_cron_windows() -> None:
-    assert Cron.parse("*/15 8-17 * * 1-5").matches(datetime(2026, 11, 23, 9, 30))
-    assert not Cron.parse("*/15 8-17 * * 1-5").matches(datetime(2026, 11, 22, 9, 30))  # Sunday
-    assert Cron.parse("0 0 1 * 0").matches(
-        datetime(2026, 11, 29, 0, 0)
-    )  # Sunday, not the 1st: either matches
+    w = Window.parse("*/15 8-17 * * 1-5", 1)
+    assert w.is_open(datetime(2026, 11, 23, 9, 30, 40, tzinfo=UTC))  # a Monday
+    assert not w.is_open(datetime(2026, 11, 22, 9, 30, tzinfo=UTC))  # Sunday
+    either = Window.parse("0 0 1 * 0", 1)  # day of month and weekday both restricted: either matches
+    assert either.is_open(datetime(2026, 11, 29, 0, 0, tzinfo=UTC))  # Sunday, not the 1st
     w = Window.parse("0 9 * * 1-5", 120, "Europe/Berlin")  # 09:00-11:00 Berlin = 08:00-10:00 UTC in winter
     assert w.is_open(datetime(2026, 11, 23, 8, 30, tzinfo=UTC))
     assert not w.is_open(datetime(2026, 11, 23, 10, 0, tzinfo=UTC))
-    with pytest.raises(CronError):
-        Cron.parse("61 * * * *")
+    with pytest.raises(CronError, match="bad minute"):
+        Window.parse("61 * * * *", 10)
+
+
+def test_a_window_in_a_device_time_zone_keeps_real_time_across_dst_changes() -> None:
+    """Berlin's clocks go from 02:00 to 03:00 on 2026-03-29 and back from 03:00 to 02:00 on
+    2026-10-25. A window's duration is real time, and a firing in a skipped or repeated hour
+    happens once, as Debian's cron does it."""
+    berlin = ZoneInfo("Europe/Berlin")
+    night = Window.parse("0 1 * * *", 120, "Europe/Berlin")  # 01:00 CET = 00:00 UTC, for two hours
+    assert night.is_open(datetime(2026, 3, 29, 3, 30, tzinfo=berlin))  # 01:30 UTC: 90 real minutes in
+    assert night.is_open(datetime(2026, 3, 29, 3, 59, tzinfo=berlin))
+    assert not night.is_open(datetime(2026, 3, 29, 4, 0, tzinfo=berlin))  # 02:00 UTC: two hours gone
+    skipped = Window.parse("30 2 * * *", 30, "Europe/Berlin")  # 02:30 does not exist that night
+    assert skipped.opened_within(datetime(2026, 3, 29, 3, 10, tzinfo=berlin)) == datetime(
+        2026, 3, 29, 3, 0, tzinfo=berlin
+    )  # it fires when the clocks jump, and the window runs its full half hour from there
+    assert skipped.is_open(datetime(2026, 3, 29, 3, 29, tzinfo=berlin))
+    assert not skipped.is_open(datetime(2026, 3, 29, 3, 30, tzinfo=berlin))
+    autumn = Window.parse("30 2 * * *", 45, "Europe/Berlin")  # 02:30 happens twice on 2026-10-25
+    first = datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # 02:30 CEST
+    assert autumn.is_open(first + timedelta(minutes=44))
+    assert not autumn.is_open(first + timedelta(minutes=60))  # 02:30 CET: not a second opening
+    assert not autumn.is_open(first + timedelta(minutes=80))
 
 
 def members(n: int, status: str | None = None, at: datetime = T0) -> tuple[MemberState, ...]:

@@ -180,7 +180,7 @@ def test_operator_actions_and_illegal_transitions(db: Database) -> None:
         assert statuses == {"SUCCEEDED", "CANCELED"}
         with pytest.raises(service.CampaignError, match="is canceled"):
             service.resume(s, campaign_id=cid, actor="op", now=T0)
-        with pytest.raises(service.NotFoundError):
+        with pytest.raises(service.CampaignNotFoundError):
             service.get(s, "nope")
 
 

@@ -225,3 +225,60 @@ def test_the_cli_loads_no_heavy_package_before_a_command_needs_it() -> None:
         "scipy",
         "asyncssh",
     }
+
+
+def test_a_database_without_a_schema_is_refused_until_migrate_creates_it(tmp_path: Path) -> None:
+    """A misspelt database URL must not quietly become a new, empty fleet: only `migrate`
+    starts from nothing, and nothing else creates the file."""
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    proc = run("server", "token", "create", "--role", "admin", "--name", "ops", "--db", url)
+    assert_one_line_error(
+        proc, f"there is no file {tmp_path / 'fleet.db'}; create it with `tidegate server migrate"
+    )
+    assert not (tmp_path / "fleet.db").exists()
+    (tmp_path / "empty.db").write_bytes(b"")  # a file, but no schema in it
+    proc = run("server", "device-add", "car-1", "--sku", "x", "--db", f"sqlite:///{tmp_path / 'empty.db'}")
+    assert_one_line_error(proc, "it holds no Tidegate schema")
+    assert run("server", "migrate", "--db", url).returncode == 0
+    proc = run("server", "token", "create", "--role", "admin", "--name", "ops", "--db", url)
+    assert proc.returncode == 0 and proc.stdout.strip()
+
+
+def test_an_unknown_tidegate_variable_is_reported_with_the_name_it_resembles(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "TIDEGATE_DATABSE_URL": "sqlite:///elsewhere.db", "TIDEGATE_MQTT_PORT": "1883"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tidegate", "--version"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.returncode == 0
+    assert proc.stderr.splitlines() == [
+        "warning: TIDEGATE_DATABSE_URL is not a Tidegate setting and is ignored; "
+        "did you mean TIDEGATE_DATABASE_URL?"
+    ]  # TIDEGATE_MQTT_PORT is a setting: not reported
+
+
+def test_every_tidegate_variable_the_code_reads_is_known() -> None:
+    """The list the check above reads from stays true: a new variable read anywhere in the
+    product (or its tests and benches) without being added to it fails here."""
+    import re
+
+    from tidegate.envcheck import known_variables
+
+    root = Path(__file__).parent.parent
+    read = set()
+    for folder in (
+        "agent",
+        "builder",
+        "cloud_serving",
+        "fleet_server",
+        "hil",
+        "shared",
+        "tidegate",
+        "bench",
+        "tests",
+    ):
+        for path in (root / folder).rglob("*.py"):
+            read |= set(re.findall(r"[\"'$](TIDEGATE_[A-Z0-9_]+)\b(?!\s*=)", path.read_text()))
+    read -= {"TIDEGATE_VERSION", "TIDEGATE_DATABSE_URL"}  # a Python constant; the misspelling above
+    assert read and read <= known_variables(), read - known_variables()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -493,16 +494,23 @@ def test_an_ab_experiment_finds_the_better_version_and_promotes_it(models: Path)
     serve(config, body)
 
 
-def test_an_experiment_with_a_broken_treatment_stops_on_its_guardrail(models: Path) -> None:
+def test_an_experiment_with_a_broken_treatment_stops_on_its_guardrail(
+    models: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     config = load_config(models / "serving.toml")
+    caplog.set_level(logging.WARNING, logger="tidegate.serving")
 
     async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
-        gw.start_experiment("classifier", ExperimentSpec(control="1.0.0", treatment="9.9.9-bad"))
+        exp = gw.start_experiment("classifier", ExperimentSpec(control="1.0.0", treatment="9.9.9-bad"))
         ended = await _run_experiment(gw, client, {"1.0.0": 0.2, "9.9.9-bad": 0.2}, 1000, seed=2)
         assert ended and ended[0][0].startswith("stopped: guardrail")
         assert gw.model("classifier").production == "1.0.0" and gw.model("classifier").weights == {
             "1.0.0": 1.0
         }
+        # Each failure was answered by production, so the caller never saw it; the log did, once
+        # (rate-limited), with its traceback, not once per request.
+        logged = [r for r in caplog.records if "arm 9.9.9-bad failed a request" in r.getMessage()]
+        assert exp.arms["9.9.9-bad"].errors > 10 and len(logged) == 1 and logged[0].exc_info
 
     serve(config, body)
 

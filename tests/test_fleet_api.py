@@ -391,3 +391,31 @@ def test_receipts_are_filtered_by_device_version_and_outcome_and_paged(
     assert len(v1) + len(more) == 6
     r = client.get("/api/v1/receipts", params={"device": "car-0"}, headers=viewer)
     assert r.status_code == 422 and "unknown filter(s): device" in r.text
+
+
+def test_an_internal_error_is_a_500_and_a_deliberate_one_keeps_its_status(
+    api: tuple[TestClient, dict[str, dict[str, str]], list[Outgoing]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug (here a ValueError from deep inside a service) must not pass for the caller's
+    mistake: it is a 500; each deliberate error answers with its own package's status."""
+    from fleet_server.campaigns import service
+    from fleet_server.errors import ConflictError, FleetError, NotFoundError
+
+    client, headers, _ = api
+    client = TestClient(client.app, raise_server_exceptions=False)
+    assert client.get("/api/v1/campaigns/c-none", headers=headers["viewer"]).status_code == 404
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("a bug, not the caller's input")
+
+    monkeypatch.setattr(service, "get", broken)
+    r = client.get("/api/v1/campaigns/c-none", headers=headers["viewer"])
+    assert r.status_code == 500
+    for error, status in ((FleetError, 422), (NotFoundError, 404), (ConflictError, 409)):
+
+        def refused(*args: Any, _e: type[FleetError] = error, **kwargs: Any) -> Any:
+            raise _e("named reason")
+
+        monkeypatch.setattr(service, "get", refused)
+        r = client.get("/api/v1/campaigns/c-none", headers=headers["viewer"])
+        assert (r.status_code, r.json()) == (status, {"detail": "named reason"})

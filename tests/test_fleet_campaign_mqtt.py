@@ -185,3 +185,43 @@ def test_a_failing_wave_stops_the_campaign_and_pause_resume(stack: dict[str, Any
         assert kinds.count("paused") == 2 and "running" in kinds
     finally:
         fleet.stop()
+
+
+def test_a_flooding_device_is_throttled_and_the_campaign_completes(stack: dict[str, Any]) -> None:
+    """One device (its own process) sends 2,000 `get` requests a second, 20,000 times what the
+    protocol needs, for the whole campaign: it is answered RequestThrottled (AWS's code), what
+    reaches the database is bounded by its bucket, and the 200 others complete as without it
+    (their completion times with and without a flood are measured in bench/jobs_flood.py)."""
+    import json
+    import subprocess
+    import sys
+
+    bridge: JobsBridge = stack["bridge"]
+    with stack["db"].session() as s:
+        register_device(s, thing_name="flood-1", sku="other-sku", now=stack["clock"]())
+    flooder = subprocess.Popen(
+        [sys.executable, "-m", "fleet_server.sim.flood", str(stack["broker"].port), "2000"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert flooder.stdout is not None and flooder.stdout.readline().strip() == "ready"
+    t0 = time.monotonic()
+    spec = {**BASE, "waves": [{"percent": 100}], "max_concurrent": 200}
+    cid, fleet = launch(stack, spec)
+    try:
+        assert wait_state(stack, cid, {"completed", "paused"}) == "completed"
+    finally:
+        fleet.stop()
+        flooder.terminate()
+        out, _ = flooder.communicate(timeout=30)
+    elapsed = time.monotonic() - t0
+    flood = json.loads(out.strip().splitlines()[-1])
+    with stack["db"].session() as s:
+        rows = s.scalars(select(JobExecution).where(JobExecution.job_id == cid)).all()
+    assert len(rows) == 200 and {r.status for r in rows} == {"SUCCEEDED"}
+    assert fleet.stats.rejected == {}  # none of the others was ever throttled
+    limited = bridge.limiter.throttled + bridge.limiter.dropped
+    assert flood["sent"] > 2000 and limited > 1000  # the flood reached the bridge and was cut there
+    assert 0 < flood["answered"] <= bridge.limiter.rate * elapsed + bridge.limiter.burst  # a bucket's worth
+    assert flood["codes"] and set(flood["codes"]) == {"RequestThrottled"}
+    assert len(flood["codes"]) <= elapsed + 2  # told about once a second, not once per message

@@ -73,11 +73,16 @@ def server_env(tmp_path: Path) -> Iterator[tuple[Broker, str]]:
 
 
 def admin_token(db_url: str) -> str:
-    """An admin token made the way an operator makes one: with the CLI."""
-    args = ["server", "token", "create", "--role", "admin", "--name", "ops", "--db", db_url]
-    return subprocess.run(
-        [sys.executable, "-m", "tidegate", *args], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    """An admin token made the way an operator makes one: with the CLI, after `migrate` created
+    the database (no other command starts from an empty one)."""
+    for args in (
+        ["server", "migrate", "--db", db_url],
+        ["server", "token", "create", "--role", "admin", "--name", "ops", "--db", db_url],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "tidegate", *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    return out
 
 
 def wait(pred: Any, timeout: float = 60, what: str = "") -> Any:

@@ -273,7 +273,7 @@ def test_server_cli_registers_devices_and_queues_jobs(tmp_path: Path) -> None:
     doc = json.dumps({"operation": "tidegate.install", "target": "x", "repository": "y"})
     assert run("job-create", "car-9", "--job-id", "j1", "--document", doc).returncode == 0
     for args, needle in [
-        (("job-create", "car-9", "--job-id", "j1", "--document", doc), "could not queue j1"),
+        (("job-create", "car-9", "--job-id", "j1", "--document", doc), "job 'j1' already exists for 'car-9'"),
         (("job-create", "ghost", "--job-id", "j2", "--document", doc), "unknown device 'ghost'"),
         (("job-create", "car-9", "--job-id", "bad id!", "--document", doc), "invalid job id"),
         (("job-create", "car-9", "--job-id", "j3", "--document", "{oops"), "not valid JSON"),

@@ -187,3 +187,163 @@ def test_device_certificates_and_the_broker_acl(tmp_path: Path, sample_payload: 
         import shutil
 
         shutil.rmtree(reachable, ignore_errors=True)
+
+
+def try_connect(pki: Path, folder: Path, name: str, port: int) -> str:
+    """Connect with `folder/name.pem`: "connected", the CONNACK's reason, or "tls refused"."""
+    c = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"try-{name}", protocol=mqtt.MQTTv5
+    )
+    c.tls_set(
+        ca_certs=str(pki / "ca.pem"),
+        certfile=str(folder / f"{name}.pem"),
+        keyfile=str(folder / f"{name}.key"),
+        cert_reqs=ssl.CERT_REQUIRED,
+    )
+    got: list[str] = []
+    c.on_connect = lambda cl, u, f, rc, p: got.append("connected" if not rc.is_failure else str(rc))
+    try:
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        deadline = time.monotonic() + 3
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except (ssl.SSLError, OSError):
+        return "tls refused"
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    return got[0] if got else "tls refused"
+
+
+def test_identities_a_broker_must_not_honour(tmp_path: Path) -> None:
+    """Revoked, expired and CN-less certificates are refused at connect (the broker logs why);
+    a CN the CA would never issue (`+`, `car-2/beacon`) connects on Mosquitto, which cannot
+    refuse it, but gets nothing: no other device's messages, no topic another device owns; a
+    device's `$share` subscriptions deliver it nothing and take nothing from the service; a
+    second service identity is issued by its own command and served after a reload."""
+    import signal
+    import tempfile
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from shared.pki import KeyPair, issue
+
+    reachable = Path(tempfile.mkdtemp(prefix="tidegate-pki-"))
+    reachable.chmod(0o711)
+    pki = reachable / "pki"
+    assert tidegate("ca", "init", "--dir", str(pki)).returncode == 0
+    for thing in ("car-1", "car-2", "car-3"):
+        assert tidegate("device-cert", thing, "--dir", str(pki)).returncode == 0
+    assert tidegate("device-revoke", "car-3", "--dir", str(pki)).returncode == 0
+    ca = KeyPair((pki / "ca.key").read_bytes(), (pki / "ca.pem").read_bytes())
+    forged = pki / "forged"  # signed by the CA's key, as a CA bug or an insider could
+    forged.mkdir()
+    for label, pair in (
+        ("wild", issue(ca, "+")),
+        ("slash", issue(ca, "car-2/beacon")),
+        ("expired", issue(ca, "car-4", now=datetime.now(UTC) - timedelta(days=10), days=1)),
+    ):
+        (forged / f"{label}.pem").write_bytes(pair.cert_pem)
+        (forged / f"{label}.key").write_bytes(pair.key_pem)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    ca_key = serialization.load_pem_private_key(ca.key_pem, None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    no_cn = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "no common name")]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (forged / "nocn.pem").write_bytes(no_cn.public_bytes(serialization.Encoding.PEM))
+    (forged / "nocn.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    port = free_port()
+    assert tidegate("ca", "broker-config", "--dir", str(pki), "--port", str(port)).returncode == 0
+    log_path = tmp_path / "broker.log"
+    broker = subprocess.Popen(
+        [MOSQUITTO, "-c", str(pki / "mosquitto.conf")], stdout=subprocess.DEVNULL, stderr=log_path.open("wb")
+    )
+    time.sleep(0.5)
+    try:
+        assert try_connect(pki, pki / "devices", "car-1", port) == "connected"  # the control
+        assert try_connect(pki, pki / "devices", "car-3", port) == "tls refused"  # revoked
+        assert try_connect(pki, forged, "expired", port) == "tls refused"
+        assert try_connect(pki, forged, "nocn", port) != "connected"
+        log = log_path.read_text()
+        assert "certificate verify failed" in log and "not authorised" in log  # the broker says why
+
+        service = tls_client(pki, "tidegate-fleet-server", "services", port, "tidegate-fleet-server")
+        heard: list[str] = []
+        service.on_message = lambda c, u, m: heard.append(m.topic)
+        service.subscribe("tidegate/things/+/+", qos=1)  # as the bridge does: no shared group
+        thieves = {
+            name: tls_client(pki, *where, port)
+            for name, where in {
+                "car-1": ("car-1", "devices"),
+                "wild": ("wild", "../pki/forged"),
+                "slash": ("slash", "../pki/forged"),
+            }.items()
+        }
+        stolen: dict[str, list[str]] = {name: [] for name in thieves}
+        for name, c in thieves.items():
+            c.on_message = lambda cl, u, m, n=name: stolen[n].append(m.topic)
+            c.subscribe(
+                [
+                    ("$share/tidegate/tidegate/things/+/+", 1),
+                    ("$share/x/$aws/things/+/jobs/#", 1),
+                    ("$aws/things/+/jobs/#", 1),
+                    ("tidegate/things/#", 1),
+                ]
+            )
+        time.sleep(0.5)
+        forger = thieves["slash"]  # its CN is "car-2/beacon": it tries car-2's beacon topic
+        forger.publish("tidegate/things/car-2/beacon", b'{"forged": true}', qos=1)
+        car2 = tls_client(pki, "car-2", "devices", port)
+        for _ in range(20):
+            car2.publish("tidegate/things/car-2/beacon", b"{}", qos=1).wait_for_publish(5)
+        service.publish("$aws/things/car-2/jobs/notify-next", b"{}", qos=1)
+        time.sleep(1.0)
+        assert heard.count("tidegate/things/car-2/beacon") == 20  # every one, none to a share
+        assert stolen == {name: [] for name in thieves}, stolen
+        for c in (service, car2, *thieves.values()):
+            c.loop_stop()
+            c.disconnect()
+
+        # A second replica's identity: its own command, its own ACL lines once the broker reloads.
+        assert "reserved" in tidegate("device-cert", "tidegate-fleet-server-2", "--dir", str(pki)).stderr
+        assert tidegate("ca", "service-cert", "tidegate-fleet-server-2", "--dir", str(pki)).returncode == 0
+        assert "user tidegate-fleet-server-2" in (pki / "acl").read_text()
+        broker.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        second = tls_client(pki, "tidegate-fleet-server-2", "services", port, "tidegate-fleet-server-2")
+        got: list[str] = []
+        second.on_message = lambda c, u, m: got.append(m.topic)
+        second.subscribe("tidegate/things/+/+", qos=1)
+        time.sleep(0.3)
+        car2 = tls_client(pki, "car-2", "devices", port)
+        car2.publish("tidegate/things/car-2/beacon", b"{}", qos=1).wait_for_publish(5)
+        time.sleep(0.5)
+        assert got == ["tidegate/things/car-2/beacon"]
+        for c in (second, car2):
+            c.loop_stop()
+            c.disconnect()
+    finally:
+        broker.terminate()
+        broker.wait(10)
+        import shutil
+
+        shutil.rmtree(reachable, ignore_errors=True)

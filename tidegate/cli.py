@@ -1,6 +1,7 @@
 """The `tidegate` command: each package owns its group; this module only mounts them
 and turns deliberate errors into one line and a non-zero exit."""
 
+import os
 import sys
 import traceback
 
@@ -18,6 +19,7 @@ from shared.errors import TidegateError
 from shared.trust.cli import app as repo_app
 from tidegate import __version__
 from tidegate.demo import app as demo_app
+from tidegate.envcheck import unknown_variables
 
 app = typer.Typer(
     name="tidegate",
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     `TidegateError` from any command ends here.
     """
     args = sys.argv[1:] if argv is None else argv
+    for line in unknown_variables(os.environ):
+        typer.echo(f"warning: {line}", err=True)
     try:
         app(args=args, prog_name="tidegate")
     except SystemExit as exc:

@@ -213,7 +213,7 @@ def _run(workdir: Path, keep_running: bool) -> dict[str, Any]:
     try:
         EmbeddedBroker(workdir / "probe")
     except TidegateError as exc:
-        raise TidegateError(f"the fleet needs Mosquitto: {exc}") from None
+        raise TidegateError(f"the fleet needs Mosquitto: {exc}") from exc
     public = report.pop("_public_key")
     with demo_fleet.running_fleet(workdir, repo, _say, bench_keys={"demo-bench": public}) as fleet:
         with _step(3, "fleet server, real agents and a simulated fleet", timings):
@@ -292,7 +292,7 @@ def demo(
         signal.signal(signal.SIGINT, _interrupt)
     try:
         _run(workdir, keep_running)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         typer.echo("\n[demo] interrupted: every process the demo started has been stopped", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(130) from exc
     _say("done", f"finished in {time.monotonic() - t0:.0f} s; everything is under {workdir.resolve()}")

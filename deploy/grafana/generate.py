@@ -209,7 +209,10 @@ SLO = dashboard(
             12,
             "Shadow: verdict (1 = the verdict it has) and requests compared",
             [
-                ('max by (model, version, verdict) (tidegate_shadow_verdict) == 1', "{{model}} {{version}} {{verdict}}"),
+                (
+                    "max by (model, version, verdict) (tidegate_shadow_verdict) == 1",
+                    "{{model}} {{version}} {{verdict}}",
+                ),
                 ("max by (model, version) (tidegate_shadow_compared)", "compared {{model}} {{version}}"),
             ],
             0,

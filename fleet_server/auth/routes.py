@@ -55,7 +55,7 @@ def revoke(request: Request, token_id: Annotated[int, PathParam(ge=1, le=MAX_ID)
         try:
             (row,) = revoke_token(s, token_id=token_id)
         except TokenNotFoundError as exc:
-            raise HTTPException(404, str(exc)) from None
+            raise HTTPException(404, str(exc)) from exc
         audit(
             s,
             actor=who.name,
@@ -111,5 +111,5 @@ def _utc(value: datetime, name: str) -> datetime:
     """A filter time in UTC (naive means UTC); one that cannot be is a 422, not a 500."""
     try:
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    except (OverflowError, ValueError):
-        raise HTTPException(422, f"{name}: {value.isoformat()} is outside the representable range") from None
+    except (OverflowError, ValueError) as exc:
+        raise HTTPException(422, f"{name}: {value.isoformat()} is outside the representable range") from exc

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleet_server.auth.models import ApiToken, AuditEntry
-from shared.errors import TidegateError
+from fleet_server.errors import NotFoundError
 
 TOKEN_PREFIX = "tg_"
 
@@ -67,7 +67,7 @@ def authenticate(session: Session, *, token: str, now: datetime | None = None) -
     return row
 
 
-class TokenNotFoundError(TidegateError):
+class TokenNotFoundError(NotFoundError):
     pass
 
 

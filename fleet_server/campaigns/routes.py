@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -154,8 +154,8 @@ def _act(
             audit(s, actor=who.name, role=who.role.value, action=action, target=cid, outcome="ok", now=now)
             s.flush()
             answer = present(s, service.get(s, cid or ""))
-    except service.NotFoundError as exc:
-        raise HTTPException(404, str(exc)) from None
+    except service.CampaignNotFoundError:
+        raise  # nothing to audit: there is no campaign (the error handler answers 404)
     except service.CampaignError as exc:
         with request.app.state.db.session() as s:
             audit(
@@ -167,7 +167,7 @@ def _act(
                 outcome=f"refused: {exc}",
                 now=now,
             )
-        raise HTTPException(409, str(exc)) from None
+        raise
     request.app.state.publish(out)
     return answer
 
@@ -207,10 +207,7 @@ def kpis(request: Request, who: Viewer) -> dict[str, Any]:
 @router.get("/{campaign_id}", response_model=CampaignPublic)
 def get_campaign(request: Request, campaign_id: CampaignId, who: Viewer) -> CampaignPublic:
     with request.app.state.db.session() as s:
-        try:
-            return present(s, service.get(s, campaign_id))
-        except service.NotFoundError as exc:
-            raise HTTPException(404, str(exc)) from None
+        return present(s, service.get(s, campaign_id))
 
 
 @router.get("/{campaign_id}/drift", response_model=None)
@@ -229,10 +226,7 @@ def drift(
 
     config = getattr(request.app.state, "drift", None) or DriftWatchConfig()
     with request.app.state.db.session() as s:
-        try:
-            report = campaign_report(score_groups(s, service.get(s, campaign_id)), config)
-        except service.NotFoundError as exc:
-            raise HTTPException(404, str(exc)) from None
+        report = campaign_report(score_groups(s, service.get(s, campaign_id)), config)
     return HTMLResponse(page(report)) if format == "html" else asdict(report)
 
 
@@ -252,19 +246,13 @@ def cohort(
 
     config = getattr(request.app.state, "drift", None) or DriftWatchConfig()
     with request.app.state.db.session() as s:
-        try:
-            return export(s, service.get(s, campaign_id), kind, config, limit)
-        except service.NotFoundError as exc:
-            raise HTTPException(404, str(exc)) from None
+        return export(s, service.get(s, campaign_id), kind, config, limit)
 
 
 @router.get("/{campaign_id}/decisions", response_model=list[DecisionPublic])
 def decisions(request: Request, campaign_id: CampaignId, who: Viewer) -> list[CampaignDecision]:
     with request.app.state.db.session() as s:
-        try:
-            service.get(s, campaign_id)
-        except service.NotFoundError as exc:
-            raise HTTPException(404, str(exc)) from None
+        service.get(s, campaign_id)  # a 404 if there is none
         return list(
             s.scalars(
                 select(CampaignDecision)

@@ -29,9 +29,9 @@ from fleet_server.campaigns.planner import (
 )
 from fleet_server.campaigns.spec import CampaignSpec, Cohort
 from fleet_server.devices.models import Device, DeviceGroup, GroupMember
+from fleet_server.errors import FleetError, NotFoundError
 from fleet_server.jobs import protocol
 from fleet_server.jobs.models import ExecutionEvent, JobExecution
-from shared.errors import TidegateError
 from shared.gates import Sample
 from shared.iotjobs import JobStatus
 from shared.jobdoc import JobDocument
@@ -50,12 +50,14 @@ class Lifecycle(StrEnum):
 S = Lifecycle
 
 
-class CampaignError(TidegateError):
-    """An operation the campaign's state does not allow, or a campaign that does not exist."""
+class CampaignError(FleetError):
+    """An operation the campaign's state does not allow (or a spec naming what is not there)."""
+
+    http_status = 409
 
 
-class NotFoundError(CampaignError):
-    pass
+class CampaignNotFoundError(CampaignError, NotFoundError):
+    http_status = NotFoundError.http_status
 
 
 def _log(session: Session, c: Campaign, now: datetime, kind: str, actor: str, message: str) -> None:
@@ -65,7 +67,7 @@ def _log(session: Session, c: Campaign, now: datetime, kind: str, actor: str, me
 def get(session: Session, campaign_id: str) -> Campaign:
     c = session.get(Campaign, campaign_id)
     if c is None:
-        raise NotFoundError(f"no campaign {campaign_id!r}")
+        raise CampaignNotFoundError(f"no campaign {campaign_id!r}")
     return c
 
 

@@ -151,7 +151,7 @@ class WindowSpec(_Spec):
         try:
             Window.parse(self.cron, self.duration_minutes, "UTC" if self.per_device else self.timezone)
         except CronError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(str(exc)) from exc
         return self
 
     @property
@@ -243,7 +243,7 @@ class ServerPreconditions(_Spec):
             try:
                 SemVer.parse(value)
             except InvalidVersionError as exc:
-                raise ValueError(str(exc)) from None
+                raise ValueError(str(exc)) from exc
         return value
 
     def unmet(

@@ -89,7 +89,7 @@ def create_group(request: Request, body: GroupCreate, who: Operator) -> GroupPub
                 things=service.group_members(s, g.name),
             )
     except service.GroupError as exc:
-        raise _fail(exc) from None
+        raise _fail(exc) from exc
 
 
 @router.get("/{name}", response_model=GroupPublic)
@@ -125,7 +125,7 @@ def change_members(request: Request, name: GroupName, body: MembersChange, who: 
             assert g is not None
             return GroupPublic(name=g.name, description=g.description, created_at=g.created_at, things=things)
     except service.GroupError as exc:
-        raise _fail(exc) from None
+        raise _fail(exc) from exc
 
 
 @router.delete("/{name}", status_code=204)
@@ -144,4 +144,4 @@ def delete_group(request: Request, name: GroupName, who: Operator) -> None:
                 now=now,
             )
     except service.GroupError as exc:
-        raise _fail(exc) from None
+        raise _fail(exc) from exc

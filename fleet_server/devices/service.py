@@ -10,7 +10,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from fleet_server.devices.models import Device, DeviceGroup, GroupMember
-from shared.errors import TidegateError
+from fleet_server.errors import FleetError, NotFoundError
 from shared.iotjobs import valid_thing_name
 
 
@@ -46,7 +46,7 @@ def register_devices(session: Session, devices: list[dict[str, Any]], *, now: da
     `register_device`'s fields) with one query for the ones already known, not one each."""
     for d in devices:
         if not valid_thing_name(d["thing_name"]):
-            raise ValueError(f"invalid thing name {d['thing_name']!r}: 1-128 of [a-zA-Z0-9:_-]")
+            raise DeviceError(f"invalid thing name {d['thing_name']!r}: 1-128 of [a-zA-Z0-9:_-]")
     known = {
         dev.thing_name: dev
         for dev in session.scalars(
@@ -68,12 +68,16 @@ def register_devices(session: Session, devices: list[dict[str, Any]], *, now: da
     return out
 
 
-class GroupError(TidegateError):
+class DeviceError(FleetError):
+    pass
+
+
+class GroupError(FleetError):
     """A group operation that names something that does not exist, or that exists already."""
 
 
-class UnknownGroupError(GroupError):
-    pass
+class UnknownGroupError(GroupError, NotFoundError):
+    http_status = NotFoundError.http_status
 
 
 def create_group(

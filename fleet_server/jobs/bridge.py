@@ -19,6 +19,7 @@ notification.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import ssl
@@ -42,12 +43,26 @@ from sqlalchemy.orm import Session
 from fleet_server.db import Database
 from fleet_server.devices.models import Device
 from fleet_server.jobs import protocol
+from fleet_server.jobs.throttle import DeviceLimiter, Verdict
 from fleet_server.telemetry.service import TelemetryRejectedError, ingest
-from shared.iotjobs import Topics, valid_thing_name
+from shared.iotjobs import RejectedCode, Topics, valid_thing_name
 
 log = logging.getLogger("tidegate.server.jobs")
 REQUESTS = "$aws/things/+/jobs/#"
 TELEMETRY = "tidegate/things/+/+"
+
+
+def _throttled(payload: bytes) -> bytes:
+    """AWS IoT Jobs' error response for a throttled request, echoing its clientToken."""
+    body: dict[str, Any] = {"code": RejectedCode.REQUEST_THROTTLED.value, "message": "too many requests"}
+    try:
+        token = json.loads(payload).get("clientToken") if len(payload) <= 8192 else None
+    except (ValueError, AttributeError):
+        token = None
+    if isinstance(token, str):
+        body["clientToken"] = token[:64]
+    body["timestamp"] = int(time.time())
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _utcnow() -> datetime:
@@ -75,9 +90,12 @@ class JobsBridge:
         sweep_interval_s: float = 5.0,
         tls: tuple[Path, Path, Path] | None = None,
         batch_max: int = 500,
+        limiter: DeviceLimiter | None = None,
     ) -> None:
-        """`tls` = (CA file, client certificate, key) for a mutual-TLS broker."""
+        """`tls` = (CA file, client certificate, key) for a mutual-TLS broker; `limiter` bounds
+        each device's requests (default: 5 a second with bursts of 50)."""
         self.db, self.clock, self.batch_max = db, clock, batch_max
+        self.limiter = limiter or DeviceLimiter()
         self._inbox: queue.Queue[_Inbound] = queue.Queue()
         self._worker = threading.Thread(target=self._work_loop, name="jobs-worker", daemon=True)
         self.renotify_after, self.sweep_interval_s = renotify_after, sweep_interval_s
@@ -153,6 +171,15 @@ class JobsBridge:
         if msg.topic.startswith("$aws/") and last in ("accepted", "rejected", "notify", "notify-next"):
             client.ack(msg.mid, msg.qos)  # our own kind of message, echoed: nothing to do
             return
+        parts = msg.topic.split("/", 3)
+        thing = parts[2] if len(parts) > 2 else ""
+        verdict = self.limiter.check(thing, time.monotonic())
+        if verdict is not Verdict.ALLOW:  # decided here, before the queue and the database
+            if verdict is Verdict.THROTTLE and msg.topic.startswith("$aws/"):
+                client.publish(Topics.rejected(msg.topic), _throttled(bytes(msg.payload)), qos=0)
+                log.warning("device %s throttled: over %.0f requests a second", thing, self.limiter.rate)
+            client.ack(msg.mid, msg.qos)
+            return
         self._inbox.put(_Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
 
     # ---- the worker thread -----------------------------------------------------------------------
@@ -178,6 +205,7 @@ class JobsBridge:
             "jobs_busy_seconds": self.busy_s,
             "telemetry_stored": self.telemetry_stored,
             "telemetry_rejected": self.telemetry_rejected,
+            "jobs_throttled": self.limiter.throttled + self.limiter.dropped,
         }
 
     def _process(self, batch: list[_Inbound]) -> None:

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from fleet_server.devices.models import Device
+from fleet_server.errors import ConflictError, FleetError, NotFoundError
 from fleet_server.jobs.models import ExecutionEvent, JobExecution
 from shared.iotjobs import (
     DEVICE_SETTABLE,
@@ -45,6 +46,22 @@ class Outgoing:
 
     def encode(self) -> bytes:
         return json.dumps(self.payload, separators=(",", ":")).encode()
+
+
+class QueueError(FleetError):
+    """A job that cannot be queued as asked (a bad job id, a device named twice)."""
+
+
+class UnknownDeviceError(QueueError):
+    http_status = NotFoundError.http_status
+
+
+class DuplicateJobError(QueueError):
+    http_status = ConflictError.http_status
+
+
+class NotRetryableError(QueueError):
+    http_status = ConflictError.http_status
 
 
 class RequestError(Exception):
@@ -226,18 +243,25 @@ def create_executions(
     one lookup of the devices, one of their pending executions, one bulk insert each of
     executions and events. All or nothing: an unknown device fails the whole call."""
     if not valid_job_id(job_id):
-        raise ValueError(f"invalid job id {job_id!r}")
+        raise QueueError(f"invalid job id {job_id!r}")
     if not things:
         return []
     if len(set(things)) != len(things):
-        raise ValueError("a device is named twice")
+        raise QueueError("a device is named twice")
     known: set[str] = set()
     for chunk in _chunks(things):
         known.update(session.scalars(select(Device.thing_name).where(Device.thing_name.in_(chunk))))
     if unknown := [t for t in things if t not in known]:
-        raise LookupError(
+        raise UnknownDeviceError(
             f"unknown device {unknown[0]!r}" + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else "")
         )
+    for chunk in _chunks(things):
+        if again := session.scalars(
+            select(JobExecution.thing_name).where(
+                JobExecution.job_id == job_id, JobExecution.thing_name.in_(chunk)
+            )
+        ).first():
+            raise DuplicateJobError(f"job {job_id!r} already exists for {again!r}")
     pending: dict[str, list[JobExecution]] = {t: [] for t in things}
     for chunk in _chunks(things):
         for ex in session.scalars(
@@ -289,7 +313,9 @@ def requeue_execution(session: Session, ex: JobExecution, now: datetime, *, reas
     """Retry a failed or timed-out execution: it is QUEUED again with the next execution
     number (as AWS counts retries), fresh timers and empty status details."""
     if ex.status not in (JobStatus.FAILED.value, JobStatus.TIMED_OUT.value):
-        raise ValueError(f"execution {ex.job_id}/{ex.thing_name} is {ex.status}; only a failure is retried")
+        raise NotRetryableError(
+            f"execution {ex.job_id}/{ex.thing_name} is {ex.status}; only a failure is retried"
+        )
     _transition(session, ex, JobStatus.QUEUED, now, "server", {"retry": reason})
     ex.execution_number += 1
     ex.status_details, ex.queued_at, ex.started_at, ex.step_timeout_at = {}, now, None, None
@@ -321,8 +347,8 @@ def handle(session: Session, topic: str, payload: bytes, now: datetime) -> list[
         thing, rest = _parse(topic)
         try:
             body = json.loads(payload) if payload.strip() else {}
-        except (ValueError, UnicodeDecodeError):
-            raise RequestError(RejectedCode.INVALID_JSON, "payload is not valid JSON") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RequestError(RejectedCode.INVALID_JSON, "payload is not valid JSON") from exc
         if not isinstance(body, dict):
             raise RequestError(RejectedCode.INVALID_JSON, "payload must be a JSON object")
         token = body.get("clientToken")
@@ -424,10 +450,10 @@ def _update(
     ex = _find(session, thing, job_id)
     try:
         status = JobStatus(str(body.get("status")))
-    except ValueError:
+    except ValueError as exc:
         raise RequestError(
             RejectedCode.INVALID_REQUEST, f"unknown status {body.get('status')!r}", ex
-        ) from None
+        ) from exc
     if status not in DEVICE_SETTABLE:
         raise RequestError(RejectedCode.INVALID_REQUEST, f"a device cannot set {status.value}", ex)
     details = body.get("statusDetails")

@@ -158,7 +158,7 @@ async def publish(request: Request, who: Operator) -> Release | JSONResponse:
             # dashboard and /repo keep answering while it runs (the repository lock orders writers).
             return await run_in_threadpool(publish_and_record)
         except TidegateError as exc:
-            raise HTTPException(422, f"bundle refused: {exc}") from None
+            raise HTTPException(422, f"bundle refused: {exc}") from exc
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -186,9 +186,9 @@ def _release_action(
             s.flush()
             return result
     except service.ReleaseNotFoundError as exc:
-        raise HTTPException(404, str(exc)) from None
+        raise HTTPException(404, str(exc)) from exc
     except service.ReleaseError as exc:
-        raise HTTPException(409, str(exc)) from None
+        raise HTTPException(409, str(exc)) from exc
 
 
 @router.post("/api/v1/releases/{release_id}/stage", response_model=ReleasePublic)
@@ -250,7 +250,7 @@ def add_bench(request: Request, release_id: ReleaseId, body: BenchBody, who: Ope
             s.flush()
             return report
     except service.ReleaseNotFoundError as exc:
-        raise HTTPException(404, str(exc)) from None
+        raise HTTPException(404, str(exc)) from exc
     except service.BenchRejectedError as exc:
         with request.app.state.db.session() as s:
             audit(
@@ -262,9 +262,9 @@ def add_bench(request: Request, release_id: ReleaseId, body: BenchBody, who: Ope
                 outcome="refused: " + "; ".join(exc.reasons)[:400],
                 now=now,
             )
-        raise HTTPException(409, {"message": str(exc), "reasons": exc.reasons}) from None
+        raise HTTPException(409, {"message": str(exc), "reasons": exc.reasons}) from exc
     except service.ReleaseError as exc:
-        raise HTTPException(422, str(exc)) from None
+        raise HTTPException(422, str(exc)) from exc
 
 
 @router.get("/repo/{path:path}", include_in_schema=False)

@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from fleet_server.errors import FleetError, NotFoundError
 from fleet_server.releases.models import BenchReport, Release
 from shared.benchreport import BenchKeyError, acceptance, parse_public
 from shared.bundle import read_manifest
-from shared.errors import TidegateError
 from shared.trust import PublishedTarget, UpdateRepository
 
 
@@ -35,12 +35,12 @@ NEXT_STAGES = {
 }
 
 
-class ReleaseError(TidegateError):
+class ReleaseError(FleetError):
     pass
 
 
-class ReleaseNotFoundError(ReleaseError):
-    pass
+class ReleaseNotFoundError(ReleaseError, NotFoundError):
+    http_status = NotFoundError.http_status
 
 
 def publish(
@@ -201,5 +201,5 @@ def parse_bench_keys(keys: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:
         try:
             out[name] = parse_public(text)
         except BenchKeyError as exc:
-            raise ReleaseError(f"bench key {name!r}: {exc}") from None
+            raise ReleaseError(f"bench key {name!r}: {exc}") from exc
     return out

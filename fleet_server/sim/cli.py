@@ -38,7 +38,7 @@ def sim(
             try:
                 r = client.post("/api/v1/devices/batch", json={"devices": batch})
             except httpx.HTTPError as exc:
-                raise TidegateError(f"{server}: {exc}") from None
+                raise TidegateError(f"{server}: {exc}") from exc
             if r.status_code >= 400:
                 raise TidegateError(f"registering devices: HTTP {r.status_code}: {r.text[:200]}")
     fleet = SimulatedFleet(
@@ -47,7 +47,7 @@ def sim(
     try:
         fleet.start()
     except TimeoutError as exc:
-        raise TidegateError(str(exc)) from None
+        raise TidegateError(str(exc)) from exc
     fleet.poll_all()
     typer.echo(f"{devices} simulated devices ({sku}) online; Ctrl-C to stop")
     t0 = time.monotonic()

@@ -38,7 +38,7 @@ def ingest(session: Session, topic: str, payload: bytes, now: datetime) -> str:
             HealthBeacon if kind == "beacon" else InstallReceipt
         ).model_validate(raw)
     except (ValueError, ValidationError) as exc:
-        raise TelemetryRejectedError(f"{kind} from {thing}: {str(exc).splitlines()[0]}") from None
+        raise TelemetryRejectedError(f"{kind} from {thing}: {str(exc).splitlines()[0]}") from exc
     if msg.device_id != thing:
         raise TelemetryRejectedError(f"{kind} on {thing}'s topic names device {msg.device_id}")
     device = session.get(Device, thing)

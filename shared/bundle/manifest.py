@@ -51,7 +51,7 @@ def _semver(value: str) -> str:
     try:
         SemVer.parse(value)
     except InvalidVersionError as exc:
-        raise ValueError(str(exc)) from None
+        raise ValueError(str(exc)) from exc
     return value
 
 
@@ -75,7 +75,7 @@ class PayloadFile(_Strict):
         try:
             check_member_name(v)
         except UnsafePathError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(str(exc)) from exc
         if v == MANIFEST_NAME:
             raise ValueError(f"{MANIFEST_NAME} cannot list itself")
         return v
@@ -166,7 +166,7 @@ class BundleManifest(_Strict):
         try:
             raw: Any = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"{source}: not valid JSON ({exc})") from None
+            raise ManifestError(f"{source}: not valid JSON ({exc})") from exc
         return cls.from_obj(raw, source=source)
 
     @classmethod
@@ -176,4 +176,4 @@ class BundleManifest(_Strict):
             return cls.model_validate(raw)
         except ValidationError as exc:
             more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-            raise ManifestError(f"{source}: {first_error(exc)}{more}") from None
+            raise ManifestError(f"{source}: {first_error(exc)}{more}") from exc

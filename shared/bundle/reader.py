@@ -158,18 +158,18 @@ def read_bundle(
         try:
             with source.open("rb") as fh:
                 return read_bundle(fh, dest, limits=limits, on_progress=on_progress, fsync=fsync)
-        except FileNotFoundError:
-            raise BundleError(f"{source}: no such bundle file") from None
-        except IsADirectoryError:
-            raise BundleError(f"{source}: is a directory, not a bundle file") from None
+        except FileNotFoundError as exc:
+            raise BundleError(f"{source}: no such bundle file") from exc
+        except IsADirectoryError as exc:
+            raise BundleError(f"{source}: is a directory, not a bundle file") from exc
     try:
         return _read(source, dest, limits, on_progress, fsync)
     except BundleError:
         raise
     except zstandard.ZstdError as exc:
-        raise CompressionError(f"zstd stream refused: {exc}") from None
+        raise CompressionError(f"zstd stream refused: {exc}") from exc
     except (tarfile.TarError, EOFError) as exc:
-        raise CompressionError(f"not a readable bundle archive (truncated or corrupt): {exc}") from None
+        raise CompressionError(f"not a readable bundle archive (truncated or corrupt): {exc}") from exc
 
 
 def _read(
@@ -242,12 +242,12 @@ def read_manifest(source: Path, *, limits: ReaderLimits = DEFAULT_LIMITS) -> Bun
     try:
         with source.open("rb") as fh, tarfile.open(fileobj=_open_stream(fh, limits), mode="r|") as tf:
             return _read_manifest(tf, tf.next(), limits)
-    except FileNotFoundError:
-        raise BundleError(f"{source}: no such bundle file") from None
+    except FileNotFoundError as exc:
+        raise BundleError(f"{source}: no such bundle file") from exc
     except zstandard.ZstdError as exc:
-        raise CompressionError(f"zstd stream refused: {exc}") from None
+        raise CompressionError(f"zstd stream refused: {exc}") from exc
     except (tarfile.TarError, EOFError) as exc:
-        raise CompressionError(f"not a readable bundle archive: {exc}") from None
+        raise CompressionError(f"not a readable bundle archive: {exc}") from exc
 
 
 def verify_bundle(source: Path | BinaryIO, *, limits: ReaderLimits = DEFAULT_LIMITS) -> BundleManifest:

@@ -20,9 +20,9 @@ def load_table(path: Path) -> Table:
         if path.suffix == ".csv":
             return _csv(path)
     except OSError as exc:
-        raise DriftInputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise DriftInputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     except ValueError as exc:
-        raise DriftInputError(f"{path}: not a readable table ({exc})") from None
+        raise DriftInputError(f"{path}: not a readable table ({exc})") from exc
     raise DriftInputError(f"{path}: unknown table format (use .csv with a header row, or .npz)")
 
 

@@ -32,8 +32,8 @@ def _parse_expiry(values: list[str]) -> dict[str, float]:
             if not sep:
                 raise ValueError
             out[role] = float(days)
-        except ValueError:
-            raise TidegateError(f"--expiry {item!r}: expected ROLE=DAYS, e.g. timestamp=1") from None
+        except ValueError as exc:
+            raise TidegateError(f"--expiry {item!r}: expected ROLE=DAYS, e.g. timestamp=1") from exc
     return out
 
 
@@ -227,7 +227,7 @@ def sign(
     try:
         data = file.read_bytes()
     except OSError as exc:
-        raise TidegateError(f"{file}: cannot read ({exc.strerror})") from None
+        raise TidegateError(f"{file}: cannot read ({exc.strerror})") from exc
     signed, summary = sign_envelope(data, key)
     atomic_write_bytes(file, signed)
     typer.echo(f"signed {summary}")
@@ -241,7 +241,7 @@ def import_signed(
     try:
         data = file.read_bytes()
     except OSError as exc:
-        raise TidegateError(f"{file}: cannot read ({exc.strerror})") from None
+        raise TidegateError(f"{file}: cannot read ({exc.strerror})") from exc
     repo = UpdateRepository(directory)
     waiting = repo.import_signatures(data)
     done = ", ".join(repo.last_published)
@@ -318,7 +318,7 @@ def verify(
     try:
         root = trusted_root.read_bytes()
     except OSError as exc:
-        raise TidegateError(f"{trusted_root}: cannot read trusted root ({exc.strerror})") from None
+        raise TidegateError(f"{trusted_root}: cannot read trusted root ({exc.strerror})") from exc
     client = TrustClient(repository=repository, trusted_root=root, cache_dir=cache)
     client.refresh()
     targets = client.targets()

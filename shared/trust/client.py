@@ -92,7 +92,10 @@ def translate_errors(what: str) -> Iterator[None]:
     except tuf_exc.DownloadHTTPError as exc:
         raise FetchError(f"{what}: HTTP {exc.status_code}: {exc}") from exc
     except tuf_exc.DownloadError as exc:
-        cause = exc.__cause__ or exc
+        # ngclient wraps a fetcher's non-download errors as "Failed to download URL" from the
+        # real one: name that; a DownloadError of our own fetcher already says what happened.
+        wrapped = exc.__cause__ is not None and str(exc).startswith("Failed to download")
+        cause = exc.__cause__ if wrapped else exc
         raise FetchError(f"{what}: download failed: {cause}") from exc
     except tuf_exc.RepositoryError as exc:
         raise TrustError(f"{what}: metadata refused: {exc}") from exc

@@ -96,7 +96,7 @@ class TidegateFetcher(FetcherInterface):
             with super().download_file(url, max_length) as fh:
                 yield fh
         except tuf_exc.DownloadLengthMismatchError as exc:
-            raise tuf_exc.DownloadLengthMismatchError(f"{_name(url)}: {exc}") from None
+            raise tuf_exc.DownloadLengthMismatchError(f"{_name(url)}: {exc}") from exc
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         return self._open(url, 0)[0]
@@ -147,7 +147,7 @@ class TidegateFetcher(FetcherInterface):
                         raise tuf_exc.DownloadError(
                             f"{_name(url)}: the mirror has only {offset} of the signed {length} bytes: "
                             "it serves a truncated target"
-                        ) from None
+                        ) from exc
                     if exc.status_code < 500 and exc.status_code != 429:
                         raise
                     attempt = self._backoff(attempt, start, offset, exc)
@@ -215,9 +215,9 @@ def _hash_existing(part: Path, length: int, h: hashlib._Hash) -> int:
 def _file_chunks(path: Path, offset: int) -> Iterator[bytes]:
     try:
         fh: BinaryIO = path.open("rb")
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError) as exc:
         # ngclient treats 404 (and 403) as "no newer root", which ends root rotation.
-        raise tuf_exc.DownloadHTTPError(f"{path}: not found", 404) from None
+        raise tuf_exc.DownloadHTTPError(f"{path}: not found", 404) from exc
     return _read_from(fh, offset)
 
 

@@ -62,9 +62,9 @@ def public_key_from_pem(path: Path) -> SSlibKey:
     try:
         return SSlibKey.from_crypto(load_pem_public_key(path.read_bytes()))
     except OSError as exc:
-        raise SignerError(f"{path}: cannot read public key ({exc.strerror})") from None
+        raise SignerError(f"{path}: cannot read public key ({exc.strerror})") from exc
     except (ValueError, TypeError) as exc:
-        raise SignerError(f"{path}: not a PEM public key ({exc})") from None
+        raise SignerError(f"{path}: not a PEM public key ({exc})") from exc
 
 
 def public_key_for_uri(uri: str) -> Key:
@@ -75,9 +75,9 @@ def public_key_for_uri(uri: str) -> Key:
         try:
             private = load_pem_private_key(path.read_bytes(), None)
         except OSError as exc:
-            raise SignerError(f"signer {uri}: cannot read {path} ({exc.strerror})") from None
+            raise SignerError(f"signer {uri}: cannot read {path} ({exc.strerror})") from exc
         except (ValueError, TypeError) as exc:
-            raise SignerError(f"signer {uri}: not an unencrypted PEM private key ({exc})") from None
+            raise SignerError(f"signer {uri}: not an unencrypted PEM private key ({exc})") from exc
         return SSlibKey.from_crypto(private.public_key())
     if scheme == "hsm":
         from securesystemslib.signer import HSMSigner
@@ -113,10 +113,10 @@ def load_signer(uri: str, public_key: Key) -> Signer:
         return Signer.from_priv_key_uri(uri, public_key, _pin)
     except SignerError:
         raise
-    except FileNotFoundError:
-        raise SignerError(f"signer {uri}: no such key file") from None
+    except FileNotFoundError as exc:
+        raise SignerError(f"signer {uri}: no such key file") from exc
     except OSError as exc:
-        raise SignerError(f"signer {uri}: cannot read ({exc.strerror})") from None
+        raise SignerError(f"signer {uri}: cannot read ({exc.strerror})") from exc
     except Exception as exc:  # securesystemslib, cryptography and the token libraries raise several types
         raise SignerError(f"signer {uri}: {_describe(exc)}") from exc
 

@@ -99,10 +99,10 @@ class RepoConfig:
     def load(cls, path: Path) -> RepoConfig:
         try:
             raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise RepositoryConfigError(f"{path}: not an update repository (no repo.json)") from None
+        except FileNotFoundError as exc:
+            raise RepositoryConfigError(f"{path}: not an update repository (no repo.json)") from exc
         except ValueError as exc:
-            raise RepositoryConfigError(f"{path}: unreadable repository config ({exc})") from None
+            raise RepositoryConfigError(f"{path}: unreadable repository config ({exc})") from exc
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise RepositoryConfigError(
                 f"{path}: written by an older tidegate (signing keys on the server); create the "
@@ -111,7 +111,7 @@ class RepoConfig:
         try:
             return cls(expiry_days=dict(raw["expiry_days"]), signers=dict(raw["signers"]))
         except (KeyError, TypeError) as exc:
-            raise RepositoryConfigError(f"{path}: unreadable repository config ({exc})") from None
+            raise RepositoryConfigError(f"{path}: unreadable repository config ({exc})") from exc
 
     def expiry(self, role: str) -> timedelta:
         days = self.expiry_days.get(role, self.expiry_days.get("delegated", 90))
@@ -366,14 +366,14 @@ class UpdateRepository:
         path = (self.staged_dir if staged else self.metadata_dir) / f"{role}.json"
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
-            raise RepositoryConfigError(f"{path}: missing") from None
+        except FileNotFoundError as exc:
+            raise RepositoryConfigError(f"{path}: missing") from exc
         if staged:
             data = json.dumps(_unwrap(data, path)[1]).encode()
         try:
             return Metadata.from_bytes(data)
         except Exception as exc:  # python-tuf raises several deserialisation types
-            raise RepositoryConfigError(f"{path}: unreadable metadata ({exc})") from None
+            raise RepositoryConfigError(f"{path}: unreadable metadata ({exc})") from exc
 
     def _effective(self, role: str) -> Metadata[Any]:
         if (self.staged_dir / f"{role}.json").exists():
@@ -782,7 +782,7 @@ class UpdateRepository:
         try:
             incoming = Metadata.from_dict(dict(body))
         except Exception as exc:  # python-tuf raises several deserialisation types
-            raise StagedChangeError(f"the file is not TUF metadata ({exc})") from None
+            raise StagedChangeError(f"the file is not TUF metadata ({exc})") from exc
         with self._writing():
             if not (self.staged_dir / f"{role}.json").exists():
                 raise StagedChangeError(f"nothing staged for role {role!r}: already published or discarded")
@@ -802,10 +802,10 @@ class UpdateRepository:
                     raise StagedChangeError(f"{role}: key {keyid[:16]}… is not one of the role's keys")
                 try:
                     keys[keyid].verify_signature(sig, payload)
-                except Exception:
+                except Exception as exc:
                     raise StagedChangeError(
                         f"{role}: the signature by key {keyid[:16]}… does not verify"
-                    ) from None
+                    ) from exc
                 if keyid not in staged.signatures:
                     added += 1
                 staged.signatures[keyid] = sig
@@ -830,7 +830,7 @@ def sign_envelope(data: bytes, key_uri: str) -> tuple[bytes, str]:
     try:
         md: Metadata[Any] = Metadata.from_dict(dict(body))
     except Exception as exc:  # python-tuf raises several deserialisation types
-        raise StagedChangeError(f"the file is not TUF metadata ({exc})") from None
+        raise StagedChangeError(f"the file is not TUF metadata ({exc})") from exc
     key = public_key_for_uri(key_uri)
     md.sign(load_signer(key_uri, key), append=True)
     signed = md.signed
@@ -853,7 +853,7 @@ def _unwrap(data: bytes, path: Path) -> tuple[str, dict[str, Any]]:
         if not isinstance(role, str) or not isinstance(body, dict):
             raise TypeError("role must be a string and metadata an object")
     except (ValueError, KeyError, TypeError) as exc:
-        raise StagedChangeError(f"{path}: not an exported staged change ({exc})") from None
+        raise StagedChangeError(f"{path}: not an exported staged change ({exc})") from exc
     return role, body
 
 
