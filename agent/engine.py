@@ -458,8 +458,11 @@ class Agent:
         faults.checkpoint("after:pointer-back")
         if not rec.manual:
             state.slots[rec.to_slot] = SlotInfo(status=SlotStatus.BAD, bundle=rec.bundle)
-        back = state.slots[rec.from_slot].bundle if rec.from_slot else None
+        prev = state.slots[rec.from_slot] if rec.from_slot else None
+        back = prev.bundle if prev else None
         where = f"back on {back.name} {back.version}" if back else "no model active"
+        if prev is not None and back is not None and prev.status is not SlotStatus.GOOD:
+            where += f", whose slot is {prev.status.value}: nothing is served until a reinstall commits"
         return self._finish(state, Outcome.ROLLED_BACK, f"{rec.reason} ({where})", rec.figures)
 
     # ---- recover and rollback ----------------------------------------------------------------------

@@ -35,6 +35,7 @@ from agent.jobs import JobsClient, JobsRejectedError, JobsTimeoutError
 from agent.mqtt import MqttSettings, PahoTransport, Transport
 from agent.outbox import Outbox
 from agent.quality import QualityProxy, top_probability
+from agent.state import SlotStatus
 from agent.thermal import SysfsThermal, ThermalPolicy, Throttle, next_level, throttle_for
 from agent.vehicle import JsonFileVehicleState, evaluate_preconditions
 from shared.fsutil import atomic_write_bytes
@@ -112,6 +113,7 @@ class AgentDaemon:
         self.scores = [0] * SCORE_BINS
         self.restarts = 0  # agent starts since the active version was committed (see _count_start)
         self.quality = QualityProxy()
+        self.unservable: str | None = None  # why the active slot is not served, when it is not
         self.batcher = (
             DynamicBatcher(
                 None,
@@ -171,7 +173,7 @@ class AgentDaemon:
         if not self.transport.connected:
             return False, "not connected to the broker"
         if self.batcher is not None and self.batcher.runner is None:
-            return False, "no committed model loaded"
+            return False, self.unservable or "no committed model loaded"
         return True, "ready"
 
     async def _infer_http(self, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -263,6 +265,15 @@ class AgentDaemon:
         active = self.dev.slots.active()
         if active is None:
             return
+        status = (await asyncio.to_thread(self.dev.state.load)).slots[active].status
+        if status not in (SlotStatus.GOOD, SlotStatus.TRIAL):
+            # Found damaged at rest (or bad) with no good slot to switch to: serving it would
+            # answer with bytes nobody signed. Nothing is served until a reinstall commits.
+            self.batcher.reload(None)
+            self.unservable = f"the active slot {active} is {status.value}: reinstall the model"
+            log.error("not serving: %s", self.unservable)
+            return
+        self.unservable = None
         try:
             runner = await asyncio.to_thread(OnnxRunner, self.dev.slots.slot_dir(active))
         except Exception as exc:

@@ -123,6 +123,17 @@ def _register(api: httpx.Client, n: int, sku: str) -> list[str]:
     return things
 
 
+def start_campaign(
+    api: httpx.Client, spec: dict[str, Any], why: str = "benchmark fleet: no bench report"
+) -> str:
+    """Create, submit and approve a campaign through the API (an override: no bench report);
+    returns its id."""
+    cid: str = api.post("/api/v1/campaigns", json=spec).raise_for_status().json()["id"]
+    api.post(f"/api/v1/campaigns/{cid}/submit").raise_for_status()
+    api.post(f"/api/v1/campaigns/{cid}/approve", json={"override_reason": why}).raise_for_status()
+    return cid
+
+
 def _tidegate(*args: str, env: dict[str, str]) -> str:
     exe = Path(sys.executable).with_name("tidegate")
     return subprocess.run([str(exe), *args], env=env, check=True, capture_output=True, text=True).stdout
@@ -196,11 +207,7 @@ def _campaign(api: httpx.Client, fleet: SimulatedFleet, devices: int, sku: str) 
         "max_concurrent": devices,
         "rate": {"maximum_per_minute": 100_000},
     }
-    cid = api.post("/api/v1/campaigns", json=spec).raise_for_status().json()["id"]
-    api.post(f"/api/v1/campaigns/{cid}/submit").raise_for_status()
-    api.post(
-        f"/api/v1/campaigns/{cid}/approve", json={"override_reason": "benchmark fleet: no bench report"}
-    ).raise_for_status()
+    cid = start_campaign(api, spec)
     before = _counters(api)
     latencies: list[float] = []
     state = ""

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 from bench.common import print_table, write_result
-from bench.fleet_campaign import _counters, _fresh_database, server_process
+from bench.fleet_campaign import _counters, _fresh_database, server_process, start_campaign
 from fleet_server.broker import EmbeddedBroker
 from fleet_server.sim.fleet import SimSettings, SimulatedFleet
 
@@ -87,11 +87,7 @@ def _run(api: httpx.Client, fleet: SimulatedFleet, things: list[str]) -> dict[st
         "retry": {"criteria": [{"failure_type": "FAILED", "retries": 1}], "backoff_s": 5},
         "preconditions": {"min_battery_pct": 30},
     }
-    cid = api.post("/api/v1/campaigns", json=spec).raise_for_status().json()["id"]
-    api.post(f"/api/v1/campaigns/{cid}/submit").raise_for_status()
-    api.post(
-        f"/api/v1/campaigns/{cid}/approve", json={"override_reason": "simulated fleet: no bench report"}
-    ).raise_for_status()
+    cid = start_campaign(api, spec, "simulated fleet: no bench report")
     before = _counters(api)
     latencies: list[float] = []
     charged = 0

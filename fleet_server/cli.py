@@ -139,14 +139,36 @@ def device_add(
     thing: Annotated[str, typer.Argument(help="Thing name (the device id).")],
     sku: Annotated[str, typer.Option(help="Hardware SKU.")],
     region: Annotated[str | None, typer.Option(help="Region.")] = None,
+    firmware: Annotated[str | None, typer.Option(help="Firmware version (campaigns' firmware_min).")] = None,
+    customer: Annotated[str | None, typer.Option(help="Customer.")] = None,
+    attr: Annotated[
+        list[str], typer.Option(help="An attribute KEY=VALUE (repeatable), e.g. timezone=Europe/Berlin.")
+    ] = [],  # noqa: B006
     db: DbOpt = None,
 ) -> None:
-    """Register a device (or update its inventory)."""
+    """Register a device, or update its inventory: options not given keep their value, and what
+    the device reported itself (its agent version) is never wiped. Devices must be registered
+    before they can take jobs (`POST /api/v1/devices/batch` for many at once)."""
     from fleet_server.devices.service import register_device
 
+    attributes = {}
+    for item in attr:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TidegateError(f"--attr {item!r}: KEY=VALUE")
+        attributes[key] = value
     database = _db(db)
     with database.session() as s:  # a FleetError (a bad name) is the CLI's one-line error
-        register_device(s, thing_name=thing, sku=sku, region=region, now=datetime.now(UTC))
+        register_device(
+            s,
+            thing_name=thing,
+            sku=sku,
+            region=region,
+            firmware=firmware,
+            customer=customer,
+            attributes=attributes or None,
+            now=datetime.now(UTC),
+        )
     typer.echo(f"registered {thing} ({sku})")
 
 

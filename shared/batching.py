@@ -168,8 +168,9 @@ class DynamicBatcher:
         self.concurrency = max(1, min(concurrency, self._base_concurrency))
         self.pacing_s = pacing_ms / 1000
 
-    def reload(self, runner: Runner) -> None:
-        """Use `runner` from the next batch on; batches already running finish on the old one."""
+    def reload(self, runner: Runner | None) -> None:
+        """Use `runner` from the next batch on; batches already running finish on the old one.
+        None serves nothing (requests are refused as with no model) until the next reload."""
         self.runner = runner
 
     @property

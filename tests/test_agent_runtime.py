@@ -537,6 +537,42 @@ def test_health_endpoints_inference_and_systemd_notify(
         sock.close()
 
 
+def test_a_damaged_slot_with_no_good_one_to_fall_back_on_is_not_served(
+    world: World, tmp_path: Path, broker: Broker
+) -> None:
+    """The committed model is damaged at rest and the reinstall that should replace it fails
+    its self-test: the rollback lands on the damaged slot, and the daemon serves nothing
+    rather than bytes nobody signed; /readyz says why."""
+    from agent.engine import Outcome
+
+    device, repo = world.copy(tmp_path)
+    agent = Agent(device)
+    assert agent.install(repository=str(repo), target=world.targets["v2"]).outcome is Outcome.COMMITTED
+    model = (device / "current").resolve() / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    assert not agent.verify(repair=False)["ok"]
+    failed = agent.install(repository=str(repo), target=world.targets["v3-bad"])  # overwrites the other slot
+    assert (
+        failed.outcome is Outcome.ROLLED_BACK
+        and "nothing is served until a reinstall commits" in failed.reason
+    )
+    with DaemonThread(make_config(tmp_path, device, broker.port)) as d:
+        daemon = d.daemon
+        assert daemon is not None
+        wait_for(lambda: daemon.transport.connected, what="connected")
+        base = f"http://127.0.0.1:{daemon.health.port}"
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base + "/readyz", timeout=5)
+        assert err.value.code == 503 and "is invalid: reinstall the model" in err.value.read().decode()
+        assert daemon.batcher is not None and daemon.batcher.runner is None
+        req = urllib.request.Request(base + "/v1/infer", data=json.dumps({"input": [0.1] * 16}).encode())
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=5)
+        assert err.value.code == 503
+
+
 def test_corrupt_config_fails_at_start(tmp_path: Path) -> None:
     cases = {
         "bad.toml": ("[mqtt\nport = 1", "not valid TOML"),

@@ -310,7 +310,10 @@ def test_server_preconditions_defer_devices_without_holding_the_wave() -> None:
         pre.unmet(now=now, last_seen_at=now - timedelta(minutes=6), firmware="2.1.0", region="eu")
         == "offline"
     )
-    assert pre.unmet(now=now, last_seen_at=now, firmware="1.9.9", region="eu") == "firmware below 2.0.0"
+    assert pre.unmet(now=now, last_seen_at=now, firmware="1.9.9", region="eu") == "firmware 1.9.9 below 2.0.0"
+    assert pre.unmet(now=now, last_seen_at=now, firmware=None, region="eu") == (
+        "firmware unknown (needs 2.0.0; register it with the device)"  # not "below": nobody said
+    )
     assert (
         pre.unmet(now=now, last_seen_at=now, firmware="banana", region="eu")
         == "firmware 'banana' is not a version"
@@ -329,7 +332,8 @@ def test_server_preconditions_defer_devices_without_holding_the_wave() -> None:
     ms = [MemberState(f"d{i}", None, unmet="offline" if i in (1, 5) else None) for i in range(8)]
     d = plan_tick(s, CampaignState(0, T0, tuple(ms)), T0)
     assert d.queue == ["d0", "d2", "d3"] and any(
-        "deferred" in line and "offline (1)" in line for line in d.log
+        "deferred" in line and "offline (1: d1)" in line
+        for line in d.log  # which device, by name
     )
     done = [MemberState(m.thing, "SUCCEEDED", T0, T0) if m.unmet is None else m for m in ms[:4]] + ms[4:]
     d = plan_tick(s, CampaignState(0, T0, tuple(done)), T0 + timedelta(minutes=1))
@@ -343,6 +347,7 @@ def test_server_preconditions_defer_devices_without_holding_the_wave() -> None:
         s, CampaignState(0, T0, tuple(MemberState(f"d{i}", None, unmet="offline") for i in range(8))), T0
     )
     assert d.queue == [] and d.pause_reason is None and not d.complete
+    assert any("offline (4: d0, d1, d2 and 1 more)" in line for line in d.log)  # a wave of 4, named
 
 
 def test_schedule_start_and_end_behaviour() -> None:

@@ -399,7 +399,8 @@ def test_a_blackout_window_in_device_local_time_defers_only_the_devices_inside_i
         ]
     assert queued == set(things[:3])
     assert any(
-        "blackout window '0 18 * * *' open in the device's local time (Asia/Tokyo) (1)" in m for m in log
+        f"blackout window '0 18 * * *' open in the device's local time (Asia/Tokyo) (1: {things[3]})" in m
+        for m in log
     )
     assert devices_answer(db, T0) == 3
     with db.session() as s:

@@ -81,6 +81,7 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("POST", "/api/v1/releases/999/model-card", Role.OPERATOR, {"section": "canary", "content": {}}),
     ("POST", "/api/v1/releases/999/bench-reports", Role.OPERATOR, {"report": {"sku": "edge-cpu"}}),
     ("GET", "/api/v1/tokens", Role.ADMIN, None),
+    ("POST", "/api/v1/tokens", Role.ADMIN, {"name": "ci", "role": "viewer"}),
     ("POST", "/api/v1/tokens/999/revoke", Role.ADMIN, None),
     ("GET", "/api/v1/audit", Role.ADMIN, None),
     ("GET", "/api/v1/executions", Role.VIEWER, None),
@@ -419,3 +420,47 @@ def test_an_internal_error_is_a_500_and_a_deliberate_one_keeps_its_status(
         monkeypatch.setattr(service, "get", refused)
         r = client.get("/api/v1/campaigns/c-none", headers=headers["viewer"])
         assert (r.status_code, r.json()) == (status, {"detail": "named reason"})
+
+
+def test_paging_ten_thousand_devices_with_filters_returns_each_once(
+    api: tuple[TestClient, dict[str, dict[str, str]], list[Outgoing]],
+) -> None:
+    client, headers, _ = api
+    op, viewer = headers["operator"], headers["viewer"]
+    devices = [
+        {"thing_name": f"car-{i:05d}", "sku": "edge-cpu", "region": "eu" if i % 3 else "us"}
+        for i in range(10_000)
+    ]
+    assert client.post("/api/v1/devices/batch", json={"devices": devices}, headers=op).status_code == 201
+    seen: list[str] = []
+    after = None
+    while True:
+        params: dict[str, Any] = {"region": "eu", "limit": 1000, **({"after": after} if after else {})}
+        page = client.get("/api/v1/devices", params=params, headers=viewer).json()
+        if not page:
+            break
+        seen += [d["thing_name"] for d in page]
+        after = page[-1]["thing_name"]
+    expected = [d["thing_name"] for d in devices if d["region"] == "eu"]
+    assert seen == expected and len(set(seen)) == len(seen) == 6666
+    r = client.get("/api/v1/devices", params={"regoin": "eu"}, headers=viewer)
+    assert r.status_code == 422 and "unknown filter(s): regoin" in r.json()["detail"]
+    names = client.get("/api/v1/devices", params={"name": "car-0999"}, headers=viewer).json()
+    assert [d["thing_name"] for d in names] == [f"car-0999{i}" for i in range(10)]
+
+
+def test_re_registering_a_device_keeps_what_it_did_not_name(
+    api: tuple[TestClient, dict[str, dict[str, str]], list[Outgoing]],
+) -> None:
+    """An inventory update changes what it names: re-posting a device with a new region must
+    not wipe its firmware, or the agent version the device reported itself."""
+    client, headers, _ = api
+    op = headers["operator"]
+    body = {"thing_name": "car-7", "sku": "edge-cpu", "firmware": "4.2.0", "agent_version": "0.9.0"}
+    assert client.post("/api/v1/devices", json=body, headers=op).status_code == 201
+    again = client.post(
+        "/api/v1/devices", json={"thing_name": "car-7", "sku": "edge-cpu", "region": "eu"}, headers=op
+    )
+    assert again.status_code == 201
+    got = client.get("/api/v1/devices/car-7", headers=op).json()
+    assert (got["region"], got["firmware"], got["agent_version"]) == ("eu", "4.2.0", "0.9.0")

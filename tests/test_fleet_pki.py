@@ -323,6 +323,51 @@ def test_identities_a_broker_must_not_honour(tmp_path: Path) -> None:
             c.loop_stop()
             c.disconnect()
 
+        # A device offline with a persistent session keeps what was queued for it, even when
+        # another certificate asks for its client id (the broker gives that one its own CN).
+        def session(name: str, clean: bool) -> mqtt.Client:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            c = mqtt.Client(
+                callback_api_version=CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5
+            )
+            c.tls_set(
+                ca_certs=str(pki / "ca.pem"),
+                certfile=str(pki / "devices" / f"{name}.pem"),
+                keyfile=str(pki / "devices" / f"{name}.key"),
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+            c.connect("127.0.0.1", port, clean_start=clean, properties=props)
+            return c
+
+        victim = session("car-2", clean=True)
+        victim.loop_start()
+        time.sleep(0.3)
+        victim.subscribe("$aws/things/car-2/jobs/notify-next", qos=1)
+        time.sleep(0.3)
+        victim.loop_stop()
+        victim.disconnect()  # offline; its session and subscription stay on the broker
+        service = tls_client(pki, "tidegate-fleet-server", "services", port, "tidegate-fleet-server")
+        service.publish("$aws/things/car-2/jobs/notify-next", b'{"queued": true}', qos=1).wait_for_publish(5)
+        thief = tls_client(pki, "car-1", "devices", port, client_id="car-2")  # asks for car-2's id
+        time.sleep(0.3)
+        thief.loop_stop()
+        thief.disconnect()
+        queued: list[bytes] = []
+        back = session("car-2", clean=False)
+        back.on_message = lambda c, u, m: queued.append(bytes(m.payload))
+        back.loop_start()
+        wait_until = time.monotonic() + 5
+        while not queued and time.monotonic() < wait_until:
+            time.sleep(0.05)
+        assert queued == [b'{"queued": true}']
+        for c in (back, service):
+            c.loop_stop()
+            c.disconnect()
+
         # A second replica's identity: its own command, its own ACL lines once the broker reloads.
         assert "reserved" in tidegate("device-cert", "tidegate-fleet-server-2", "--dir", str(pki)).stderr
         assert tidegate("ca", "service-cert", "tidegate-fleet-server-2", "--dir", str(pki)).returncode == 0

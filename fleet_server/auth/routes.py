@@ -1,4 +1,4 @@
-"""/api/v1/tokens (admin: list, revoke) and /api/v1/audit (admin: what operators did)."""
+"""/api/v1/tokens (admin: list, create, revoke) and /api/v1/audit (admin: what operators did)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from fleet_server.auth.deps import Principal, require
 from fleet_server.auth.models import ApiToken, AuditEntry
-from fleet_server.auth.service import Role, TokenNotFoundError, audit, revoke_token
+from fleet_server.auth.service import Role, TokenNotFoundError, audit, issue_token, revoke_token
 
 router = APIRouter(prefix="/api/v1", tags=["auth"])
 Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
@@ -46,6 +46,38 @@ def list_tokens(request: Request, who: Admin) -> list[ApiToken]:
     """Every token's holder, role, expiry and last use (never the token)."""
     with request.app.state.db.session() as s:
         return list(s.scalars(select(ApiToken).order_by(ApiToken.id)).all())
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=128)
+    role: Role
+    expires_days: float | None = Field(default=None, gt=0, le=3650)
+
+
+class TokenCreated(TokenPublic):
+    token: str  # shown once: only its SHA-256 is stored
+
+
+@router.post("/tokens", response_model=TokenCreated, status_code=201)
+def create(request: Request, body: TokenCreate, who: Admin) -> TokenCreated:
+    """A new operator token (admin); the response is the only place it ever appears."""
+    from datetime import timedelta
+
+    now = request.app.state.clock()
+    expires = now + timedelta(days=body.expires_days) if body.expires_days is not None else None
+    with request.app.state.db.session() as s:
+        token, row = issue_token(s, name=body.name, role=body.role, now=now, expires_at=expires)
+        audit(
+            s,
+            actor=who.name,
+            role=who.role.value,
+            action="token.create",
+            target=body.name,
+            outcome="ok",
+            now=now,
+        )
+        return TokenCreated(**TokenPublic.model_validate(row).model_dump(), token=token)
 
 
 @router.post("/tokens/{token_id}/revoke", response_model=TokenPublic)

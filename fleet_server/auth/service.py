@@ -36,18 +36,25 @@ def create_token(
     session: Session, *, name: str, role: Role, now: datetime, expires_at: datetime | None = None
 ) -> str:
     """Make a token; returns it in clear text, the only time it exists outside the caller."""
+    return issue_token(session, name=name, role=role, now=now, expires_at=expires_at)[0]
+
+
+def issue_token(
+    session: Session, *, name: str, role: Role, now: datetime, expires_at: datetime | None = None
+) -> tuple[str, ApiToken]:
+    """`create_token`, with the stored row (flushed: it has its id)."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    session.add(
-        ApiToken(
-            name=name,
-            role=role.value,
-            token_sha256=_digest(token),
-            created_at=now,
-            revoked=False,
-            expires_at=expires_at,
-        )
+    row = ApiToken(
+        name=name,
+        role=role.value,
+        token_sha256=_digest(token),
+        created_at=now,
+        revoked=False,
+        expires_at=expires_at,
     )
-    return token
+    session.add(row)
+    session.flush()
+    return token, row
 
 
 LAST_USED_EVERY = timedelta(minutes=1)  # how stale `last_used_at` may be: a write per minute, not per call

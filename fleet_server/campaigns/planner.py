@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -144,10 +143,17 @@ def plan_tick(
         1 for m in state.members if m.status in (JobStatus.QUEUED.value, JobStatus.IN_PROGRESS.value)
     )
     if deferred:
-        why = Counter(m.unmet for m in deferred)
+        deferred_by: dict[str, list[str]] = {}
+        for m in deferred:
+            deferred_by.setdefault(str(m.unmet), []).append(m.thing)
+
+        def named(things: list[str]) -> str:  # which devices, so an operator can act on them
+            shown = ", ".join(things[:3])
+            return shown + (f" and {len(things) - 3} more" if len(things) > 3 else "")
+
         d.log.append(
             f"{len(deferred)} device(s) deferred by server-side preconditions: "
-            + ", ".join(f"{reason} ({n})" for reason, n in sorted(why.items(), key=lambda kv: str(kv[0])))
+            + "; ".join(f"{reason} ({len(ts)}: {named(ts)})" for reason, ts in sorted(deferred_by.items()))
         )
     blackout = next((w for w in spec.blackouts if not w.per_device and w.window().is_open(now)), None)
     if blackout is not None:

@@ -255,9 +255,11 @@ class ServerPreconditions(_Spec):
         ):
             return "offline"
         if self.firmware_min is not None:
+            if firmware is None:  # not "below": nobody has told the server which firmware it runs
+                return f"firmware unknown (needs {self.firmware_min}; register it with the device)"
             try:
-                if firmware is None or SemVer.parse(firmware) < SemVer.parse(self.firmware_min):
-                    return f"firmware below {self.firmware_min}"
+                if SemVer.parse(firmware) < SemVer.parse(self.firmware_min):
+                    return f"firmware {firmware} below {self.firmware_min}"
             except InvalidVersionError:
                 return f"firmware {firmware!r} is not a version"
         if self.regions is not None and region not in self.regions:

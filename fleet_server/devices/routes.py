@@ -13,6 +13,7 @@ from fleet_server.auth.deps import Principal, require
 from fleet_server.auth.service import Role, audit
 from fleet_server.devices.models import Device
 from fleet_server.devices.service import register_device, register_devices
+from fleet_server.paging import known_filters
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 Viewer = Annotated[Principal, Depends(require(Role.VIEWER))]
@@ -49,18 +50,43 @@ class DevicePublic(BaseModel):
     last_beacon: dict[str, Any] | None = None
 
 
-@router.get("", response_model=list[DevicePublic])
+_FILTERS = ("sku", "region", "customer", "firmware", "version", "name", "after", "limit", "offset")
+
+
+@router.get("", response_model=list[DevicePublic], dependencies=[known_filters(*_FILTERS)])
 def list_devices(
     request: Request,
     who: Viewer,
     sku: Annotated[str | None, Query(max_length=64)] = None,
+    region: Annotated[str | None, Query(max_length=64)] = None,
+    customer: Annotated[str | None, Query(max_length=128)] = None,
+    firmware: Annotated[str | None, Query(max_length=64)] = None,
+    version: Annotated[str | None, Query(max_length=64, description="the active model version")] = None,
+    name: Annotated[str | None, Query(max_length=128, description="thing names containing this")] = None,
+    after: Annotated[
+        str | None, Query(max_length=128, description="cursor: the last thing name of the previous page")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> list[Device]:
+    """Devices by thing name, filtered by the fields operators search (each an exact match but
+    `name`); page with `after` = the last thing name seen (stable while devices register, unlike
+    `offset`). An unknown filter is a 422, never the whole fleet."""
     with request.app.state.db.session() as s:
         q = select(Device).order_by(Device.thing_name).limit(limit).offset(offset)
-        if sku:
-            q = q.where(Device.sku == sku)
+        for column, value in (
+            (Device.sku, sku),
+            (Device.region, region),
+            (Device.customer, customer),
+            (Device.firmware, firmware),
+            (Device.active_version, version),
+        ):
+            if value is not None:
+                q = q.where(column == value)
+        if name:
+            q = q.where(Device.thing_name.contains(name, autoescape=True))
+        if after is not None:
+            q = q.where(Device.thing_name > after)
         return list(s.scalars(q).all())
 
 

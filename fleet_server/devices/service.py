@@ -27,7 +27,8 @@ def register_device(
     agent_version: str | None = None,
     attributes: dict[str, Any] | None = None,
 ) -> Device:
-    """Register a device, or update the inventory of one already registered."""
+    """Register a device, or update the inventory of one already registered (fields left
+    None keep their value)."""
     inventory = {
         "thing_name": thing_name,
         "sku": sku,
@@ -39,6 +40,9 @@ def register_device(
         "attributes": attributes,
     }
     return register_devices(session, [inventory], now=now)[0]
+
+
+INVENTORY = ("region", "customer", "regulatory_domain", "firmware", "agent_version")
 
 
 def register_devices(session: Session, devices: list[dict[str, Any]], *, now: datetime) -> list[Device]:
@@ -60,10 +64,13 @@ def register_devices(session: Session, devices: list[dict[str, Any]], *, now: da
             device = Device(thing_name=d["thing_name"], sku=d["sku"], registered_at=now, attributes={})
             session.add(device)
         device.sku = d["sku"]
-        device.region, device.customer = d.get("region"), d.get("customer")
-        device.regulatory_domain, device.firmware = d.get("regulatory_domain"), d.get("firmware")
-        device.agent_version = d.get("agent_version")
-        device.attributes = dict(d.get("attributes") or {})
+        # An update changes what it names and nothing else: re-posting a device must not wipe
+        # what the device reported (its agent version) or what another import set.
+        for field in INVENTORY:
+            if d.get(field) is not None:
+                setattr(device, field, d[field])
+        if d.get("attributes") is not None:
+            device.attributes = {**(device.attributes or {}), **d["attributes"]}
         out.append(device)
     return out
 

@@ -17,6 +17,7 @@ from fleet_server.auth.deps import Principal, require
 from fleet_server.auth.service import Role
 from fleet_server.devices.models import Device
 from fleet_server.jobs.models import ExecutionEvent, JobExecution
+from fleet_server.paging import known_filters
 from fleet_server.telemetry.models import TelemetryRecord
 
 router = APIRouter(prefix="/api/v1", tags=["executions"])
@@ -25,18 +26,6 @@ MAX_ID = 2**31 - 1
 STATUSES = ("QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED")
 Cursor = Annotated[int | None, Query(ge=1, le=MAX_ID, description="cursor: entries older than this id")]
 Limit = Annotated[int, Query(ge=1, le=1000)]
-
-
-def known_filters(*names: str) -> Any:
-    """A dependency refusing query parameters the endpoint does not know (`?regoin=us` would
-    otherwise return everything, which reads as "the filter matched all")."""
-
-    def check(request: Request) -> None:
-        unknown = sorted(set(request.query_params) - set(names))
-        if unknown:
-            raise HTTPException(422, f"unknown filter(s): {', '.join(unknown)}; known: {', '.join(names)}")
-
-    return Depends(check)
 
 
 class ExecutionPublic(BaseModel):

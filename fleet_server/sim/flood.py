@@ -1,7 +1,8 @@
-"""A misbehaving device for tests and benchmarks: one MQTT connection sending `jobs/get` at a
-fixed rate (a retry loop gone wrong, or a stolen certificate), counting the answers.
+"""A misbehaving device for tests and benchmarks: one MQTT connection sending `jobs/get` (or,
+with KIND `beacon`, valid health beacons, which the server would store) at a fixed rate (a
+retry loop gone wrong, or a stolen certificate), counting the answers.
 
-    python -m fleet_server.sim.flood PORT RATE [THING]
+    python -m fleet_server.sim.flood PORT RATE [THING] [KIND]
 
 Prints ``ready`` once connected, floods until SIGTERM, then prints one JSON line: requests
 sent, requests answered ``accepted`` (they got past the server's limit) and the codes of
@@ -23,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 def main(argv: list[str]) -> int:
     port, rate = int(argv[0]), float(argv[1])
     thing = argv[2] if len(argv) > 2 else "flood-1"
+    kind = argv[3] if len(argv) > 3 else "get"
     stats: dict[str, Any] = {"sent": 0, "answered": 0, "codes": []}
 
     def on_message(c: mqtt.Client, u: Any, m: mqtt.MQTTMessage) -> None:
@@ -41,6 +43,14 @@ def main(argv: list[str]) -> int:
     time.sleep(0.3)
     print("ready", flush=True)
     topic, body = f"$aws/things/{thing}/jobs/get", b'{"clientToken":"flood"}'
+    if kind == "beacon":
+        from datetime import UTC, datetime
+
+        from shared.telemetry import BEACON_TOPIC, HealthBeacon
+
+        topic = BEACON_TOPIC.format(thing=thing)
+        beacon = HealthBeacon(seq=0, device_id=thing, sku="flood", at=datetime.now(UTC), agent_version="0")
+        body = beacon.model_dump_json().encode()
     t0 = time.monotonic()
     while running[0]:
         while stats["sent"] < rate * (time.monotonic() - t0):  # paced in slices of 10 ms
