@@ -30,6 +30,7 @@ from fleet_server.releases.routes import router as releases_router
 from fleet_server.releases.service import parse_bench_keys
 from fleet_server.telemetry.metrics import FleetGauges
 from fleet_server.telemetry.routes import router as fleet_router
+from fleet_server.webhooks.routes import router as webhooks_router
 from shared.errors import TidegateError
 from shared.logs import REQUEST_ID_HEADER, correlated
 from shared.sysmetrics import register_system_metrics
@@ -87,6 +88,7 @@ def create_app(
     app.include_router(flags_router, dependencies=documented)
     app.include_router(fleet_router, dependencies=documented)
     app.include_router(executions_router, dependencies=documented)
+    app.include_router(webhooks_router, dependencies=documented)
 
     registry = CollectorRegistry()
     register_system_metrics(registry)

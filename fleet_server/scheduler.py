@@ -15,6 +15,7 @@ from fleet_server.alerts.watch import DriftWatch
 from fleet_server.campaigns import service
 from fleet_server.db import Database
 from fleet_server.jobs.protocol import Outgoing
+from fleet_server.webhooks.service import emit
 from shared.webhooks import notify, payload
 
 log = logging.getLogger("tidegate.server.scheduler")
@@ -70,6 +71,10 @@ class CampaignScheduler:
         try:
             with self.db.session() as s:
                 events = self.watch.check(s, now)
+                for cid, event in events:  # with the pause, in its transaction
+                    remedy = "campaign paused" if event.status == "firing" else "none"
+                    context = {"campaign": cid, "remediation": remedy}
+                    emit(s, "alert", payload(event, "fleet-server", context), now)
         except Exception:
             log.exception("alert check failed")
             return

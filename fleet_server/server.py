@@ -17,6 +17,7 @@ from fleet_server.jobs.throttle import DeviceLimiter
 from fleet_server.releases.keeper import RepositoryKeeper
 from fleet_server.scheduler import CampaignScheduler
 from fleet_server.settings import Settings
+from fleet_server.webhooks.dispatcher import WebhookDispatcher
 from shared.trust import UpdateRepository
 
 log = logging.getLogger("tidegate.server")
@@ -63,6 +64,7 @@ class FleetServer:
             bench_simulated_thermal_skus=settings.bench_simulated_thermal_skus,
         )
         self.app.state.drift = watch.config
+        self.webhooks = WebhookDispatcher(db, _utcnow)
         self.http = uvicorn.Server(
             uvicorn.Config(self.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
         )
@@ -71,6 +73,7 @@ class FleetServer:
         """Blocks until SIGINT/SIGTERM (uvicorn's handlers), then stops everything."""
         self.bridge.start()
         self.scheduler.start()
+        self.webhooks.start()
         if self.keeper is not None:
             self.keeper.start()
         try:
@@ -78,6 +81,7 @@ class FleetServer:
         finally:
             if self.keeper is not None:
                 self.keeper.stop()
+            self.webhooks.stop()
             self.scheduler.stop()
             self.bridge.stop()
 

@@ -87,6 +87,11 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("GET", "/api/v1/executions", Role.VIEWER, None),
     ("GET", "/api/v1/executions/999", Role.VIEWER, None),
     ("GET", "/api/v1/receipts", Role.VIEWER, None),
+    ("GET", "/api/v1/webhooks", Role.ADMIN, None),
+    ("POST", "/api/v1/webhooks", Role.ADMIN, {"url": "https://hooks.example/x", "events": ["alert"]}),
+    ("DELETE", "/api/v1/webhooks/999", Role.ADMIN, None),
+    ("GET", "/api/v1/webhooks/999/deliveries", Role.ADMIN, None),
+    ("POST", "/api/v1/webhooks/999/test", Role.ADMIN, None),
 ]
 
 

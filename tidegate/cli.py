@@ -11,6 +11,7 @@ from agent.cli import app as agent_app
 from builder.cli import build_command
 from cloud_serving.cli import app as serve_app
 from fleet_server.cli import app as server_app
+from fleet_server.client.cli import app as fleet_app
 from fleet_server.sim.cli import app as sim_app
 from hil.cli import app as hil_app
 from shared.bundle.cli import app as bundle_app
@@ -31,6 +32,7 @@ app = typer.Typer(
 app.add_typer(agent_app, name="agent")
 app.add_typer(repo_app, name="repo")
 app.add_typer(server_app, name="server")
+app.add_typer(fleet_app, name="fleet")
 app.add_typer(sim_app, name="sim")
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(demo_app, name="demo")

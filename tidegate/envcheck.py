@@ -12,7 +12,10 @@ PREFIX = "TIDEGATE_"
 #: Variables read outside the fleet server's settings (those come from `Settings` itself).
 ELSEWHERE: dict[str, str] = {
     "TIDEGATE_DEBUG": "tracebacks for errors, any command",
-    "TIDEGATE_TOKEN": "operator token for `tidegate sim` and `tidegate hil upload`",
+    "TIDEGATE_TOKEN": "operator token for `tidegate fleet`, `tidegate sim` and `tidegate hil upload`",
+    "TIDEGATE_SERVER_URL": "the fleet server `tidegate fleet` talks to (with TIDEGATE_TOKEN)",
+    "TIDEGATE_PROFILE": "the `tidegate fleet` profile to use",
+    "TIDEGATE_FLEET_CONFIG": "the `tidegate fleet` profiles file (default ~/.config/tidegate/fleet.toml)",
     "TIDEGATE_REGISTRY_TOKEN": "the gateway's token for the fleet server's registry",
     "TIDEGATE_SIGNER_PIN": "PIN of a PKCS#11 token named by an hsm: signer URI",
     "TIDEGATE_BENCH_KEY": "the bench host's report-signing key (`tidegate hil run`)",

@@ -32,6 +32,7 @@ from fleet_server.devices.models import Device, DeviceGroup, GroupMember
 from fleet_server.errors import FleetError, NotFoundError
 from fleet_server.jobs import protocol
 from fleet_server.jobs.models import ExecutionEvent, JobExecution
+from fleet_server.webhooks import service as webhooks
 from shared.gates import Sample
 from shared.iotjobs import JobStatus
 from shared.jobdoc import JobDocument
@@ -60,8 +61,22 @@ class CampaignNotFoundError(CampaignError, NotFoundError):
     http_status = NotFoundError.http_status
 
 
+#: Decision kinds that are webhook events (fleet_server.webhooks.service.EVENTS).
+EVENT_OF_KIND = {
+    "scheduled": "campaign.approved",
+    "running": "campaign.running",
+    "advanced": "campaign.advanced",
+    "paused": "campaign.paused",
+    "completed": "campaign.completed",
+    "canceled": "campaign.canceled",
+}
+
+
 def _log(session: Session, c: Campaign, now: datetime, kind: str, actor: str, message: str) -> None:
     session.add(CampaignDecision(campaign_id=c.id, at=now, kind=kind, actor=actor, message=message))
+    if event := EVENT_OF_KIND.get(kind):  # queued in this transaction: sent only if it commits
+        data = {"campaign_id": c.id, "name": c.name, "state": c.state, "wave": c.wave, "actor": actor}
+        webhooks.emit(session, event, {**data, "message": message}, now)
 
 
 def get(session: Session, campaign_id: str) -> Campaign:

@@ -162,6 +162,11 @@ def _transition(
     ex.status = to.value
     ex.version_number += 1
     ex.last_updated_at = now
+    if to in (JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.REJECTED):
+        from fleet_server.webhooks.service import emit
+
+        data = {"thing_name": ex.thing_name, "job_id": ex.job_id, "campaign_id": ex.campaign_id}
+        emit(session, "execution.failed", {**data, "status": to.value, "details": dict(details or {})}, now)
 
 
 def _pending_order(ex: JobExecution) -> tuple[bool, datetime, int]:

@@ -10,6 +10,7 @@ from fleet_server.devices import models as _devices  # noqa: F401
 from fleet_server.jobs import models as _jobs  # noqa: F401
 from fleet_server.releases import models as _releases  # noqa: F401
 from fleet_server.telemetry import models as _telemetry  # noqa: F401
+from fleet_server.webhooks import models as _webhooks  # noqa: F401
 
 config = context.config
 target_metadata = Base.metadata

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from fleet_server.errors import FleetError, NotFoundError
 from fleet_server.releases.models import BenchReport, Release
+from fleet_server.webhooks import service as webhooks
 from shared.benchreport import BenchKeyError, acceptance, parse_public
 from shared.bundle import read_manifest
 from shared.trust import PublishedTarget, UpdateRepository
@@ -100,6 +101,8 @@ def set_stage(session: Session, *, release_id: int, stage: Stage, actor: str, no
     if stage not in NEXT_STAGES[current]:
         raise ReleaseError(f"release {r.name} {r.version} is {current.value}; cannot move to {stage.value}")
     r.stage = stage.value
+    data = {"release_id": r.id, "name": r.name, "version": r.version, "from": current.value}
+    webhooks.emit(session, "release.staged", {**data, "to": stage.value, "actor": actor}, now)
     append_card(
         session,
         release_id=release_id,
