@@ -43,6 +43,7 @@ class JobsSection(_Section):
     reply_timeout_s: float = Field(default=10.0, gt=0)
     progress_interval_s: float = Field(default=5.0, ge=0)
     precondition_recheck_s: float = Field(default=30.0, gt=0)
+    hook_retry_s: float = Field(default=300.0, gt=0)  # after a device hook's "retry later" (exit 21)
     step_timeout_min: int | None = Field(default=None, ge=1, le=10080)
 
 

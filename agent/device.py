@@ -44,6 +44,10 @@ class DeviceConfig(BaseModel):
     download_attempts: int = Field(default=6, ge=1, le=100)
     download_base_delay_s: float = Field(default=0.5, ge=0)
     download_max_delay_s: float = Field(default=60.0, ge=0)
+    # Device hooks (agent.hooks): the owner's scripts before download, before install, after
+    # commit and on rollback. None: no hooks.
+    hooks_dir: str | None = Field(default=None, max_length=4096)
+    hook_timeout_s: float = Field(default=30.0, gt=0, le=3600)
 
 
 class DeviceRoot:

@@ -36,6 +36,7 @@ from agent.errors import (
     PreconditionsUnmetError,
     SkuMismatchError,
 )
+from agent.hooks import HookDeferredError, Hooks
 from agent.selftest import run_selftest
 from agent.slots import other
 from agent.state import (
@@ -76,6 +77,7 @@ class InstallReport:
     figures: dict[str, Any] = field(default_factory=dict)
     refused: bool = False  # the job does not fit this device (SKU, agent version, downgrade, unknown)
     deferred: bool = False  # stopped before the flip because preconditions no longer hold; retry later
+    retry_later: bool = False  # deferred by a device hook: try again after a while, not at once
 
     @property
     def ok(self) -> bool:
@@ -129,6 +131,7 @@ class Agent:
         *,
         refused: bool = False,
         deferred: bool = False,
+        retry_later: bool = False,
     ) -> InstallReport:
         rec = state.install
         version = rec.bundle.version if rec is not None else None
@@ -143,7 +146,24 @@ class Agent:
         state.install = None
         self.dev.state.save(state)
         faults.checkpoint(f"after:{outcome}")
-        return InstallReport(outcome, reason, version, figures, refused=refused, deferred=deferred)
+        return InstallReport(
+            outcome, reason, version, figures, refused=refused, deferred=deferred, retry_later=retry_later
+        )
+
+    @staticmethod
+    def _hooks(cfg: DeviceConfig) -> Hooks:
+        return Hooks(Path(cfg.hooks_dir) if cfg.hooks_dir else None, cfg.hook_timeout_s)
+
+    @staticmethod
+    def _hook_env(rec: InstallRecord | None) -> dict[str, str]:
+        """What a hook is told about the install (taken before the install record is cleared)."""
+        if rec is None:
+            return {}
+        return {
+            "TIDEGATE_HOOK_TARGET": rec.target,
+            "TIDEGATE_HOOK_VERSION": rec.bundle.version,
+            "TIDEGATE_HOOK_SLOT": rec.to_slot,
+        }
 
     def _refuse(self, state: AgentState, target: str | None, exc: TidegateError) -> InstallReport:
         reason = str(exc)
@@ -199,15 +219,18 @@ class Agent:
                 updated_at=now,
             )
             figures: dict[str, Any] = {}
+            hooks, env = self._hooks(cfg), self._hook_env(state.install)
             try:
+                hooks.gate("before-download", env)
                 path = self._download(state, client, info, bundle, cfg, figures)
                 manifest = self._verify(state, path, info, cfg, figures)
+                hooks.gate("before-install", env)
                 self._write(state, path, manifest, figures)
                 why = self.before_flip() if self.before_flip is not None else None
                 if why is not None:
                     raise PreconditionsUnmetError(f"not flipping: {why}")
             except (TidegateError, OSError) as exc:
-                deferred = isinstance(exc, PreconditionsUnmetError)
+                deferred = isinstance(exc, PreconditionsUnmetError | HookDeferredError)
                 return self._abandon(
                     state,
                     f"{type(exc).__name__}: {exc}",
@@ -215,6 +238,7 @@ class Agent:
                     keep_download=deferred or isinstance(exc, FetchError),
                     refused=_is_refusal(exc),
                     deferred=deferred,
+                    retry_later=isinstance(exc, HookDeferredError),
                 )
             if bundle is None:
                 path.unlink(missing_ok=True)  # the slot now holds the verified payload
@@ -401,6 +425,7 @@ class Agent:
         keep_download: bool,
         refused: bool = False,
         deferred: bool = False,
+        retry_later: bool = False,
     ) -> InstallReport:
         """Undo an install that failed (or was interrupted) before the flip."""
         rec = state.install
@@ -409,7 +434,15 @@ class Agent:
             state.slots[rec.to_slot] = SlotInfo(status=SlotStatus.INVALID)
         if not keep_download and rec.local_bundle is None:
             (self.dev.downloads / f"{rec.bundle.sha256}.bundle").unlink(missing_ok=True)
-        return self._finish(state, Outcome.FAILED, reason, figures, refused=refused, deferred=deferred)
+        return self._finish(
+            state,
+            Outcome.FAILED,
+            reason,
+            figures,
+            refused=refused,
+            deferred=deferred,
+            retry_later=retry_later,
+        )
 
     # ---- flip, trial, commit, rollback -----------------------------------------------------------
 
@@ -439,9 +472,12 @@ class Agent:
         )
         figures["flip_to_commit_s"] = time.monotonic() - t0
         figures["agent_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return self._finish(
+        env = self._hook_env(rec)
+        report = self._finish(
             state, Outcome.COMMITTED, f"{rec.bundle.name} {rec.bundle.version} committed", figures
         )
+        self._hooks(cfg).notify("after-commit", env)  # committed whatever it says
+        return report
 
     def _rollback(self, state: AgentState, reason: str, figures: dict[str, Any]) -> InstallReport:
         rec = state.install
@@ -461,9 +497,13 @@ class Agent:
         prev = state.slots[rec.from_slot] if rec.from_slot else None
         back = prev.bundle if prev else None
         where = f"back on {back.name} {back.version}" if back else "no model active"
+        env = self._hook_env(rec)
         if prev is not None and back is not None and prev.status is not SlotStatus.GOOD:
             where += f", whose slot is {prev.status.value}: nothing is served until a reinstall commits"
-        return self._finish(state, Outcome.ROLLED_BACK, f"{rec.reason} ({where})", rec.figures)
+        report = self._finish(state, Outcome.ROLLED_BACK, f"{rec.reason} ({where})", rec.figures)
+        why = {"TIDEGATE_HOOK_REASON": rec.reason or ""}
+        self._hooks(self.dev.load_config()).notify("on-rollback", {**env, **why})
+        return report
 
     # ---- recover and rollback ----------------------------------------------------------------------
 

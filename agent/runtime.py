@@ -20,6 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,9 @@ from agent.batcher import DynamicBatcher, NoModelError, OnnxRunner, OverloadedEr
 from agent.config import AgentConfig
 from agent.device import DeviceRoot
 from agent.engine import Agent, InstallReport
+from agent.errors import AgentError
 from agent.health import HealthServer, SystemdNotifier
+from agent.hooks import Hooks
 from agent.jobs import JobsClient, JobsRejectedError, JobsTimeoutError
 from agent.mqtt import MqttSettings, PahoTransport, Transport
 from agent.outbox import Outbox
@@ -209,6 +212,9 @@ class AgentDaemon:
         if recovered is not None:
             log.info("recovered an interrupted install: %s", recovered.reason)
             await self._receipt(None, None, recovered)
+        cfg = self.dev.load_config()
+        if problems := Hooks(Path(cfg.hooks_dir) if cfg.hooks_dir else None).check():
+            raise AgentError("; ".join(problems))  # a hook that cannot run would refuse every install
         checked = await asyncio.to_thread(Agent(self.dev.root).verify, repair=True)
         if not checked["ok"]:  # never serve a model that is not the signed one
             log.error(
@@ -342,6 +348,10 @@ class AgentDaemon:
                 break
             if self._stop.is_set():
                 return  # the job stays IN_PROGRESS; after the restart start-next hands it back
+            if report.retry_later:  # a device hook asked for later: wait, then try again
+                log.info("install of %s deferred by a device hook: %s", job.job_id, report.reason)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), self.cfg.jobs.hook_retry_s)
         status = (
             JobStatus.SUCCEEDED if report.ok else JobStatus.REJECTED if report.refused else JobStatus.FAILED
         )

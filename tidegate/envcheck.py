@@ -22,6 +22,12 @@ ELSEWHERE: dict[str, str] = {
     "TIDEGATE_RIG_FILE": "the HIL rig file (default /etc/tidegate/rig.toml)",
     "TIDEGATE_FAULT_KILL_AT": "fault injection for the agent's crash tests",
     "TIDEGATE_TEST_PG_URL": "PostgreSQL for the test suite",
+    # Set by the agent for device hooks (agent.hooks), not read by it:
+    "TIDEGATE_HOOK_STAGE": "a device hook's stage",
+    "TIDEGATE_HOOK_TARGET": "the target a device hook's install is of",
+    "TIDEGATE_HOOK_VERSION": "the version a device hook's install is of",
+    "TIDEGATE_HOOK_SLOT": "the slot a device hook's install writes",
+    "TIDEGATE_HOOK_REASON": "why an install rolled back (on-rollback hooks)",
     "TIDEGATE_BENCH_PG_URL": "PostgreSQL for the benchmarks",
     "TIDEGATE_BENCH_MB": "benchmark: bundle size",
     "TIDEGATE_BENCH_INSTALL_MB": "benchmark: install sizes",
