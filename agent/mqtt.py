@@ -14,6 +14,7 @@ import asyncio
 import logging
 import random
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ class Transport(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    #: Why the last connection attempt failed (TLS, refused, unreachable); None once connected.
+    last_error: str | None
+
     def set_handlers(self, on_message: MessageHandler, on_connect: ConnectHandler) -> None: ...
 
     def subscribe(self, topics: list[str]) -> None:
@@ -76,6 +80,7 @@ class TransportBase:
         self._on_connect: ConnectHandler = lambda: None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = False
+        self.last_error: str | None = None
 
     @property
     def connected(self) -> bool:
@@ -109,6 +114,7 @@ class PahoTransport(TransportBase):
             c.username_pw_set(settings.username, settings.password)
         c.max_inflight_messages_set(20)
         c.on_connect = self._paho_connect
+        c.on_connect_fail = self._paho_connect_fail
         c.on_disconnect = self._paho_disconnect
         c.on_message = self._paho_message
         c.on_subscribe = self._paho_subscribe
@@ -168,11 +174,22 @@ class PahoTransport(TransportBase):
 
     # ---- paho's network thread ----------------------------------------------------------------
 
+    def _paho_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this from inside its `except OSError`: the error is the one in flight.
+        exc = sys.exc_info()[1]
+        why = f"{type(exc).__name__}: {exc}" if exc is not None else "the connection failed"
+        error = f"cannot connect to {self.settings.host}:{self.settings.port}: {why}"
+        if error != self.last_error:  # once per distinct cause, not once per retry
+            log.error("MQTT %s", error)
+        self.last_error = error
+
     def _paho_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
+            self.last_error = f"the broker refused the connection: {reason}"
             log.warning("MQTT connect refused: %s", reason)
             return
         self._connected = True
+        self.last_error = None
         self._connected_at = time.monotonic()
         self.connects += 1
         if self._topics:

@@ -174,7 +174,8 @@ class AgentDaemon:
 
     def _ready(self) -> tuple[bool, str]:
         if not self.transport.connected:
-            return False, "not connected to the broker"
+            why = getattr(self.transport, "last_error", None)
+            return False, f"not connected to the broker: {why}" if why else "not connected to the broker"
         if self.batcher is not None and self.batcher.runner is None:
             return False, self.unservable or "no committed model loaded"
         return True, "ready"

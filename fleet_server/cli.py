@@ -72,7 +72,8 @@ def run(
         settings.mqtt_port = mqtt_port
     database = _db(db)
     server = FleetServer(database, settings, host=host, port=port, tick_s=tick_s)
-    typer.echo(f"fleet server: http://{host}:{port}  mqtt://{settings.mqtt_host}:{settings.mqtt_port}")
+    scheme = "mqtts" if settings.mqtt_ca_file else "mqtt"  # mutual TLS when a CA is configured
+    typer.echo(f"fleet server: http://{host}:{port}  {scheme}://{settings.mqtt_host}:{settings.mqtt_port}")
     try:
         server.run()
     except TimeoutError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -571,6 +572,40 @@ def test_a_damaged_slot_with_no_good_one_to_fall_back_on_is_not_served(
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req, timeout=5)
         assert err.value.code == 503
+
+
+def test_a_tls_failure_is_logged_and_readyz_says_why(
+    world: World, tmp_path: Path, broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TLS configured against a broker port that does not speak it: the agent logs the cause
+    once and /readyz names it, not just "not connected" (a wrong host name or CA is named the
+    same way, as the SSLError it is)."""
+    from shared.pki import make_ca
+
+    device, _ = world.copy(tmp_path)
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(make_ca("some other CA").cert_pem)
+    caplog.set_level(logging.ERROR, logger="agent.mqtt")
+    with DaemonThread(make_config(tmp_path, device, broker.port, mqtt={"ca_file": str(ca)})) as d:
+        daemon = d.daemon
+        assert daemon is not None
+        wait_for(lambda: daemon.transport.last_error and daemon.health.port, what="a failed connect")
+
+        def readyz() -> tuple[int, str] | None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{daemon.health.port}/readyz", timeout=5)
+            except urllib.error.HTTPError as err:
+                return err.code, err.read().decode()
+            except urllib.error.URLError:
+                return None  # the health server is still starting
+            return 200, ""
+
+        code, body = wait_for(readyz, what="/readyz")
+        # A plain MQTT port resets the TLS hello: the cause, named (an SSLError with a wrong CA)
+        cause = f"cannot connect to 127.0.0.1:{broker.port}: ConnectionResetError"
+        assert code == 503 and cause in body, body
+    errors = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+    assert errors and len(errors) <= 2  # once per distinct cause, not once per retry
 
 
 def test_corrupt_config_fails_at_start(tmp_path: Path) -> None:

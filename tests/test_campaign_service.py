@@ -154,7 +154,7 @@ def test_operator_actions_and_illegal_transitions(db: Database) -> None:
             now=T0,
         )
         cid = c.id
-        with pytest.raises(service.CampaignError, match="is draft; cannot scheduled"):
+        with pytest.raises(service.CampaignError, match="is draft; it cannot be approved"):
             service.approve(s, campaign_id=cid, actor="admin", now=T0, override_reason="test fleet: no bench")
     with db.session() as s:
         service.submit(s, campaign_id=cid, actor="op", now=T0)
@@ -169,6 +169,9 @@ def test_operator_actions_and_illegal_transitions(db: Database) -> None:
         service.next_wave(s, campaign_id=cid, actor="op", now=T0 + timedelta(minutes=2))
         service.tick(s, campaign_id=cid, now=T0 + timedelta(minutes=2))
     assert state(db, cid) == ("running", 1)
+    last = "on its last wave .2 of 2.: there is no next"
+    with db.session() as s, pytest.raises(service.CampaignError, match=last):
+        service.next_wave(s, campaign_id=cid, actor="op", now=T0 + timedelta(minutes=2))
     with db.session() as s:
         service.tick(s, campaign_id=cid, now=T0 + timedelta(minutes=3))  # queues wave 2
         service.pause(s, campaign_id=cid, actor="op", now=T0 + timedelta(minutes=3), reason="look at logs")

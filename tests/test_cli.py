@@ -282,3 +282,15 @@ def test_every_tidegate_variable_the_code_reads_is_known() -> None:
             read |= set(re.findall(r"[\"'$](TIDEGATE_[A-Z0-9_]+)\b(?!\s*=)", path.read_text()))
     read -= {"TIDEGATE_VERSION", "TIDEGATE_DATABSE_URL"}  # a Python constant; the misspelling above
     assert read and read <= known_variables(), read - known_variables()
+
+
+def test_usage_errors_are_one_line_too() -> None:
+    """An unknown command or option reads like every other error: one line naming the help to
+    look at, exit 2 (not a drawn box)."""
+    for args, needle in (
+        (("bogus",), "error: No such command 'bogus'. (see tidegate --help)"),
+        (("agent", "install", "--nope"), "No such option: --nope (see tidegate agent install --help)"),
+    ):
+        proc = run(*args)
+        assert_one_line_error(proc, needle)
+        assert proc.returncode == 2

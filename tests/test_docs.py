@@ -34,3 +34,28 @@ def test_the_security_model_names_only_tests_that_exist() -> None:
             assert module in tests and f"def {name}" in tests[module], (module, name)
         else:
             assert name in tests or any(f"def {name}" in src for src in tests.values()), name
+
+
+def test_the_systemd_units_run_commands_the_cli_has() -> None:
+    """Each unit's Exec lines name `tidegate` commands and options that exist (checked by
+    asking the CLI for their help), so a renamed option cannot leave a unit that fails."""
+    import shlex
+    import subprocess
+    import sys
+
+    units = [
+        ROOT / "agent/packaging/tidegate-agent.service",
+        ROOT / "fleet_server/packaging/tidegate-fleet-server.service",
+    ]
+    for unit in units:
+        execs = [ln.split("=", 1)[1] for ln in unit.read_text().splitlines() if ln.startswith("Exec")]
+        assert execs, unit
+        for line in execs:
+            argv = shlex.split(line)
+            assert argv[0].endswith("/tidegate"), line
+            words = [a for a in argv[1:] if not a.startswith("-")][:2]
+            command = [sys.executable, "-m", "tidegate", *words, "--help"]
+            helped = subprocess.run(command, capture_output=True, text=True, timeout=60)
+            assert helped.returncode == 0, (unit.name, line, helped.stderr)
+            for option in (a.split("=")[0] for a in argv[1:] if a.startswith("--")):
+                assert option in helped.stdout, (unit.name, option)

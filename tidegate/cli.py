@@ -22,6 +22,11 @@ from tidegate import __version__
 from tidegate.demo import app as demo_app
 from tidegate.envcheck import unknown_variables
 
+try:  # recent Typer vendors click; older ones used click itself
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import NoArgsIsHelpError, UsageError  # type: ignore[assignment]
+
 app = typer.Typer(
     name="tidegate",
     help="Ship ML models safely to fleets of vehicles, edge devices and cloud endpoints.",
@@ -71,7 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     for line in unknown_variables(os.environ):
         typer.echo(f"warning: {line}", err=True)
     try:
-        app(args=args, prog_name="tidegate")
+        code = app(args=args, prog_name="tidegate", standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # a bare group: its help, as before
+        exc.show()
+        return exc.exit_code
+    except UsageError as exc:  # one line, as every other error, not a box
+        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("error: interrupted", err=True)
+        return 130
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except TidegateError as exc:
@@ -79,4 +94,4 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         typer.echo(f"error: {exc}", err=True)
         return exc.exit_code
-    return 0
+    return code if isinstance(code, int) else 0

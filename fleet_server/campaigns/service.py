@@ -49,6 +49,16 @@ class Lifecycle(StrEnum):
 
 
 S = Lifecycle
+#: How an operator's refused move is said ("campaign c-1 is completed; it cannot be paused").
+VERB = {
+    S.WAITING_FOR_APPROVAL: "submitted",
+    S.SCHEDULED: "approved",
+    S.RUNNING: "resumed",
+    S.PAUSED: "paused",
+    S.CANCELED: "canceled",
+    S.COMPLETED: "completed",
+    S.DRAFT: "made a draft",
+}
 
 
 class CampaignError(FleetError):
@@ -111,7 +121,10 @@ def _move(
     session: Session, c: Campaign, allowed: set[S], to: S, *, actor: str, now: datetime, why: str
 ) -> None:
     if S(c.state) not in allowed:
-        raise CampaignError(f"campaign {c.id} is {c.state}; cannot {to.value.replace('_', ' ')} it")
+        state = c.state.replace("_", " ")
+        raise CampaignError(f"campaign {c.id} is {state}; it cannot be {VERB[to]}")
+    if to is not S.PAUSED:
+        c.paused_reason = None  # a canceled or resumed campaign no longer reads "Paused: …"
     c.state = to.value
     _log(session, c, now, to.value, actor, why)
 
@@ -169,6 +182,9 @@ def next_wave(session: Session, *, campaign_id: str, actor: str, now: datetime) 
     c = get(session, campaign_id)
     if S(c.state) is not S.RUNNING:
         raise CampaignError(f"campaign {c.id} is {c.state}; only a running campaign has a next wave")
+    waves = len(CampaignSpec.model_validate(c.spec).waves)
+    if c.wave >= waves - 1:
+        raise CampaignError(f"campaign {c.id} is on its last wave ({waves} of {waves}): there is no next one")
     c.advance_requested = True
     _log(session, c, now, "next_wave", actor, "operator asked to start the next wave")
     return c
