@@ -35,6 +35,7 @@ from agent.errors import AgentError
 from agent.health import HealthServer, SystemdNotifier
 from agent.hooks import Hooks
 from agent.jobs import JobsClient, JobsRejectedError, JobsTimeoutError
+from agent.logtail import LogTail
 from agent.mqtt import MqttSettings, PahoTransport, Transport
 from agent.outbox import Outbox
 from agent.quality import QualityProxy, top_probability
@@ -48,8 +49,10 @@ from shared.settings_file import first_error
 from shared.sysmetrics import register_system_metrics
 from shared.telemetry import (
     BEACON_TOPIC,
+    LOG_TOPIC,
     RECEIPT_TOPIC,
     SCORE_BINS,
+    DeviceLog,
     HealthBeacon,
     InferenceStats,
     InstallReceipt,
@@ -65,6 +68,7 @@ class RunningJob:
     job_id: str
     version: int | None
     last_details: dict[str, str] | None = None
+    log_mark: int = 0  # where the agent's log stood when the job began (its receipt's tail)
 
 
 def _utcnow() -> datetime:
@@ -117,6 +121,7 @@ class AgentDaemon:
         self.restarts = 0  # agent starts since the active version was committed (see _count_start)
         self.quality = QualityProxy()
         self.unservable: str | None = None  # why the active slot is not served, when it is not
+        self.logtail = LogTail()  # recent log lines: receipts' tails and log-pull uploads
         self.batcher = (
             DynamicBatcher(
                 None,
@@ -209,6 +214,13 @@ class AgentDaemon:
         self._stop.set()
 
     async def run(self) -> None:
+        logging.getLogger().addHandler(self.logtail)
+        try:
+            await self._run()
+        finally:
+            logging.getLogger().removeHandler(self.logtail)
+
+    async def _run(self) -> None:
         recovered = await asyncio.to_thread(Agent(self.dev.root).recover)
         if recovered is not None:
             log.info("recovered an interrupted install: %s", recovered.reason)
@@ -329,11 +341,15 @@ class AgentDaemon:
 
     async def _run_job(self, execution: dict[str, Any]) -> None:
         job = RunningJob(str(execution.get("jobId")), execution.get("versionNumber"))
+        job.log_mark = self.logtail.mark()
         try:
             doc = JobDocument.model_validate(execution.get("jobDocument"))
         except ValidationError as exc:
             why = first_error(exc, root="document")
             await self._finish_job(job, JobStatus.REJECTED, f"invalid job document: {why}")
+            return
+        if doc.operation == "tidegate.log-pull":
+            await self._upload_log(job, doc.lines)
             return
         if doc.skus is not None and self.device.sku not in doc.skus:
             await self._finish_job(
@@ -356,6 +372,9 @@ class AgentDaemon:
         status = (
             JobStatus.SUCCEEDED if report.ok else JobStatus.REJECTED if report.refused else JobStatus.FAILED
         )
+        # One line per outcome, for whoever reads the device's log (and the receipt's tail).
+        level = logging.INFO if report.ok else logging.WARNING
+        log.log(level, "job %s: %s %s: %s", job.job_id, doc.target, report.outcome.value, report.reason)
         await self._finish_job(job, status, report.reason, report, doc)
         if report.ok:
             await self._load_model()
@@ -501,7 +520,21 @@ class AgentDaemon:
             doc.target if doc else None,
             report,
             rejected_reason=reason if status is JobStatus.REJECTED else None,
+            log_tail=self.logtail.since(job.log_mark) if status is not JobStatus.SUCCEEDED else [],
         )
+
+    async def _upload_log(self, job: RunningJob, lines: int) -> None:
+        """A `tidegate.log-pull` job: the recent log (redacted, at most 64 KiB) to the server
+        over the device's own MQTT connection, then SUCCEEDED with how many lines went."""
+        tail = self.logtail.recent(lines=lines)
+        seq, now = self.outbox.next_seq(), _utcnow()
+        message = DeviceLog(seq=seq, device_id=self.device.device_id, at=now, job_id=job.job_id, lines=tail)
+        topic = LOG_TOPIC.format(thing=self.device.device_id)
+        await asyncio.to_thread(self.outbox.put, topic, message.model_dump_json().encode())
+        self._wake_outbox.set()
+        done = {"reason": f"uploaded {len(tail)} log lines"}
+        await self._update(job, JobStatus.SUCCEEDED, done, final=True)
+        self.m_jobs.labels(JobStatus.SUCCEEDED.value).inc()
 
     # ---- telemetry ------------------------------------------------------------------------------
 
@@ -512,6 +545,7 @@ class AgentDaemon:
         report: InstallReport | None,
         *,
         rejected_reason: str | None = None,
+        log_tail: list[str] | None = None,
     ) -> None:
         outcome: str = "rejected" if rejected_reason else report.outcome.value if report else "failed"
         receipt = InstallReceipt(
@@ -524,6 +558,7 @@ class AgentDaemon:
             outcome=outcome,  # type: ignore[arg-type]
             reason=rejected_reason or (report.reason if report else ""),
             figures=report.figures if report else {},
+            log_tail=log_tail or [],
         )
         await asyncio.to_thread(
             self.outbox.put,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Network = Literal["wifi", "cellular", "ethernet", "none"]
 
@@ -25,12 +25,22 @@ class Preconditions(BaseModel):
 
 
 class JobDocument(BaseModel):
+    """`tidegate.install` (target and repository required) or `tidegate.log-pull` (the agent
+    uploads its recent log: `lines`, bounded to 64 KiB)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    operation: Literal["tidegate.install"]
-    target: str = Field(min_length=1, max_length=512)
-    repository: str = Field(min_length=1, max_length=2048)
+    operation: Literal["tidegate.install", "tidegate.log-pull"]
+    target: str = Field(default="", max_length=512)
+    repository: str = Field(default="", max_length=2048)
+    lines: int = Field(default=500, ge=1, le=5000)
     version: str | None = None
     skus: list[str] | None = None
     campaign: str | None = None
     preconditions: Preconditions = Preconditions()
+
+    @model_validator(mode="after")
+    def _install_names_what(self) -> JobDocument:
+        if self.operation == "tidegate.install" and not (self.target and self.repository):
+            raise ValueError("an install needs a target and a repository")
+        return self

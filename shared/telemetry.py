@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 BEACON_TOPIC = "tidegate/things/{thing}/beacon"
 RECEIPT_TOPIC = "tidegate/things/{thing}/receipt"
+LOG_TOPIC = "tidegate/things/{thing}/log"
 
 
 class _Model(BaseModel):
@@ -79,3 +80,17 @@ class InstallReceipt(_Model):
     outcome: Literal["committed", "failed", "rolled_back", "rejected"]
     reason: str
     figures: dict[str, object] = Field(default_factory=dict)
+    # A failed install's own log lines (redacted, at most 50 lines and 8 KiB): why, on the device.
+    log_tail: list[str] = Field(default_factory=list, max_length=200)
+
+
+class DeviceLog(_Model):
+    """The agent's recent log, uploaded for a `tidegate.log-pull` job (redacted, bounded)."""
+
+    kind: Literal["log"] = "log"
+    schema_version: int = 1
+    seq: int = Field(ge=0)
+    device_id: str
+    at: datetime
+    job_id: str | None = None
+    lines: list[str] = Field(default_factory=list, max_length=5000)

@@ -608,6 +608,41 @@ def test_a_tls_failure_is_logged_and_readyz_says_why(
     assert errors and len(errors) <= 2  # once per distinct cause, not once per retry
 
 
+def test_a_failed_install_sends_its_log_tail_and_a_log_pull_uploads_the_log(
+    world: World, tmp_path: Path, broker: Broker, endpoint: JobsEndpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Diagnostics from the device itself: a receipt of a failed install carries the agent's
+    own log lines for it (redacted, bounded); a log-pull job uploads the recent log over the
+    device's MQTT connection."""
+    device, _ = world.copy(tmp_path)
+    receipts = Collector(broker.port, f"tidegate/things/{THING}/receipt", "receipts")
+    logs = Collector(broker.port, f"tidegate/things/{THING}/log", "logs")
+    caplog.set_level(logging.INFO)  # as `tidegate agent run` configures it
+    with DaemonThread(make_config(tmp_path, device, broker.port)):
+        logging.getLogger("agent.test").warning("contact ops@example.com about vehicle 1HGCM82633A004352")
+        endpoint.add_job(THING, "bad", job_doc(world, "v3-bad"))
+        ex = endpoint.wait_status(THING, "bad", {"SUCCEEDED", "FAILED", "REJECTED"})
+        assert ex.status == "FAILED"
+        receipt = wait_for(
+            lambda: next((r for r in receipts.messages if r["job_id"] == "bad"), None), what="receipt"
+        )
+        endpoint.add_job(THING, "pull", {"operation": "tidegate.log-pull", "lines": 200})
+        pulled = endpoint.wait_status(THING, "pull", {"SUCCEEDED", "FAILED", "REJECTED"})
+        uploaded = wait_for(
+            lambda: next((m for m in logs.messages if m["job_id"] == "pull"), None), what="log"
+        )
+    receipts.close()
+    logs.close()
+    tail = receipt["log_tail"]
+    assert tail and len(tail) <= 50 and sum(len(t) + 1 for t in tail) <= 8192
+    assert any("rolled back" in line or "self-test" in line for line in tail), tail
+    assert not any("ops@example.com" in line for line in tail)  # before the install: not its tail
+    assert pulled.status == "SUCCEEDED" and pulled.details["reason"].startswith("uploaded ")
+    text = "\n".join(uploaded["lines"])
+    assert "contact redacted:" in text and "ops@example.com" not in text and "1HGCM82633A004352" not in text
+    assert len(text.encode()) <= 64 * 1024
+
+
 def test_corrupt_config_fails_at_start(tmp_path: Path) -> None:
     cases = {
         "bad.toml": ("[mqtt\nport = 1", "not valid TOML"),

@@ -45,6 +45,7 @@ CASES = [
     ("iot:Publish", "topic/tidegate/things/car-1/beacon", True),
     ("iot:Publish", "topic/tidegate/things/car-2/beacon", False),
     ("iot:Publish", "topic/tidegate/things/car-1/other", False),  # only the telemetry kinds
+    ("iot:Publish", "topic/tidegate/things/car-1/log", True),
     ("iot:Subscribe", "topicfilter/$aws/things/car-1/jobs/notify-next", True),
     ("iot:Subscribe", "topicfilter/$aws/things/car-1/jobs/#", True),
     ("iot:Subscribe", "topicfilter/$aws/things/+/jobs/#", False),

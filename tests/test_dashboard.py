@@ -155,3 +155,85 @@ def _has_execution(db: Database, thing: str) -> bool:
 
     with db.session() as s:
         return s.scalars(select(JobExecution).where(JobExecution.thing_name == thing)).first() is not None
+
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium (Debian package chromium) not installed")
+def test_devices_are_searched_paged_and_opened_in_headless_chromium(tmp_path: Path) -> None:
+    """Operators find a device by name, SKU or region, page through the rest, and open its page:
+    its versions, its executions (why one waits) and its receipts with the log tail."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    db = Database(f"sqlite:///{tmp_path / 'd.db'}")
+    upgrade(db)
+    now = datetime.now(UTC)
+    with db.session() as s:
+        token = create_token(s, name="ops", role=Role.OPERATOR, now=now)
+        for i in range(60):
+            where = {"region": "eu" if i % 2 else "us", "firmware": "4.2.0"}
+            register_device(s, thing_name=f"van-{i:03d}", sku="edge-cpu", now=now, **where)
+        protocol.create_execution(s, "van-007", "job-7", {"operation": "tidegate.log-pull"}, now)
+        receipt = {
+            "seq": 1,
+            "device_id": "van-007",
+            "at": now.isoformat(),
+            "job_id": "job-6",
+            "target": "m/2.0.0/e.bundle",
+            "outcome": "rolled_back",
+            "reason": "self-test failed",
+            "log_tail": ["selftest: p95 9.1 ms over budget"],
+        }
+        assert ingest(s, "tidegate/things/van-007/receipt", json.dumps(receipt).encode(), now) == "stored"
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(db), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/#token={token}")
+            table = page.locator("#device-table")
+            page.wait_for_selector("[data-device='van-000']", timeout=10_000)
+            assert table.locator("[data-device]").count() == 25  # one page
+            page.locator("#device-next").click()
+            page.wait_for_selector("[data-device='van-025']", timeout=10_000)
+            assert table.locator("[data-device='van-000']").count() == 0
+            form = page.locator("#device-search")
+            form.locator("[name='region']").fill("eu")
+            form.locator("[name='name']").fill("van-00")
+            form.get_by_role("button", name="Search").click()
+            page.wait_for_function("document.querySelectorAll('#device-table [data-device]').length === 5")
+            shown = [table.locator("[data-device]").nth(i).inner_text() for i in range(5)]
+            assert shown == ["van-001", "van-003", "van-005", "van-007", "van-009"]
+            table.locator("[data-device='van-007']").click()
+            page.wait_for_selector("[data-device-page='van-007']", timeout=10_000)
+            detail = page.locator("#device-page").inner_text()
+            assert "firmware 4.2.0" in detail and "job-7" in detail and "QUEUED" in detail
+            assert "rolled_back" in detail and "selftest: p95 9.1 ms over budget" in detail
+            page.get_by_role("button", name="Pull log").click()
+            requested = "document.querySelector('#device-page button').textContent === 'Log requested'"
+            page.wait_for_function(requested)
+            page.screenshot(path=str(tmp_path / "devices.png"), full_page=True)
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    with db.session() as s:
+        from sqlalchemy import select
+
+        from fleet_server.jobs.models import JobExecution
+
+        pulls = s.scalars(select(JobExecution).where(JobExecution.thing_name == "van-007")).all()
+        assert len(pulls) == 2 and any(p.job_id.startswith("log-") for p in pulls)  # the button's job

@@ -45,6 +45,8 @@ def api(db: Database) -> tuple[TestClient, dict[str, dict[str, str]], list[Outgo
 ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("GET", "/api/v1/devices", Role.VIEWER, None),
     ("GET", "/api/v1/devices/car-1", Role.VIEWER, None),
+    ("POST", "/api/v1/devices/car-1/log-pull", Role.OPERATOR, {"lines": 10}),
+    ("GET", "/api/v1/devices/car-1/logs", Role.OPERATOR, None),
     ("POST", "/api/v1/devices", Role.OPERATOR, {"thing_name": "car-x", "sku": "edge-cpu"}),
     (
         "POST",
@@ -469,3 +471,33 @@ def test_re_registering_a_device_keeps_what_it_did_not_name(
     assert again.status_code == 201
     got = client.get("/api/v1/devices/car-7", headers=op).json()
     assert (got["region"], got["firmware"], got["agent_version"]) == ("eu", "4.2.0", "0.9.0")
+
+
+def test_log_pull_queues_a_job_and_the_uploaded_log_is_on_the_device(
+    api: tuple[TestClient, dict[str, dict[str, str]], list[Outgoing]], db: Database
+) -> None:
+    import json
+
+    from fleet_server.telemetry.service import ingest
+    from shared.telemetry import LOG_TOPIC, DeviceLog
+
+    client, headers, published = api
+    op = headers["operator"]
+    client.post("/api/v1/devices", json={"thing_name": "car-9", "sku": "edge-cpu"}, headers=op)
+    r = client.post("/api/v1/devices/car-9/log-pull", json={"lines": 100}, headers=op)
+    assert r.status_code == 202
+    job_id = r.json()["job_id"]
+    notes = [o for o in published if o.topic == "$aws/things/car-9/jobs/notify-next"]
+    wanted = {"operation": "tidegate.log-pull", "lines": 100}
+    assert notes and notes[-1].payload["execution"]["jobDocument"] == wanted
+    assert client.post("/api/v1/devices/ghost/log-pull", headers=op).status_code == 404
+    upload = DeviceLog(seq=1, device_id="car-9", at=T0, job_id=job_id, lines=["a line", "another"])
+    with db.session() as s:
+        assert ingest(s, LOG_TOPIC.format(thing="car-9"), upload.model_dump_json().encode(), T0) == "stored"
+    got = client.get("/api/v1/devices/car-9/logs", headers=op).json()
+    assert [(g["job_id"], g["lines"]) for g in got] == [(job_id, ["a line", "another"])]
+    viewer = client.get("/api/v1/devices/car-9/logs", headers=headers["viewer"])
+    assert viewer.status_code == 403  # logs are for operators
+    forged = json.loads(upload.model_dump_json()) | {"device_id": "car-1"}
+    with db.session() as s, pytest.raises(ValueError, match="names device car-1"):
+        ingest(s, LOG_TOPIC.format(thing="car-9"), json.dumps(forged).encode(), T0)

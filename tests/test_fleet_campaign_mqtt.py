@@ -188,8 +188,9 @@ def test_a_failing_wave_stops_the_campaign_and_pause_resume(stack: dict[str, Any
 
 
 def test_a_flooding_device_is_throttled_and_the_campaign_completes(stack: dict[str, Any]) -> None:
-    """One device (its own process) sends 2,000 `get` requests a second, 20,000 times what the
-    protocol needs, for the whole campaign: it is answered RequestThrottled (AWS's code), what
+    """One device (its own process) sends 500 `get` requests a second, thousands of times what
+    the protocol needs, for the whole campaign (a rate that leaves the rest of the suite its
+    CPU; bench/jobs_flood.py goes to 5,000 a second): it is answered RequestThrottled (AWS's code), what
     reaches the database is bounded by its bucket, and the 200 others complete as without it
     (their completion times with and without a flood are measured in bench/jobs_flood.py)."""
     import json
@@ -200,7 +201,7 @@ def test_a_flooding_device_is_throttled_and_the_campaign_completes(stack: dict[s
     with stack["db"].session() as s:
         register_device(s, thing_name="flood-1", sku="other-sku", now=stack["clock"]())
     flooder = subprocess.Popen(
-        [sys.executable, "-m", "fleet_server.sim.flood", str(stack["broker"].port), "2000"],
+        [sys.executable, "-m", "fleet_server.sim.flood", str(stack["broker"].port), "500"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -221,7 +222,8 @@ def test_a_flooding_device_is_throttled_and_the_campaign_completes(stack: dict[s
     assert len(rows) == 200 and {r.status for r in rows} == {"SUCCEEDED"}
     assert fleet.stats.rejected == {}  # none of the others was ever throttled
     limited = bridge.limiter.throttled + bridge.limiter.dropped
-    assert flood["sent"] > 2000 and limited > 1000  # the flood reached the bridge and was cut there
+    assert flood["sent"] > 500  # the flood ran for the whole campaign
+    assert limited >= flood["sent"] - flood["answered"] - 50  # it reached the bridge and was cut there
     assert 0 < flood["answered"] <= bridge.limiter.rate * elapsed + bridge.limiter.burst  # a bucket's worth
     assert flood["codes"] and set(flood["codes"]) == {"RequestThrottled"}
     assert len(flood["codes"]) <= elapsed + 2  # told about once a second, not once per message

@@ -21,8 +21,6 @@ from fleet_server.auth.service import Role, create_token
 from fleet_server.db import Database
 from fleet_server.webhooks.service import MAX_ATTEMPTS, deliver_due, retry_delay
 
-T0 = datetime.now(UTC)  # real time: receivers refuse signatures more than 5 minutes off their clock
-
 
 class Receiver:
     """An HTTP endpoint that answers 500 to the first `failures` requests, then 204."""
@@ -51,10 +49,16 @@ class Receiver:
 
 
 @pytest.fixture
-def admin(db: Database) -> tuple[TestClient, dict[str, str]]:
-    app = create_app(db, clock=lambda: T0)
+def t0() -> datetime:
+    """Now, when the test runs: receivers refuse signatures more than 5 minutes off their clock."""
+    return datetime.now(UTC)
+
+
+@pytest.fixture
+def admin(db: Database, t0: datetime) -> tuple[TestClient, dict[str, str]]:
+    app = create_app(db, clock=lambda: t0)
     with db.session() as s:
-        token = create_token(s, name="root", role=Role.ADMIN, now=T0)
+        token = create_token(s, name="root", role=Role.ADMIN, now=t0)
     return TestClient(app), {"Authorization": f"Bearer {token}"}
 
 
@@ -68,7 +72,7 @@ CAMPAIGN = {
 
 
 def test_a_failing_receiver_gets_one_signed_delivery_after_two_retries(
-    db: Database, admin: tuple[TestClient, dict[str, str]]
+    db: Database, admin: tuple[TestClient, dict[str, str]], t0: datetime
 ) -> None:
     client, h = admin
     receiver = Receiver(failures=2)
@@ -86,7 +90,7 @@ def test_a_failing_receiver_gets_one_signed_delivery_after_two_retries(
             f"/api/v1/campaigns/{cid}/approve", json={"override_reason": "test: no bench"}, headers=h
         ).raise_for_status()
         with httpx.Client(timeout=httpx.Timeout(5.0)) as http:
-            now = T0
+            now = t0
             assert deliver_due(db.session, http, now) == 1  # 500: retried in 5 s
             assert deliver_due(db.session, http, now + timedelta(seconds=4)) == 0  # not yet due
             now += retry_delay(1)
@@ -114,7 +118,7 @@ def test_a_failing_receiver_gets_one_signed_delivery_after_two_retries(
 
 
 def test_a_receiver_that_never_answers_is_given_up_after_the_last_attempt(
-    db: Database, admin: tuple[TestClient, dict[str, str]]
+    db: Database, admin: tuple[TestClient, dict[str, str]], t0: datetime
 ) -> None:
     client, h = admin
     receiver = Receiver(failures=10**6)
@@ -122,7 +126,7 @@ def test_a_receiver_that_never_answers_is_given_up_after_the_last_attempt(
         sub = client.post("/api/v1/webhooks", json={"url": receiver.url, "events": ["*"]}, headers=h).json()
         assert client.post(f"/api/v1/webhooks/{sub['id']}/test", headers=h).status_code == 202
         with httpx.Client(timeout=httpx.Timeout(5.0)) as http:
-            now = T0
+            now = t0
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 assert deliver_due(db.session, http, now) == 1
                 now += retry_delay(attempt)

@@ -133,6 +133,41 @@ def device_show(thing: str, profile: ProfileOpt = None, as_json: JsonOpt = False
     _print(executions, False, ["id", "job_id", "status", "status_details", "last_updated_at"])
 
 
+@device_app.command("log-pull")
+def device_log_pull(
+    thing: str,
+    lines: Annotated[int, typer.Option(min=1, max=5000)] = 500,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the upload (0: do not wait).")] = 60.0,
+    profile: ProfileOpt = None,
+) -> None:
+    """Ask the device for its recent log and print it once it has been uploaded."""
+    with _client(profile) as api:
+        job = api.post(f"/api/v1/devices/{thing}/log-pull", {"lines": lines})["job_id"]
+        deadline = time.monotonic() + wait
+        while True:
+            got = [g for g in api.get(f"/api/v1/devices/{thing}/logs") if g["job_id"] == job]
+            if got:
+                typer.echo("\n".join(got[0]["lines"]))
+                return
+            if time.monotonic() >= deadline:
+                why = f"{thing} has not uploaded its log yet (job {job}): try `fleet device logs` later"
+                raise FleetApiError(why, 1)
+            time.sleep(1.0)
+
+
+@device_app.command("logs")
+def device_logs(thing: str, profile: ProfileOpt = None, as_json: JsonOpt = False) -> None:
+    """The logs the device uploaded for log-pull jobs, newest first."""
+    with _client(profile) as api:
+        got = api.get(f"/api/v1/devices/{thing}/logs")
+    if as_json:
+        typer.echo(json.dumps(got, indent=2, default=str))
+        return
+    for g in got:
+        typer.echo(f"--- {g['at']} (job {g['job_id']}, {len(g['lines'])} lines)")
+        typer.echo("\n".join(g["lines"]))
+
+
 # ---- releases -----------------------------------------------------------------------------------
 
 RELEASE_COLUMNS = ["id", "name", "version", "stage", "skus", "target", "created_at"]

@@ -147,3 +147,67 @@ def get_device(request: Request, thing_name: str, who: Viewer) -> Device:
         if device is None:
             raise HTTPException(404, f"no device {thing_name!r}")
         return device
+
+
+class LogPullBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lines: int = Field(default=500, ge=1, le=5000)
+
+
+class PulledLog(BaseModel):
+    id: int
+    job_id: str | None
+    at: datetime
+    received_at: datetime
+    lines: list[str]
+
+
+@router.post("/{thing_name}/log-pull", status_code=202)
+def log_pull(
+    request: Request, thing_name: str, who: Operator, body: LogPullBody | None = None
+) -> dict[str, Any]:
+    """Ask a device for its recent log: a `tidegate.log-pull` job; the device uploads the lines
+    (redacted, at most 64 KiB) over its own MQTT connection, then GET …/logs shows them."""
+    import uuid
+
+    from fleet_server.jobs import protocol
+
+    now = request.app.state.clock()
+    job_id = f"log-{uuid.uuid4().hex[:12]}"
+    document = {"operation": "tidegate.log-pull", "lines": (body or LogPullBody()).lines}
+    with request.app.state.db.session() as s:
+        if s.get(Device, thing_name) is None:
+            raise HTTPException(404, f"no device {thing_name!r}")
+        out = protocol.create_execution(s, thing_name, job_id, document, now)
+        actor, role = who.name, who.role.value
+        audit(s, actor=actor, role=role, action="device.log_pull", target=thing_name, outcome="ok", now=now)
+    request.app.state.publish(out)
+    return {"job_id": job_id, "thing_name": thing_name}
+
+
+@router.get("/{thing_name}/logs", response_model=list[PulledLog])
+def pulled_logs(
+    request: Request, thing_name: str, who: Operator, limit: Annotated[int, Query(ge=1, le=20)] = 5
+) -> list[PulledLog]:
+    """The logs this device uploaded for log-pull jobs, newest first."""
+    from fleet_server.telemetry.models import TelemetryRecord
+
+    with request.app.state.db.session() as s:
+        if s.get(Device, thing_name) is None:
+            raise HTTPException(404, f"no device {thing_name!r}")
+        rows = s.scalars(
+            select(TelemetryRecord)
+            .where(TelemetryRecord.thing_name == thing_name, TelemetryRecord.kind == "log")
+            .order_by(TelemetryRecord.id.desc())
+            .limit(limit)
+        ).all()
+        return [
+            PulledLog(
+                id=r.id,
+                job_id=(r.payload or {}).get("job_id"),
+                at=r.at,
+                received_at=r.received_at,
+                lines=list((r.payload or {}).get("lines", [])),
+            )
+            for r in rows
+        ]

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from shared.telemetry import BEACON_TOPIC, RECEIPT_TOPIC
+from shared.telemetry import BEACON_TOPIC, LOG_TOPIC, RECEIPT_TOPIC
 
 THING = "{thing}"
 
@@ -44,6 +44,7 @@ DEVICE_RULES: tuple[Rule, ...] = (
     # device's topics (CN "car-2/beacon" + "/#" would match car-2's beacon topic).
     Rule("publish", BEACON_TOPIC),
     Rule("publish", RECEIPT_TOPIC),
+    Rule("publish", LOG_TOPIC),
 )
 
 #: A fleet-server service identity (one per replica): every device's jobs and telemetry.

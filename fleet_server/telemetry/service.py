@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from fleet_server.devices.models import Device
 from fleet_server.telemetry.models import TelemetryRecord
-from shared.telemetry import HealthBeacon, InstallReceipt
+from shared.telemetry import DeviceLog, HealthBeacon, InstallReceipt
 
 HISTORY = 200  # beacons kept per device; receipts are all kept
 
@@ -21,22 +21,27 @@ class TelemetryRejectedError(ValueError):
     pass
 
 
+MODELS: dict[str, type[HealthBeacon] | type[InstallReceipt] | type[DeviceLog]] = {
+    "beacon": HealthBeacon,
+    "receipt": InstallReceipt,
+    "log": DeviceLog,  # uploaded for a tidegate.log-pull job
+}
+
+
 def ingest(session: Session, topic: str, payload: bytes, now: datetime) -> str:
-    """Store one message from ``tidegate/things/<thing>/<beacon|receipt>``; returns what was done."""
+    """Store one message from ``tidegate/things/<thing>/<beacon|receipt|log>``; returns what was done."""
     parts = topic.split("/")
     if (
         len(parts) != 4
         or parts[0] != "tidegate"
         or parts[1] != "things"
-        or parts[3] not in ("beacon", "receipt")
+        or parts[3] not in MODELS
     ):
         raise TelemetryRejectedError(f"not a telemetry topic: {topic}")
     thing, kind = parts[2], parts[3]
     try:
         raw = json.loads(payload)
-        msg: HealthBeacon | InstallReceipt = (
-            HealthBeacon if kind == "beacon" else InstallReceipt
-        ).model_validate(raw)
+        msg: HealthBeacon | InstallReceipt | DeviceLog = MODELS[kind].model_validate(raw)
     except (ValueError, ValidationError) as exc:
         raise TelemetryRejectedError(f"{kind} from {thing}: {str(exc).splitlines()[0]}") from exc
     if msg.device_id != thing:
