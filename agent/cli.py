@@ -162,12 +162,12 @@ def run(
 
     from agent.config import AgentConfig
     from agent.runtime import AgentDaemon
+    from shared.logs import configure_logging
 
     cfg = AgentConfig.load(config)
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format='{"at":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}',
-    )
+    # The same JSON lines as the fleet server and the gateway (time, level, logger, message),
+    # redacted: one schema for everything a fleet's logs collect.
+    configure_logging(getattr(logging, log_level.upper(), logging.INFO))
 
     async def main() -> None:
         daemon = AgentDaemon(cfg)

@@ -132,14 +132,25 @@ def _trace_ids() -> tuple[str, str] | None:
     return (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}") if ctx.is_valid else None
 
 
+#: Loggers of Tidegate's own packages: logged at the level asked for (libraries stay at WARNING).
+OWN_LOGGERS = ("tidegate", "agent", "fleet_server", "cloud_serving", "hil", "builder", "shared")
+
+
 def configure_logging(level: int = logging.INFO, redactor: Redactor = DEFAULT_REDACTOR) -> None:
-    """JSON lines on stderr for the `tidegate` loggers."""
+    """One JSON line per record on stderr, the same schema in every process (time, level,
+    logger, message, the request's id, `extra=` fields), personal data redacted. The handler
+    sits on the root logger, so every logger's records reach it once (and the agent's own
+    log tail sees them too); Tidegate's loggers log at `level`, libraries at WARNING."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(redactor))
-    root = logging.getLogger("tidegate")
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    root.setLevel(logging.WARNING)
+    for name in OWN_LOGGERS:
+        own = logging.getLogger(name)
+        own.setLevel(level)
+        own.handlers[:] = []
+        own.propagate = True
 
 
 class RateLimitedLog:

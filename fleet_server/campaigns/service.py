@@ -7,6 +7,7 @@ States: draft → waiting_for_approval → scheduled → running ⇄ paused → 
 from __future__ import annotations
 
 import bisect
+import logging
 import uuid
 from datetime import datetime
 from enum import StrEnum
@@ -48,6 +49,7 @@ class Lifecycle(StrEnum):
     CANCELED = "canceled"
 
 
+log = logging.getLogger("tidegate.campaigns")
 S = Lifecycle
 #: How an operator's refused move is said ("campaign c-1 is completed; it cannot be paused").
 VERB = {
@@ -84,6 +86,15 @@ EVENT_OF_KIND = {
 
 def _log(session: Session, c: Campaign, now: datetime, kind: str, actor: str, message: str) -> None:
     session.add(CampaignDecision(campaign_id=c.id, at=now, kind=kind, actor=actor, message=message))
+    # The decision log, also as a log line: what happened to a campaign shows in the server's
+    # log with everything else (approvals, gates, pauses, completion).
+    log.info(
+        "campaign %s %s: %s",
+        c.id,
+        kind,
+        message,
+        extra={"event": f"campaign.{kind}", "campaign": c.id, "actor": actor},
+    )
     if event := EVENT_OF_KIND.get(kind):  # queued in this transaction: sent only if it commits
         data = {"campaign_id": c.id, "name": c.name, "state": c.state, "wave": c.wave, "actor": actor}
         webhooks.emit(session, event, {**data, "message": message}, now)
