@@ -12,6 +12,7 @@ from bench import (
     builder_build,
     bundle_read,
     cloud_serving,
+    device_list,
     drift,
     fleet_campaign,
     jobs_flood,
@@ -33,6 +34,7 @@ def main() -> None:
     release_gates.run()
     fleet_campaign.run(int(os.environ.get("TIDEGATE_BENCH_DEVICES", "10000")))
     jobs_flood.run()
+    device_list.run()
 
 
 if __name__ == "__main__":

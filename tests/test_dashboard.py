@@ -237,3 +237,66 @@ def test_devices_are_searched_paged_and_opened_in_headless_chromium(tmp_path: Pa
 
         pulls = s.scalars(select(JobExecution).where(JobExecution.thing_name == "van-007")).all()
         assert len(pulls) == 2 and any(p.job_id.startswith("log-") for p in pulls)  # the button's job
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium (Debian package chromium) not installed")
+def test_a_campaign_is_previewed_created_and_approved_in_headless_chromium(tmp_path: Path) -> None:
+    """The form checks the spec with the server first (a bad one is named, nothing made), shows
+    the cohort and each wave's size, then creates and submits; an admin approves on the card."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    db = Database(f"sqlite:///{tmp_path / 'd.db'}")
+    upgrade(db)
+    now = datetime.now(UTC)
+    with db.session() as s:
+        token = create_token(s, name="ops", role=Role.ADMIN, now=now)
+        for i in range(8):
+            register_device(s, thing_name=f"car-{i}", sku="edge-cpu", region="eu" if i % 2 else "us", now=now)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(db), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/#token={token}")
+            form = page.locator("#campaign-form")
+            form.wait_for(timeout=10_000)
+            for name, value in (
+                ("name", "eu rollout"),
+                ("target", "classifier/2.0.0/edge-cpu.bundle"),
+                ("repository", "https://fleet.example/repo"),
+                ("sku", "edge-cpu"),
+                ("region", "eu"),
+                ("waves", "50,10"),
+            ):
+                form.locator(f"[name='{name}']").fill(value)
+            plan = page.locator("#campaign-plan")
+            page.locator("#campaign-preview").click()
+            invalid = "document.getElementById('campaign-plan').textContent.startsWith('Not valid')"
+            page.wait_for_function(invalid)
+            assert "cumulative" in plan.inner_text()
+            form.locator("[name='waves']").fill("25,100")
+            page.locator("#campaign-preview").click()
+            page.wait_for_function("document.getElementById('campaign-plan').textContent.startsWith('cohort')")
+            assert plan.inner_text() == "cohort 4 devices; waves 1 · 3"
+            form.get_by_role("button", name="Create and submit").click()
+            card = page.locator("[data-campaign]")
+            card.wait_for(timeout=10_000)
+            waiting = "document.querySelector('[data-campaign] .state.waiting_for_approval') !== null"
+            page.wait_for_function(waiting)
+            card.locator("input.override").fill("pilot SKU: bench report pending")
+            card.get_by_role("button", name="Approve").click()
+            page.wait_for_function("document.querySelector('[data-campaign] .state.scheduled') !== null")
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    from fleet_server.campaigns.models import Campaign
+
+    with db.session() as s:
+        (c,) = s.query(Campaign).all()
+        assert (c.name, c.state, c.approved_by) == ("eu rollout", "scheduled", "ops")
+        assert c.spec["cohort"]["regions"] == ["eu"]

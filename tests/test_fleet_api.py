@@ -57,6 +57,7 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("GET", "/api/v1/campaigns", Role.VIEWER, None),
     ("POST", "/api/v1/campaigns", Role.OPERATOR, CAMPAIGN),
     ("GET", "/api/v1/campaigns/kpis", Role.VIEWER, None),
+    ("POST", "/api/v1/campaigns/preview", Role.VIEWER, CAMPAIGN),
     ("GET", "/api/v1/campaigns/c-none", Role.VIEWER, None),
     ("GET", "/api/v1/campaigns/c-none/decisions", Role.VIEWER, None),
     ("GET", "/api/v1/campaigns/c-none/drift", Role.VIEWER, None),

@@ -194,6 +194,24 @@ def create_campaign(request: Request, body: CampaignSpec, who: Operator) -> Camp
     )
 
 
+class PreviewPublic(BaseModel):
+    cohort: int
+    waves: list[int]  # devices per wave, in order
+
+
+@router.post("/preview", response_model=PreviewPublic)
+def preview(request: Request, body: CampaignSpec, who: Viewer) -> PreviewPublic:
+    """What a spec would do before it is created: it validates as `POST` would, and answers
+    how many devices the cohort holds now and how many each wave would notify."""
+    with request.app.state.db.session() as s:
+        members = service.cohort_things(s, body.cohort)
+    bounds, start, sizes = wave_bounds(body, len(members)), 0, []
+    for end in bounds:
+        sizes.append(end - start)
+        start = end
+    return PreviewPublic(cohort=len(members), waves=sizes)
+
+
 @router.get("/kpis")
 def kpis(request: Request, who: Viewer) -> dict[str, Any]:
     """Time to mitigation and defect escape rate over every campaign the system stopped."""
