@@ -502,3 +502,27 @@ def test_log_pull_queues_a_job_and_the_uploaded_log_is_on_the_device(
     forged = json.loads(upload.model_dump_json()) | {"device_id": "car-1"}
     with db.session() as s, pytest.raises(ValueError, match="names device car-1"):
         ingest(s, LOG_TOPIC.format(thing="car-9"), json.dumps(forged).encode(), T0)
+
+
+def test_campaigns_are_filtered_and_paged_by_cursor(
+    api: tuple[TestClient, dict[str, dict[str, str]], list[Outgoing]],
+) -> None:
+    client, headers, _ = api
+    op = headers["operator"]
+    made = []
+    for i in range(7):
+        body = {**CAMPAIGN, "name": f"{'eu' if i % 2 else 'us'} rollout {i}"}
+        made.append(client.post("/api/v1/campaigns", json=body, headers=op).json()["id"])
+    seen: list[str] = []
+    before = None
+    while True:
+        params: dict[str, Any] = {"name": "eu", "limit": 2, **({"before": before} if before else {})}
+        page = client.get("/api/v1/campaigns", params=params, headers=op).json()
+        if not page:
+            break
+        seen += [c["id"] for c in page]
+        before = page[-1]["id"]
+    assert sorted(seen) == sorted(made[1::2]) and len(set(seen)) == 3  # each once
+    assert client.get("/api/v1/campaigns", params={"stat": "draft"}, headers=op).status_code == 422
+    assert client.get("/api/v1/campaigns", params={"before": "c-nothing"}, headers=op).status_code == 404
+    assert client.get("/api/v1/releases", params={"stag": "production"}, headers=op).status_code == 422

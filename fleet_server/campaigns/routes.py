@@ -22,6 +22,7 @@ from fleet_server.campaigns.planner import wave_bounds
 from fleet_server.campaigns.spec import CampaignSpec
 from fleet_server.jobs.models import JobExecution
 from fleet_server.jobs.protocol import Outgoing
+from fleet_server.paging import known_filters
 
 router = APIRouter(prefix="/api/v1/campaigns", tags=["campaigns"])
 CampaignId = Annotated[str, PathParam(min_length=1, max_length=64)]
@@ -172,14 +173,37 @@ def _act(
     return answer
 
 
-@router.get("", response_model=list[CampaignPublic])
+@router.get(
+    "",
+    response_model=list[CampaignPublic],
+    dependencies=[known_filters("state", "name", "created_by", "before", "limit")],
+)
 def list_campaigns(
-    request: Request, who: Viewer, state: Annotated[str | None, Query(max_length=32)] = None
+    request: Request,
+    who: Viewer,
+    state: Annotated[str | None, Query(max_length=32)] = None,
+    name: Annotated[str | None, Query(max_length=256, description="names containing this")] = None,
+    created_by: Annotated[str | None, Query(max_length=128)] = None,
+    before: Annotated[
+        str | None, Query(max_length=64, description="cursor: the last campaign id seen")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> list[CampaignPublic]:
+    """Campaigns, newest first, filtered; page with `before` (the last id of the previous page)."""
     with request.app.state.db.session() as s:
-        q = select(Campaign).order_by(Campaign.created_at.desc()).limit(200)
+        q = select(Campaign).order_by(Campaign.created_at.desc(), Campaign.id.desc()).limit(limit)
         if state:
             q = q.where(Campaign.state == state)
+        if name:
+            q = q.where(Campaign.name.contains(name, autoescape=True))
+        if created_by:
+            q = q.where(Campaign.created_by == created_by)
+        if before is not None:
+            last = service.get(s, before)  # a 404 for a cursor that names no campaign
+            q = q.where(
+                (Campaign.created_at < last.created_at)
+                | ((Campaign.created_at == last.created_at) & (Campaign.id < last.id))
+            )
         return [present(s, c) for c in s.scalars(q).all()]
 
 

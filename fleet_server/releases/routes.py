@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fleet_server.auth.deps import Principal, require
 from fleet_server.auth.service import Role, audit
+from fleet_server.paging import known_filters
 from fleet_server.releases import service
 from fleet_server.releases.models import BenchReport, Release
 from shared.errors import TidegateError
@@ -86,15 +87,41 @@ def _repo(request: Request) -> UpdateRepository:
     return repo
 
 
-@router.get("/api/v1/releases", response_model=list[ReleasePublic])
+@router.get(
+    "/api/v1/releases",
+    response_model=list[ReleasePublic],
+    dependencies=[known_filters("name", "version", "stage", "sku", "before_id", "limit")],
+)
 def list_releases(
-    request: Request, who: Viewer, name: Annotated[str | None, Query(max_length=64)] = None
+    request: Request,
+    who: Viewer,
+    name: Annotated[str | None, Query(max_length=64)] = None,
+    version: Annotated[str | None, Query(max_length=64)] = None,
+    stage: Annotated[str | None, Query(max_length=32)] = None,
+    sku: Annotated[str | None, Query(max_length=64, description="releases built for this SKU")] = None,
+    before_id: Annotated[
+        int | None, Query(ge=1, le=2**31 - 1, description="cursor: older than this id")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[Release]:
+    """Releases, newest first, filtered; page with `before_id` (the last id seen)."""
     with request.app.state.db.session() as s:
-        q = select(Release).order_by(Release.created_at.desc()).limit(500)
-        if name:
-            q = q.where(Release.name == name)
-        return list(s.scalars(q).all())
+        q = select(Release).order_by(Release.id.desc())
+        for column, value in ((Release.name, name), (Release.version, version), (Release.stage, stage)):
+            if value is not None:
+                q = q.where(column == value)
+        if before_id is not None:
+            q = q.where(Release.id < before_id)
+        if sku is None:
+            return list(s.scalars(q.limit(limit)).all())
+        # SKUs live in a JSON list: filtered here, in pages, so `limit` still means matches.
+        out: list[Release] = []
+        for r in s.scalars(q):
+            if sku in (r.skus or []):
+                out.append(r)
+                if len(out) >= limit:
+                    break
+        return out
 
 
 @router.post(
