@@ -127,6 +127,13 @@ def test_dashboard_live_in_headless_chromium(tmp_path: Path) -> None:
                 f"document.querySelector(\"[data-campaign='{cid}'] .tile.SUCCEEDED\") !== null",
                 timeout=10_000,
             )
+            # progress over time, per wave and per region, drawn from the executions that finished
+            chart = f"[data-campaign='{cid}'] [data-chart='finished per wave'] polyline"
+            page.wait_for_selector(chart, state="attached", timeout=10_000)
+            assert page.locator(chart).get_attribute("data-label") == "wave 1"
+            region = page.locator(f"[data-campaign='{cid}'] [data-chart='finished per region'] polyline")
+            assert region.count() == 1 and region.get_attribute("data-label") in ("eu", "us")
+            assert "No releases yet." in page.locator("#releases").inner_text()
             card.get_by_role("button", name="Pause").click()
             page.wait_for_function(
                 f"document.querySelector(\"[data-campaign='{cid}'] .state.paused\") !== null", timeout=10_000

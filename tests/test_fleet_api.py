@@ -47,6 +47,7 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("GET", "/api/v1/devices/car-1", Role.VIEWER, None),
     ("POST", "/api/v1/devices/car-1/log-pull", Role.OPERATOR, {"lines": 10}),
     ("GET", "/api/v1/devices/car-1/logs", Role.OPERATOR, None),
+    ("GET", "/api/v1/devices/car-1/beacons", Role.VIEWER, None),
     ("POST", "/api/v1/devices", Role.OPERATOR, {"thing_name": "car-x", "sku": "edge-cpu"}),
     (
         "POST",
@@ -60,6 +61,7 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("POST", "/api/v1/campaigns/preview", Role.VIEWER, CAMPAIGN),
     ("GET", "/api/v1/campaigns/c-none", Role.VIEWER, None),
     ("GET", "/api/v1/campaigns/c-none/decisions", Role.VIEWER, None),
+    ("GET", "/api/v1/campaigns/c-none/progress", Role.VIEWER, None),
     ("GET", "/api/v1/campaigns/c-none/drift", Role.VIEWER, None),
     ("GET", "/api/v1/campaigns/c-none/cohorts/failure", Role.VIEWER, None),
     ("POST", "/api/v1/campaigns/c-none/submit", Role.OPERATOR, None),
@@ -83,6 +85,7 @@ ENDPOINTS: list[tuple[str, str, Role, Any]] = [
     ("POST", "/api/v1/releases/999/stage", Role.ADMIN, {"stage": "staging"}),
     ("POST", "/api/v1/releases/999/model-card", Role.OPERATOR, {"section": "canary", "content": {}}),
     ("POST", "/api/v1/releases/999/bench-reports", Role.OPERATOR, {"report": {"sku": "edge-cpu"}}),
+    ("GET", "/api/v1/releases/999/bench-reports", Role.VIEWER, None),
     ("GET", "/api/v1/tokens", Role.ADMIN, None),
     ("POST", "/api/v1/tokens", Role.ADMIN, {"name": "ci", "role": "viewer"}),
     ("POST", "/api/v1/tokens/999/revoke", Role.ADMIN, None),

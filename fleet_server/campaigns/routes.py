@@ -291,6 +291,40 @@ def cohort(
         return export(s, service.get(s, campaign_id), kind, config, limit)
 
 
+class ProgressPoint(BaseModel):
+    at: datetime
+    wave: int
+    region: str
+    finished: int  # executions of this wave and region finished (any terminal status) by `at`
+    succeeded: int
+
+
+@router.get("/{campaign_id}/progress", response_model=list[ProgressPoint])
+def progress(request: Request, campaign_id: CampaignId, who: Viewer) -> list[ProgressPoint]:
+    """Per-wave and per-region progress over time (cumulative, one point per execution that
+    finished, in order): what the dashboard charts."""
+    from fleet_server.devices.models import Device
+
+    terminal = ("SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "CANCELED", "REMOVED")
+    with request.app.state.db.session() as s:
+        service.get(s, campaign_id)  # a 404 if there is none
+        rows = s.execute(
+            select(JobExecution.last_updated_at, JobExecution.wave, Device.region, JobExecution.status)
+            .join(Device, Device.thing_name == JobExecution.thing_name)
+            .where(JobExecution.job_id == campaign_id, JobExecution.status.in_(terminal))
+            .order_by(JobExecution.last_updated_at)
+        ).all()
+    done: Counter[tuple[int, str]] = Counter()
+    ok: Counter[tuple[int, str]] = Counter()
+    out = []
+    for at, wave, region, status in rows:
+        key = (wave or 0, region or "unknown")
+        done[key] += 1
+        ok[key] += status == "SUCCEEDED"
+        out.append(ProgressPoint(at=at, wave=key[0], region=key[1], finished=done[key], succeeded=ok[key]))
+    return out
+
+
 @router.get("/{campaign_id}/decisions", response_model=list[DecisionPublic])
 def decisions(request: Request, campaign_id: CampaignId, who: Viewer) -> list[CampaignDecision]:
     with request.app.state.db.session() as s:

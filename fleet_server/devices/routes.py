@@ -211,3 +211,22 @@ def pulled_logs(
             )
             for r in rows
         ]
+
+
+@router.get("/{thing_name}/beacons")
+def beacons(
+    request: Request, thing_name: str, who: Viewer, limit: Annotated[int, Query(ge=1, le=500)] = 60
+) -> list[dict[str, Any]]:
+    """The device's recent health beacons, oldest first (the server keeps the last few)."""
+    from fleet_server.telemetry.models import TelemetryRecord
+
+    with request.app.state.db.session() as s:
+        if s.get(Device, thing_name) is None:
+            raise HTTPException(404, f"no device {thing_name!r}")
+        rows = s.scalars(
+            select(TelemetryRecord)
+            .where(TelemetryRecord.thing_name == thing_name, TelemetryRecord.kind == "beacon")
+            .order_by(TelemetryRecord.seq.desc())
+            .limit(limit)
+        ).all()
+        return [dict(r.payload or {}) for r in reversed(rows)]

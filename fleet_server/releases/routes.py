@@ -294,6 +294,16 @@ def add_bench(request: Request, release_id: ReleaseId, body: BenchBody, who: Ope
         raise HTTPException(422, str(exc)) from exc
 
 
+@router.get("/api/v1/releases/{release_id}/bench-reports")
+def list_bench_reports(request: Request, release_id: ReleaseId, who: Viewer) -> list[dict[str, Any]]:
+    """The bench reports uploaded for a release: SKU, verdict, summary, who and when."""
+    with request.app.state.db.session() as s:
+        service.get(s, release_id)  # a 404 for an unknown release
+        q = select(BenchReport).where(BenchReport.release_id == release_id).order_by(BenchReport.id)
+        fields = ("id", "sku", "passed", "summary", "uploaded_at", "uploaded_by")
+        return [{f: getattr(r, f) for f in fields} for r in s.scalars(q)]
+
+
 @router.get("/repo/{path:path}", include_in_schema=False)
 def repository_file(request: Request, path: str) -> Response:
     """The update repository for devices: metadata/ and targets/ only, single ranges supported."""
