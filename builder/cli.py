@@ -133,3 +133,18 @@ def _with_progress(request: BuildRequest, cat: Any) -> BuildResult:
     console.print(table)
     console.print(f"summary: {request.out / 'build.json'}")
     return result
+
+
+def sample_model_command(
+    path: Annotated[Path, typer.Argument(help="Where to write the ONNX model.")] = Path("model.onnx"),
+) -> None:
+    """Write a small trained-looking ONNX classifier ([N, 16] -> [N, 4] softmax) to try
+    `tidegate build` with, before there is a model of your own."""
+    from builder.errors import OutputDirError
+    from builder.samples import make_classifier
+
+    if path.exists():
+        raise OutputDirError(f"{path} exists; choose another path")
+    make_classifier(path)
+    typer.echo(f"wrote {path}; try:")
+    typer.echo(f"  tidegate build {path} --name classifier --version 1.0.0 --sku edge-cpu-x86 --out out")

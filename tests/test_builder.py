@@ -448,3 +448,25 @@ def test_the_oci_archive_is_streamed_not_held_in_memory(tmp_path: Path) -> None:
             while chunk := layer.read(1 << 20):
                 digest.update(chunk)
     assert layer_name.endswith(digest.hexdigest())  # the streamed layer is content-addressed
+
+
+def test_the_sample_model_builds_as_the_cli_says(tmp_path: Path) -> None:
+    """`tidegate sample-model` gives a new user something to build before they have a model;
+    the command it prints works."""
+    import shlex
+    import subprocess
+    import sys
+
+    def tidegate(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "tidegate", *args]
+        return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+    made = tidegate("sample-model")
+    assert made.returncode == 0 and (tmp_path / "model.onnx").exists()
+    suggested = shlex.split(made.stdout.splitlines()[-1])
+    assert suggested[:2] == ["tidegate", "build"]
+    built = tidegate(*suggested[1:])
+    assert built.returncode == 0, built.stderr
+    assert (tmp_path / "out" / "edge-cpu-x86" / "classifier-1.0.0-edge-cpu-x86.bundle").exists()
+    again = tidegate("sample-model")
+    assert again.returncode != 0 and "model.onnx exists" in again.stderr

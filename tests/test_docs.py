@@ -59,3 +59,15 @@ def test_the_systemd_units_run_commands_the_cli_has() -> None:
             assert helped.returncode == 0, (unit.name, line, helped.stderr)
             for option in (a.split("=")[0] for a in argv[1:] if a.startswith("--")):
                 assert option in helped.stdout, (unit.name, option)
+
+
+def test_the_vehicle_state_example_in_the_readme_is_what_the_agent_reads() -> None:
+    import json
+
+    from agent.vehicle import VehicleState
+
+    text = (ROOT / "README.md").read_text()
+    example = text.split("The vehicle integration keeps", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    state = VehicleState.model_validate(json.loads(example))
+    assert set(json.loads(example)) == set(VehicleState.model_fields)  # every field shown, none invented
+    assert state.parked is True and state.battery_pct == 81

@@ -8,7 +8,7 @@ import traceback
 import typer
 
 from agent.cli import app as agent_app
-from builder.cli import build_command
+from builder.cli import build_command, sample_model_command
 from cloud_serving.cli import app as serve_app
 from fleet_server.cli import app as server_app
 from fleet_server.client.cli import app as fleet_app
@@ -42,6 +42,7 @@ app.add_typer(sim_app, name="sim")
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(demo_app, name="demo")
 app.command("build")(build_command)
+app.command("sample-model")(sample_model_command)
 app.add_typer(serve_app, name="serve")
 app.add_typer(hil_app, name="hil")
 app.add_typer(drift_app, name="drift")
