@@ -34,7 +34,9 @@ class DeviceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     device_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9:_-]+$")
-    sku: str = Field(min_length=1, max_length=64)
+    # The catalogue's naming rule (config/skus.toml): a typo such as "Edge CPU" is refused at
+    # provisioning instead of making a device no campaign's cohort will ever match.
+    sku: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")
     max_trial_boots: int = Field(default=3, ge=1, le=100)
     max_transitions: int = Field(default=60, ge=10)
     reserve_mb: float = Field(default=64.0, ge=0)

@@ -458,3 +458,19 @@ def test_a_damaged_slot_is_repaired_from_the_other_good_slot(world: World, tmp_p
     assert main(["agent", "verify", "--root", str(device)]) == 0  # repaired: the other slot took over
     view = device_view(device)
     assert view["version"] == "1.0.0" and Agent(device).verify()["ok"]
+
+
+def test_provision_refuses_a_sku_outside_the_catalogues_naming_rule(tmp_path: Path, world: World) -> None:
+    proc = cli(
+        "provision",
+        "--root",
+        str(tmp_path / "d"),
+        "--device-id",
+        "v-1",
+        "--sku",
+        "Edge CPU",
+        "--trusted-root",
+        str(world.repo / "metadata" / "1.root.json"),
+    )
+    assert proc.returncode != 0 and "invalid device settings" in proc.stderr and "pattern" in proc.stderr
+    assert not (tmp_path / "d").exists()  # nothing half-provisioned

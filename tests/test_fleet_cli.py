@@ -140,3 +140,24 @@ def test_a_campaign_run_entirely_through_the_fleet_cli(tmp_path: Path) -> None:
             sim.wait(30)
         server.stop()
         broker.stop()
+
+
+def test_profiles_are_checked_before_anything_is_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleet_server.client.api import ProfileError, load_profile
+
+    for var in ("TIDEGATE_SERVER_URL", "TIDEGATE_TOKEN", "TIDEGATE_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    config = tmp_path / "fleet.toml"
+    monkeypatch.setenv("TIDEGATE_FLEET_CONFIG", str(config))
+    config.write_text('default = "prod"\n[profiles.prod]\nurl = "https://fleet.example"\n')
+    config.chmod(0o600)
+    with pytest.raises(ProfileError, match="profile 'prod' in .* has no token"):
+        load_profile()
+    config.chmod(0o644)
+    with pytest.raises(ProfileError, match="is mode 644: it holds tokens, make it 0600"):
+        load_profile()
+    config.chmod(0o600)
+    with pytest.raises(ProfileError, match="no profile 'staging'"):
+        load_profile("staging")

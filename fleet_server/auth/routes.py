@@ -13,6 +13,7 @@ from sqlalchemy import select
 from fleet_server.auth.deps import Principal, require
 from fleet_server.auth.models import ApiToken, AuditEntry
 from fleet_server.auth.service import Role, TokenNotFoundError, audit, issue_token, revoke_token
+from fleet_server.paging import known_filters
 
 router = APIRouter(prefix="/api/v1", tags=["auth"])
 Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
@@ -41,11 +42,32 @@ class AuditPublic(BaseModel):
     outcome: str
 
 
-@router.get("/tokens", response_model=list[TokenPublic])
-def list_tokens(request: Request, who: Admin) -> list[ApiToken]:
-    """Every token's holder, role, expiry and last use (never the token)."""
+@router.get(
+    "/tokens",
+    response_model=list[TokenPublic],
+    dependencies=[known_filters("name", "role", "revoked", "after_id", "limit")],
+)
+def list_tokens(
+    request: Request,
+    who: Admin,
+    name: Annotated[str | None, Query(max_length=128)] = None,
+    role: Role | None = None,
+    revoked: bool | None = None,
+    after_id: Annotated[int | None, Query(ge=0, le=MAX_ID, description="cursor: the last id seen")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+) -> list[ApiToken]:
+    """Every token's holder, role, expiry and last use (never the token), oldest first."""
+    q = select(ApiToken).order_by(ApiToken.id).limit(limit)
+    if name is not None:
+        q = q.where(ApiToken.name == name)
+    if role is not None:
+        q = q.where(ApiToken.role == role.value)
+    if revoked is not None:
+        q = q.where(ApiToken.revoked.is_(revoked))
+    if after_id is not None:
+        q = q.where(ApiToken.id > after_id)
     with request.app.state.db.session() as s:
-        return list(s.scalars(select(ApiToken).order_by(ApiToken.id)).all())
+        return list(s.scalars(q).all())
 
 
 class TokenCreate(BaseModel):

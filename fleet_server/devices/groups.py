@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
@@ -14,6 +14,7 @@ from fleet_server.auth.deps import Principal, require
 from fleet_server.auth.service import Role, audit
 from fleet_server.devices import service
 from fleet_server.devices.models import DeviceGroup
+from fleet_server.paging import known_filters
 
 router = APIRouter(prefix="/api/v1/groups", tags=["groups"])
 GroupName = Annotated[str, PathParam(min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9:_.-]+$")]
@@ -50,10 +51,22 @@ def _fail(exc: service.GroupError) -> HTTPException:
     return HTTPException(409 if "exists" in str(exc) else 422, str(exc))
 
 
-@router.get("", response_model=list[GroupPublic])
-def list_groups(request: Request, who: Viewer) -> list[GroupPublic]:
+@router.get("", response_model=list[GroupPublic], dependencies=[known_filters("prefix", "after", "limit")])
+def list_groups(
+    request: Request,
+    who: Viewer,
+    prefix: Annotated[str | None, Query(max_length=128)] = None,
+    after: Annotated[str | None, Query(max_length=128, description="cursor: the last name seen")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+) -> list[GroupPublic]:
+    """Groups by name; page with `after`."""
+    q = select(DeviceGroup).order_by(DeviceGroup.name).limit(limit)
+    if prefix:
+        q = q.where(DeviceGroup.name.startswith(prefix, autoescape=True))
+    if after is not None:
+        q = q.where(DeviceGroup.name > after)
     with request.app.state.db.session() as s:
-        groups = s.scalars(select(DeviceGroup).order_by(DeviceGroup.name).limit(1000)).all()
+        groups = s.scalars(q).all()
         return [
             GroupPublic(
                 name=g.name,

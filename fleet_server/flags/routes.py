@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
@@ -13,6 +13,7 @@ from sqlalchemy import select
 from fleet_server.auth.deps import Principal, require
 from fleet_server.auth.service import Role, audit
 from fleet_server.flags.models import FeatureFlag
+from fleet_server.paging import known_filters
 
 router = APIRouter(prefix="/api/v1/flags", tags=["flags"])
 FlagKey = Annotated[str, PathParam(min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9_.:-]+$")]
@@ -36,10 +37,22 @@ class FlagPublic(BaseModel):
     updated_by: str
 
 
-@router.get("", response_model=list[FlagPublic])
-def list_flags(request: Request, who: Viewer) -> list[FeatureFlag]:
+@router.get("", response_model=list[FlagPublic], dependencies=[known_filters("prefix", "after", "limit")])
+def list_flags(
+    request: Request,
+    who: Viewer,
+    prefix: Annotated[str | None, Query(max_length=128, description="keys starting with this")] = None,
+    after: Annotated[str | None, Query(max_length=128, description="cursor: the last key seen")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+) -> list[FeatureFlag]:
+    """Flags by key (all of them by default: gateways read the whole set); page with `after`."""
+    q = select(FeatureFlag).order_by(FeatureFlag.key).limit(limit)
+    if prefix:
+        q = q.where(FeatureFlag.key.startswith(prefix, autoescape=True))
+    if after is not None:
+        q = q.where(FeatureFlag.key > after)
     with request.app.state.db.session() as s:
-        return list(s.scalars(select(FeatureFlag).order_by(FeatureFlag.key).limit(10_000)).all())
+        return list(s.scalars(q).all())
 
 
 @router.put("/{key}", response_model=FlagPublic)
