@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO
 
 import uvicorn
 
@@ -18,6 +20,7 @@ from fleet_server.releases.keeper import RepositoryKeeper
 from fleet_server.scheduler import CampaignScheduler
 from fleet_server.settings import Settings
 from fleet_server.webhooks.dispatcher import WebhookDispatcher
+from shared.errors import TidegateError
 from shared.trust import UpdateRepository
 
 log = logging.getLogger("tidegate.server")
@@ -25,6 +28,42 @@ log = logging.getLogger("tidegate.server")
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class SingleReplicaError(TidegateError):
+    pass
+
+
+def claim_sqlite(db: Database) -> IO[str] | None:
+    """SQLite serves one fleet server: its campaign ticks and sweeps are not shared between
+    processes. A second server on the same file is refused with the reason (the first one's
+    pid) rather than both ticking every campaign; the lock goes with the process, however it
+    ends. Returns the held lock file (None for other databases)."""
+    import fcntl
+    import os
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(db.url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    path = Path(url.database).resolve().with_suffix(".server.lock")
+    fh = path.open("a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise SingleReplicaError(
+            f"another fleet server (pid {holder}) runs on the SQLite database {url.database}: SQLite "
+            "serves one replica; use PostgreSQL (TIDEGATE_DATABASE_URL) to run more"
+        ) from exc
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
 
 
 class FleetServer:
@@ -71,6 +110,7 @@ class FleetServer:
 
     def run(self) -> None:
         """Blocks until SIGINT/SIGTERM (uvicorn's handlers), then stops everything."""
+        self._lock = claim_sqlite(self.db)  # held for the process's life
         self.bridge.start()
         self.scheduler.start()
         self.webhooks.start()

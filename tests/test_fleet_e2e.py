@@ -152,3 +152,23 @@ def test_the_sim_cli_runs_a_fleet_through_a_campaign(server_env: tuple[Broker, s
         out, err = sim.communicate(timeout=30)
         server.stop()
     assert "300 simulated devices (sim-sku) online" in out, err
+
+
+def test_a_second_server_on_one_sqlite_database_is_refused_with_the_reason(
+    server_env: tuple[Broker, str],
+) -> None:
+    """SQLite serves one replica: a second `server run` on the same file would tick every
+    campaign twice, so it stops at once and says why (and who holds it)."""
+    broker, db_url = server_env
+    admin_token(db_url)
+    first = Server(db_url, broker.port).start()
+    try:
+        second = Server(db_url, broker.port)
+        proc = subprocess.run(second.args, capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0
+        assert f"another fleet server (pid {first.proc.pid})" in proc.stderr  # type: ignore[union-attr]
+        assert "SQLite serves one replica; use PostgreSQL" in proc.stderr
+    finally:
+        first.stop()
+    again = Server(db_url, broker.port).start()  # the lock went with the first process
+    again.stop()
