@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, create_engine, event
+from sqlalchemy import DateTime, Engine, create_engine, event, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -55,6 +55,17 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
     return engine
+
+
+def try_exclusive(session: Session, key: str) -> bool:
+    """Whether this transaction may do the work named `key` alone among fleet-server replicas:
+    a PostgreSQL transaction-scoped advisory lock, released at commit or rollback (or when the
+    connection dies with its replica), never waited for. SQLite serves one replica
+    (`fleet_server.server.claim_sqlite`), so there it is always this one's."""
+    if session.get_bind().dialect.name != "postgresql":
+        return True
+    got = session.execute(text("SELECT pg_try_advisory_xact_lock(hashtext(:key))"), {"key": key}).scalar()
+    return bool(got)
 
 
 class Database:

@@ -13,7 +13,7 @@ from datetime import datetime
 
 from fleet_server.alerts.watch import DriftWatch
 from fleet_server.campaigns import service
-from fleet_server.db import Database
+from fleet_server.db import Database, try_exclusive
 from fleet_server.jobs.protocol import Outgoing
 from fleet_server.webhooks.service import emit
 from shared.webhooks import notify, payload
@@ -38,6 +38,7 @@ class CampaignScheduler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="campaign-scheduler", daemon=True)
         self.ticks = 0
+        self.skipped = 0  # campaign ticks left to another replica holding them
         self._watched_at = float("-inf")
 
     def start(self) -> CampaignScheduler:
@@ -54,6 +55,9 @@ class CampaignScheduler:
         for cid in ids:
             try:
                 with self.db.session() as s:
+                    if not try_exclusive(s, f"campaign:{cid}"):
+                        self.skipped += 1  # another replica is ticking it right now
+                        continue
                     out = service.tick(s, campaign_id=cid, now=self.clock())
                 self.publish(out)
             except Exception:

@@ -427,3 +427,28 @@ def test_a_blackout_window_in_device_local_time_defers_only_the_devices_inside_i
                 "blackouts": [{"cron": "0 18 * * *", "duration_minutes": 60, "timezone": "Mars/Olympus"}],
             }
         )
+
+
+def test_a_campaign_another_replica_is_ticking_is_left_to_it(db: Database) -> None:
+    """Replicas share one PostgreSQL: a campaign is ticked by one at a time (a transaction
+    advisory lock on its id, never waited for), so no decision is taken twice. SQLite serves
+    one replica and has no such lock to take."""
+    from sqlalchemy import text
+
+    from fleet_server.jobs.protocol import Outgoing
+    from fleet_server.scheduler import CampaignScheduler
+
+    fleet(db, 4)
+    cid = make(db, waves=[{"percent": 100}])
+    published: list[Outgoing] = []
+    scheduler = CampaignScheduler(db, published.extend, lambda: T0)
+    if db.url.startswith("postgresql"):
+        with db.engine.connect() as other:  # the other replica, mid-tick on this campaign
+            other.execute(text("SELECT pg_advisory_lock(hashtext(:k))"), {"k": f"campaign:{cid}"})
+            scheduler.tick_all()
+            assert scheduler.skipped == 1 and state(db, cid)[0] == "scheduled"
+            with db.session() as s:
+                assert s.query(JobExecution).filter(JobExecution.job_id == cid).count() == 0
+            other.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": f"campaign:{cid}"})
+    scheduler.tick_all()
+    assert state(db, cid)[0] == "running" and published  # its lock free: ticked, devices notified

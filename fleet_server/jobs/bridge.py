@@ -40,7 +40,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fleet_server.db import Database
+from fleet_server.db import Database, try_exclusive
 from fleet_server.devices.models import Device
 from fleet_server.jobs import protocol
 from fleet_server.jobs.throttle import DeviceLimiter, Verdict
@@ -274,7 +274,12 @@ class JobsBridge:
         while not self._stop.wait(self.sweep_interval_s):
             try:
                 with self.db.session() as s:
-                    out = protocol.sweep(s, self.clock(), renotify_after=self.renotify_after)
+                    # One replica sweeps at a time: the others find the lock taken and wait.
+                    out = (
+                        protocol.sweep(s, self.clock(), renotify_after=self.renotify_after)
+                        if try_exclusive(s, "jobs-sweeper")
+                        else []
+                    )
                 self.publish(out)
             except Exception:
                 log.exception("jobs sweep failed")
