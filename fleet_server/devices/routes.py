@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from fleet_server.auth.deps import Principal, require
 from fleet_server.auth.service import Role, audit
@@ -143,10 +144,14 @@ def create_devices(request: Request, body: DeviceBatch, who: Operator) -> BatchR
 @router.get("/{thing_name}", response_model=DevicePublic)
 def get_device(request: Request, thing_name: str, who: Viewer) -> Device:
     with request.app.state.db.session() as s:
-        device: Device | None = s.get(Device, thing_name)
-        if device is None:
-            raise HTTPException(404, f"no device {thing_name!r}")
-        return device
+        return _known(s, thing_name)
+
+
+def _known(s: Session, thing_name: str) -> Device:
+    device = s.get(Device, thing_name)
+    if device is None:
+        raise HTTPException(404, f"no device {thing_name!r}")
+    return device
 
 
 class LogPullBody(BaseModel):
@@ -176,8 +181,7 @@ def log_pull(
     job_id = f"log-{uuid.uuid4().hex[:12]}"
     document = {"operation": "tidegate.log-pull", "lines": (body or LogPullBody()).lines}
     with request.app.state.db.session() as s:
-        if s.get(Device, thing_name) is None:
-            raise HTTPException(404, f"no device {thing_name!r}")
+        _known(s, thing_name)
         out = protocol.create_execution(s, thing_name, job_id, document, now)
         actor, role = who.name, who.role.value
         audit(s, actor=actor, role=role, action="device.log_pull", target=thing_name, outcome="ok", now=now)
@@ -193,8 +197,7 @@ def pulled_logs(
     from fleet_server.telemetry.models import TelemetryRecord
 
     with request.app.state.db.session() as s:
-        if s.get(Device, thing_name) is None:
-            raise HTTPException(404, f"no device {thing_name!r}")
+        _known(s, thing_name)
         rows = s.scalars(
             select(TelemetryRecord)
             .where(TelemetryRecord.thing_name == thing_name, TelemetryRecord.kind == "log")
@@ -221,8 +224,7 @@ def beacons(
     from fleet_server.telemetry.models import TelemetryRecord
 
     with request.app.state.db.session() as s:
-        if s.get(Device, thing_name) is None:
-            raise HTTPException(404, f"no device {thing_name!r}")
+        _known(s, thing_name)
         rows = s.scalars(
             select(TelemetryRecord)
             .where(TelemetryRecord.thing_name == thing_name, TelemetryRecord.kind == "beacon")
