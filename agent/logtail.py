@@ -5,6 +5,7 @@ numbers, IP addresses become hashes) before anything leaves the device."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections import deque
@@ -13,6 +14,12 @@ from datetime import UTC, datetime
 from shared.logs import DEFAULT_REDACTOR, Redactor
 
 KEEP = 2000  # lines in memory
+AGENT_LOGGERS = ("agent", "tidegate.agent")  # the agent's own modules' loggers
+
+#: Which daemon's work a record comes from: set in the daemon's task (asyncio copies it into
+#: its tasks and `to_thread` calls), so several daemons in one process (the demo, tests) each
+#: keep their own lines; records from threads outside any daemon (paho's) are kept by all.
+owner: contextvars.ContextVar[int | None] = contextvars.ContextVar("tidegate_logtail_owner", default=None)
 LINE_MAX = 400  # characters a line keeps
 
 
@@ -25,10 +32,16 @@ class LogTail(logging.Handler):
         self._lock = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
+        who = owner.get()
+        if who is not None and who != id(self):
+            return  # another daemon's line
+        if not record.name.startswith(AGENT_LOGGERS):
+            return  # a server or gateway sharing the process (the demo): not this device's log
         try:
             at = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            line = f"{at} {record.levelname.lower()} {record.name}: {record.getMessage()}"
-            text = self.redactor.string(line)
+            # Only the message is redacted: a timestamp looks like a phone number to the patterns.
+            message = self.redactor.string(record.getMessage())
+            text = f"{at} {record.levelname.lower()} {record.name}: {message}"
         except Exception:  # a log line that cannot be formatted is not worth failing for
             return
         with self._lock:

@@ -36,6 +36,7 @@ from agent.health import HealthServer, SystemdNotifier
 from agent.hooks import Hooks
 from agent.jobs import JobsClient, JobsRejectedError, JobsTimeoutError
 from agent.logtail import LogTail
+from agent.logtail import owner as logtail_owner
 from agent.mqtt import MqttSettings, PahoTransport, Transport
 from agent.outbox import Outbox
 from agent.quality import QualityProxy, top_probability
@@ -215,6 +216,7 @@ class AgentDaemon:
 
     async def run(self) -> None:
         logging.getLogger().addHandler(self.logtail)
+        logtail_owner.set(id(self.logtail))  # this daemon's records, in its tasks and threads
         try:
             await self._run()
         finally:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -640,6 +641,8 @@ def test_a_failed_install_sends_its_log_tail_and_a_log_pull_uploads_the_log(
     assert pulled.status == "SUCCEEDED" and pulled.details["reason"].startswith("uploaded ")
     text = "\n".join(uploaded["lines"])
     assert "contact redacted:" in text and "ops@example.com" not in text and "1HGCM82633A004352" not in text
+    stamped = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ "  # times are kept, not taken for phone numbers
+    assert all(re.match(stamped, line) for line in uploaded["lines"])
     assert len(text.encode()) <= 64 * 1024
 
 

@@ -286,7 +286,10 @@ def demo(
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     # The services log warnings as JSON lines in production; here the story is the output.
-    logging.getLogger("tidegate").setLevel(logging.ERROR)
+    # Quiet on the console (a handler on the root means Python's last-resort printer is never
+    # used), while the agents' own log tails still see their lines for their receipts.
+    logging.getLogger().addHandler(logging.NullHandler())
+    logging.getLogger("tidegate").setLevel(logging.INFO)
     signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same clean exit
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background by a shell
         signal.signal(signal.SIGINT, _interrupt)

@@ -406,6 +406,8 @@ def bad_release(fleet: Fleet, release: dict[str, Any], good: str, say: Say) -> d
         say("fleet", f"{name}: runs {st['active_version']} ({slots})")
     for receipt in _receipts(fleet, release["version"]):
         say("fleet", f"{receipt['device_id']}'s receipt: {receipt['outcome']}: {receipt['reason']}")
+        if tail := receipt.get("log_tail"):  # the device's own log for that install, redacted
+            say("fleet", f"  from {receipt['device_id']}'s own log: {tail[-1][:140]}")
     kpis = fleet.http.get("/api/v1/campaigns/kpis").json()
     say(
         "kpis",
