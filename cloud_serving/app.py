@@ -581,6 +581,21 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
     def healthz() -> dict[str, str]:
         return {"status": "ok", "models": ",".join(sorted(gateway.models))}
 
+    @app.get("/readyz", response_model=None)
+    def readyz() -> dict[str, Any] | JSONResponse:
+        """Ready only when every version this replica's routing can send a request to is
+        loaded (production, weighted versions, a canary's candidate): a load balancer must not
+        send traffic to a replica that would answer from the fallback."""
+        missing = [
+            f"{name} {version}"
+            for name, st in gateway.models.items()
+            for version in {st.production, *st.weights, *([st.canary.candidate] if st.canary else [])}
+            if version not in st.versions
+        ]
+        if missing:
+            return JSONResponse({"ready": False, "missing": sorted(missing)}, status_code=503)
+        return {"ready": True, "models": sorted(gateway.models)}
+
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:
         for name, st in gateway.models.items():

@@ -147,6 +147,17 @@ def create_app(
             s.execute(select(1))
         return {"status": "ok"}
 
+    @app.get("/readyz", tags=["health"], response_model=None)
+    def readyz() -> dict[str, str] | JSONResponse:
+        """Ready when the database answers and the jobs bridge is connected to the broker (a
+        replica without its broker would take API calls it cannot act on)."""
+        with db.session() as s:
+            s.execute(select(1))
+        if (connected := getattr(app.state, "broker_connected", None)) is not None and not connected():
+            why = {"ready": "false", "why": "not connected to the MQTT broker"}
+            return JSONResponse(why, status_code=503)
+        return {"ready": "true"}
+
     @app.get("/metrics", tags=["health"], response_class=Response)
     def metrics() -> Response:
         with db.session() as s:

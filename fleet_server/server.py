@@ -103,6 +103,7 @@ class FleetServer:
             bench_simulated_thermal_skus=settings.bench_simulated_thermal_skus,
         )
         self.app.state.drift = watch.config
+        self.app.state.broker_connected = self.bridge.connected.is_set
         self.webhooks = WebhookDispatcher(db, _utcnow)
         self.http = uvicorn.Server(
             uvicorn.Config(self.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

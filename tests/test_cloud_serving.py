@@ -992,3 +992,17 @@ def test_a_standalone_gateway_keeps_its_registry_and_flags_in_a_local_file(
     raw["gateway"]["registry"] = {"url": "http://x", "file": str(registry)}
     with pytest.raises(ValidationError, match="exactly one of url"):
         ServingConfig.model_validate(raw)
+
+
+def test_a_replica_is_ready_only_with_every_version_its_routing_can_send_to(models: Path) -> None:
+    config = load_config(models / "serving.toml")
+
+    async def body(gw: Gateway, client: httpx.AsyncClient) -> None:
+        r = await client.get("/readyz")
+        assert r.status_code == 200 and r.json()["ready"] is True
+        st = gw.model("classifier")
+        st.weights = {**st.weights, "9.9.9": 0.1}  # routing names a version this replica lacks
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and r.json() == {"ready": False, "missing": ["classifier 9.9.9"]}
+
+    serve(config, body)

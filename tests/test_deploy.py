@@ -79,7 +79,7 @@ def test_kubernetes_manifests_probe_real_routes_and_scale_on_real_metrics() -> N
                         if c["args"][0] == "server":
                             assert get["path"] in fleet_routes, (path.name, get["path"])
                         else:
-                            assert f'@app.get("{get["path"]}")' in gateway_source, (path.name, get["path"])
+                            assert f'@app.get("{get["path"]}"' in gateway_source, (path.name, get["path"])
                 for env in c.get("env", []):
                     assert env["name"] in known_variables(), (path.name, env["name"])
             if doc["kind"] == "ScaledObject":

@@ -529,3 +529,14 @@ def test_campaigns_are_filtered_and_paged_by_cursor(
     assert client.get("/api/v1/campaigns", params={"stat": "draft"}, headers=op).status_code == 422
     assert client.get("/api/v1/campaigns", params={"before": "c-nothing"}, headers=op).status_code == 404
     assert client.get("/api/v1/releases", params={"stag": "production"}, headers=op).status_code == 422
+
+
+def test_the_fleet_server_is_ready_only_with_its_broker(db: Database) -> None:
+    app = create_app(db)
+    client = TestClient(app)
+    assert client.get("/readyz").json() == {"ready": "true"}  # no bridge in this app: the database
+    app.state.broker_connected = lambda: False
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json()["why"] == "not connected to the MQTT broker"
+    app.state.broker_connected = lambda: True
+    assert client.get("/readyz").status_code == 200
