@@ -1,10 +1,13 @@
-"""What every list endpoint shares: unknown query parameters are refused by name."""
+"""What every list endpoint shares: unknown query parameters are refused by name, and lists
+keyed by a name page the same way."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request
+from sqlalchemy import Select
+from sqlalchemy.orm import InstrumentedAttribute
 
 
 def known_filters(*names: str) -> Any:
@@ -17,3 +20,18 @@ def known_filters(*names: str) -> Any:
             raise HTTPException(422, f"unknown filter(s): {', '.join(unknown)}; known: {', '.join(names)}")
 
     return Depends(check)
+
+
+T = TypeVar("T")
+
+
+def by_name(
+    q: Select[T], column: InstrumentedAttribute[str], *, prefix: str | None, after: str | None, limit: int
+) -> Select[T]:
+    """`q` ordered by its name `column`, names starting with `prefix`, after the cursor `after`."""
+    q = q.order_by(column).limit(limit)
+    if prefix:
+        q = q.where(column.startswith(prefix, autoescape=True))
+    if after is not None:
+        q = q.where(column > after)
+    return q

@@ -14,7 +14,7 @@ from fleet_server.auth.deps import Principal, require
 from fleet_server.auth.service import Role, audit
 from fleet_server.devices import service
 from fleet_server.devices.models import DeviceGroup
-from fleet_server.paging import known_filters
+from fleet_server.paging import by_name, known_filters
 
 router = APIRouter(prefix="/api/v1/groups", tags=["groups"])
 GroupName = Annotated[str, PathParam(min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9:_.-]+$")]
@@ -60,11 +60,7 @@ def list_groups(
     limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
 ) -> list[GroupPublic]:
     """Groups by name; page with `after`."""
-    q = select(DeviceGroup).order_by(DeviceGroup.name).limit(limit)
-    if prefix:
-        q = q.where(DeviceGroup.name.startswith(prefix, autoescape=True))
-    if after is not None:
-        q = q.where(DeviceGroup.name > after)
+    q = by_name(select(DeviceGroup), DeviceGroup.name, prefix=prefix, after=after, limit=limit)
     with request.app.state.db.session() as s:
         groups = s.scalars(q).all()
         return [

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from fleet_server.auth.deps import Principal, require
 from fleet_server.auth.service import Role, audit
 from fleet_server.flags.models import FeatureFlag
-from fleet_server.paging import known_filters
+from fleet_server.paging import by_name, known_filters
 
 router = APIRouter(prefix="/api/v1/flags", tags=["flags"])
 FlagKey = Annotated[str, PathParam(min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9_.:-]+$")]
@@ -46,11 +46,7 @@ def list_flags(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
 ) -> list[FeatureFlag]:
     """Flags by key (all of them by default: gateways read the whole set); page with `after`."""
-    q = select(FeatureFlag).order_by(FeatureFlag.key).limit(limit)
-    if prefix:
-        q = q.where(FeatureFlag.key.startswith(prefix, autoescape=True))
-    if after is not None:
-        q = q.where(FeatureFlag.key > after)
+    q = by_name(select(FeatureFlag), FeatureFlag.key, prefix=prefix, after=after, limit=limit)
     with request.app.state.db.session() as s:
         return list(s.scalars(q).all())
 

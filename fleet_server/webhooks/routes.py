@@ -129,23 +129,11 @@ def deliveries(
 @router.post("/{subscription_id}/test", response_model=DeliveryPublic, status_code=202)
 def test_delivery(request: Request, subscription_id: SubId, who: Admin) -> WebhookDelivery:
     """Queue a `webhook.test` event for this subscription alone (delivered within seconds)."""
-    import uuid
-
     now = request.app.state.clock()
     with request.app.state.db.session() as s:
         sub = service.get(s, subscription_id)
         if not sub.active:
             raise service.WebhookError(f"webhook subscription {subscription_id} was removed")
-        d = WebhookDelivery(
-            subscription_id=sub.id,
-            msg_id=f"msg_{uuid.uuid4().hex}",
-            event="webhook.test",
-            payload={"type": "webhook.test", "timestamp": now.isoformat(), "data": {"by": who.name}},
-            status="pending",
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-        )
-        s.add(d)
+        d = service.queue(s, sub, "webhook.test", {"by": who.name}, now)
         s.flush()
         return d

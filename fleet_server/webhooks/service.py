@@ -98,21 +98,27 @@ def emit(session: Session, event: str, data: dict[str, Any], now: datetime) -> i
         for s in session.scalars(select(WebhookSubscription).where(WebhookSubscription.active.is_(True)))
         if "*" in s.events or event in s.events
     ]
-    body = {"type": event, "timestamp": now.isoformat(), "data": data}
     for sub in subs:
-        session.add(
-            WebhookDelivery(
-                subscription_id=sub.id,
-                msg_id=f"msg_{uuid.uuid4().hex}",
-                event=event,
-                payload=body,
-                status="pending",
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-            )
-        )
+        queue(session, sub, event, data, now)
     return len(subs)
+
+
+def queue(
+    session: Session, sub: WebhookSubscription, event: str, data: dict[str, Any], now: datetime
+) -> WebhookDelivery:
+    """One pending delivery of `event` to `sub`, due now (its message id fixed for every retry)."""
+    delivery = WebhookDelivery(
+        subscription_id=sub.id,
+        msg_id=f"msg_{uuid.uuid4().hex}",
+        event=event,
+        payload={"type": event, "timestamp": now.isoformat(), "data": data},
+        status="pending",
+        attempts=0,
+        next_attempt_at=now,
+        created_at=now,
+    )
+    session.add(delivery)
+    return delivery
 
 
 def retry_delay(attempts: int) -> timedelta:
