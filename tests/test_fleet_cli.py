@@ -24,7 +24,7 @@ SPEC = """
 name = "cli rollout"
 target = "m.bundle"
 repository = "http://repo"
-waves = [{percent = 10, soak_s = 3}, {percent = 100}]
+waves = [{percent = 10, soak_s = 15}, {percent = 100}]
 
 [cohort]
 sku = "cli-sku"
@@ -109,8 +109,11 @@ def test_a_campaign_run_entirely_through_the_fleet_cli(tmp_path: Path) -> None:
             lambda: fleet(env, "campaign", "show", cid, "--json").stdout.count('"SUCCEEDED"') > 0,
             what="the first wave ran",
         )
+        # The first wave soaks for 15 s, so the pause lands before the second wave even on a loaded
+        # machine (a 3 s soak let a slow runner finish the campaign first, and the pause was refused).
         paused = fleet(env, "campaign", "pause", cid, "--reason", "checking the first wave", "--json")
-        assert paused.returncode == 0 and json.loads(paused.stdout)["state"] == "paused"
+        assert paused.returncode == 0, paused.stdout + paused.stderr
+        assert json.loads(paused.stdout)["state"] == "paused"
         watched = fleet(env, "campaign", "watch", cid, "--interval", "0.2")
         assert watched.returncode == 7 and "paused: checking the first wave" in watched.stdout
         assert fleet(env, "campaign", "resume", cid).returncode == 0
