@@ -24,6 +24,7 @@ from fleet_server.devices.groups import router as groups_router
 from fleet_server.devices.routes import router as devices_router
 from fleet_server.flags.routes import router as flags_router
 from fleet_server.jobs.models import JobExecution
+from fleet_server.jobs.partitions import PartitionLeases
 from fleet_server.jobs.protocol import Outgoing
 from fleet_server.jobs.routes import router as executions_router
 from fleet_server.releases.routes import router as releases_router
@@ -61,10 +62,11 @@ def create_app(
     score_psi: Callable[[], dict[str, float]] | None = None,
     bench_keys: Mapping[str, str] | None = None,
     bench_simulated_thermal_skus: Collection[str] = (),
+    leases: PartitionLeases | None = None,
 ) -> FastAPI:
     """`counters`: monotonic totals from the MQTT side (the bridge's `counters`), exported on
     /metrics as ``tidegate_<name>_total``; `score_psi`: the drift watch's latest PSI per
-    running campaign."""
+    running campaign; `leases`: the jobs bridge's partitions (readiness and a gauge)."""
     app = FastAPI(
         title="Tidegate fleet server",
         version=TIDEGATE_VERSION,
@@ -96,6 +98,13 @@ def create_app(
     executions = Gauge("tidegate_job_executions", "Job executions by status", ["status"], registry=registry)
     if counters is not None:
         registry.register(_Totals(counters))
+    app.state.leases = leases
+    if leases is not None:
+        Gauge(
+            "tidegate_jobs_partitions_held",
+            "Jobs partitions this replica leases (of 64; docs/SCALING.md)",
+            registry=registry,
+        ).set_function(lambda: float(leases.held))
     fleet = FleetGauges(registry)
     psi = Gauge(
         "tidegate_campaign_score_psi", "Score PSI, updated vs other devices", ["campaign"], registry=registry
@@ -149,12 +158,16 @@ def create_app(
 
     @app.get("/readyz", tags=["health"], response_model=None)
     def readyz() -> dict[str, str] | JSONResponse:
-        """Ready when the database answers and the jobs bridge is connected to the broker (a
-        replica without its broker would take API calls it cannot act on)."""
+        """Ready when the database answers, the jobs bridge is connected to the broker (a
+        replica without its broker would take API calls it cannot act on) and its partition
+        leases are current (one that cannot renew them may already have lost them)."""
         with db.session() as s:
             s.execute(select(1))
         if (connected := getattr(app.state, "broker_connected", None)) is not None and not connected():
             why = {"ready": "false", "why": "not connected to the MQTT broker"}
+            return JSONResponse(why, status_code=503)
+        if app.state.leases is not None and not app.state.leases.healthy():
+            why = {"ready": "false", "why": "the jobs partition leases were not renewed in time"}
             return JSONResponse(why, status_code=503)
         return {"ready": "true"}
 

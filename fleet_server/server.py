@@ -101,6 +101,7 @@ class FleetServer:
             score_psi=lambda: dict(watch.last_psi),
             bench_keys=settings.bench_keys,
             bench_simulated_thermal_skus=settings.bench_simulated_thermal_skus,
+            leases=self.bridge.leases,
         )
         self.app.state.drift = watch.config
         self.app.state.broker_connected = self.bridge.connected.is_set

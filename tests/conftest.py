@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,19 +107,25 @@ def _worker_pg_url() -> str:
 def db(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
     """A migrated, empty fleet database: SQLite always, PostgreSQL when TIDEGATE_TEST_PG_URL is set."""
 
-    from sqlalchemy import MetaData, text
-
     from fleet_server.db import Database
     from fleet_server.migrate import upgrade
 
     url = f"sqlite:///{tmp_path / 'fleet.db'}" if request.param == "sqlite" else _worker_pg_url()
     database = Database(url)
-    if request.param == "postgresql":  # a shared server: start from nothing
-        existing = MetaData()  # every table there, not only the models this test imported
-        existing.reflect(database.engine)
-        existing.drop_all(database.engine)
-        with database.engine.begin() as conn:
-            conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    if request.param == "postgresql":
+        empty_pg(database)
     upgrade(database)
     yield database
     database.engine.dispose()
+
+
+def empty_pg(database: Any) -> None:
+    """A shared PostgreSQL server: start from nothing (every table there, not only the models
+    this test imported)."""
+    from sqlalchemy import MetaData, text
+
+    existing = MetaData()
+    existing.reflect(database.engine)
+    existing.drop_all(database.engine)
+    with database.engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto 
 
 
 class Server:
-    def __init__(self, db_url: str, mqtt_port: int) -> None:
+    def __init__(self, db_url: str, mqtt_port: int, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
+        self.env = None if env is None else {**os.environ, **env}
         self.args = [
             sys.executable,
             "-m",
@@ -45,7 +46,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Server:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:

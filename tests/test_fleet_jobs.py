@@ -371,11 +371,13 @@ def test_bridge_batches_are_ordered_isolated_and_never_lose_a_message(
     queue(db, "job-1")
     queue(db, "job-1", thing="car-3")
     bridge = JobsBridge(db, port=1)  # never started: the batch is handed over directly
+    bridge.leases.start()  # on PostgreSQL: this (only) replica claims every partition
     sent: list[protocol.Outgoing] = []
     monkeypatch.setattr(bridge, "publish", sent.extend)
 
     def msg(topic: str, body: Any) -> _Inbound:
-        return _Inbound(topic, body if isinstance(body, bytes) else json.dumps(body).encode(), 0, 0)
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return _Inbound(topic, payload, 0, 0, time.monotonic())
 
     update = f"{P}/job-1/update"
     bridge._process(
@@ -432,6 +434,7 @@ def test_bridge_batches_are_ordered_isolated_and_never_lose_a_message(
         events = s.scalars(select(ExecutionEvent).where(ExecutionEvent.execution_id == ex.id)).all()
         assert [e.to_status for e in events] == ["QUEUED", "IN_PROGRESS"]
     assert bridge.handled == 6 + 2
+    bridge.leases.stop()
 
 
 def test_a_concurrent_writer_cannot_be_overwritten(db: Database) -> None:

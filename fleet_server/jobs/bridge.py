@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session
 from fleet_server.db import Database, try_exclusive
 from fleet_server.devices.models import Device
 from fleet_server.jobs import protocol
+from fleet_server.jobs.partitions import PartitionLeases, partition_of
 from fleet_server.jobs.throttle import DeviceLimiter, Verdict
 from fleet_server.telemetry.service import TelemetryRejectedError, ingest
 from shared.iotjobs import RejectedCode, Topics, valid_thing_name
@@ -75,6 +76,12 @@ class _Inbound:
     payload: bytes
     mid: int
     qos: int
+    received: float  # time.monotonic() when paho handed it over
+
+    @property
+    def partition(self) -> int:
+        parts = self.topic.split("/", 3)
+        return partition_of(parts[2] if len(parts) > 2 else "")
 
 
 class JobsBridge:
@@ -91,10 +98,14 @@ class JobsBridge:
         tls: tuple[Path, Path, Path] | None = None,
         batch_max: int = 500,
         limiter: DeviceLimiter | None = None,
+        leases: PartitionLeases | None = None,
     ) -> None:
         """`tls` = (CA file, client certificate, key) for a mutual-TLS broker; `limiter` bounds
-        each device's requests (default: 5 a second with bursts of 50)."""
+        each device's requests (default: 5 a second with bursts of 50); `leases` decide which
+        things' traffic this replica handles (default: its share of the partitions, under its
+        client id; on SQLite, all of them)."""
         self.db, self.clock, self.batch_max = db, clock, batch_max
+        self.leases = leases or PartitionLeases(db, client_id)
         self.limiter = limiter or DeviceLimiter()
         self._inbox: queue.Queue[_Inbound] = queue.Queue()
         self._worker = threading.Thread(target=self._work_loop, name="jobs-worker", daemon=True)
@@ -107,6 +118,7 @@ class JobsBridge:
         self.telemetry_stored = 0
         self.telemetry_rejected = 0
         self.batches = 0
+        self.not_mine = 0  # heard, acknowledged, left to the replica holding the thing's partition
         self.busy_s = 0.0  # time spent handling batches: requests / busy_s is the capacity
         c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -127,6 +139,7 @@ class JobsBridge:
     def start(self, *, wait_s: float = 10.0) -> JobsBridge:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
+        self.leases.start()  # before the broker: what arrives from here on is judged by the claims
         self._client.connect_async(self.host, self.port, keepalive=30, clean_start=False, properties=props)
         self._worker.start()
         self._client.loop_start()
@@ -140,6 +153,7 @@ class JobsBridge:
         the broker redelivers it to the next session."""
         self._stop.set()
         self._worker.join(10)
+        self.leases.stop()
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -175,12 +189,16 @@ class JobsBridge:
         thing = parts[2] if len(parts) > 2 else ""
         verdict = self.limiter.check(thing, time.monotonic())
         if verdict is not Verdict.ALLOW:  # decided here, before the queue and the database
-            if verdict is Verdict.THROTTLE and msg.topic.startswith("$aws/"):
+            if (
+                verdict is Verdict.THROTTLE
+                and msg.topic.startswith("$aws/")
+                and self.leases.holds_locally(partition_of(thing))  # one replica answers
+            ):
                 client.publish(Topics.rejected(msg.topic), _throttled(bytes(msg.payload)), qos=0)
                 log.warning("device %s throttled: over %.0f requests a second", thing, self.limiter.rate)
             client.ack(msg.mid, msg.qos)
             return
-        self._inbox.put(_Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
+        self._inbox.put(_Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.monotonic()))
 
     # ---- the worker thread -----------------------------------------------------------------------
 
@@ -206,6 +224,7 @@ class JobsBridge:
             "telemetry_stored": self.telemetry_stored,
             "telemetry_rejected": self.telemetry_rejected,
             "jobs_throttled": self.limiter.throttled + self.limiter.dropped,
+            "jobs_not_mine": self.not_mine,
         }
 
     def _process(self, batch: list[_Inbound]) -> None:
@@ -214,13 +233,14 @@ class JobsBridge:
         tally: Counter[str] = Counter()
         try:
             with self.db.session() as s, s.no_autoflush:
+                batch_mine = self._mine(s, batch, tally)
                 # One flush at commit instead of one per query; the batch's devices and their
                 # pending executions loaded in one SELECT each (held here: the identity map is weak).
-                things = sorted({p[2] for m in batch if len(p := m.topic.split("/")) > 2})
+                things = sorted({p[2] for m in batch_mine if len(p := m.topic.split("/")) > 2})
                 held = [*s.scalars(select(Device).where(Device.thing_name.in_(things)))] if things else []
                 held += protocol.prefetch_pending(s, [t for t in things if valid_thing_name(t)])
                 now = self.clock()
-                for m in batch:
+                for m in batch_mine:
                     out += self._handle(s, m, now, tally)
                 del held
         except Exception:
@@ -231,21 +251,33 @@ class JobsBridge:
                 one: Counter[str] = Counter()
                 try:
                     with self.db.session() as s:
-                        out += self._handle(s, m, self.clock(), one)
+                        if self._mine(s, [m], one):
+                            out += self._handle(s, m, self.clock(), one)
                     tally += one
                 except Exception:
+                    if not self.leases.holds_locally(m.partition):
+                        continue  # another replica's to answer (the database may be down for all)
                     log.exception("message on %s failed", m.topic)
                     out += self._failed(m)
                     tally["telemetry_rejected" if m.topic.startswith("tidegate/") else "handled"] += 1
         self.handled += tally["handled"]
         self.telemetry_stored += tally["telemetry_stored"]
         self.telemetry_rejected += tally["telemetry_rejected"]
+        self.not_mine += tally["not_mine"]
         self.publish(out)
         for m in batch:
             if m.qos:
                 self._client.ack(m.mid, m.qos)
         self.batches += 1
         self.busy_s += time.perf_counter() - started
+
+    def _mine(self, s: Session, batch: list[_Inbound], tally: Counter[str]) -> list[_Inbound]:
+        """The messages of `batch` this replica handles: those of things in partitions it holds
+        (locked for the rest of `s`'s transaction), heard after it claimed them."""
+        held = self.leases.holding(s, {m.partition for m in batch})
+        mine = [m for m in batch if m.partition in held and m.received >= held[m.partition]]
+        tally["not_mine"] += len(batch) - len(mine)
+        return mine
 
     def _handle(self, s: Session, m: _Inbound, now: datetime, tally: Counter[str]) -> list[protocol.Outgoing]:
         if m.topic.startswith("tidegate/things/"):

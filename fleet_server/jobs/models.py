@@ -56,3 +56,28 @@ class ExecutionEvent(Base):
     to_status: Mapped[str] = mapped_column(String(16))
     source: Mapped[str] = mapped_column(String(16))
     details: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+
+
+class JobsPartition(Base):
+    """Which fleet-server replica handles the device traffic of one slice of the things
+    (`fleet_server.jobs.partitions`): every replica hears every message, the owner of the
+    thing's partition handles it. Rows are made by the migration, one per partition."""
+
+    __tablename__ = "jobs_partitions"
+
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    owner: Mapped[str | None] = mapped_column(String(200))  # "<replica id>/<nonce>"
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class FleetReplica(Base):
+    """A running fleet-server replica's heartbeat: the live count the partitions are shared by,
+    and the check that refuses a second process with the same MQTT client id."""
+
+    __tablename__ = "fleet_replicas"
+
+    replica_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(32))
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -5,6 +5,11 @@ preconditions), thousands of them in one process.
 To reach fleet scale on one machine they share one MQTT connection (each device's messages
 still go to and come from its own ``$aws/things/<thing>/jobs/...`` topics); per-device
 connections and certificates are what the real agent and the broker ACL test.
+
+A request left unanswered for `retry_s` is sent again with the same clientToken, as the agent
+does: a fleet-server replica killed between a commit and its reply, or before it handled what
+it had heard, loses that reply. A retried status update refused with VersionMismatch was
+applied the first time, and counts as applied.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class SimSettings:
     fail_rate: float = 0.0
     unmet_rate: float = 0.0
     seed: int = 0
+    retry_s: float = 3.0
 
 
 @dataclass
@@ -41,6 +47,9 @@ class SimStats:
     failed: int = 0
     waiting: int = 0
     updates_sent: int = 0
+    retries: int = 0
+    applied_on_retry: int = 0
+    duplicate_replies: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
 
 
@@ -59,6 +68,10 @@ class SimulatedFleet:
         self._seq = 0
         self._busy: set[str] = set()
         self._waiting: dict[str, tuple[str, int]] = {}  # thing → (job, expected version)
+        self._pending: dict[str, tuple[float, str, dict[str, Any]]] = {}  # token → (sent, topic, body)
+        self._retried: set[str] = set()
+        self._updating: dict[str, str] = {}  # thing → clientToken of its unanswered update
+        self._held_updates: dict[str, tuple[str, dict[str, Any]]] = {}
         self.update_accepted_at: list[float] = []  # wall time of every accepted status update
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -97,24 +110,53 @@ class SimulatedFleet:
     # ---- protocol ---------------------------------------------------------------------------------
 
     def _pub(self, topic: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            self._pending[body["clientToken"]] = (time.monotonic(), topic, body)
         self._c.publish(topic, json.dumps(body), qos=1)
+
+    def _retry_unanswered(self) -> None:
+        cutoff = time.monotonic() - self.s.retry_s
+        with self._lock:
+            due = [(t, topic, body) for t, (sent, topic, body) in self._pending.items() if sent < cutoff]
+            for token, topic, body in due:
+                self._pending[token] = (time.monotonic(), topic, body)
+                self._retried.add(token)
+            self.stats.retries += len(due)
+        for _, topic, body in due:
+            self._c.publish(topic, json.dumps(body), qos=1)
 
     def _start_next(self, thing: str) -> None:
         self._pub(f"$aws/things/{thing}/jobs/start-next", {"clientToken": uuid.uuid4().hex[:16]})
 
     def _update(self, thing: str, job: str, status: str, version: int, details: dict[str, str]) -> None:
+        """One update at a time per device, as the agent sends them: the next waits for the
+        answer to the last (sent ahead, it would meet the version the lost one never moved)."""
+        body: dict[str, Any] = {
+            "status": status,
+            "statusDetails": details,
+            "expectedVersion": version,
+            "includeJobExecutionState": True,
+            "clientToken": uuid.uuid4().hex[:16],
+        }
+        topic = f"$aws/things/{thing}/jobs/{job}/update"
         with self._lock:
+            if self._updating.get(thing) in self._pending:
+                self._held_updates[thing] = (topic, body)
+                return
+            self._updating[thing] = body["clientToken"]
             self.stats.updates_sent += 1
-        self._pub(
-            f"$aws/things/{thing}/jobs/{job}/update",
-            {
-                "status": status,
-                "statusDetails": details,
-                "expectedVersion": version,
-                "includeJobExecutionState": True,
-                "clientToken": uuid.uuid4().hex[:16],
-            },
-        )
+        self._pub(topic, body)
+
+    def _answered(self, thing: str) -> None:
+        """The device's last update was answered: send the one held behind it."""
+        with self._lock:
+            held = self._held_updates.pop(thing, None)
+            if held is None:
+                self._updating.pop(thing, None)
+                return
+            self._updating[thing] = held[1]["clientToken"]
+            self.stats.updates_sent += 1
+        self._pub(*held)
 
     def _on_connect(self, c: mqtt.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
         opts = SubscribeOptions(qos=1)
@@ -139,6 +181,11 @@ class SimulatedFleet:
             body = json.loads(msg.payload)
         except ValueError:
             return
+        token = body.get("clientToken")
+        with self._lock:
+            asked = self._pending.pop(token, None) if isinstance(token, str) else None
+            retried = token in self._retried
+            self._retried.discard(token)
         if parts[-1] == "notify-next":
             if body.get("execution") and thing not in self._busy:
                 self._start_next(thing)
@@ -148,14 +195,31 @@ class SimulatedFleet:
                 return
             self._begin(thing, ex)
         elif parts[-1] == "rejected":
-            with self._lock:
-                self.stats.rejected[str(body.get("code"))] += 1
+            if asked is None and isinstance(token, str):
+                with self._lock:  # a second answer to one request (it was handled twice)
+                    self.stats.duplicate_replies += 1
+                return
+            if retried and body.get("code") == "VersionMismatch" and asked is not None:
+                with self._lock:  # the first copy was applied; its reply was lost
+                    self.stats.applied_on_retry += 1
+                    if asked[2].get("status") in ("SUCCEEDED", "FAILED", "REJECTED"):
+                        self._busy.discard(thing)
+            else:
+                with self._lock:
+                    self.stats.rejected[str(body.get("code"))] += 1
+            if parts[-2] == "update":
+                self._answered(thing)
         elif parts[-2:] == ["update", "accepted"]:
+            if asked is None and isinstance(token, str):
+                with self._lock:
+                    self.stats.duplicate_replies += 1
+                return
             self.update_accepted_at.append(time.time())
             state = body.get("executionState") or {}
             if state.get("status") in ("SUCCEEDED", "FAILED", "REJECTED"):
                 with self._lock:
                     self._busy.discard(thing)
+            self._answered(thing)
 
     def _begin(self, thing: str, ex: dict[str, Any]) -> None:
         job, version = ex["jobId"], int(ex["versionNumber"])
@@ -192,7 +256,11 @@ class SimulatedFleet:
         return len(waiting)
 
     def _timer_loop(self) -> None:
+        next_retry = time.monotonic() + self.s.retry_s / 2
         while not self._stop.is_set():
+            if time.monotonic() >= next_retry:
+                self._retry_unanswered()
+                next_retry = time.monotonic() + min(0.5, self.s.retry_s / 2)
             with self._lock:
                 nxt = self._timers[0][0] if self._timers else None
             if nxt is None:
@@ -201,7 +269,7 @@ class SimulatedFleet:
                 continue
             delay = nxt - time.monotonic()
             if delay > 0:
-                self._wake.wait(min(delay, 0.5))
+                self._wake.wait(min(delay, 0.5, max(0.0, next_retry - time.monotonic())))
                 self._wake.clear()
                 continue
             with self._lock:
