@@ -485,12 +485,14 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
 
     @app.post("/v1/admin/models/{model}/weights")
     async def weights(model: str, body: WeightsBody, _: Admin) -> dict[str, Any]:
-        gateway.set_weights(model, body.weights)
+        async with gateway.replicated():
+            gateway.set_weights(model, body.weights)
         return gateway.status(model)
 
     @app.post("/v1/admin/models/{model}/switch")
     async def switch(model: str, body: VersionBody, _: Admin) -> dict[str, Any]:
-        await gateway.switch(model, body.version)
+        async with gateway.replicated():
+            await gateway.switch(model, body.version)
         return gateway.status(model)
 
     @app.get("/v1/admin/models/{model}/cohorts/{kind}")
@@ -527,12 +529,14 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
     @app.post("/v1/admin/models/{model}/fallback/clear")
     async def clear_fallback(model: str, _: Admin) -> dict[str, Any]:
         """End a fallback an alert switched on: the model answers again."""
-        gateway.clear_fallback(model)
+        async with gateway.replicated():
+            gateway.clear_fallback(model)
         return gateway.status(model)
 
     @app.post("/v1/admin/models/{model}/rollback")
     async def rollback(model: str, _: Admin) -> dict[str, Any]:
-        await gateway.rollback(model)
+        async with gateway.replicated():
+            await gateway.rollback(model)
         return gateway.status(model)
 
     @app.post("/v1/admin/models/{model}/shadow")
@@ -560,21 +564,26 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
         for a provider query Prometheus refuses as written."""
         spec = _canary_spec(body)
         await asyncio.to_thread(_check_providers, spec.providers)
-        gateway.start_canary(model, body.candidate, spec, override_reason=body.override_reason)
+        async with gateway.replicated():
+            gateway.start_canary(model, body.candidate, spec, override_reason=body.override_reason)
         return gateway.status(model)
 
     @app.post("/v1/admin/models/{model}/canary/approve")
     async def approve(model: str, _: Admin, body: JudgeBody | None = None) -> dict[str, Any]:
         """Move a waiting canary (a manual step, or gates that could not decide) on."""
-        return gateway.judge_canary(model, approve=True, by=(body or JudgeBody()).by)
+        async with gateway.replicated():
+            return gateway.judge_canary(model, approve=True, by=(body or JudgeBody()).by)
 
     @app.post("/v1/admin/models/{model}/canary/reject")
     async def reject(model: str, _: Admin, body: JudgeBody | None = None) -> dict[str, Any]:
-        return gateway.judge_canary(model, approve=False, by=(body or JudgeBody()).by)
+        async with gateway.replicated():
+            return gateway.judge_canary(model, approve=False, by=(body or JudgeBody()).by)
 
     @app.post("/v1/admin/models/{model}/roll-through")
     async def roll_through(model: str, body: CanaryBody, _: Admin) -> dict[str, Any]:
-        gateway.roll_through(model, body.candidate, _canary_spec(body), override_reason=body.override_reason)
+        spec = _canary_spec(body)
+        async with gateway.replicated():
+            gateway.roll_through(model, body.candidate, spec, override_reason=body.override_reason)
         return gateway.status(model)
 
     @app.get("/healthz")
@@ -594,6 +603,8 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
         ]
         if missing:
             return JSONResponse({"ready": False, "missing": sorted(missing)}, status_code=503)
+        if why := gateway.replication_unready():
+            return JSONResponse({"ready": False, "replication": why}, status_code=503)
         return {"ready": True, "models": sorted(gateway.models)}
 
     @app.get("/metrics", response_class=Response)

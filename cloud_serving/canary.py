@@ -10,6 +10,7 @@ sampled requests and responses (PII redacted), the metrics and the decision.
 from __future__ import annotations
 
 import json
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
@@ -35,6 +36,7 @@ from shared.gates import (
     Method,
     RolloutPlan,
     RolloutState,
+    RolloutStatus,
     Sample,
     Step,
     Worse,
@@ -164,6 +166,8 @@ class Recorded:
         default_factory=lambda: {m: (np.empty(0), np.empty(0)) for m in METRICS}
     )
     seen: int = 0
+    # How much of each metric's arrays `drain` has handed out already (gateway replicas).
+    drained: dict[str, int] = field(default_factory=lambda: dict.fromkeys(METRICS, 0))
 
     def add(self, metric: str, t: float, v: float) -> None:
         self.at[metric].append(t)
@@ -185,6 +189,28 @@ class Recorded:
             cut = max(int(np.searchsorted(at, horizon)), at.size - MAX_SAMPLES)
             if cut > 0:
                 self.arrays[m] = (at[cut:], value[cut:])
+                self.drained[m] = max(0, self.drained[m] - cut)
+
+    def drain(self) -> dict[str, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]:
+        """What was recorded since the last drain, by metric: a replica sends it to the
+        shared store, where the deciding replica combines every replica's samples."""
+        out = {}
+        for m in METRICS:
+            at, value = self._settle(m)
+            if at.size > self.drained[m]:
+                out[m] = (at[self.drained[m] :], value[self.drained[m] :])
+                self.drained[m] = at.size
+        return out
+
+    @classmethod
+    def of(cls, arrays: dict[str, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]) -> Recorded:
+        """Samples gathered elsewhere (every replica's), in time order."""
+        rec = cls()
+        for m, (at, value) in arrays.items():
+            order = np.argsort(at, kind="stable")
+            rec.arrays[m] = (at[order], value[order])
+        rec.seen = int(rec.arrays["success"][0].size)
+        return rec
 
     def columns(self) -> dict[str, Columns]:
         out = {}
@@ -225,6 +251,8 @@ class Canary:
     provider_errors: dict[str, str] = field(default_factory=dict)
     last_reason: str | None = None  # the latest decision's, holds included
     _plan: RolloutPlan | None = None
+    # Names this canary among the replicas (their samples in the shared store are filed by it).
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     @property
     def answered(self) -> int:
@@ -379,6 +407,38 @@ class Canary:
             "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.exchanges).encode(),
         )
         return out
+
+
+def spec_to_dict(spec: CanarySpec) -> dict[str, Any]:
+    """A spec as JSON-able data (the replicas' shared store); `spec_from_dict` reverses it."""
+    out: dict[str, Any] = json.loads(json.dumps(asdict(spec), default=_plain))
+    return out
+
+
+def spec_from_dict(data: dict[str, Any]) -> CanarySpec:
+    fields = dict(data)
+    fields["steps"] = tuple(fields["steps"])
+    fields["manual_steps"] = tuple(fields["manual_steps"])
+    fields["cohort"] = tuple((k, tuple(v)) for k, v in fields["cohort"])
+    fields["providers"] = tuple(
+        ProviderCondition(**{**p, "comparator": Comparator(p["comparator"])}) for p in fields["providers"]
+    )
+    return CanarySpec(**fields)
+
+
+def state_to_dict(state: RolloutState) -> dict[str, Any]:
+    at, status = state.step_started_at.isoformat(), state.status.value
+    return {**asdict(state), "step_started_at": at, "status": status}
+
+
+def state_from_dict(data: dict[str, Any]) -> RolloutState:
+    return RolloutState(
+        **{
+            **data,
+            "step_started_at": datetime.fromisoformat(data["step_started_at"]),
+            "status": RolloutStatus(data["status"]),
+        }
+    )
 
 
 def _plain(value: Any) -> Any:

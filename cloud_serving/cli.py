@@ -33,6 +33,8 @@ def serve(
 
     gateway = Gateway(load_config(config))
     configure_logging(redactor=gateway.redactor)
+    if gateway.replicas is not None:  # a store out of reach is one line and exit 2, not a traceback
+        gateway.replicas.check()
     if (t := gateway.config.gateway.tracing) is not None:
         try:
             from cloud_serving.tracing import setup_tracing

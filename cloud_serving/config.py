@@ -158,6 +158,30 @@ class RegistryConfig(_Strict):
         return self
 
 
+class ReplicationConfig(_Strict):
+    """Several gateways as replicas of one (`cloud_serving.replication`): the release state
+    (production, weights, a canary at its step) in PostgreSQL, one replica deciding per model,
+    every replica routing from the same state and sending its canary samples there."""
+
+    url: str = Field(min_length=1, description="SQLAlchemy URL of a PostgreSQL database")
+    replica_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="unique per replica (default: host name and process id)",
+    )
+    lease_s: float = Field(default=5.0, gt=0, le=300, description="a dead decider's models move on after")
+    timeout_s: float = Field(default=5.0, gt=0, le=60, description="connecting to the store")
+
+    @model_validator(mode="after")
+    def _postgres(self) -> ReplicationConfig:
+        if not self.url.startswith("postgresql"):
+            raise ValueError(
+                "replication needs PostgreSQL (a SQLite file cannot be shared by gateway processes on "
+                f"several hosts): {self.url.split('://')[0]}://"
+            )
+        return self
+
+
 class TracingConfig(_Strict):
     """OTLP/HTTP export with tail-biased sampling (`cloud_serving.tracing`; the `otel` extra)."""
 
@@ -175,6 +199,7 @@ class GatewayConfig(_Strict):
     tick_s: float = Field(default=1.0, gt=0)
     registry: RegistryConfig | None = None
     tracing: TracingConfig | None = None
+    replication: ReplicationConfig | None = None
 
     webhooks: list[str] = Field(default_factory=list, description="alert notifications (JSON POST)")
     redact_keys: str | None = Field(default=None, description="regex of personal keys (default: shared.logs)")

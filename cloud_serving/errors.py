@@ -34,3 +34,13 @@ class UnavailableError(GatewayError):
 
 class OverloadError(GatewayError):
     http_status = 429
+
+
+class ReplicationError(GatewayError):
+    """The replicas' shared store refused or could not be reached (`cloud_serving.replication`)."""
+
+    http_status = 503
+
+
+class DuplicateGatewayError(ReplicationError):
+    """Another live gateway replica uses this replica id."""

@@ -50,6 +50,7 @@ from cloud_serving.observability import refresh_tracing, span
 from cloud_serving.quality import Calibration, InputProfile, top_score
 from cloud_serving.registry import LocalRegistry, Registry, RegistryClient
 from cloud_serving.release_ops import ReleaseOperations, ShadowGateError
+from cloud_serving.replication import Replication
 from shared.batching import InferencePool, NonFiniteOutputError, OverloadedError
 from shared.kpis import Mitigation
 from shared.logs import DEFAULT_KEYS, DEFAULT_PATTERNS, RateLimitedLog, Redactor
@@ -71,7 +72,7 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class Gateway(ReleaseOperations, Monitoring):
+class Gateway(ReleaseOperations, Monitoring, Replication):
     def __init__(
         self, config: ServingConfig, *, clock: Callable[[], datetime] = _utcnow, seed: int | None = None
     ) -> None:
@@ -125,6 +126,7 @@ class Gateway(ReleaseOperations, Monitoring):
         self._flag_writes: deque[tuple[str, Any, str]] = deque()  # (key, value or UNSET, why)
         self._notifications: set[asyncio.Task[Any]] = set()
         self.on_request: Callable[[str, Answer | None, bool], None] = lambda model, answer, ok: None
+        self._init_replication()
 
     async def start(self, *, tick: bool = True) -> Gateway:
         refresh_tracing()
@@ -142,6 +144,8 @@ class Gateway(ReleaseOperations, Monitoring):
                 await b.start()
         if self.flags is not None:
             await asyncio.to_thread(self.flags.refresh)  # an outage here is not fatal either
+        if self.replicas is not None:  # adopt the stored release state before serving
+            await self._open_replication()
         if tick:
             self._ticker = asyncio.create_task(self._tick_loop())
         self._sweeper = asyncio.create_task(self._sweep_deadlines())
@@ -162,6 +166,7 @@ class Gateway(ReleaseOperations, Monitoring):
             self._ticker.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        await self._close_replication()
         for st in self.models.values():
             if st.shadow is not None:
                 await st.shadow.stop()
@@ -442,7 +447,10 @@ class Gateway(ReleaseOperations, Monitoring):
         while True:
             await asyncio.sleep(self.config.gateway.tick_s)
             await asyncio.to_thread(self.poll_providers)
-            self.tick()
+            if self.replicas is None:
+                self.tick()
+            else:
+                await self._replicated_tick()
             await asyncio.to_thread(self.record_shadow_diffs)
             if self.gray is not None and self.gray.pending:
                 await asyncio.to_thread(self.gray.flush)

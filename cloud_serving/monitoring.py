@@ -29,6 +29,8 @@ class Monitoring(GatewayCore):
 
         def _end_canary(self, st: ModelState, *, promoted: bool, reason: str) -> None: ...
 
+        def replication_status(self, name: str) -> dict[str, Any] | None: ...
+
     def _alerts(self, st: ModelState, now: datetime, done: list[tuple[str, str, Path | None]]) -> None:
         for version, (good, bad) in st.counts.items():
             if good or bad:
@@ -224,6 +226,7 @@ class Monitoring(GatewayCore):
             else {
                 "candidate": st.canary.candidate,
                 "step": st.canary.state.step,
+                "step_started_at": st.canary.state.step_started_at.isoformat(),
                 "weight": st.canary.weight,
                 "status": st.canary.state.status.value,
                 "paused_reason": st.canary.state.paused_reason,
@@ -237,6 +240,7 @@ class Monitoring(GatewayCore):
             "events": st.events[-50:],
             "forced_fallback": st.forced_fallback,
             "alerts": {name: a.status for name, a in st.alert_states.items()},
+            "replication": self.replication_status(name),
         }
 
 

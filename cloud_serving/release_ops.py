@@ -54,8 +54,19 @@ class ReleaseOperations(GatewayCore):
             self, st: ModelState, now: datetime, done: list[tuple[str, str, Path | None]]
         ) -> None: ...
 
+        def _judge(self, st: ModelState, now: datetime) -> Decision | None: ...
+
+    def _single(self, what: str) -> None:
+        """Shadows and experiments keep their state in this process only."""
+        if self.config.gateway.replication is not None:
+            raise ReleaseError(
+                f"{what} is not replicated: a gateway with [gateway.replication] runs canaries, weights, "
+                "switches and rollbacks across its replicas; run shadows and experiments on a single gateway"
+            )
+
     def start_experiment(self, name: str, spec: ExperimentSpec) -> Experiment:
         st = self.model(name)
+        self._single("an experiment")
         for arm in (spec.control, spec.treatment):
             for version in spec.ensemble_of(arm) or [spec.version_of(arm)]:
                 self._known(st, version)
@@ -200,6 +211,7 @@ class ReleaseOperations(GatewayCore):
     ) -> None:
         st = self.model(name)
         self._known(st, version)
+        self._single("a shadow")
         st.allow(Op.START_SHADOW)
         if version == st.production:
             raise ReleaseError(f"{version} is production; shadow a candidate")
@@ -389,6 +401,6 @@ class ReleaseOperations(GatewayCore):
             self._shadow_ended(st)
             if st.experiment is not None and (verdict := st.experiment.analyse()) is not None:
                 done.append((st.name, verdict, self._conclude(st, verdict)))
-            if st.canary is not None:
-                self._apply(st, st.canary.tick(now), now, done)
+            if st.canary is not None and (decision := self._judge(st, now)) is not None:
+                self._apply(st, decision, now, done)
         return done

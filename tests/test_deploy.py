@@ -57,6 +57,24 @@ def test_compose_runs_real_commands_with_known_settings() -> None:
     fleet = [s for n, s in compose["services"].items() if n.startswith("fleet-")]
     ids = [s["environment"]["TIDEGATE_MQTT_CLIENT_ID"] for s in fleet]
     assert len(ids) == len(set(ids)) == 2  # one MQTT identity per replica
+    gateways = [s for n, s in compose["services"].items() if n.startswith("gateway-")]
+    names = [s["hostname"] for s in gateways]
+    assert len(names) == len(set(names)) == 2  # the replica ids (serving.compose.toml sets none)
+
+
+def test_the_compose_gateways_are_replicas_of_one_release_state() -> None:
+    from cloud_serving.config import load_config
+
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        if not name.startswith("gateway-"):
+            continue
+        config = service["command"][service["command"].index("--config") + 1]
+        mounted = {m.split(":")[1]: m.split(":")[0] for m in service["volumes"]}
+        cfg = load_config(DEPLOY / mounted[config])
+        replication = cfg.gateway.replication
+        assert replication is not None and replication.replica_id is None, name
+        assert "@postgres/" in replication.url and "postgres" in service["depends_on"], name
 
 
 def test_kubernetes_manifests_probe_real_routes_and_scale_on_real_metrics() -> None:

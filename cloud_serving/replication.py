@@ -1,0 +1,665 @@
+"""Gateway replicas: one release state shared by every gateway process, one replica deciding.
+
+Without it two gateways behind a load balancer each ran their own canary on their own half of
+the traffic, and a restart forgot a canary in flight. With `[gateway.replication]`:
+
+- the **release state** of each model (production, history, weights, salt, the forced
+  fallback, the canary with its spec, step and log) is one row in PostgreSQL with a revision
+  number. Every replica adopts a revision it has not seen, and writes its own changes (an
+  operator's call, a decision, an alert's rollback) only on top of the revision it last saw
+  (compare-and-set): two replicas changing one model at the same moment cannot both win; the
+  loser takes the winner's state and its operator gets a 409;
+- **one replica decides** for each model: the one holding the row's lease (`lease_s`, renewed
+  every tick, on the database's clock). Only it runs the canary's gates, on the samples of
+  every replica: each replica sends what its canary recorded since its last tick (outcomes,
+  latencies) as one row per side, numbered per replica so a row sent twice after an outage
+  counts once;
+- a replica routes only from the state it adopted: the same weights and salt give every
+  caller key the same version on every replica (`routing.bucket`). A revision naming a
+  version this replica has not loaded is not adopted, and the replica is not ready;
+- a replica that starts, or restarts, adopts the stored state before it serves: a canary in
+  flight resumes at its step with its bake clock, on the samples already stored.
+
+Why PostgreSQL and not Redis or the fleet server's registry: the fleet server's replicas run
+on it already (one engine to operate), transactions give the compare-and-set and the leases
+on one clock, and the samples survive a restart of everything. Shadows and experiments are
+not replicated yet: a replicated gateway refuses to start them (`ReplicationError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    Identity,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    create_engine,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from cloud_serving.canary import (
+    METRICS,
+    SIDES,
+    Canary,
+    Recorded,
+    spec_from_dict,
+    spec_to_dict,
+    state_from_dict,
+    state_to_dict,
+)
+from cloud_serving.config import ReplicationConfig
+from cloud_serving.core import GatewayCore
+from cloud_serving.errors import DuplicateGatewayError, ReleaseError, ReplicationError
+from cloud_serving.model_state import ModelState
+from shared.gates import Decision
+
+log = logging.getLogger("tidegate.serving.replication")
+
+metadata = MetaData()
+replicas_table = Table(
+    "gateway_replicas",
+    metadata,
+    Column("replica_id", String(64), primary_key=True),
+    Column("nonce", String(32), nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+)
+releases_table = Table(
+    "gateway_releases",
+    metadata,
+    Column("model", String(128), primary_key=True),
+    Column("revision", Integer, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("owner", String(64)),
+    Column("lease_until", DateTime(timezone=True)),
+    Column("updated_by", String(64)),
+)
+samples_table = Table(
+    "gateway_samples",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("model", String(128), nullable=False),
+    Column("canary", String(32), nullable=False),
+    Column("replica", String(64), nullable=False),
+    Column("seq", BigInteger, nullable=False),  # microseconds: unique per replica across restarts
+    Column("side", String(16), nullable=False),
+    Column("last_at", Float, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
+    UniqueConstraint("model", "canary", "replica", "seq", "side"),
+)
+# A row's insert may commit after a later-stamped one; re-reading this far back (and skipping
+# rows already seen) loses none of them.
+REREAD_S = 30.0
+
+
+def brief(exc: BaseException) -> str:
+    """An exception in one line (a driver's message runs to several)."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+
+
+def _db_now() -> Any:
+    return func.timezone("utc", func.now()).cast(DateTime(timezone=True))
+
+
+# ---- the state, pure --------------------------------------------------------------------------
+
+
+def routing_state(st: ModelState) -> dict[str, Any]:
+    """What every replica must agree on to route and judge alike."""
+    c = st.canary
+    return {
+        "production": st.production,
+        "history": list(st.history),
+        "weights": dict(sorted(st.weights.items())),
+        "salt": st.salt,
+        "forced_fallback": st.forced_fallback,
+        "canary": None
+        if c is None
+        else {
+            "id": c.id,
+            "candidate": c.candidate,
+            "production": c.production,
+            "spec": spec_to_dict(c.spec),
+            "state": state_to_dict(c.state),
+            "started_at": c.started_at.isoformat() if c.started_at else None,
+            "log": list(c.log),
+            "last_reason": c.last_reason,
+        },
+    }
+
+
+def encode(state: dict[str, Any]) -> str:
+    return json.dumps(state, sort_keys=True, separators=(",", ":"))
+
+
+def unloaded(st: ModelState, state: dict[str, Any]) -> list[str]:
+    """Versions the state routes to that this replica has not loaded."""
+    named = {state["production"], *state["weights"]}
+    if state["canary"] is not None:
+        named.add(state["canary"]["candidate"])
+    return sorted(v for v in named if v not in st.versions)
+
+
+def adopt(st: ModelState, state: dict[str, Any], now: datetime) -> None:
+    """Make the local model state the stored one. A canary already running here keeps its
+    recorder (what this replica measured and has not sent yet)."""
+    if state["production"] != st.production:
+        st.production_since = now
+    st.production = state["production"]
+    st.history = list(state["history"])
+    st.weights = dict(state["weights"])
+    st.salt = state["salt"]
+    st.forced_fallback = state["forced_fallback"]
+    c = state["canary"]
+    if c is None:
+        st.canary = None
+        return
+    rollout = state_from_dict(c["state"])
+    if st.canary is not None and st.canary.id == c["id"]:
+        st.canary.state = rollout
+    else:
+        redactor = st.canary.redactor if st.canary is not None else None
+        st.canary = Canary(
+            st.name,
+            c["production"],
+            c["candidate"],
+            spec_from_dict(c["spec"]),
+            rollout,
+            started_at=datetime.fromisoformat(c["started_at"]) if c["started_at"] else None,
+            id=c["id"],
+        )
+        if redactor is not None:
+            st.canary.redactor = redactor
+    st.canary.log[:] = c["log"]
+    st.canary.last_reason = c["last_reason"]
+
+
+def pack(arrays: dict[str, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]) -> bytes:
+    buf = io.BytesIO()
+    named: dict[str, Any] = {
+        f"{m}.{p}": a for m, (at, v) in arrays.items() for p, a in (("at", at), ("v", v))
+    }
+    np.savez(buf, **named)
+    return buf.getvalue()
+
+
+def unpack(data: bytes) -> dict[str, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {m: (z[f"{m}.at"], z[f"{m}.v"]) for m in METRICS if f"{m}.at" in z}
+
+
+@dataclass
+class Combined:
+    """Every replica's samples of one canary, as the deciding replica has read them."""
+
+    canary: str
+    parts: dict[str, dict[str, list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]]] = field(
+        default_factory=lambda: {side: defaultdict(list) for side in SIDES}
+    )
+    seen: set[int] = field(default_factory=set)
+    replicas: set[str] = field(default_factory=set)
+    read_until: datetime | None = None  # the database's clock at the last read
+
+    def add(self, side: str, arrays: dict[str, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]) -> None:
+        for m, pair in arrays.items():
+            self.parts[side][m].append(pair)
+
+    def sides(self, horizon: float) -> dict[str, Recorded]:
+        """The samples newer than `horizon` (a timestamp), per side; older ones are dropped."""
+        out = {}
+        for side in SIDES:
+            merged = {}
+            for m, pairs in self.parts[side].items():
+                at = np.concatenate([p[0] for p in pairs]) if pairs else np.empty(0)
+                value = np.concatenate([p[1] for p in pairs]) if pairs else np.empty(0)
+                keep = at >= horizon
+                at, value = at[keep], value[keep]
+                self.parts[side][m] = [(at, value)]
+                merged[m] = (at, value)
+            for m in METRICS:
+                merged.setdefault(m, (np.empty(0), np.empty(0)))
+            out[side] = Recorded.of(merged)
+        return out
+
+
+# ---- the store, I/O ---------------------------------------------------------------------------
+
+
+@dataclass
+class Outgoing:
+    """One side's samples of one canary, sent once (re-sent after an outage, counted once)."""
+
+    model: str
+    canary: str
+    seq: int
+    side: str
+    last_at: float
+    data: bytes
+
+
+@dataclass
+class Pulled:
+    rows: dict[str, tuple[int, str]]  # model → (revision, state)
+    led: set[str]  # the models this replica decides for
+    samples: dict[
+        str, tuple[str, list[tuple[int, str, str, bytes]]]
+    ]  # model → canary, (id, replica, side, data)
+    read_at: datetime
+
+
+class ReleaseStore:
+    """The shared release state in PostgreSQL: registration, per-model leases, state rows with
+    a revision, and the canaries' samples. Every method is one transaction."""
+
+    def __init__(self, cfg: ReplicationConfig) -> None:
+        self.cfg = cfg
+        self.replica_id = cfg.replica_id or f"{socket.gethostname()}-{os.getpid()}"[:64]
+        self.nonce = uuid.uuid4().hex
+        self.engine: Engine = create_engine(
+            cfg.url, pool_pre_ping=True, connect_args={"connect_timeout": max(1, int(cfg.timeout_s))}
+        )
+
+    def describe(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def check(self) -> None:
+        """Reach the store once (before serving: a wrong URL is an error at once)."""
+        try:
+            with self.engine.connect() as c:
+                c.execute(select(1))
+        except SQLAlchemyError as exc:
+            raise ReplicationError(f"the gateways' shared store {self.describe()}: {brief(exc)}") from exc
+
+    def open(self, initial: dict[str, str], *, wait_s: float | None = None) -> None:
+        """Create the tables if missing, register this replica (refusing a live one's id) and
+        seed each model's row from the configuration where none is stored yet."""
+        try:
+            metadata.create_all(self.engine, checkfirst=True)
+            deadline = time.monotonic() + (2 * self.cfg.lease_s if wait_s is None else wait_s)
+            while not self._register():
+                if time.monotonic() >= deadline:
+                    raise DuplicateGatewayError(
+                        f"gateway replica id {self.replica_id!r} is live in {self.describe()}: give each "
+                        "replica its own [gateway.replication] replica_id"
+                    )
+                time.sleep(0.5)
+            with self.engine.begin() as c:
+                for model, state in initial.items():
+                    c.execute(
+                        pg_insert(releases_table)
+                        .values(model=model, revision=1, state=state, updated_by=self.replica_id)
+                        .on_conflict_do_nothing(index_elements=["model"])
+                    )
+        except SQLAlchemyError as exc:
+            raise ReplicationError(f"the gateways' shared store {self.describe()}: {brief(exc)}") from exc
+
+    def _register(self) -> bool:
+        stale = _db_now() - timedelta(seconds=self.cfg.lease_s)
+        with self.engine.begin() as c:
+            stmt = pg_insert(replicas_table).values(
+                replica_id=self.replica_id, nonce=self.nonce, heartbeat_at=_db_now()
+            )
+            upsert = stmt.on_conflict_do_update(
+                index_elements=["replica_id"],
+                set_={"nonce": self.nonce, "heartbeat_at": _db_now()},
+                where=replicas_table.c.heartbeat_at < stale,
+            ).returning(replicas_table.c.replica_id)
+            return c.execute(upsert).first() is not None
+
+    def exchange(self, outgoing: list[Outgoing], reads: dict[str, tuple[str, datetime | None]]) -> Pulled:
+        """Heartbeat, send this replica's samples, take or renew the leases, read every model's
+        state and, for each `reads` entry (model → canary, read since), the samples stored."""
+        now = _db_now()
+        with self.engine.begin() as c:
+            beat = c.execute(
+                update(replicas_table)
+                .where(replicas_table.c.replica_id == self.replica_id, replicas_table.c.nonce == self.nonce)
+                .values(heartbeat_at=now)
+                .returning(replicas_table.c.replica_id)
+            ).first()
+            if beat is None:
+                raise DuplicateGatewayError(f"gateway replica {self.replica_id!r} lost its registration")
+            if outgoing:
+                c.execute(
+                    pg_insert(samples_table).on_conflict_do_nothing(),
+                    [
+                        {
+                            "model": o.model,
+                            "canary": o.canary,
+                            "replica": self.replica_id,
+                            "seq": o.seq,
+                            "side": o.side,
+                            "last_at": o.last_at,
+                            "data": o.data,
+                        }
+                        for o in outgoing
+                    ],
+                )
+            led = set(
+                c.scalars(
+                    update(releases_table)
+                    .where(
+                        or_(
+                            releases_table.c.owner == self.replica_id,
+                            releases_table.c.owner.is_(None),
+                            releases_table.c.lease_until < now,
+                        )
+                    )
+                    .values(owner=self.replica_id, lease_until=now + timedelta(seconds=self.cfg.lease_s))
+                    .returning(releases_table.c.model)
+                )
+            )
+            rows = {
+                m: (rev, state)
+                for m, rev, state in c.execute(
+                    select(releases_table.c.model, releases_table.c.revision, releases_table.c.state)
+                )
+            }
+            read_at: datetime = c.execute(select(now)).scalar_one()
+            samples = {
+                m: (canary, self._samples(c, m, canary, since))
+                for m, (canary, since) in reads.items()
+                if m in led
+            }
+        return Pulled(rows, led, samples, read_at)
+
+    @staticmethod
+    def _samples(
+        c: Connection, model: str, canary: str, since: datetime | None
+    ) -> list[tuple[int, str, str, bytes]]:
+        t = samples_table.c
+        q = select(t.id, t.replica, t.side, t.data).where(t.model == model, t.canary == canary)
+        if since is not None:
+            q = q.where(t.created_at >= since - timedelta(seconds=REREAD_S))
+        return [(i, r, s, d) for i, r, s, d in c.execute(q.order_by(t.id))]
+
+    def publish(self, model: str, revision: int, state: str) -> int | None:
+        """Write `state` over `revision`: the new revision, or None when another replica wrote
+        first (this replica then adopts theirs)."""
+        with self.engine.begin() as c:
+            new: int | None = c.scalar(
+                update(releases_table)
+                .where(releases_table.c.model == model, releases_table.c.revision == revision)
+                .values(revision=releases_table.c.revision + 1, state=state, updated_by=self.replica_id)
+                .returning(releases_table.c.revision)
+            )
+        return new
+
+    def forget(self, model: str, canary: str | None, horizon: float) -> None:
+        """Drop samples of other canaries of `model` and this one's older than `horizon` (the
+        deciding replica keeps the table to what a gate may still read)."""
+        t = samples_table.c
+        with self.engine.begin() as c:
+            c.execute(
+                delete(samples_table).where(
+                    t.model == model,
+                    or_(t.canary != (canary or ""), and_(t.canary == canary, t.last_at < horizon)),
+                )
+            )
+
+    def close(self) -> None:
+        """Hand this replica's models back at once and leave (a graceful stop)."""
+        try:
+            with self.engine.begin() as c:
+                c.execute(
+                    update(releases_table)
+                    .where(releases_table.c.owner == self.replica_id)
+                    .values(owner=None, lease_until=None)
+                )
+                c.execute(
+                    delete(replicas_table).where(
+                        replicas_table.c.replica_id == self.replica_id, replicas_table.c.nonce == self.nonce
+                    )
+                )
+        except SQLAlchemyError as exc:
+            log.warning("gateway replica %s: leaving the store failed: %s", self.replica_id, exc)
+        self.engine.dispose()
+
+
+# ---- the gateway's side -----------------------------------------------------------------------
+
+
+class Replication(GatewayCore):
+    """What a gateway does with a `ReleaseStore` each tick: send its samples, adopt the stored
+    state, decide for the models it leads (on every replica's samples), write what changed."""
+
+    replicas: ReleaseStore | None
+    if TYPE_CHECKING:  # in the release operations
+
+        def tick(self) -> list[tuple[str, str, Path | None]]: ...
+
+    def _init_replication(self) -> None:
+        cfg = self.config.gateway.replication
+        self.replicas = ReleaseStore(cfg) if cfg is not None else None
+        self._revisions: dict[str, tuple[int, str]] = {}  # model → (revision, state) adopted or written
+        self._led: set[str] = set()
+        self._combined: dict[str, Combined] = {}
+        self._unsent: list[Outgoing] = []
+        self._seq = 0
+        self._behind: dict[str, str] = {}  # model → why its stored state is not adopted here
+        self._synced_at = -math.inf
+        self._fresh = False  # this tick's exchange succeeded: decisions may be taken
+        self._ticks = 0
+        self.replication_error: str | None = None
+        self._replica_lock = asyncio.Lock()
+
+    async def _open_replication(self) -> None:
+        assert self.replicas is not None
+        initial = {n: encode(routing_state(st)) for n, st in self.models.items()}
+        await asyncio.to_thread(self.replicas.open, initial)
+        async with self._replica_lock:
+            if not await self._pull():
+                raise ReplicationError(f"the gateways' shared store: {self.replication_error}")
+        log.info(
+            "gateway replica %s on %s: leads %s",
+            self.replicas.replica_id,
+            self.replicas.describe(),
+            sorted(self._led) or "nothing yet",
+        )
+
+    async def _close_replication(self) -> None:
+        if self.replicas is not None:
+            await asyncio.to_thread(self.replicas.close)
+
+    def _drain(self) -> None:
+        for name, st in self.models.items():
+            c = st.canary
+            if c is None:
+                continue
+            self._seq = max(self._seq + 1, time.time_ns() // 1000)
+            for side, rec in c.sides.items():
+                arrays = rec.drain()
+                if arrays:
+                    last = max(float(at[-1]) for at, _ in arrays.values())
+                    self._unsent.append(Outgoing(name, c.id, self._seq, side, last, pack(arrays)))
+
+    async def _pull(self) -> bool:
+        """One exchange with the store; False (and the reason kept) when it could not be had."""
+        assert self.replicas is not None
+        self._drain()
+        reads = {}
+        for name, st in self.models.items():
+            if st.canary is not None:
+                comb = self._combined.get(name)
+                since = comb.read_until if comb is not None and comb.canary == st.canary.id else None
+                reads[name] = (st.canary.id, since)
+        try:
+            pulled = await asyncio.to_thread(self.replicas.exchange, list(self._unsent), reads)
+        except (SQLAlchemyError, ReplicationError) as exc:
+            if self.replication_error != brief(exc):
+                log.warning("gateway replica %s: the shared store: %s", self.replicas.replica_id, brief(exc))
+            self.replication_error = brief(exc)
+            return False
+        self._unsent.clear()
+        now = self.clock()
+        for name, (rev, raw) in pulled.rows.items():
+            if name not in self.models or self._revisions.get(name, (None, ""))[0] == rev:
+                continue  # a model this replica does not serve, or nothing new
+            model = self.models[name]
+            state = json.loads(raw)
+            if missing := unloaded(model, state):
+                self._behind[name] = f"revision {rev} routes to {', '.join(missing)}, not loaded here"
+                continue
+            self._behind.pop(name, None)
+            adopt(model, state, now)
+            self._revisions[name] = (rev, encode(routing_state(model)))
+        self._led = pulled.led
+        for name in [n for n in self._combined if n not in self._led]:
+            del self._combined[name]  # leading again later, it reads everything afresh
+        for name, (canary, rows) in pulled.samples.items():
+            st = self.models[name]
+            if st.canary is None or st.canary.id != canary:
+                continue
+            comb = self._combined.get(name)
+            if comb is None or comb.canary != canary:
+                comb = self._combined[name] = Combined(canary)
+            for row_id, replica, side, data in rows:
+                if row_id not in comb.seen:
+                    comb.seen.add(row_id)
+                    comb.replicas.add(replica)
+                    comb.add(side, unpack(data))
+            comb.read_until = pulled.read_at
+        self._synced_at = time.monotonic()
+        self.replication_error = None
+        return True
+
+    def _judge(self, st: ModelState, now: datetime) -> Decision | None:
+        """The canary's decision this tick: its own on a single gateway; among replicas only
+        the leading one decides, on every replica's samples, and only after a good exchange."""
+        assert st.canary is not None
+        if self.replicas is None:
+            return st.canary.tick(now)
+        comb = self._combined.get(st.name)
+        if not self._fresh or st.name not in self._led or comb is None or comb.canary != st.canary.id:
+            return None
+        judge = replace(st.canary, sides=comb.sides(now.timestamp() - 2 * st.canary.spec.window_s))
+        before = len(st.canary.log)
+        decision = judge.tick(now)  # its log is the canary's own list
+        st.canary.state, st.canary.last_reason = judge.state, judge.last_reason
+        if len(st.canary.log) > before:
+            n = judge.sides["candidate"].seen
+            st.canary.log[-1] += f" [{n} candidate requests from replicas {', '.join(sorted(comb.replicas))}]"
+        return decision
+
+    async def _publish(self) -> list[str]:
+        """Write each model whose state changed here over the revision it had; the models
+        whose write lost (they adopt the stored state on the next exchange)."""
+        assert self.replicas is not None
+        lost = []
+        for name, st in self.models.items():
+            if name in self._behind:
+                continue
+            raw = encode(routing_state(st))
+            rev, known = self._revisions.get(name, (0, ""))
+            if raw == known:
+                continue
+            try:
+                new = await asyncio.to_thread(self.replicas.publish, name, rev, raw)
+            except SQLAlchemyError as exc:
+                self.replication_error = brief(exc)
+                new = None
+            if new is None:
+                lost.append(name)
+                self._revisions[name] = (-1, "")
+            else:
+                self._revisions[name] = (new, raw)
+        return lost
+
+    async def _replicated_tick(self) -> None:
+        async with self._replica_lock:
+            self._fresh = await self._pull()
+            try:
+                self.tick()
+            finally:
+                self._fresh = False
+            await self._publish()
+            self._ticks += 1
+            if self._ticks % 30 == 0:
+                await self._forget()
+
+    async def _forget(self) -> None:
+        assert self.replicas is not None
+        now = self.clock().timestamp()
+        for name in self._led:
+            c = self.models[name].canary
+            horizon = now - 2 * (c.spec.window_s if c is not None else 0)
+            with contextlib.suppress(SQLAlchemyError):
+                await asyncio.to_thread(self.replicas.forget, name, c.id if c else None, horizon)
+
+    @contextlib.asynccontextmanager
+    async def replicated(self) -> AsyncIterator[None]:
+        """Around an operator's change: start from the stored state, and store the result (409
+        when another replica changed the model at the same moment)."""
+        if self.replicas is None:
+            yield
+            return
+        async with self._replica_lock:
+            if not await self._pull():
+                raise ReplicationError(
+                    f"the gateways' shared store cannot be reached: {self.replication_error}"
+                )
+            yield
+            if lost := await self._publish():
+                await self._pull()
+                raise ReleaseError(
+                    f"another gateway replica changed {', '.join(lost)} at the same moment (or the store "
+                    "failed): this replica now shows the stored state; look and try again"
+                )
+
+    def replication_status(self, name: str) -> dict[str, Any] | None:
+        if self.replicas is None:
+            return None
+        return {
+            "replica": self.replicas.replica_id,
+            "leading": name in self._led,
+            "revision": self._revisions.get(name, (None, ""))[0],
+            "behind": self._behind.get(name),
+            "error": self.replication_error,
+        }
+
+    def replication_unready(self) -> list[str]:
+        """Why this replica must not take traffic: its store is out of reach for longer than a
+        lease, or a stored state routes to versions it has not loaded."""
+        if self.replicas is None:
+            return []
+        why = [f"{name}: {reason}" for name, reason in sorted(self._behind.items())]
+        if time.monotonic() - self._synced_at > self.replicas.cfg.lease_s:
+            why.append(
+                f"the shared store was not reached within {self.replicas.cfg.lease_s:g} s: "
+                f"{self.replication_error or 'not yet'}"
+            )
+        return why

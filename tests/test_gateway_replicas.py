@@ -1,0 +1,373 @@
+"""Gateways as replicas (issue 18): the release state in PostgreSQL, one replica deciding on
+every replica's samples, callers alternating between two `tidegate serve` processes, one of
+them SIGKILLed and restarted mid-canary."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, text
+
+from cloud_serving.canary import (
+    CanarySpec,
+    Recorded,
+    spec_from_dict,
+    spec_to_dict,
+    state_from_dict,
+    state_to_dict,
+)
+from cloud_serving.config import ConfigError, ReplicationConfig, load_config
+from cloud_serving.errors import DuplicateGatewayError, ReleaseError, ReplicationError
+from cloud_serving.experiments import ExperimentSpec
+from cloud_serving.gateway import Gateway
+from cloud_serving.providers import ProviderCondition
+from cloud_serving.replication import ReleaseStore, encode
+from cloud_serving.shadow import ShadowBudget
+from shared.gates import Comparator, start
+from tests.conftest import _worker_pg_url
+from tests.helpers import ADMIN, KEY, write_serving_models
+from tests.mqtt_helpers import free_port
+from tests.test_fleet_e2e import wait
+from tests.test_replicas import TcpCut
+
+ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}
+CALLER_H = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture
+def pg_url() -> str:
+    if not os.environ.get("TIDEGATE_TEST_PG_URL"):
+        pytest.skip("gateway replicas need PostgreSQL: set TIDEGATE_TEST_PG_URL (.ci/run does)")
+    url = _worker_pg_url()
+    engine = create_engine(url)
+    with engine.begin() as c:
+        for table in ("gateway_samples", "gateway_releases", "gateway_replicas"):
+            c.execute(text(f"DROP TABLE IF EXISTS {table}"))
+    engine.dispose()
+    return url
+
+
+def test_a_canary_survives_the_trip_through_the_store() -> None:
+    """What the replicas share comes back as it went: the spec with its providers, the step
+    with its bake clock, and a recorder hands each sample on exactly once."""
+    spec = CanarySpec(
+        steps=(5, 50, 100),
+        manual_steps=(2,),
+        cohort=(("region", ("eu", "us")),),
+        providers=(ProviderCondition("p99", "prometheus", Comparator.LE, 0.2, "http://prom:9090", "up"),),
+    )
+    assert spec_from_dict(spec_to_dict(spec)) == spec
+    state = start(datetime(2026, 12, 4, 1, 2, 3, tzinfo=UTC))
+    assert state_from_dict(state_to_dict(state)) == state
+
+    rec = Recorded()
+    for i in range(1500):  # past one automatic trim (every 1000 samples)
+        rec.add("success", float(i), 1.0)
+    first = rec.drain()["success"]
+    assert first[0].size == 1500 and rec.drain() == {}
+    rec.trim(1000.0)  # drops the 1000 oldest: what is left was sent already
+    rec.add("success", 2000.0, 0.0)
+    again = rec.drain()["success"]
+    assert again[0].tolist() == [2000.0] and again[1].tolist() == [0.0]
+
+
+def test_the_store_refuses_a_live_replica_id_and_an_unreachable_store_is_named(
+    pg_url: str, tmp_path: Path
+) -> None:
+    a = ReleaseStore(ReplicationConfig(url=pg_url, replica_id="gw-a", lease_s=2))
+    a.open({"m": encode({"production": "1"})})
+    twin = ReleaseStore(ReplicationConfig(url=pg_url, replica_id="gw-a", lease_s=2))
+    with pytest.raises(DuplicateGatewayError, match="'gw-a' is live"):
+        twin.open({}, wait_s=0.5)
+    a.close()
+    twin.open({})  # a graceful stop left: the id is free at once
+    twin.close()
+
+    dead = f"postgresql+psycopg://postgres:s3cret@127.0.0.1:{free_port()}/test"
+    gone = ReleaseStore(ReplicationConfig(url=dead, replica_id="gw-x", timeout_s=1))
+    with pytest.raises(ReplicationError, match=r"shared store postgresql\+psycopg://postgres:\*\*\*@") as err:
+        gone.open({})
+    assert "s3cret" not in str(err.value)
+    gone.engine.dispose()
+
+    bad = tmp_path / "bad.toml"
+    models = write_serving_models(tmp_path / "models")
+    bad.write_text(
+        (models / "serving.toml").read_text() + '\n[gateway.replication]\nurl = "sqlite:///x.db"\n'
+    )
+    with pytest.raises(ConfigError, match="replication needs PostgreSQL"):
+        load_config(bad)
+
+    # `tidegate serve` on a store out of reach: one line naming it (password hidden), exit 1
+    unreachable = tmp_path / "unreachable.toml"
+    unreachable.write_text(
+        (models / "serving.toml").read_text() + f'\n[gateway.replication]\nurl = "{dead}"\ntimeout_s = 1\n'
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "tidegate", "serve", "--config", str(unreachable), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1 and "error: the gateways' shared store" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and "s3cret" not in run.stderr
+
+
+def _config(models: Path, name: str, pg_url: str, replica: str, *, tick_s: float = 0.3) -> Path:
+    toml = models / name
+    body = (models / "serving.toml").read_text()
+    body = body.replace('failure_dir = "failures"', f'failure_dir = "failures"\ntick_s = {tick_s}')
+    toml.write_text(
+        body + f'\n[gateway.replication]\nurl = "{pg_url}"\nreplica_id = "{replica}"\nlease_s = 2\n'
+    )
+    return toml
+
+
+def test_two_gateways_in_one_process_route_alike_and_a_lost_store_makes_one_unready(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The same caller key gets the same version from either replica; an operator's change on
+    one is on the other at its next tick; a replica cut off from the store says so."""
+    asyncio.run(_two_in_one(pg_url, tmp_path))
+
+
+async def _two_in_one(pg_url: str, tmp_path: Path) -> None:
+    from sqlalchemy import make_url
+
+    models = write_serving_models(tmp_path / "models")
+    url = make_url(pg_url)
+    cut = TcpCut((url.host or "127.0.0.1", url.port or 5432))
+    through = url.set(host="127.0.0.1", port=cut.port).render_as_string(hide_password=False)
+    a = Gateway(load_config(_config(models, "a.toml", pg_url, "gw-a")), seed=1)
+    b = Gateway(load_config(_config(models, "b.toml", through, "gw-b")), seed=2)
+    await a.start(tick=False)
+    await b.start(tick=False)
+    try:
+        async with a.replicated():
+            a.set_weights("classifier", {"1.0.0": 0.5, "1.1.0": 0.5})
+        await b._replicated_tick()
+        assert b.models["classifier"].weights == {"1.0.0": 0.5, "1.1.0": 0.5}
+        x = np.zeros(16, dtype=np.float32)
+        for i in range(40):
+            ka = (await a.infer("classifier", x, key=f"k{i}")).version
+            kb = (await b.infer("classifier", x, key=f"k{i}")).version
+            assert ka == kb, f"k{i}: {ka} on a, {kb} on b"
+        assert b.replication_unready() == []
+        # what lives in one process only is refused, not run on half the traffic
+        with pytest.raises(ReleaseError, match="an experiment is not replicated"):
+            a.start_experiment("classifier", ExperimentSpec(control="1.0.0", treatment="1.1.0"))
+        with pytest.raises(ReleaseError, match="a shadow is not replicated"):
+            a.start_shadow("classifier", "1.1.0", share=1.0, budget=ShadowBudget())
+
+        cut.cut()
+        await b._replicated_tick()  # fails: no decision, the reason kept
+        assert b.replication_error is not None
+        time.sleep(2.1)  # longer than a lease without the store
+        assert any("not reached within 2 s" in w for w in b.replication_unready())
+        with pytest.raises(ReplicationError, match="cannot be reached"):
+            async with b.replicated():
+                pass
+        cut.restore()
+        await b._replicated_tick()
+        assert b.replication_unready() == []
+    finally:
+        await a.stop()
+        await b.stop()
+        cut.cut()
+
+
+class Gw:
+    """`tidegate serve` as one gateway replica, its log in a file."""
+
+    def __init__(self, config: Path, logs: Path, name: str) -> None:
+        self.config, self.name, self.port = config, name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = logs / f"{name}.log"
+        self.start()
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tidegate",
+                    "serve",
+                    "--config",
+                    str(self.config),
+                    "--port",
+                    str(self.port),
+                ],
+                stdout=out,
+                stderr=out,
+            )
+
+    def ready(self) -> Gw:
+        def up() -> bool:
+            try:
+                return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait(up, timeout=60, what=f"{self.name} ready ({self.log.read_text()[-2000:]})")
+        return self
+
+    def status(self) -> dict[str, Any]:
+        r = httpx.get(self.url + "/v1/admin/models/classifier", headers=ADMIN_H, timeout=5)
+        r.raise_for_status()
+        out: dict[str, Any] = r.json()
+        return out
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def test_two_gateway_processes_run_one_canary_and_a_killed_one_resumes_it(
+    pg_url: str, tmp_path: Path
+) -> None:
+    models = write_serving_models(tmp_path / "models")
+    gws = [Gw(_config(models, f"{n}.toml", pg_url, n), tmp_path, n) for n in ("gw-a", "gw-b")]
+    stop = threading.Event()
+    served: Counter[str] = Counter()
+    failed: Counter[str] = Counter()
+
+    def callers() -> None:  # alternating between the replicas, sticky keys
+        x = np.zeros(16, dtype=np.float32).tolist()
+        with httpx.Client(headers=CALLER_H, timeout=5) as c:
+            i = 0
+            while not stop.is_set():
+                gw = gws[i % 2]
+                try:
+                    r = c.post(
+                        gw.url + "/v1/models/classifier/infer", json={"inputs": x, "key": f"k{i % 300}"}
+                    )
+                    (served if r.status_code == 200 else failed)[gw.name] += 1
+                except httpx.TransportError:
+                    failed[gw.name] += 1
+                i += 1
+                time.sleep(0.004)
+
+    steps_seen: list[tuple[str, int]] = []
+    logs_seen: list[list[str]] = []
+
+    def watch() -> None:  # what each replica says the canary is doing
+        while not stop.is_set():
+            for gw in gws:
+                try:
+                    canary = gw.status()["canary"]
+                except httpx.HTTPError:
+                    continue
+                if canary is not None:
+                    steps_seen.append((gw.name, canary["step"]))
+                    logs_seen.append(canary["log"])
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (callers, watch)]
+    try:
+        for gw in gws:
+            gw.ready()
+        for t in threads:
+            t.start()
+        canary = {
+            "candidate": "1.1.0",
+            "steps": [20, 50, 100],
+            "bake_s": 6,
+            "min_requests": 40,
+            "window_s": 120,
+            "slo_p95_ms": 10_000,
+            "slo_p99_ms": 10_000,
+            "max_latency_increase": None,
+            "max_error_increase": None,
+            "override_reason": "replicas under test",
+        }
+        r = httpx.post(
+            gws[0].url + "/v1/admin/models/classifier/canary", json=canary, headers=ADMIN_H, timeout=10
+        )
+        assert r.status_code == 200, r.text
+        wait(
+            lambda: (gws[1].status()["canary"] or {}).get("candidate") == "1.1.0",
+            10,
+            "gw-b adopted the canary",
+        )
+        # a second canary asked of the other replica meets the same release state: refused
+        r = httpx.post(
+            gws[1].url + "/v1/admin/models/classifier/canary", json=canary, headers=ADMIN_H, timeout=10
+        )
+        assert r.status_code == 409 and "running a canary" in r.json()["detail"], r.text
+
+        wait(lambda: gws[0].status()["canary"]["step"] == 1, 40, "the canary's first advance")
+        # sticky across replicas: at the same revision, one key gets one version everywhere
+        x = np.zeros(16, dtype=np.float32).tolist()
+        with httpx.Client(headers=CALLER_H, timeout=5) as c:
+            for _ in range(5):
+                before = [gw.status()["replication"]["revision"] for gw in gws]
+                got = {
+                    gw.name: [
+                        c.post(
+                            gw.url + "/v1/models/classifier/infer", json={"inputs": x, "key": f"s{k}"}
+                        ).json()["version"]
+                        for k in range(40)
+                    ]
+                    for gw in gws
+                }
+                after = [gw.status()["replication"]["revision"] for gw in gws]
+                if before == after and len(set(before)) == 1:
+                    break
+            assert got["gw-a"] == got["gw-b"], got
+            assert set(got["gw-a"]) == {"1.0.0", "1.1.0"}  # 50 %: both versions among 40 keys
+
+        # kill the replica that decides, mid-step; restart it: it resumes at the step it left
+        leader = next(gw for gw in gws if gw.status()["replication"]["leading"])
+        other = next(gw for gw in gws if gw is not leader)
+        at_kill = leader.status()["canary"]
+        leader.kill()
+        wait(lambda: other.status()["replication"]["leading"], 15, f"{other.name} took the lead")
+        leader.start()
+        leader.ready()
+        resumed = leader.status()["canary"]
+        assert resumed is not None and resumed["step"] >= at_kill["step"] >= 1, (at_kill, resumed)
+        assert resumed["step_started_at"] == at_kill["step_started_at"] or resumed["step"] > at_kill["step"]
+
+        wait(lambda: all(gw.status()["production"] == "1.1.0" for gw in gws), 90, "the canary promoted")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+        for gw in gws:
+            gw.stop()
+
+    per_replica: dict[str, list[int]] = {}
+    for name, step in steps_seen:
+        per_replica.setdefault(name, []).append(step)
+    for name, seq in per_replica.items():  # never back to an earlier step, on either replica
+        assert seq == sorted(seq), (name, seq)
+    log = max(logs_seen, key=len)
+    advances = [line for line in log if " ADVANCE: " in line]
+    assert len(advances) == 2, log  # 20 → 50 → 100: one advance per step, never twice
+    assert all("from replicas gw-a, gw-b" in line for line in advances), advances
+    print(
+        f"gateway replicas: served {dict(served)}, failed {dict(failed)} (the killed one's), "
+        f"killed {leader.name} at step {at_kill['step']}, resumed at {resumed['step']}; {advances}"
+    )
