@@ -8,6 +8,9 @@
    mirroring (goal <= 1.1), for a model that fits the CPU cache and one that does not (the
    mirror on the next core then competes for memory bandwidth, which no CPU priority
    arbitrates).
+   2b. The same with the candidate on a shadow worker process (here on the same two cores),
+   and with a sink that answers without inferring: the hand-off alone, as with the worker
+   on another host (goal <= 1.1).
 3. Dynamic batching: throughput at 32 concurrent callers with batches of up to 32,
    against batch-1 serving of the same model (goal >= 3).
 """
@@ -16,6 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import multiprocessing
+import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +31,7 @@ import numpy as np
 
 from bench.common import print_table, write_result
 from builder.samples import make_mlp
+from cloud_serving import shadow_worker
 from cloud_serving.backends import OnnxBackend
 from cloud_serving.canary import CanarySpec
 from cloud_serving.config import ServingConfig
@@ -112,7 +119,7 @@ async def _run(work: Path, seconds: float) -> list[dict[str, Any]]:
         await direct.stop()
         gw = await Gateway(_config(m, m), seed=0).start(tick=False)
         single = await _closed_loop(lambda x, key: gw.infer("m", x, key=key), 32, seconds)  # noqa: B023
-        gw.start_canary("m", "2", CanarySpec(steps=(10, 100), bake_s=3600))
+        gw.start_canary("m", "2", CanarySpec(steps=(10, 100), bake_s=3600), override_reason="bench")
         routed = await _closed_loop(lambda x, key: gw.infer("m", x, key=key), 32, seconds)  # noqa: B023
         await gw.rollback("m", "bench")
         gw.start_experiment("m", ExperimentSpec(control="1", treatment="2", mde=0.05))
@@ -173,6 +180,57 @@ async def _run(work: Path, seconds: float) -> list[dict[str, Any]]:
             }
         )
 
+    # 2b. shadow on a worker process (`tidegate serve shadow-worker`, here on the same two
+    #     cores at SCHED_IDLE), and on a sink that answers without running the candidate:
+    #     the hand-off alone, as with the worker on another host.
+    rate = max(50.0, capacity[light] * 0.3)
+    for label, target in (
+        ("worker process on the same 2 cores", _worker),
+        ("hand-off alone (a sink)", _sink),
+    ):
+        port = _free_port()
+        proc = target(port)
+        try:
+            cfg = _config(light, light_candidate)
+            cfg.gateway.shadow_worker = f"127.0.0.1:{port}"
+            gw = Gateway(cfg, seed=0)
+            await gw.start(tick=False)
+            await _open_loop(lambda x, key: gw.infer("m", x, key=key), rate, 1.0)  # noqa: B023  warm-up
+            plain, mirrored, compared = [], [], 0
+            for _ in range(3):
+                plain += await _open_loop(lambda x, key: gw.infer("m", x, key=key), rate, seconds)  # noqa: B023
+                gw.start_shadow(
+                    "m",
+                    "2",
+                    share=1.0,
+                    budget=ShadowBudget(max_diff_rate=1.0, min_samples=10**9),
+                    queue_max=4096,
+                )
+                shadow = gw.model("m").shadow
+                assert shadow is not None
+                await asyncio.to_thread(shadow.ready.wait, 60)
+                mirrored += await _open_loop(lambda x, key: gw.infer("m", x, key=key), rate, seconds)  # noqa: B023
+                stopped = await gw.stop_shadow("m")
+                compared += stopped["compared"]
+                dropped = shadow.stats.dropped
+            await gw.stop()
+        finally:
+            proc.terminate()
+            proc.join(10)
+        rows.append(
+            {
+                "case": f"MLP 512-1024x3: caller p99 at {rate:,.0f} req/s, 100 % shadow to a {label} "
+                f"(compared {compared}, last run dropped {dropped})",
+                "baseline": "no shadow",
+                "baseline req/s": rate,
+                "req/s": rate,
+                "ratio": _p99(mirrored) / _p99(plain),
+                "goal": "<= 1.1",
+                "baseline p99 ms": _p99(plain),
+                "p99 ms": _p99(mirrored),
+            }
+        )
+
     # 3. dynamic batching
     one = OnnxBackend("1", model, max_batch=1, max_delay_us=0, max_queue=100_000)
     await one.start()
@@ -195,7 +253,65 @@ async def _run(work: Path, seconds: float) -> list[dict[str, Any]]:
     return rows
 
 
+BENCH_KEY = "tidegate-bench-shadow-key-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _worker(port: int) -> Any:
+    """`tidegate serve shadow-worker`'s own loop, in a process of its own."""
+    proc = multiprocessing.get_context("spawn").Process(
+        target=shadow_worker.serve, args=("127.0.0.1", port, BENCH_KEY.encode()), daemon=True
+    )
+    proc.start()
+    _wait_port(port)
+    return proc
+
+
+def _sink_loop(port: int) -> None:
+    from multiprocessing.connection import Listener
+
+    from cloud_serving.diffs import TaskSpec
+    from cloud_serving.shadow import ShadowStats
+
+    with Listener(("127.0.0.1", port), authkey=BENCH_KEY.encode()) as listener:
+        while True:
+            conn = listener.accept()
+            conn.recv()  # the candidate: not run
+            kpis = ShadowStats(TaskSpec()).kpis()
+            done = 0
+            conn.send((done, kpis, []))
+            while (packed := conn.recv()) is not None:
+                done += len(packed[2]) if isinstance(packed, tuple) else len(packed)
+                if not conn.poll(0):
+                    conn.send((done, kpis, []))
+            conn.send((done, kpis, []))
+            conn.close()
+
+
+def _sink(port: int) -> Any:
+    proc = multiprocessing.get_context("spawn").Process(target=_sink_loop, args=(port,), daemon=True)
+    proc.start()
+    _wait_port(port)
+    return proc
+
+
+def _wait_port(port: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
 def run(seconds: float = 5.0) -> list[dict[str, Any]]:
+    os.environ.setdefault(shadow_worker.AUTHKEY_ENV, BENCH_KEY)
     with tempfile.TemporaryDirectory(prefix="tidegate-bench-serving-") as tmp:
         rows = asyncio.run(_run(Path(tmp), seconds))
     print_table("cloud gateway (single-threaded ONNX Runtime per batch, one pool of 2 threads)", rows)

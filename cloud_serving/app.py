@@ -476,7 +476,8 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
             raise HTTPException(422, "hours_utc: hours between 0 and 24")
         fields = body.model_dump()
         fields["cohort"] = {k: tuple(v) for k, v in body.cohort.items()} if body.cohort else None
-        gateway.start_experiment(model, ExperimentSpec(**fields))
+        async with gateway.replicated():
+            gateway.start_experiment(model, ExperimentSpec(**fields))
         return gateway.status(model)
 
     @app.get("/v1/admin/models/{model}")

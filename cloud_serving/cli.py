@@ -52,6 +52,23 @@ def serve(
     uvicorn.run(create_app(gateway), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
 
+@app.command("shadow-worker")
+def shadow_worker(
+    host: Annotated[str, typer.Option(help="Address to bind (the gateways must reach it).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8900,
+) -> None:
+    """Run shadows for gateways whose serving.toml names this worker ([gateway] shadow_worker =
+    "host:port"): each shadow's candidate runs here, on this machine's CPU, not the gateway's.
+    The key both sides share comes from $TIDEGATE_SHADOW_AUTHKEY."""
+    from cloud_serving.shadow_worker import authkey, serve
+    from shared.logs import configure_logging
+
+    key = authkey()
+    configure_logging()
+    typer.echo(f"shadow worker: {host}:{port}")
+    serve(host, port, key)
+
+
 @app.command()
 def key() -> None:
     """Print a new API key (give it to the caller) and its SHA-256 (put it in serving.toml)."""

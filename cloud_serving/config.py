@@ -200,6 +200,11 @@ class GatewayConfig(_Strict):
     registry: RegistryConfig | None = None
     tracing: TracingConfig | None = None
     replication: ReplicationConfig | None = None
+    shadow_worker: str | None = Field(
+        default=None,
+        pattern=r"^[^\s:]+:\d{1,5}$",
+        description="host:port of a `tidegate serve shadow-worker` (key: $TIDEGATE_SHADOW_AUTHKEY)",
+    )
 
     webhooks: list[str] = Field(default_factory=list, description="alert notifications (JSON POST)")
     redact_keys: str | None = Field(default=None, description="regex of personal keys (default: shared.logs)")

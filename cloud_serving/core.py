@@ -24,6 +24,7 @@ from cloud_serving.graylog import GrayLog
 from cloud_serving.incidents import IncidentRecorder
 from cloud_serving.model_state import ModelState
 from cloud_serving.registry import Promotion, Registry
+from cloud_serving.shadow_worker import WorkerAddress
 from shared.batching import InferencePool
 from shared.kpis import Mitigation
 from shared.logs import Redactor
@@ -56,6 +57,7 @@ class GatewayCore:
     registry: Registry | None
     flags: FlagCache | None
     pool: InferencePool
+    shadow_worker: WorkerAddress | None  # where shadows run, when not in a child process
     _providers_http: httpx.Client | None
     _flag_writes: deque[tuple[str, Any, str]]
     _notifications: set[asyncio.Task[Any]]

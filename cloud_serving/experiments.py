@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field, replace
 from statistics import NormalDist
 from typing import Any
 
@@ -220,6 +221,28 @@ class ExperimentSpec:
         return sample_size(self.baseline_rate, self.mde, alpha=self.alpha, power=self.power)
 
 
+ARM_FIELDS = ("assigned", "errors", "n", "total", "sumsq")
+
+
+def spec_to_dict(spec: ExperimentSpec) -> dict[str, Any]:
+    """A spec as JSON-able data (the replicas' shared store); `spec_from_dict` reverses it."""
+    return {
+        **asdict(spec),
+        "cohort": {k: list(v) for k, v in spec.cohort.items()} if spec.cohort else None,
+        "hours_utc": list(spec.hours_utc) if spec.hours_utc else None,
+    }
+
+
+def spec_from_dict(data: dict[str, Any]) -> ExperimentSpec:
+    return ExperimentSpec(
+        **{
+            **data,
+            "cohort": {k: tuple(v) for k, v in data["cohort"].items()} if data["cohort"] else None,
+            "hours_utc": tuple(data["hours_utc"]) if data["hours_utc"] else None,
+        }
+    )
+
+
 @dataclass
 class ArmStats:
     assigned: int = 0
@@ -242,14 +265,31 @@ class Experiment:
     bandit: Thompson | None = None
     decision: str | None = None
 
+    # Names this experiment among gateway replicas; `sent`: the counts already sent to them.
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    sent: dict[str, ArmStats] = field(default_factory=dict)
+
     def __post_init__(self) -> None:
         s = self.spec
         self.arms = {s.control: ArmStats(), s.treatment: ArmStats()}
+        self.sent = {s.control: ArmStats(), s.treatment: ArmStats()}
         self.test = MSPRT(alpha=s.alpha, tau2=max(s.mde**2, 1e-8))
         # the sticky split, prepared once (the gateway picks an arm per request)
         self.split = Split.of({s.control: 1 - s.treatment_share, s.treatment: s.treatment_share}, [s.control])
         if s.mode == "bandit":
             self.bandit = Thompson([s.control, s.treatment], burn_in=s.burn_in)
+
+    def drain(self) -> dict[str, dict[str, float]]:
+        """Each arm's counts since the last drain (a replica sends them to the shared store,
+        where the deciding replica adds every replica's)."""
+        out = {}
+        for arm, a in self.arms.items():
+            was = self.sent[arm]
+            delta = {f: getattr(a, f) - getattr(was, f) for f in ARM_FIELDS}
+            if any(delta.values()):
+                out[arm] = delta
+                self.sent[arm] = replace(a)
+        return out
 
     def record_error(self, arm: str) -> None:
         self.arms[arm].errors += 1

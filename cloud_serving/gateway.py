@@ -50,7 +50,8 @@ from cloud_serving.observability import refresh_tracing, span
 from cloud_serving.quality import Calibration, InputProfile, top_score
 from cloud_serving.registry import LocalRegistry, Registry, RegistryClient
 from cloud_serving.release_ops import ReleaseOperations, ShadowGateError
-from cloud_serving.replication import Replication
+from cloud_serving.replication import Replication, seal, unseal
+from cloud_serving.shadow_worker import ShadowWorkerError, WorkerAddress, authkey, parse_address
 from shared.batching import InferencePool, NonFiniteOutputError, OverloadedError
 from shared.kpis import Mitigation
 from shared.logs import DEFAULT_KEYS, DEFAULT_PATTERNS, RateLimitedLog, Redactor
@@ -127,6 +128,12 @@ class Gateway(ReleaseOperations, Monitoring, Replication):
         self._notifications: set[asyncio.Task[Any]] = set()
         self.on_request: Callable[[str, Answer | None, bool], None] = lambda model, answer, ok: None
         self._init_replication()
+        self.shadow_worker = None
+        if (address := config.gateway.shadow_worker) is not None:
+            try:
+                self.shadow_worker = WorkerAddress(*parse_address(address), authkey())
+            except ShadowWorkerError as exc:
+                raise ConfigError(f"[gateway] shadow_worker: {exc}") from exc
 
     async def start(self, *, tick: bool = True) -> Gateway:
         refresh_tracing()
@@ -256,14 +263,18 @@ class Gateway(ReleaseOperations, Monitoring, Replication):
         self._remember(st, answer, always=False)
         return answer
 
-    def _remember(self, st: ModelState, answer: Answer, *, always: bool) -> None:
+    def _remember(self, st: ModelState, answer: Answer, *, always: bool, arm: str | None = None) -> None:
         """Give the answer a request id and keep what its late label is judged against (bounded:
-        the oldest go first): a classifier's top class and score, a trajectory's points."""
+        the oldest go first): a classifier's top class and score, a trajectory's points. An
+        experiment's answer on a replicated gateway carries its arm, sealed (any replica can
+        count its reward)."""
         trajectory = st.config.task.kind == "trajectory"
         best = None if trajectory else top_score(answer.outputs, st.config.scores_output)
         if best is None and not always and not trajectory:
             return
         answer.request_id = request_id = uuid.uuid4().hex
+        if arm is not None and st.experiment is not None and self.replicas is not None:
+            answer.request_id = request_id = seal(request_id, st.experiment, arm)
         if trajectory:
             name = st.config.task.trajectory_output or next(iter(answer.outputs))
             st.recent_paths[request_id] = (answer.version, answer.outputs[name])
@@ -337,7 +348,7 @@ class Gateway(ReleaseOperations, Monitoring, Replication):
                 answer = await self._fallback(st, sample, t0, exc)
             return answer  # no reward for an arm that did not answer
         answer.arm, answer.threshold = arm, spec.threshold_of(arm)
-        self._remember(st, answer, always=True)
+        self._remember(st, answer, always=True, arm=arm)
         assert answer.request_id is not None
         st.assigned[answer.request_id] = arm
         while len(st.assigned) > 200_000:
@@ -370,8 +381,14 @@ class Gateway(ReleaseOperations, Monitoring, Replication):
         if st.experiment is None:
             raise ReleaseError(f"{name} has no experiment running")
         arm = st.assigned.pop(request_id, None)
+        if arm is None and self.replicas is not None and request_id not in st.rewarded:
+            arm = unseal(request_id, st.experiment)  # answered by another replica
         if arm is None:
             raise UnknownModelError(f"no experiment request {request_id!r} (unknown, or its reward is in)")
+        if self.replicas is not None:
+            st.rewarded[request_id] = None
+            while len(st.rewarded) > 200_000:
+                st.rewarded.popitem(last=False)
         st.experiment.feedback(arm, reward)
         return arm
 

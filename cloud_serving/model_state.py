@@ -59,6 +59,7 @@ class ModelState:
     threshold: float | None = None  # promoted by an experiment over post-processing arms
     ensemble: dict[str, float] | None = None  # production answers as this weighted average
     assigned: OrderedDict[str, str] = field(default_factory=OrderedDict)  # request id → arm
+    rewarded: OrderedDict[str, None] = field(default_factory=OrderedDict)  # replicated: rewards taken here
     # Outcomes per version: counted per request ([good, bad]), turned into one timed sample
     # per version at each tick (the alert rules' input) so a request costs an increment.
     counts: dict[str, list[int]] = field(default_factory=dict)

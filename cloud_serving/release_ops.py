@@ -56,17 +56,23 @@ class ReleaseOperations(GatewayCore):
 
         def _judge(self, st: ModelState, now: datetime) -> Decision | None: ...
 
+        def _analyse(self, st: ModelState) -> str | None: ...
+
     def _single(self, what: str) -> None:
-        """Shadows and experiments keep their state in this process only."""
+        """What keeps its state in this process only: refused on a replicated gateway."""
         if self.config.gateway.replication is not None:
             raise ReleaseError(
-                f"{what} is not replicated: a gateway with [gateway.replication] runs canaries, weights, "
-                "switches and rollbacks across its replicas; run shadows and experiments on a single gateway"
+                f"{what} is not replicated: a gateway with [gateway.replication] runs canaries, A/B "
+                "experiments without flags, weights, switches and rollbacks across its replicas; run "
+                "it on a single gateway"
             )
 
     def start_experiment(self, name: str, spec: ExperimentSpec) -> Experiment:
         st = self.model(name)
-        self._single("an experiment")
+        if spec.mode == "bandit":
+            self._single("a bandit")
+        if spec.flags:
+            self._single("an experiment that sets flags")
         for arm in (spec.control, spec.treatment):
             for version in spec.ensemble_of(arm) or [spec.version_of(arm)]:
                 self._known(st, version)
@@ -228,6 +234,7 @@ class ReleaseOperations(GatewayCore):
             spec=st.task_spec(),
             queue_max=queue_max,
             clock=self.clock,
+            worker=self.shadow_worker,
         )  # checks the budgets (BudgetError, 422) before any process starts
         if st.shadow is not None:  # an earlier shadow that stopped on its budget: end its process
             self._background(st.shadow.stop())
@@ -399,7 +406,7 @@ class ReleaseOperations(GatewayCore):
         for st in self.models.values():
             self._alerts(st, now, done)
             self._shadow_ended(st)
-            if st.experiment is not None and (verdict := st.experiment.analyse()) is not None:
+            if st.experiment is not None and (verdict := self._analyse(st)) is not None:
                 done.append((st.name, verdict, self._conclude(st, verdict)))
             if st.canary is not None and (decision := self._judge(st, now)) is not None:
                 self._apply(st, decision, now, done)

@@ -22,14 +22,19 @@ the traffic, and a restart forgot a canary in flight. With `[gateway.replication
 
 Why PostgreSQL and not Redis or the fleet server's registry: the fleet server's replicas run
 on it already (one engine to operate), transactions give the compare-and-set and the leases
-on one clock, and the samples survive a restart of everything. Shadows and experiments are
-not replicated yet: a replicated gateway refuses to start them (`ReplicationError`).
+on one clock, and the samples survive a restart of everything.
+
+A/B experiments replicate alike (arm counts instead of samples; a request id names its arm
+under a MAC, so a reward may reach any replica). Shadows, bandits and experiments that set
+flags are not replicated: a replicated gateway refuses them (409).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import io
 import json
 import logging
@@ -84,6 +89,9 @@ from cloud_serving.canary import (
 from cloud_serving.config import ReplicationConfig
 from cloud_serving.core import GatewayCore
 from cloud_serving.errors import DuplicateGatewayError, ReleaseError, ReplicationError
+from cloud_serving.experiments import ARM_FIELDS, ArmStats, Experiment
+from cloud_serving.experiments import spec_from_dict as experiment_spec_from_dict
+from cloud_serving.experiments import spec_to_dict as experiment_spec_to_dict
 from cloud_serving.model_state import ModelState
 from shared.gates import Decision
 
@@ -147,6 +155,16 @@ def routing_state(st: ModelState) -> dict[str, Any]:
         "weights": dict(sorted(st.weights.items())),
         "salt": st.salt,
         "forced_fallback": st.forced_fallback,
+        "threshold": st.threshold,
+        "ensemble": st.ensemble,
+        "experiment": None
+        if (e := st.experiment) is None
+        else {
+            "id": e.id,
+            "spec": experiment_spec_to_dict(e.spec),
+            "started_at": e.started_at,
+            "p_value": e.test.p_value,
+        },
         "canary": None
         if c is None
         else {
@@ -168,9 +186,13 @@ def encode(state: dict[str, Any]) -> str:
 
 def unloaded(st: ModelState, state: dict[str, Any]) -> list[str]:
     """Versions the state routes to that this replica has not loaded."""
-    named = {state["production"], *state["weights"]}
+    named = {state["production"], *state["weights"], *(state["ensemble"] or {})}
     if state["canary"] is not None:
         named.add(state["canary"]["candidate"])
+    if state["experiment"] is not None:
+        spec = experiment_spec_from_dict(state["experiment"]["spec"])
+        for arm in (spec.control, spec.treatment):
+            named.update(spec.ensemble_of(arm) or [spec.version_of(arm)])
     return sorted(v for v in named if v not in st.versions)
 
 
@@ -184,6 +206,17 @@ def adopt(st: ModelState, state: dict[str, Any], now: datetime) -> None:
     st.weights = dict(state["weights"])
     st.salt = state["salt"]
     st.forced_fallback = state["forced_fallback"]
+    st.threshold = state["threshold"]
+    st.ensemble = state["ensemble"]  # after production, whose change clears it
+    e = state["experiment"]
+    if e is None:
+        st.experiment = None
+    elif st.experiment is not None and st.experiment.id == e["id"]:
+        st.experiment.test.p_value = min(st.experiment.test.p_value, e["p_value"])
+    else:
+        st.experiment = Experiment(experiment_spec_from_dict(e["spec"]), e["started_at"], id=e["id"])
+        st.experiment.test.p_value = e["p_value"]
+        st.assigned.clear()
     c = state["canary"]
     if c is None:
         st.canary = None
@@ -206,6 +239,29 @@ def adopt(st: ModelState, state: dict[str, Any], now: datetime) -> None:
             st.canary.redactor = redactor
     st.canary.log[:] = c["log"]
     st.canary.last_reason = c["last_reason"]
+
+
+def seal(request_id: str, experiment: Experiment, arm: str) -> str:
+    """A request id that names its experiment arm, with a MAC keyed by the experiment's id
+    (shared by the replicas, not shown to callers), so a caller cannot pick the arm its
+    reward counts for."""
+    index = 0 if arm == experiment.spec.control else 1
+    body = f"{request_id}.{index}"
+    mac = hmac.new(experiment.id.encode(), body.encode(), hashlib.sha256).hexdigest()[:12]
+    return f"{body}.{mac}"
+
+
+def unseal(request_id: str, experiment: Experiment) -> str | None:
+    """The arm a sealed request id names, or None (not sealed, or sealed by another experiment)."""
+    parts = request_id.split(".")
+    if len(parts) != 3 or parts[1] not in ("0", "1"):
+        return None
+    expect = seal(
+        parts[0], experiment, experiment.spec.control if parts[1] == "0" else experiment.spec.treatment
+    )
+    if not hmac.compare_digest(expect, request_id):
+        return None
+    return experiment.spec.control if parts[1] == "0" else experiment.spec.treatment
 
 
 def pack(arrays: dict[str, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]) -> bytes:
@@ -254,6 +310,23 @@ class Combined:
                 merged.setdefault(m, (np.empty(0), np.empty(0)))
             out[side] = Recorded.of(merged)
         return out
+
+
+@dataclass
+class CombinedArms:
+    """Every replica's counts of one experiment, as the deciding replica has read them."""
+
+    experiment: str
+    arms: dict[str, ArmStats] = field(default_factory=dict)
+    seen: set[int] = field(default_factory=set)
+    replicas: set[str] = field(default_factory=set)
+    read_until: datetime | None = None
+
+    def add(self, deltas: dict[str, dict[str, float]]) -> None:
+        for arm, delta in deltas.items():
+            a = self.arms.setdefault(arm, ArmStats())
+            for f in ARM_FIELDS:
+                setattr(a, f, getattr(a, f) + type(getattr(a, f))(delta[f]))
 
 
 # ---- the store, I/O ---------------------------------------------------------------------------
@@ -468,6 +541,7 @@ class Replication(GatewayCore):
         self._revisions: dict[str, tuple[int, str]] = {}  # model → (revision, state) adopted or written
         self._led: set[str] = set()
         self._combined: dict[str, Combined] = {}
+        self._arms: dict[str, CombinedArms] = {}
         self._unsent: list[Outgoing] = []
         self._seq = 0
         self._behind: dict[str, str] = {}  # model → why its stored state is not adopted here
@@ -497,6 +571,10 @@ class Replication(GatewayCore):
 
     def _drain(self) -> None:
         for name, st in self.models.items():
+            if (e := st.experiment) is not None and (deltas := e.drain()):
+                self._seq = max(self._seq + 1, time.time_ns() // 1000)
+                data = json.dumps(deltas).encode()
+                self._unsent.append(Outgoing(name, e.id, self._seq, "experiment", time.time(), data))
             c = st.canary
             if c is None:
                 continue
@@ -517,6 +595,10 @@ class Replication(GatewayCore):
                 comb = self._combined.get(name)
                 since = comb.read_until if comb is not None and comb.canary == st.canary.id else None
                 reads[name] = (st.canary.id, since)
+            elif st.experiment is not None:
+                arms = self._arms.get(name)
+                since = arms.read_until if arms is not None and arms.experiment == st.experiment.id else None
+                reads[name] = (st.experiment.id, since)
         try:
             pulled = await asyncio.to_thread(self.replicas.exchange, list(self._unsent), reads)
         except (SQLAlchemyError, ReplicationError) as exc:
@@ -540,6 +622,21 @@ class Replication(GatewayCore):
         self._led = pulled.led
         for name in [n for n in self._combined if n not in self._led]:
             del self._combined[name]  # leading again later, it reads everything afresh
+        for name in [n for n in self._arms if n not in self._led]:
+            del self._arms[name]
+        for name, (experiment, rows) in pulled.samples.items():
+            st = self.models[name]
+            if st.experiment is None or st.experiment.id != experiment:
+                continue
+            arms = self._arms.get(name)
+            if arms is None or arms.experiment != experiment:
+                arms = self._arms[name] = CombinedArms(experiment)
+            for row_id, replica, side, data in rows:
+                if side == "experiment" and row_id not in arms.seen:
+                    arms.seen.add(row_id)
+                    arms.replicas.add(replica)
+                    arms.add(json.loads(data))
+            arms.read_until = pulled.read_at
         for name, (canary, rows) in pulled.samples.items():
             st = self.models[name]
             if st.canary is None or st.canary.id != canary:
@@ -574,6 +671,26 @@ class Replication(GatewayCore):
             n = judge.sides["candidate"].seen
             st.canary.log[-1] += f" [{n} candidate requests from replicas {', '.join(sorted(comb.replicas))}]"
         return decision
+
+    def _analyse(self, st: ModelState) -> str | None:
+        """The experiment's verdict this tick: its own on a single gateway; among replicas only
+        the leading one's, on every replica's counts (they stay on the experiment once it
+        ends, so its summary shows them)."""
+        exp = st.experiment
+        assert exp is not None
+        if self.replicas is None:
+            return exp.analyse()
+        arms = self._arms.get(st.name)
+        if not self._fresh or st.name not in self._led or arms is None or arms.experiment != exp.id:
+            return None
+        local = exp.arms
+        exp.arms = {arm: replace(arms.arms.get(arm, ArmStats())) for arm in local}
+        verdict = exp.analyse()
+        if verdict is None:
+            exp.arms = local
+        else:
+            self._note(st, f"experiment decided on the counts of replicas {', '.join(sorted(arms.replicas))}")
+        return verdict
 
     async def _publish(self) -> list[str]:
         """Write each model whose state changed here over the revision it had; the models

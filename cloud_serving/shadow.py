@@ -34,6 +34,7 @@ import numpy as np
 
 from cloud_serving.diffs import COMMON, METRICS, Metric, Row, SlicedDiff, Task, TaskSpec, metric, slices_of
 from cloud_serving.errors import InvalidReleaseError
+from cloud_serving.shadow_worker import RemoteLink, WorkerAddress
 from shared.gates import Comparator, Condition, ConditionResult, Gate, Sample, Verdict, evaluate_gate
 from shared.logs import RateLimitedLog
 
@@ -294,7 +295,10 @@ class ShadowMirror:
         queue_max: int = 4096,
         rng_seed: int | None = None,
         clock: Callable[[], datetime] = _utcnow,
+        worker: WorkerAddress | None = None,
     ) -> None:
+        """`worker`: run the candidate on that shadow worker (`cloud_serving.shadow_worker`)
+        instead of in a child process."""
         self.version, self.model_path = version, model_path
         spec = spec or TaskSpec()
         self.share, self.budget, self.spec = share, budget, spec
@@ -314,15 +318,22 @@ class ShadowMirror:
         self._sent = 0  # samples handed to the process
         self._done = 0  # samples the process has finished (from its last summary)
         self.ready = threading.Event()  # the process has loaded the candidate
-        ctx = multiprocessing.get_context("spawn")
-        self._in: Any = ctx.Queue()
-        self._out: Any = ctx.Queue()
-        self._proc = ctx.Process(
-            target=_mirror_process,
-            args=(str(model_path), spec, budget.capture_abs_diff, self._in, self._out),
-            name=f"tidegate-shadow-{version}",
-            daemon=True,
-        )
+        self.link: RemoteLink | None = None
+        self._in: Any
+        self._out: Any
+        self._proc: Any
+        if worker is not None:
+            link = self.link = RemoteLink(worker, (model_path.read_bytes(), spec, budget.capture_abs_diff))
+            self._in, self._out, self._proc = link, link.received, link
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            self._in, self._out = ctx.Queue(), ctx.Queue()
+            self._proc = ctx.Process(
+                target=_mirror_process,
+                args=(str(model_path), spec, budget.capture_abs_diff, self._in, self._out),
+                name=f"tidegate-shadow-{version}",
+                daemon=True,
+            )
         self._reader = threading.Thread(target=self._read, name="shadow-reader", daemon=True)
         self._flusher: asyncio.Task[None] | None = None
 
@@ -401,6 +412,8 @@ class ShadowMirror:
             except (EOFError, OSError):
                 return
             if message is None:
+                if self.link is not None and self.link.error and self.stopped_reason is None:
+                    self.stopped_reason = self.link.error  # the worker could not be used
                 return
             done, summary, captures = message
             self.ready.set()
@@ -428,7 +441,7 @@ def _idle_priority(pid: int) -> None:
 
 
 def _mirror_process(
-    model_path: str, spec: TaskSpec, capture_abs_diff: float | None, inq: Any, outq: Any
+    model_path: str | bytes, spec: TaskSpec, capture_abs_diff: float | None, inq: Any, outq: Any
 ) -> None:
     """The candidate, in its own process at the lowest priority: run each batch, compare
     with production's answers, keep the KPIs, and send a summary (samples done, KPIs, large

@@ -30,8 +30,8 @@ def tidegate_help(words: tuple[str, ...]) -> str:
 
 def check_command(args: list[str], where: str) -> None:
     words = tuple(a for a in args if not a.startswith("-"))[:2]
-    if words[:1] == ("serve",):
-        words = ("serve",)
+    if words[:1] == ("serve",) and words[1:] != ("shadow-worker",):
+        words = ("serve",)  # the rest is the option's value
     text = tidegate_help(words)
     for option in (a for a in args if a.startswith("--")):
         assert option in text, f"{where}: tidegate {' '.join(words)} has no {option}"
@@ -91,7 +91,9 @@ def test_kubernetes_manifests_probe_real_routes_and_scale_on_real_metrics() -> N
                 check_command(c["args"], f"{path.name} {c['name']}")
                 port = c["args"][c["args"].index("--port") + 1] if "--port" in c["args"] else None
                 for probe in ("readinessProbe", "livenessProbe"):
-                    if probe in c:
+                    if probe in c and "tcpSocket" in c[probe]:
+                        assert str(c[probe]["tcpSocket"]["port"]) == port, (path.name, probe)
+                    elif probe in c:
                         get = c[probe]["httpGet"]
                         assert str(get["port"]) == port, (path.name, probe)
                         if c["args"][0] == "server":
@@ -105,8 +107,8 @@ def test_kubernetes_manifests_probe_real_routes_and_scale_on_real_metrics() -> N
                     if trigger["type"] == "prometheus":
                         for metric in re.findall(r"tidegate_\w+", trigger["metadata"]["query"]):
                             assert f'"{metric}"' in gateway_source, f"the gateway exports no {metric}"
-    assert kinds["Deployment"] == 2 and kinds["PodDisruptionBudget"] == 2
-    assert kinds["ScaledObject"] == 1 and kinds["HorizontalPodAutoscaler"] == 1
+    assert kinds["Deployment"] == 3 and kinds["PodDisruptionBudget"] == 2
+    assert kinds["ScaledObject"] == 1 and kinds["HorizontalPodAutoscaler"] == 2  # fleet, shadow workers
 
 
 def test_the_image_runs_as_a_non_root_user_from_pinned_bases() -> None:

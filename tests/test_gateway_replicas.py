@@ -5,6 +5,7 @@ them SIGKILLed and restarted mid-canary."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -30,7 +31,7 @@ from cloud_serving.canary import (
     state_to_dict,
 )
 from cloud_serving.config import ConfigError, ReplicationConfig, load_config
-from cloud_serving.errors import DuplicateGatewayError, ReleaseError, ReplicationError
+from cloud_serving.errors import DuplicateGatewayError, ReleaseError, ReplicationError, UnknownModelError
 from cloud_serving.experiments import ExperimentSpec
 from cloud_serving.gateway import Gateway
 from cloud_serving.providers import ProviderCondition
@@ -167,8 +168,10 @@ async def _two_in_one(pg_url: str, tmp_path: Path) -> None:
             assert ka == kb, f"k{i}: {ka} on a, {kb} on b"
         assert b.replication_unready() == []
         # what lives in one process only is refused, not run on half the traffic
-        with pytest.raises(ReleaseError, match="an experiment is not replicated"):
-            a.start_experiment("classifier", ExperimentSpec(control="1.0.0", treatment="1.1.0"))
+        with pytest.raises(ReleaseError, match="a bandit is not replicated"):
+            a.start_experiment(
+                "classifier", ExperimentSpec(control="1.0.0", treatment="1.1.0", mode="bandit")
+            )
         with pytest.raises(ReleaseError, match="a shadow is not replicated"):
             a.start_shadow("classifier", "1.1.0", share=1.0, budget=ShadowBudget())
 
@@ -187,6 +190,66 @@ async def _two_in_one(pg_url: str, tmp_path: Path) -> None:
         await a.stop()
         await b.stop()
         cut.cut()
+
+
+def test_an_experiment_across_two_replicas_decides_on_both_replicas_counts(
+    pg_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(_experiment_across(pg_url, tmp_path))
+
+
+async def _experiment_across(pg_url: str, tmp_path: Path) -> None:
+    """Callers alternate between the replicas and report each reward to the other one (the
+    request id carries its arm, sealed); the leading replica's test and sample-ratio check
+    read both replicas' counts, and both replicas end on the winner."""
+    models = write_serving_models(tmp_path / "models")
+    a = Gateway(load_config(_config(models, "a.toml", pg_url, "gw-a")), seed=1)
+    b = Gateway(load_config(_config(models, "b.toml", pg_url, "gw-b")), seed=2)
+    await a.start(tick=False)
+    await b.start(tick=False)
+    try:
+        assert a.status("classifier")["replication"]["leading"]
+        spec = ExperimentSpec(control="1.0.0", treatment="1.1.0", baseline_rate=0.3, mde=0.3)
+        async with a.replicated():
+            a.start_experiment("classifier", spec)
+        await b._replicated_tick()
+        assert b.models["classifier"].experiment is not None
+
+        rng = np.random.default_rng(7)
+        x = np.zeros(16, dtype=np.float32)
+        sent: Counter[str] = Counter()
+        answered = []
+        for i in range(300):
+            here, there = (a, b) if i % 2 == 0 else (b, a)
+            answer = await here.infer("classifier", x, key=f"k{i}")
+            assert answer.arm is not None and answer.request_id is not None
+            sent[answer.arm] += 1
+            answered.append((answer.arm, answer.request_id))
+            reward = float(rng.random() < (0.9 if answer.arm == "1.1.0" else 0.1))
+            assert there.feedback("classifier", answer.request_id, reward) == answer.arm
+        _, rid = answered[0]
+        with pytest.raises(UnknownModelError):  # its reward is in: once is all
+            b.feedback("classifier", rid, 1.0)
+        forged = rid.replace(".0.", ".1.") if ".0." in rid else rid.replace(".1.", ".0.")
+        with pytest.raises(UnknownModelError):  # the arm cannot be chosen by the caller
+            a.feedback("classifier", forged, 1.0)
+
+        for _ in range(3):
+            await b._replicated_tick()  # sends its counts
+            await a._replicated_tick()  # reads both, decides
+            if a.models["classifier"].experiment is None:
+                break
+        assert a.models["classifier"].production == "1.1.0", a.status("classifier")["events"]
+        await b._replicated_tick()
+        assert b.models["classifier"].production == "1.1.0" and b.models["classifier"].experiment is None
+        summary = json.loads((models / "experiments" / "classifier-1.1.0" / "ab_summary.json").read_text())
+        assigned = {arm: v["assigned"] for arm, v in summary["arms"].items()}
+        assert assigned == dict(sent), (assigned, sent)  # both replicas' requests, each once
+        assert sum(v["rewards"] for v in summary["arms"].values()) == 300  # every reward once
+        assert summary["decision"] == "treatment_wins"
+    finally:
+        await a.stop()
+        await b.stop()
 
 
 class Gw:

@@ -17,6 +17,7 @@ ELSEWHERE: dict[str, str] = {
     "TIDEGATE_PROFILE": "the `tidegate fleet` profile to use",
     "TIDEGATE_FLEET_CONFIG": "the `tidegate fleet` profiles file (default ~/.config/tidegate/fleet.toml)",
     "TIDEGATE_REGISTRY_TOKEN": "the gateway's token for the fleet server's registry",
+    "TIDEGATE_SHADOW_AUTHKEY": "the key a gateway and its shadow worker share",
     "TIDEGATE_SIGNER_PIN": "PIN of a PKCS#11 token named by an hsm: signer URI",
     "TIDEGATE_BENCH_KEY": "the bench host's report-signing key (`tidegate hil run`)",
     "TIDEGATE_RIG_FILE": "the HIL rig file (default /etc/tidegate/rig.toml)",
