@@ -280,7 +280,10 @@ def _sink_loop(port: int) -> None:
 
     with Listener(("127.0.0.1", port), authkey=BENCH_KEY.encode()) as listener:
         while True:
-            conn = listener.accept()
+            try:
+                conn = listener.accept()
+            except (OSError, EOFError):  # the readiness probe's bare connect
+                continue
             conn.recv()  # the candidate: not run
             kpis = ShadowStats(TaskSpec()).kpis()
             done = 0

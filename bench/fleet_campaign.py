@@ -144,58 +144,83 @@ def server_process(
     work: Path, db_url: str, broker_port: int, *, tick_s: float = 1.0
 ) -> Iterator[httpx.Client]:
     """`tidegate server run` in its own process with an admin token made by the CLI; yields
-    an authenticated API client once /healthz answers, and stops the server afterwards."""
-    http_port = free_port()
-    env = {
-        **os.environ,
-        "TIDEGATE_DATABASE_URL": db_url,
-        "TIDEGATE_MQTT_PORT": str(broker_port),
-        "TIDEGATE_MQTT_CLIENT_ID": f"bench-server-{http_port}",
-    }
+    an authenticated API client once /readyz answers, and stops the server afterwards."""
+    with server_processes(work, db_url, broker_port, tick_s=tick_s) as apis:
+        yield apis[0]
+
+
+@contextmanager
+def server_processes(
+    work: Path, db_url: str, broker_port: int, *, tick_s: float = 1.0, replicas: int = 1
+) -> Iterator[list[httpx.Client]]:
+    """`replicas` fleet-server processes on one database (each its own MQTT client id),
+    one API client each, once every one is ready (its partitions leased)."""
+    ports = [free_port() for _ in range(replicas)]
+    env = {**os.environ, "TIDEGATE_DATABASE_URL": db_url, "TIDEGATE_MQTT_PORT": str(broker_port)}
     _tidegate("server", "migrate", env=env)
     token = _tidegate("server", "token", "create", "--role", "admin", "--name", "bench", env=env).strip()
     exe = str(Path(sys.executable).with_name("tidegate"))
-    with (work / "server.log").open("wb") as log:
-        server = subprocess.Popen(
-            [exe, "server", "run", "--port", str(http_port), "--tick-s", str(tick_s)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-        api = httpx.Client(
-            base_url=f"http://127.0.0.1:{http_port}",
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=httpx.Timeout(60.0),
-        )
-        try:
-            deadline = time.monotonic() + 60
+    servers: list[subprocess.Popen[bytes]] = []
+    apis: list[httpx.Client] = []
+    try:
+        for i, port in enumerate(ports):
+            with (work / f"server-{i}.log").open("wb") as log:
+                servers.append(
+                    subprocess.Popen(
+                        [exe, "server", "run", "--port", str(port), "--tick-s", str(tick_s)],
+                        env={**env, "TIDEGATE_MQTT_CLIENT_ID": f"bench-server-{port}"},
+                        stdout=subprocess.DEVNULL,
+                        stderr=log,
+                    )
+                )
+            apis.append(
+                httpx.Client(
+                    base_url=f"http://127.0.0.1:{port}",
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=httpx.Timeout(60.0),
+                )
+            )
+        deadline = time.monotonic() + 60
+        for api, server in zip(apis, servers, strict=True):
             while True:
                 try:
-                    if api.get("/healthz").status_code == 200:
+                    if api.get("/readyz").status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the fleet server did not come up; see server.log")
+                    raise RuntimeError("a fleet server did not come up; see server-*.log")
                 time.sleep(0.2)
-            yield api
-        finally:
+        if replicas > 1:  # the partitions shared out before the campaign starts
+            time.sleep(4.0)
+        yield apis
+    finally:
+        for api in apis:
             api.close()
+        for server in servers:
             stop_process(server, grace_s=30)
 
 
-def campaign(work: Path, devices: int, db_url: str, broker_port: int) -> dict[str, Any]:
+def campaign(work: Path, devices: int, db_url: str, broker_port: int, *, replicas: int = 1) -> dict[str, Any]:
     sku = "bench-sku"
-    with server_process(work, db_url, broker_port, tick_s=0.5) as api:
-        things = _register(api, devices, sku)
+    with server_processes(work, db_url, broker_port, tick_s=0.5, replicas=replicas) as apis:
+        things = _register(apis[0], devices, sku)
         fleet = SimulatedFleet(things, SimSettings(port=broker_port, install_s=(0.05, 0.2), seed=1))
         try:
-            return _campaign(api, fleet, devices, sku)
+            return _campaign(apis, fleet, devices, sku)
         finally:
             fleet.stop()
 
 
-def _campaign(api: httpx.Client, fleet: SimulatedFleet, devices: int, sku: str) -> dict[str, Any]:
+def _summed(apis: list[httpx.Client]) -> dict[str, float]:
+    total: Counter[str] = Counter()
+    for api in apis:
+        total.update(_counters(api))
+    return dict(total)
+
+
+def _campaign(apis: list[httpx.Client], fleet: SimulatedFleet, devices: int, sku: str) -> dict[str, Any]:
+    api = apis[0]
     fleet.start()
     time.sleep(1.0)  # the server's bridge subscribed before the first devices ask
     spec = {
@@ -208,7 +233,7 @@ def _campaign(api: httpx.Client, fleet: SimulatedFleet, devices: int, sku: str) 
         "rate": {"maximum_per_minute": 100_000},
     }
     cid = start_campaign(api, spec)
-    before = _counters(api)
+    before = _summed(apis)
     latencies: list[float] = []
     state = ""
     t0 = time.monotonic()
@@ -221,7 +246,7 @@ def _campaign(api: httpx.Client, fleet: SimulatedFleet, devices: int, sku: str) 
             break
         time.sleep(0.2)
     wall = time.monotonic() - t0
-    after = _counters(api)
+    after = _summed(apis)
     requests = after["tidegate_jobs_requests_total"] - before["tidegate_jobs_requests_total"]
     busy = after["tidegate_jobs_busy_seconds_total"] - before["tidegate_jobs_busy_seconds_total"]
     batches = after["tidegate_jobs_batches_total"] - before["tidegate_jobs_batches_total"]
@@ -271,9 +296,12 @@ def run(devices: int = 10_000) -> list[dict[str, Any]]:
             dbs = {"sqlite": f"sqlite:///{work}/fleet.db"}
             if pg := os.environ.get("TIDEGATE_BENCH_PG_URL"):
                 dbs["postgresql"] = pg
-            for name, url in dbs.items():
+            runs = [(name, url, 1) for name, url in dbs.items()]
+            if pg:  # the second replica: for availability on two cores, and what it costs
+                runs.append(("postgresql, 2 replicas", pg, 2))
+            for name, url, replicas in runs:
                 with _fresh_database(url) as fresh:
-                    r = campaign(work, devices, fresh, broker.port)
+                    r = campaign(work, devices, fresh, broker.port, replicas=replicas)
                 rows.append(
                     {
                         "database": name,

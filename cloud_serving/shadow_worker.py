@@ -117,7 +117,7 @@ class RemoteLink:
             conn = self._conn = Client((self.worker.host, self.worker.port), authkey=self.worker.key)
             conn.send(self._init)
         except (OSError, EOFError, AuthenticationError) as exc:
-            self._fail(f"shadow worker {self.worker}: {type(exc).__name__}: {exc or 'refused'}")
+            self._fail(f"shadow worker {self.worker}: {type(exc).__name__}: {str(exc) or 'refused'}")
             return
         self._receiver = threading.Thread(
             target=self._receive, args=(conn,), name="shadow-link-in", daemon=True
@@ -173,7 +173,7 @@ def _serve_one(conn: Connection, peer: Any) -> None:
         log.info("shadow from %s: %d-byte candidate", peer, len(model))
         _mirror_process(model, spec, capture_abs_diff, _ConnIn(conn), _ConnOut(conn))
     except (OSError, EOFError) as exc:
-        log.info("shadow from %s ended: %s", peer, exc or "closed")
+        log.info("shadow from %s ended: %s", peer, str(exc) or "closed")
     except Exception:
         log.exception("shadow from %s failed", peer)
     finally:
@@ -191,7 +191,7 @@ def serve(host: str, port: int, key: bytes, *, ready: threading.Event | None = N
             try:
                 conn = listener.accept()
             except (AuthenticationError, OSError, EOFError) as exc:
-                log.warning("shadow worker: refused a connection: %s", exc or type(exc).__name__)
+                log.warning("shadow worker: refused a connection: %s", str(exc) or type(exc).__name__)
                 continue
             peer = listener.last_accepted
             threading.Thread(target=_serve_one, args=(conn, peer), name=f"shadow-{peer}", daemon=True).start()
