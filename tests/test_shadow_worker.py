@@ -16,12 +16,12 @@ import httpx
 import numpy as np
 import pytest
 
-from cloud_serving.app import create_app
 from cloud_serving.config import ConfigError, load_config
 from cloud_serving.gateway import Gateway
 from cloud_serving.shadow import ShadowBudget
 from tests.helpers import ADMIN, caller, write_serving_models
 from tests.mqtt_helpers import free_port
+from tests.test_cloud_serving import serve
 from tests.test_fleet_e2e import wait
 
 KEY = "0123456789abcdef-shadow-test-key"
@@ -55,19 +55,19 @@ def _config(tmp_path: Path, port: int) -> Path:
 
 
 def _run(config: Path, body: Any) -> None:
-    async def main() -> None:
-        gateway = Gateway(load_config(config), seed=1)
-        await gateway.start(tick=False)
-        app = create_app(gateway, start=False)
-        try:
-            async with httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30
-            ) as client:
-                await body(gateway, client)
-        finally:
-            await gateway.stop()
+    serve(load_config(config), body)
 
-    asyncio.run(main())
+
+async def _stopped(gw: Gateway) -> str:
+    """Start a shadow and wait for it to stop by itself; the reason."""
+    gw.start_shadow("classifier", "1.1.0", share=1.0, budget=ShadowBudget())
+    shadow = gw.model("classifier").shadow
+    assert shadow is not None
+    for _ in range(250):
+        if shadow.stopped_reason is not None:
+            return shadow.stopped_reason
+        await asyncio.sleep(0.02)
+    raise AssertionError("the shadow did not stop")
 
 
 def test_a_shadow_runs_on_the_worker_and_its_verdict_comes_back(
@@ -113,15 +113,8 @@ def test_a_wrong_key_or_no_worker_stops_the_shadow_with_the_reason(
     monkeypatch.setenv("TIDEGATE_SHADOW_AUTHKEY", "not-the-key-the-worker-has")
 
     async def refused(gw: Gateway, client: httpx.AsyncClient) -> None:
-        gw.start_shadow("classifier", "1.1.0", share=1.0, budget=ShadowBudget())
-        shadow = gw.model("classifier").shadow
-        assert shadow is not None
-        for _ in range(250):
-            if shadow.stopped_reason is not None:
-                break
-            await asyncio.sleep(0.02)
-        assert shadow.stopped_reason is not None and "AuthenticationError" in shadow.stopped_reason
-        assert f"shadow worker 127.0.0.1:{worker['port']}" in shadow.stopped_reason
+        reason = await _stopped(gw)
+        assert "AuthenticationError" in reason and f"shadow worker 127.0.0.1:{worker['port']}" in reason
         x = SAMPLES[0].tolist()
         r = await client.post("/v1/models/classifier/infer", json={"inputs": x}, headers=caller())
         assert r.status_code == 200  # callers never notice
@@ -130,14 +123,7 @@ def test_a_wrong_key_or_no_worker_stops_the_shadow_with_the_reason(
     wait(lambda: "refused a connection" in worker["log"].read_text(), 10, "the worker logged the refusal")
 
     async def absent(gw: Gateway, client: httpx.AsyncClient) -> None:
-        gw.start_shadow("classifier", "1.1.0", share=1.0, budget=ShadowBudget())
-        shadow = gw.model("classifier").shadow
-        assert shadow is not None
-        for _ in range(250):
-            if shadow.stopped_reason is not None:
-                break
-            await asyncio.sleep(0.02)
-        assert shadow.stopped_reason is not None and "ConnectionRefusedError" in shadow.stopped_reason
+        assert "ConnectionRefusedError" in await _stopped(gw)
 
     _run(_config(tmp_path / "absent", free_port()), absent)
 
