@@ -132,6 +132,7 @@ samples_table = Table(
 # A row's insert may commit after a later-stamped one; re-reading this far back (and skipping
 # rows already seen) loses none of them.
 REREAD_S = 30.0
+UNSENT_MAX = 10_000  # rows held while the store is out of reach (a few per model and tick)
 
 
 def brief(exc: BaseException) -> str:
@@ -413,9 +414,12 @@ class ReleaseStore:
             ).returning(replicas_table.c.replica_id)
             return c.execute(upsert).first() is not None
 
-    def exchange(self, outgoing: list[Outgoing], reads: dict[str, tuple[str, datetime | None]]) -> Pulled:
-        """Heartbeat, send this replica's samples, take or renew the leases, read every model's
-        state and, for each `reads` entry (model → canary, read since), the samples stored."""
+    def exchange(
+        self, outgoing: list[Outgoing], reads: dict[str, tuple[str, datetime | None]], served: list[str]
+    ) -> Pulled:
+        """Heartbeat, send this replica's samples, take or renew the leases of the `served`
+        models, read their state and, for each `reads` entry (model → canary or experiment,
+        read since), the samples stored."""
         now = _db_now()
         with self.engine.begin() as c:
             beat = c.execute(
@@ -446,11 +450,12 @@ class ReleaseStore:
                 c.scalars(
                     update(releases_table)
                     .where(
+                        releases_table.c.model.in_(served),  # not another deployment's models
                         or_(
                             releases_table.c.owner == self.replica_id,
                             releases_table.c.owner.is_(None),
                             releases_table.c.lease_until < now,
-                        )
+                        ),
                     )
                     .values(owner=self.replica_id, lease_until=now + timedelta(seconds=self.cfg.lease_s))
                     .returning(releases_table.c.model)
@@ -459,7 +464,9 @@ class ReleaseStore:
             rows = {
                 m: (rev, state)
                 for m, rev, state in c.execute(
-                    select(releases_table.c.model, releases_table.c.revision, releases_table.c.state)
+                    select(releases_table.c.model, releases_table.c.revision, releases_table.c.state).where(
+                        releases_table.c.model.in_(served)
+                    )
                 )
             }
             read_at: datetime = c.execute(select(now)).scalar_one()
@@ -492,17 +499,17 @@ class ReleaseStore:
             )
         return new
 
-    def forget(self, model: str, canary: str | None, horizon: float) -> None:
-        """Drop samples of other canaries of `model` and this one's older than `horizon` (the
-        deciding replica keeps the table to what a gate may still read)."""
+    def forget(self, model: str, running: str | None, horizon: float | None) -> None:
+        """Drop the rows of `model`'s ended canaries and experiments, and the running one's
+        older than `horizon` (a canary's gates read a window; an experiment reads all its
+        counts, so its horizon is None): the deciding replica keeps the table to what a
+        decision may still read."""
         t = samples_table.c
+        old = t.canary != (running or "")
+        if horizon is not None:
+            old = or_(old, and_(t.canary == running, t.last_at < horizon))
         with self.engine.begin() as c:
-            c.execute(
-                delete(samples_table).where(
-                    t.model == model,
-                    or_(t.canary != (canary or ""), and_(t.canary == canary, t.last_at < horizon)),
-                )
-            )
+            c.execute(delete(samples_table).where(t.model == model, old))
 
     def close(self) -> None:
         """Hand this replica's models back at once and leave (a graceful stop)."""
@@ -543,6 +550,7 @@ class Replication(GatewayCore):
         self._combined: dict[str, Combined] = {}
         self._arms: dict[str, CombinedArms] = {}
         self._unsent: list[Outgoing] = []
+        self.unsent_dropped = 0  # rows of samples lost to an outage longer than UNSENT_MAX ticks
         self._seq = 0
         self._behind: dict[str, str] = {}  # model → why its stored state is not adopted here
         self._synced_at = -math.inf
@@ -600,11 +608,16 @@ class Replication(GatewayCore):
                 since = arms.read_until if arms is not None and arms.experiment == st.experiment.id else None
                 reads[name] = (st.experiment.id, since)
         try:
-            pulled = await asyncio.to_thread(self.replicas.exchange, list(self._unsent), reads)
+            pulled = await asyncio.to_thread(
+                self.replicas.exchange, list(self._unsent), reads, list(self.models)
+            )
         except (SQLAlchemyError, ReplicationError) as exc:
             if self.replication_error != brief(exc):
                 log.warning("gateway replica %s: the shared store: %s", self.replicas.replica_id, brief(exc))
             self.replication_error = brief(exc)
+            if len(self._unsent) > UNSENT_MAX:  # a long outage: keep the newest, count the rest
+                self.unsent_dropped += len(self._unsent) - UNSENT_MAX
+                del self._unsent[: len(self._unsent) - UNSENT_MAX]
             return False
         self._unsent.clear()
         now = self.clock()
@@ -732,10 +745,15 @@ class Replication(GatewayCore):
         assert self.replicas is not None
         now = self.clock().timestamp()
         for name in self._led:
-            c = self.models[name].canary
-            horizon = now - 2 * (c.spec.window_s if c is not None else 0)
+            st = self.models[name]
+            running: str | None
+            horizon: float | None
+            if (c := st.canary) is not None:
+                running, horizon = c.id, now - 2 * c.spec.window_s
+            else:
+                running, horizon = (st.experiment.id if st.experiment else None), None
             with contextlib.suppress(SQLAlchemyError):
-                await asyncio.to_thread(self.replicas.forget, name, c.id if c else None, horizon)
+                await asyncio.to_thread(self.replicas.forget, name, running, horizon)
 
     @contextlib.asynccontextmanager
     async def replicated(self) -> AsyncIterator[None]:
@@ -766,6 +784,7 @@ class Replication(GatewayCore):
             "revision": self._revisions.get(name, (None, ""))[0],
             "behind": self._behind.get(name),
             "error": self.replication_error,
+            "unsent_dropped": self.unsent_dropped,
         }
 
     def replication_unready(self) -> list[str]:

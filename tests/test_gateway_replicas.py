@@ -155,6 +155,9 @@ async def _two_in_one(pg_url: str, tmp_path: Path) -> None:
     a = Gateway(load_config(_config(models, "a.toml", pg_url, "gw-a")), seed=1)
     b = Gateway(load_config(_config(models, "b.toml", through, "gw-b")), seed=2)
     await a.start(tick=False)
+    other = ReleaseStore(ReplicationConfig(url=pg_url, replica_id="another-deployment"))
+    other.open({"not-served-here": encode({"production": "1"})})
+    other.close()
     await b.start(tick=False)
     try:
         async with a.replicated():
@@ -167,6 +170,13 @@ async def _two_in_one(pg_url: str, tmp_path: Path) -> None:
             kb = (await b.infer("classifier", x, key=f"k{i}")).version
             assert ka == kb, f"k{i}: {ka} on a, {kb} on b"
         assert b.replication_unready() == []
+        engine = create_engine(pg_url)
+        with engine.connect() as c:  # neither replica leads a model it does not serve
+            owner = c.execute(
+                text("SELECT owner FROM gateway_releases WHERE model = 'not-served-here'")
+            ).scalar()
+        engine.dispose()
+        assert owner is None
         # what lives in one process only is refused, not run on half the traffic
         with pytest.raises(ReleaseError, match="a bandit is not replicated"):
             a.start_experiment(
@@ -234,6 +244,13 @@ async def _experiment_across(pg_url: str, tmp_path: Path) -> None:
         with pytest.raises(UnknownModelError):  # the arm cannot be chosen by the caller
             a.feedback("classifier", forged, 1.0)
 
+        await b._replicated_tick()  # sends its counts
+        await a._forget()  # the leader's housekeeping keeps a running experiment's counts
+        engine = create_engine(pg_url)
+        with engine.connect() as c:
+            kept = c.execute(text("SELECT count(*) FROM gateway_samples WHERE side = 'experiment'")).scalar()
+        engine.dispose()
+        assert kept and kept >= 1, kept  # b's counts, not deleted with ended experiments'
         for _ in range(3):
             await b._replicated_tick()  # sends its counts
             await a._replicated_tick()  # reads both, decides
