@@ -280,19 +280,37 @@ def unpack(data: bytes) -> dict[str, tuple[np.ndarray[Any, Any], np.ndarray[Any,
 
 
 @dataclass
-class Combined:
-    """Every replica's samples of one canary, as the deciding replica has read them."""
+class Gathered:
+    """What the deciding replica has read of one canary's or experiment's rows: which rows,
+    from which replicas, up to when (the database's clock), so each row counts once."""
 
-    canary: str
+    id: str
+    seen: set[int] = field(default_factory=set)
+    replicas: set[str] = field(default_factory=set)
+    read_until: datetime | None = None
+
+    def take(self, rows: list[tuple[int, str, str, bytes]], read_at: datetime) -> None:
+        for row_id, replica, side, data in rows:
+            if row_id not in self.seen:
+                self.seen.add(row_id)
+                self.replicas.add(replica)
+                self.row(side, data)
+        self.read_until = read_at
+
+    def row(self, side: str, data: bytes) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class Combined(Gathered):
+    """Every replica's samples of one canary."""
+
     parts: dict[str, dict[str, list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]]] = field(
         default_factory=lambda: {side: defaultdict(list) for side in SIDES}
     )
-    seen: set[int] = field(default_factory=set)
-    replicas: set[str] = field(default_factory=set)
-    read_until: datetime | None = None  # the database's clock at the last read
 
-    def add(self, side: str, arrays: dict[str, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]) -> None:
-        for m, pair in arrays.items():
+    def row(self, side: str, data: bytes) -> None:
+        for m, pair in unpack(data).items():
             self.parts[side][m].append(pair)
 
     def sides(self, horizon: float) -> dict[str, Recorded]:
@@ -314,17 +332,13 @@ class Combined:
 
 
 @dataclass
-class CombinedArms:
-    """Every replica's counts of one experiment, as the deciding replica has read them."""
+class CombinedArms(Gathered):
+    """Every replica's counts of one experiment."""
 
-    experiment: str
     arms: dict[str, ArmStats] = field(default_factory=dict)
-    seen: set[int] = field(default_factory=set)
-    replicas: set[str] = field(default_factory=set)
-    read_until: datetime | None = None
 
-    def add(self, deltas: dict[str, dict[str, float]]) -> None:
-        for arm, delta in deltas.items():
+    def row(self, side: str, data: bytes) -> None:
+        for arm, delta in json.loads(data).items():
             a = self.arms.setdefault(arm, ArmStats())
             for f in ARM_FIELDS:
                 setattr(a, f, getattr(a, f) + type(getattr(a, f))(delta[f]))
@@ -601,11 +615,11 @@ class Replication(GatewayCore):
         for name, st in self.models.items():
             if st.canary is not None:
                 comb = self._combined.get(name)
-                since = comb.read_until if comb is not None and comb.canary == st.canary.id else None
+                since = comb.read_until if comb is not None and comb.id == st.canary.id else None
                 reads[name] = (st.canary.id, since)
             elif st.experiment is not None:
                 arms = self._arms.get(name)
-                since = arms.read_until if arms is not None and arms.experiment == st.experiment.id else None
+                since = arms.read_until if arms is not None and arms.id == st.experiment.id else None
                 reads[name] = (st.experiment.id, since)
         try:
             pulled = await asyncio.to_thread(
@@ -637,32 +651,16 @@ class Replication(GatewayCore):
             del self._combined[name]  # leading again later, it reads everything afresh
         for name in [n for n in self._arms if n not in self._led]:
             del self._arms[name]
-        for name, (experiment, rows) in pulled.samples.items():
+        for name, (rid, rows) in pulled.samples.items():
             st = self.models[name]
-            if st.experiment is None or st.experiment.id != experiment:
-                continue
-            arms = self._arms.get(name)
-            if arms is None or arms.experiment != experiment:
-                arms = self._arms[name] = CombinedArms(experiment)
-            for row_id, replica, side, data in rows:
-                if side == "experiment" and row_id not in arms.seen:
-                    arms.seen.add(row_id)
-                    arms.replicas.add(replica)
-                    arms.add(json.loads(data))
-            arms.read_until = pulled.read_at
-        for name, (canary, rows) in pulled.samples.items():
-            st = self.models[name]
-            if st.canary is None or st.canary.id != canary:
-                continue
-            comb = self._combined.get(name)
-            if comb is None or comb.canary != canary:
-                comb = self._combined[name] = Combined(canary)
-            for row_id, replica, side, data in rows:
-                if row_id not in comb.seen:
-                    comb.seen.add(row_id)
-                    comb.replicas.add(replica)
-                    comb.add(side, unpack(data))
-            comb.read_until = pulled.read_at
+            if st.canary is not None and st.canary.id == rid:
+                if (comb := self._combined.get(name)) is None or comb.id != rid:
+                    comb = self._combined[name] = Combined(rid)
+                comb.take(rows, pulled.read_at)
+            elif st.experiment is not None and st.experiment.id == rid:
+                if (arms := self._arms.get(name)) is None or arms.id != rid:
+                    arms = self._arms[name] = CombinedArms(rid)
+                arms.take(rows, pulled.read_at)
         self._synced_at = time.monotonic()
         self.replication_error = None
         return True
@@ -674,7 +672,7 @@ class Replication(GatewayCore):
         if self.replicas is None:
             return st.canary.tick(now)
         comb = self._combined.get(st.name)
-        if not self._fresh or st.name not in self._led or comb is None or comb.canary != st.canary.id:
+        if not self._fresh or st.name not in self._led or comb is None or comb.id != st.canary.id:
             return None
         judge = replace(st.canary, sides=comb.sides(now.timestamp() - 2 * st.canary.spec.window_s))
         before = len(st.canary.log)
@@ -694,7 +692,7 @@ class Replication(GatewayCore):
         if self.replicas is None:
             return exp.analyse()
         arms = self._arms.get(st.name)
-        if not self._fresh or st.name not in self._led or arms is None or arms.experiment != exp.id:
+        if not self._fresh or st.name not in self._led or arms is None or arms.id != exp.id:
             return None
         local = exp.arms
         exp.arms = {arm: replace(arms.arms.get(arm, ArmStats())) for arm in local}
