@@ -193,6 +193,7 @@ class Replica:
     def __init__(self, db_url: str, mqtt_port: int, client_id: str, logs: Path) -> None:
         self.port, self.client_id = free_port(), client_id
         self.url = f"http://127.0.0.1:{self.port}"
+        logs.mkdir(parents=True, exist_ok=True)
         self.log = logs / f"{client_id}.log"
         args = ["server", "run", "--db", db_url, "--port", str(self.port), "--mqtt-port", str(mqtt_port)]
         env = {
@@ -245,6 +246,8 @@ def test_a_replica_killed_mid_wave_loses_nothing_and_a_joining_one_takes_a_share
     try:
         a.ready(), b.ready()
         wait(lambda: owners(pg) == {"fleet-a": 32, "fleet-b": 32}, timeout=30, what="two replicas split")
+        twin = Replica(pg.url, broker.port, "fleet-b", tmp_path / "twin")  # B's client id again
+        replicas.append(twin)
         things = [f"rep-{i:05d}" for i in range(devices)]
         r = httpx.post(
             b.url + "/api/v1/devices/batch",
@@ -336,6 +339,11 @@ def test_a_replica_killed_mid_wave_loses_nothing_and_a_joining_one_takes_a_share
                     CampaignDecision.campaign_id == cid
                 )
             ).all()
+        # the twin with B's client id gave up while B lived, saying why, and took nothing
+        assert twin.proc.wait(30) == 1, twin.log.read_text()[-2000:]
+        assert (
+            "'fleet-b' is live" in twin.log.read_text() and "TIDEGATE_MQTT_CLIENT_ID" in twin.log.read_text()
+        )
         kinds = Counter(k for k, _ in log)
         assert kinds["advanced"] == 3 and kinds["completed"] == 1  # each decision taken once
         notified = sum(int(m.split("notifying ")[1].split()[0]) for k, m in log if k == "queued")
