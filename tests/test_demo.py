@@ -62,6 +62,7 @@ def test_the_demo_tells_the_whole_story(tmp_path: Path) -> None:
     # 6: the hotfix refused at the shadow gate with its per-class table; the retrain through
     # shadow, canary on relative gates, production; an A/B decision, an alert's fallback, drift
     assert "shadow of hotfix 1.1.0" in out and "verdict FAIL" in out and "pedestrian " in out
+    assert "shadows run on tidegate serve shadow-worker" in out and "on the shadow worker:" in out
     assert "canary of 1.1.0 refused (HTTP 409)" in out
     assert "shadow of retrain 1.0.1" in out and "verdict PASS" in out
     assert "canary promoted after" in out and "production is 1.0.1" in out and "A/B decided after" in out

@@ -6,7 +6,9 @@ classifier's inputs and an alert that moves a failing model to its fallback."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import secrets
 import subprocess
 import sys
 import time
@@ -52,12 +54,17 @@ def running_gateway(d: Path, say: Say) -> Iterator[tuple[httpx.Client, httpx.Cli
     key, key_hash = keygen()
     admin, admin_hash = keygen()
     failures = d / "failures"
+    # Shadows run on a shadow worker, a process of their own (in production: other capacity);
+    # the key the gateway and the worker share is made for this run.
+    worker_port = free_port()
+    env = {**os.environ, "TIDEGATE_SHADOW_AUTHKEY": secrets.token_hex(24)}
     (d / "serving.toml").write_text(
         f"""[gateway]
 api_keys_sha256 = ["{key_hash}"]
 admin_keys_sha256 = ["{admin_hash}"]
 failure_dir = "{failures}"
 tick_s = 0.25
+shadow_worker = "127.0.0.1:{worker_port}"
 
 [models.{MODEL}]
 production = "1.0.0"
@@ -83,11 +90,20 @@ action = "fallback"
     )
     port = free_port()
     log = (d / "gateway.log").open("wb")
+    worker_log = (d / "shadow-worker.log").open("wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tidegate", "serve", "shadow-worker", "--port", str(worker_port)],
+        cwd=d,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "tidegate", "serve", "--config", str(d / "serving.toml"), "--port", str(port)],
         cwd=d,
         stdout=log,
         stderr=subprocess.STDOUT,
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     caller = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
@@ -105,13 +121,23 @@ action = "fallback"
             if time.monotonic() > deadline:
                 raise TidegateError("the gateway did not answer /healthz within 60 s")
             time.sleep(0.1)
-        say("gateway", f"tidegate serve up at {url} (pid {proc.pid}): {MODEL} 1.0.0 in production")
+        while "shadow worker on" not in (d / "shadow-worker.log").read_text():
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise TidegateError(f"the shadow worker did not start; see {d / 'shadow-worker.log'}")
+            time.sleep(0.1)
+        say(
+            "gateway",
+            f"tidegate serve up at {url} (pid {proc.pid}): {MODEL} 1.0.0 in production; shadows run "
+            f"on tidegate serve shadow-worker (pid {worker.pid}), off the gateway's process",
+        )
         yield caller, operator, failures
     finally:
         caller.close()
         operator.close()
         stop_process(proc, grace_s=15)
+        stop_process(worker, grace_s=5)
         log.close()
+        worker_log.close()
 
 
 def _infer(
@@ -191,7 +217,7 @@ def release_story(d: Path, say: Say) -> dict[str, Any]:
         verdict = bad["verdict"]
         say(
             "gateway",
-            f"shadow of hotfix 1.1.0 on 100 % of traffic in its own low-priority process: {bad['compared']} "
+            f"shadow of hotfix 1.1.0 on 100 % of traffic, on the shadow worker: {bad['compared']} "
             f"compared, argmax agreement {bad['argmax_agreement'] or 0:.2f}; every caller got 1.0.0; "
             f"verdict {verdict['verdict'].upper()}",
         )
