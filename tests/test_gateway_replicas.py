@@ -164,6 +164,16 @@ async def _two_in_one(pg_url: str, tmp_path: Path) -> None:
             a.set_weights("classifier", {"1.0.0": 0.5, "1.1.0": 0.5})
         await b._replicated_tick()
         assert b.models["classifier"].weights == {"1.0.0": 0.5, "1.1.0": 0.5}
+        # a replica whose configuration lacks 1.1.0 does not adopt a state routing to it, and is not ready
+        lacking = _config(models, "c.toml", pg_url, "gw-c")
+        lacking.write_text(lacking.read_text().replace('versions."1.1.0".path = "v2.onnx"\n', ""))
+        c = Gateway(load_config(lacking), seed=3)
+        await c.start(tick=False)
+        try:
+            assert c.models["classifier"].weights == {"1.0.0": 1.0}
+            assert any("routes to 1.1.0, not loaded here" in w for w in c.replication_unready())
+        finally:
+            await c.stop()
         x = np.zeros(16, dtype=np.float32)
         for i in range(40):
             ka = (await a.infer("classifier", x, key=f"k{i}")).version
