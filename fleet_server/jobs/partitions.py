@@ -267,7 +267,8 @@ class PartitionLeases:
 
     def holds_locally(self, partition: int) -> bool:
         """This replica's last known view, for decisions taken outside a transaction (whether to
-        answer a throttled request): never for handling a message."""
+        answer a throttled request, whether to drop a message on receipt): never for handling a
+        message, which `holding` decides in the batch's transaction."""
         return partition in self._held
 
     def holding(self, s: Session, partitions: Collection[int]) -> dict[int, float]:
