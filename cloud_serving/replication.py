@@ -43,6 +43,7 @@ import os
 import socket
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -280,7 +281,7 @@ def unpack(data: bytes) -> dict[str, tuple[np.ndarray[Any, Any], np.ndarray[Any,
 
 
 @dataclass
-class Gathered:
+class Gathered(ABC):
     """What the deciding replica has read of one canary's or experiment's rows: which rows,
     from which replicas, up to when (the database's clock), so each row counts once."""
 
@@ -297,8 +298,9 @@ class Gathered:
                 self.row(side, data)
         self.read_until = read_at
 
+    @abstractmethod
     def row(self, side: str, data: bytes) -> None:
-        raise NotImplementedError
+        """Add one row's data (a canary side's samples, or an experiment's arm counts)."""
 
 
 @dataclass
