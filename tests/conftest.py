@@ -25,7 +25,14 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # The longest tests go first, so two xdist workers do not end on one of them alone.
-FIRST = ("tests/test_demo.py", "tests/test_chaos.py", "tests/test_agent_faults.py", "tests/test_hil.py")
+FIRST = (
+    "tests/test_demo.py",
+    "tests/test_chaos.py",
+    "tests/test_agent_faults.py",
+    "tests/test_hil.py",
+    "tests/test_replicas.py",
+    "tests/test_gateway_replicas.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
