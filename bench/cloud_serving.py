@@ -38,6 +38,7 @@ from cloud_serving.config import ServingConfig
 from cloud_serving.experiments import ExperimentSpec
 from cloud_serving.gateway import Gateway
 from cloud_serving.shadow import ShadowBudget
+from shared.net import free_port
 
 FEATURES = 512
 
@@ -168,7 +169,7 @@ async def _run(work: Path, seconds: float) -> list[dict[str, Any]]:
         ("worker process on the same 2 cores", _worker),
         ("hand-off alone (a sink)", _sink),
     ):
-        port = _free_port()
+        port = free_port()
         proc = target(port)
         try:
             cfg = _config(light, light_candidate)
@@ -243,12 +244,6 @@ def _shadow_row(
 
 
 BENCH_KEY = "tidegate-bench-shadow-key-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _worker(port: int) -> Any:

@@ -38,11 +38,12 @@ from cloud_serving.providers import ProviderCondition
 from cloud_serving.replication import ReleaseStore, encode
 from cloud_serving.shadow import ShadowBudget
 from shared.gates import Comparator, start
+from shared.procs import stop_process
 from tests.conftest import _worker_pg_url
 from tests.helpers import ADMIN, KEY, write_serving_models
 from tests.mqtt_helpers import free_port
 from tests.test_fleet_e2e import wait
-from tests.test_replicas import TcpCut
+from tests.test_replicas import TcpCut, is_ready
 
 ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}
 CALLER_H = {"Authorization": f"Bearer {KEY}"}
@@ -306,13 +307,9 @@ class Gw:
             )
 
     def ready(self) -> Gw:
-        def up() -> bool:
-            try:
-                return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait(up, timeout=60, what=f"{self.name} ready ({self.log.read_text()[-2000:]})")
+        wait(
+            lambda: is_ready(self.url), timeout=60, what=f"{self.name} ready ({self.log.read_text()[-2000:]})"
+        )
         return self
 
     def status(self) -> dict[str, Any]:
@@ -326,12 +323,7 @@ class Gw:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc, grace_s=15)
 
 
 def test_two_gateway_processes_run_one_canary_and_a_killed_one_resumes_it(

@@ -28,6 +28,7 @@ from fleet_server.jobs.models import ExecutionEvent, JobExecution, JobsPartition
 from fleet_server.jobs.partitions import PARTITIONS, DuplicateReplicaError, PartitionLeases, balance
 from fleet_server.migrate import upgrade
 from fleet_server.sim.fleet import SimSettings, SimulatedFleet
+from shared.procs import stop_process
 from tests.conftest import _worker_pg_url, empty_pg
 from tests.mqtt_helpers import MOSQUITTO, Broker, free_port
 from tests.test_fleet_e2e import admin_token, wait
@@ -187,6 +188,14 @@ def test_a_replica_that_loses_its_database_is_not_ready_and_holds_nothing_twice(
         through.engine.dispose()
 
 
+def is_ready(url: str) -> bool:
+    """A server process's /readyz answers 200 (not yet up: False)."""
+    try:
+        return httpx.get(url + "/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 class Replica:
     """`tidegate server run` as one replica, its log in a file (a pipe would fill and stall it)."""
 
@@ -208,13 +217,7 @@ class Replica:
             )
 
     def ready(self) -> Replica:
-        def up() -> bool:
-            try:
-                return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait(up, timeout=60, what=f"{self.client_id} ready")
+        wait(lambda: is_ready(self.url), timeout=60, what=f"{self.client_id} ready")
         return self
 
     def handled(self) -> float:
@@ -223,12 +226,7 @@ class Replica:
         return float(line.split()[-1])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc, grace_s=20)
 
 
 @pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto binary not installed")
