@@ -186,6 +186,15 @@ def encode(state: dict[str, Any]) -> str:
     return json.dumps(state, sort_keys=True, separators=(",", ":"))
 
 
+def settled(state: dict[str, Any]) -> str:
+    """What a change of the state is judged by: all of it but the canary's latest reason, which
+    a holding canary rewrites every tick ("bake: 3 s left"); it travels with the next real
+    change instead of costing a revision, a write and every replica's re-adoption per tick."""
+    if state["canary"] is None:
+        return encode(state)
+    return encode({**state, "canary": {**state["canary"], "last_reason": None}})
+
+
 def unloaded(st: ModelState, state: dict[str, Any]) -> list[str]:
     """Versions the state routes to that this replica has not loaded."""
     named = {state["production"], *state["weights"], *(state["ensemble"] or {})}
@@ -561,7 +570,9 @@ class Replication(GatewayCore):
     def _init_replication(self) -> None:
         cfg = self.config.gateway.replication
         self.replicas = ReleaseStore(cfg) if cfg is not None else None
-        self._revisions: dict[str, tuple[int, str]] = {}  # model → (revision, state) adopted or written
+        self._revisions: dict[
+            str, tuple[int, str]
+        ] = {}  # model → (revision, `settled` state) adopted or written
         self._led: set[str] = set()
         self._combined: dict[str, Combined] = {}
         self._arms: dict[str, CombinedArms] = {}
@@ -647,7 +658,7 @@ class Replication(GatewayCore):
                 continue
             self._behind.pop(name, None)
             adopt(model, state, now)
-            self._revisions[name] = (rev, encode(routing_state(model)))
+            self._revisions[name] = (rev, settled(routing_state(model)))
         self._led = pulled.led
         for name in [n for n in self._combined if n not in self._led]:
             del self._combined[name]  # leading again later, it reads everything afresh
@@ -713,10 +724,11 @@ class Replication(GatewayCore):
         for name, st in self.models.items():
             if name in self._behind:
                 continue
-            raw = encode(routing_state(st))
+            state = routing_state(st)
             rev, known = self._revisions.get(name, (0, ""))
-            if raw == known:
+            if (key := settled(state)) == known:
                 continue
+            raw = encode(state)
             try:
                 new = await asyncio.to_thread(self.replicas.publish, name, rev, raw)
             except SQLAlchemyError as exc:
@@ -726,7 +738,7 @@ class Replication(GatewayCore):
                 lost.append(name)
                 self._revisions[name] = (-1, "")
             else:
-                self._revisions[name] = (new, raw)
+                self._revisions[name] = (new, key)
         return lost
 
     async def _replicated_tick(self) -> None:
