@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -452,3 +453,152 @@ def test_a_campaign_another_replica_is_ticking_is_left_to_it(db: Database) -> No
             other.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": f"campaign:{cid}"})
     scheduler.tick_all()
     assert state(db, cid)[0] == "running" and published  # its lock free: ticked, devices notified
+
+
+def _reference(s: Any, c: Any, spec: CampaignSpec, now: datetime) -> Any:
+    """The member-by-member CampaignState the tick built before it let the database count."""
+    from fleet_server.campaigns.planner import CampaignState, MemberState
+
+    rows = {r.thing_name: r for r in s.scalars(select(JobExecution).where(JobExecution.job_id == c.id))}
+    unmet = service._unmet(s, spec, [t for t in c.members if t not in rows], now)
+    members = tuple(
+        MemberState(
+            t,
+            ex.status,
+            ex.queued_at,
+            ex.last_updated_at if ex.status in TERMINAL else None,
+            ex.execution_number,
+        )
+        if (ex := rows.get(t)) is not None
+        else MemberState(t, None, unmet=unmet.get(t))
+        for t in c.members
+    )
+    return CampaignState(c.wave, c.wave_started_at, members, c.advance_requested)
+
+
+TERMINAL = {"SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "CANCELED", "REMOVED"}
+
+
+@pytest.mark.parametrize("notified_share", [0.6, 1.0])
+def test_the_counts_a_tick_decides_on_equal_the_member_by_member_reduction(
+    db: Database, notified_share: float
+) -> None:
+    """The tick has the database count the executions (one grouped query) instead of walking
+    every member; on a random campaign in every state the counts equal the planner's own
+    reduction of the member list, and so does the decision taken on them."""
+    import random
+
+    from fleet_server.campaigns.planner import count_members, order_members, plan_tick, wave_bounds
+
+    rng = random.Random(int(notified_share * 10))
+    fleet(db, 150)
+    cid = make(
+        db,
+        waves=[{"percent": 10}, {"percent": 40}, {"percent": 100}],
+        max_concurrent=400,
+        retry={"criteria": [{"failure_type": "FAILED", "retries": 1}], "backoff_s": 5},
+        server_preconditions={"regions": ["eu"]},  # the "us" half is deferred while not notified
+    )
+    now = T0 + timedelta(minutes=10)
+    with db.session() as s:
+        c = service.get(s, cid)  # running in wave 2, its executions made up below
+        spec = CampaignSpec.model_validate(c.spec)
+        c.state, c.started_at, c.wave, c.wave_started_at = "running", T0, 1, T0
+        c.members = order_members(service.cohort_things(s, spec.cohort), spec.seed)
+        bound = wave_bounds(spec, len(c.members))[1]
+        chosen = [
+            t for i, t in enumerate(c.members[:bound]) if i < bound * notified_share or rng.random() < 0.1
+        ]
+        chosen += [t for t in c.members[bound:] if rng.random() < 0.05]  # stray later-wave rows
+        for t in chosen:
+            status = rng.choice(
+                [
+                    "QUEUED",
+                    "IN_PROGRESS",
+                    "SUCCEEDED",
+                    "SUCCEEDED",
+                    "FAILED",
+                    "TIMED_OUT",
+                    "REJECTED",
+                    "CANCELED",
+                ]
+            )
+            queued = now - timedelta(seconds=rng.choice([5, 30, 59, 61, 90, 300]))
+            s.add(
+                JobExecution(
+                    job_id=cid,
+                    thing_name=t,
+                    campaign_id=cid,
+                    status=status,
+                    status_details={},
+                    document={},
+                    version_number=2,
+                    execution_number=rng.choice([1, 1, 2]),
+                    queued_at=queued,
+                    last_updated_at=queued + timedelta(seconds=rng.randint(0, 50)),
+                    wave=0
+                    if c.members.index(t) < wave_bounds(spec, len(c.members))[0]
+                    else (1 if t in c.members[:bound] else 2),
+                )
+            )
+        s.flush()
+        counted = service.counts(s, c, spec, now)
+        reference = count_members(spec, _reference(s, c, spec, now), now)
+    by_thing = lambda ms: sorted(ms, key=lambda m: m.thing)  # noqa: E731
+    assert counted.settled == reference.settled and counted.notified == reference.notified == len(chosen)
+    assert (counted.in_flight, counted.succeeded, counted.queued_last_minute, counted.last_done) == (
+        reference.in_flight,
+        reference.succeeded,
+        reference.queued_last_minute,
+        reference.last_done,
+    )
+    assert by_thing(counted.retrying) == by_thing(reference.retrying) and counted.retrying
+    assert counted.deferred == reference.deferred and counted.ready == reference.ready
+    assert bool(counted.ready or counted.deferred) is (notified_share < 1)
+    assert sum(counted.settled.values()) > 0 and counted.queued_last_minute > 0
+    a, b = plan_tick(spec, counted, now), plan_tick(spec, reference, now)
+    assert (a.queue, sorted(a.retry), a.pause_reason, a.advance_to, a.log) == (
+        b.queue,
+        sorted(b.retry),
+        b.pause_reason,
+        b.advance_to,
+        b.log,
+    )
+
+
+def test_a_running_campaign_is_shown_from_its_last_tick_and_counted_afresh_when_that_stops(
+    db: Database,
+) -> None:
+    """The API reads a running campaign's counts from the view its tick keeps (one row, not a
+    count over every execution); a view no tick has renewed for VIEW_STALE_S is not served,
+    nor is one of a campaign that is not ticked (paused)."""
+    fleet(db, 20)
+    cid = make(db)
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=T0)  # wave 1: 2 devices queued
+    devices_answer(db, T0 + timedelta(seconds=1))
+
+    def shown(at: datetime) -> tuple[dict[str, int], datetime]:
+        with db.session() as s:
+            body, counts_at = service.view(s, service.get(s, cid), at)
+        return body["waves"][0]["counts"], counts_at
+
+    assert shown(T0 + timedelta(seconds=1.2)) == ({"QUEUED": 2}, T0)  # as of the tick
+    with db.session() as s:  # the wave passed: the campaign moved on, so the view is re-counted
+        service.tick(s, campaign_id=cid, now=T0 + timedelta(seconds=1.8))
+    counts, at = shown(T0 + timedelta(seconds=2))
+    assert counts == {"SUCCEEDED": 2} and at == T0 + timedelta(seconds=1.8)
+    with db.session() as s:  # wave 2 in flight, nothing moved: re-counted after VIEW_EVERY_S
+        service.tick(s, campaign_id=cid, now=T0 + timedelta(seconds=2.5))
+    assert shown(T0 + timedelta(seconds=3))[1] == T0 + timedelta(seconds=1.8)
+    with db.session() as s:
+        service.tick(s, campaign_id=cid, now=T0 + timedelta(seconds=4))
+    assert shown(T0 + timedelta(seconds=4))[1] == T0 + timedelta(seconds=4)
+    stale = T0 + timedelta(seconds=4 + service.VIEW_STALE_S)
+    assert shown(stale)[1] == stale  # no tick for VIEW_STALE_S: counted at the request
+    with db.session() as s:
+        service.pause(s, campaign_id=cid, actor="op", now=T0 + timedelta(seconds=5), reason="look")
+    devices_answer(db, T0 + timedelta(seconds=5))
+    with db.session() as s:
+        body, at = service.view(s, service.get(s, cid), T0 + timedelta(seconds=6))
+    assert at == T0 + timedelta(seconds=6) and body["waves"][1]["counts"].get("SUCCEEDED", 0) > 0

@@ -116,6 +116,6 @@ def test_the_image_runs_as_a_non_root_user_from_pinned_bases() -> None:
     bases = re.findall(r"^FROM (\S+)", text, flags=re.M)
     assert len(bases) == 2 and all(re.search(r":\d+\.\d+\.\d+", b) for b in bases)  # multi-stage, pinned
     assert re.search(r"^USER 10001$", text, flags=re.M)
-    cmd = re.search(r'^CMD \[(.*)\]$', text, flags=re.M)
+    cmd = re.search(r"^CMD \[(.*)\]$", text, flags=re.M)
     assert cmd is not None
     check_command([a.strip().strip('"') for a in cmd.group(1).split(",")], "Containerfile CMD")

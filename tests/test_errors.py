@@ -76,5 +76,10 @@ def test_every_process_logs_one_json_schema_and_the_server_a_line_per_decision(
     assert "ops@example.com" not in agent["message"] and "redacted:" in agent["message"]
     assert not any(line["logger"] == "httpx" for line in lines)
     events = [line.get("event") for line in lines if line["logger"] == "tidegate.campaigns"]
-    assert events == ["campaign.created", "campaign.waiting_for_approval", "campaign.override",
-                      "campaign.scheduled", "campaign.paused"]
+    assert events == [
+        "campaign.created",
+        "campaign.waiting_for_approval",
+        "campaign.override",
+        "campaign.scheduled",
+        "campaign.paused",
+    ]

@@ -456,3 +456,77 @@ def test_a_concurrent_writer_cannot_be_overwritten(db: Database) -> None:
         a.close()
     with db.session() as s:
         assert s.scalars(select(JobExecution)).one().status == "CANCELED"
+
+
+def test_a_batch_is_written_in_one_statement_per_table_and_still_version_checked(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL the bridge writes a batch's execution updates and events with one
+    statement each (the flush's one UPDATE per row was most of a batch's time), and that
+    statement checks every row's version as the flush would: a row another writer moved on
+    fails the whole batch, which is then redone one message per transaction."""
+    from sqlalchemy import event
+    from sqlalchemy.orm.exc import StaleDataError
+
+    from fleet_server.jobs.bridge import JobsBridge, _Inbound
+
+    things = [f"car-{i}" for i in range(40)]
+    setup_device(db, *things)
+    for t in things:
+        queue(db, "job-1", thing=t)
+    bridge = JobsBridge(db, port=1)  # never started: batches are handed over directly
+    bridge.leases.start()
+    monkeypatch.setattr(bridge, "publish", lambda out: None)
+    statements: list[str] = []
+    event.listen(db.engine, "before_cursor_execute", lambda c, cur, sql, *a: statements.append(sql))
+
+    def msg(thing: str, op: str, body: dict[str, Any]) -> _Inbound:
+        return _Inbound(f"$aws/things/{thing}/jobs/{op}", json.dumps(body).encode(), 0, 0, time.monotonic())
+
+    bridge._process([msg(t, "start-next", {}) for t in things])
+    bridge._process([msg(t, "job-1/update", {"status": "SUCCEEDED", "expectedVersion": 2}) for t in things])
+    writes = [
+        sql.split("(")[0].split(" SET ")[0].strip()
+        for sql in statements
+        if sql.startswith(("UPDATE", "INSERT"))
+    ]
+    if db.engine.dialect.name == "postgresql":
+        assert writes.count("UPDATE job_executions AS e") == 2  # one per batch, not one per device
+        assert writes.count("INSERT INTO execution_events") == 2
+    with db.session() as s:
+        rows = s.scalars(select(JobExecution)).all()
+        assert {(r.status, r.version_number) for r in rows} == {("SUCCEEDED", 3)} and len(rows) == 40
+        trail = s.execute(
+            select(ExecutionEvent.execution_id, ExecutionEvent.to_status).order_by(ExecutionEvent.id)
+        )
+        per_row: dict[int, list[str]] = {}
+        for execution_id, to_status in trail:
+            per_row.setdefault(execution_id, []).append(to_status)
+        assert set(map(tuple, per_row.values())) == {("QUEUED", "IN_PROGRESS", "SUCCEEDED")}
+
+    # Read by a batch, moved on by another writer (the sweeper), then written: refused.
+    queue(db, "job-2", thing="car-0")
+    queue(db, "job-2", thing="car-1")
+    a = db._sessions()
+    try:
+        with a.no_autoflush:
+            held = protocol.prefetch_pending(a, ["car-0", "car-1"])
+            for t in ("car-0", "car-1"):
+                protocol.handle(a, f"$aws/things/{t}/jobs/start-next", b"{}", T0)
+            with db.session() as b:
+                swept = b.scalars(select(JobExecution).where(JobExecution.job_id == "job-2")).all()[1]
+                swept.status, swept.version_number = "CANCELED", swept.version_number + 1
+            with pytest.raises(StaleDataError):
+                protocol.write_batch(a)
+                a.flush()  # SQLite: the flush at commit is the check
+            del held
+    finally:
+        a.rollback()  # as the bridge's session does when its batch raised
+        a.close()
+    with db.session() as s:
+        job2 = {
+            r.thing_name: r.status
+            for r in s.scalars(select(JobExecution).where(JobExecution.job_id == "job-2"))
+        }
+    assert sorted(job2.values()) == ["CANCELED", "QUEUED"]  # nothing of the refused batch written
+    bridge.leases.stop()

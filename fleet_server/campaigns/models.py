@@ -16,7 +16,9 @@ class Campaign(Base):
     name: Mapped[str] = mapped_column(String(128))
     state: Mapped[str] = mapped_column(String(32), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    members: Mapped[list[str]] = mapped_column(JSON, default=list)  # seeded order, recorded at start
+    # Seeded order, recorded at start. Deferred: tens of thousands of names that only the
+    # scheduler's tick reads; the API's campaign view and lists do not load them.
+    members: Mapped[list[str]] = mapped_column(JSON, default=list, deferred=True)
     wave: Mapped[int] = mapped_column(Integer, default=0)
     wave_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     advance_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -39,3 +41,15 @@ class CampaignDecision(Base):
     kind: Mapped[str] = mapped_column(String(32))
     actor: Mapped[str] = mapped_column(String(128))
     message: Mapped[str] = mapped_column(Text)
+
+
+class CampaignView(Base):
+    """A running campaign's counts (per wave, per region, top errors) as its last tick took
+    them (`service.refresh_view`): what the API and the dashboard read while it runs, so a
+    poll costs one row instead of a count over every execution."""
+
+    __tablename__ = "campaign_views"
+
+    campaign_id: Mapped[str] = mapped_column(ForeignKey("campaigns.id"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)

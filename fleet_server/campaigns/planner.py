@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -25,6 +26,7 @@ from shared.gates import Gate, MetricsSnapshot, Sample, Verdict, evaluate_gate
 from shared.iotjobs import JobStatus
 
 FAILURES = frozenset({JobStatus.FAILED.value, JobStatus.TIMED_OUT.value, JobStatus.REJECTED.value})
+IN_FLIGHT = frozenset({JobStatus.QUEUED.value, JobStatus.IN_PROGRESS.value})
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,59 @@ class MemberState:
 
 @dataclass(frozen=True)
 class CampaignState:
+    """The campaign device by device: how the planner's tests describe a fleet, and the
+    reference `count_members` reduces to the `Counts` a tick is decided on."""
+
     wave: int  # index of the current wave
     wave_started_at: datetime
     members: tuple[MemberState, ...]  # in wave order (see `order_members`)
     advance_requested: bool = False  # an operator's "start next wave now"
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What a tick decides on: the campaign's executions counted, not listed. The scheduler
+    has the database count them (`fleet_server.campaigns.service.counts`), so a tick costs
+    the devices that can move now (retries due, devices to notify), not every member; the
+    lists here are only those. `count_members` is the same reduction over a member list."""
+
+    wave: int
+    wave_started_at: datetime
+    population: int  # members, for the wave bounds
+    settled: Mapping[str, int]  # reached executions not awaiting a retry: status -> count
+    last_done: datetime | None  # the latest finish among the settled terminal ones
+    in_flight: int  # QUEUED or IN_PROGRESS, every wave
+    succeeded: int  # every wave (the rate ramp's input)
+    notified: int  # executions of any status, every wave
+    queued_last_minute: int  # queued (or requeued) within the minute before `now`
+    retrying: tuple[MemberState, ...]  # failed, a retry still allowed (every wave)
+    deferred: tuple[MemberState, ...]  # reached, not notified, held by a server-side precondition
+    ready: tuple[str, ...]  # reached, not notified, free to go, in wave order
+    advance_requested: bool = False
+
+
+def count_members(spec: CampaignSpec, state: CampaignState, now: datetime) -> Counts:
+    bounds = wave_bounds(spec, len(state.members))
+    reached = state.members[: bounds[min(state.wave, len(bounds) - 1)]] if bounds else ()
+    settled = [m for m in reached if m.status is not None and not retry_pending(spec, m)]
+    executed = [m for m in state.members if m.status is not None]
+    return Counts(
+        wave=state.wave,
+        wave_started_at=state.wave_started_at,
+        population=len(state.members),
+        settled=dict(Counter(str(m.status) for m in settled)),
+        last_done=max((m.finished_at for m in settled if m.finished_at is not None), default=None),
+        in_flight=sum(1 for m in executed if m.status in IN_FLIGHT),
+        succeeded=sum(1 for m in executed if m.status == JobStatus.SUCCEEDED.value),
+        notified=len(executed),
+        queued_last_minute=sum(
+            1 for m in executed if m.queued_at is not None and now - m.queued_at < timedelta(minutes=1)
+        ),
+        retrying=tuple(m for m in executed if retry_pending(spec, m)),
+        deferred=tuple(m for m in reached if m.status is None and m.unmet is not None),
+        ready=tuple(m.thing for m in reached if m.status is None and m.unmet is None),
+        advance_requested=state.advance_requested,
+    )
 
 
 @dataclass
@@ -74,19 +125,19 @@ def wave_bounds(spec: CampaignSpec, population: int) -> list[int]:
     return out
 
 
-def metrics(members: tuple[MemberState, ...]) -> MetricsSnapshot:
-    done = [m for m in members if m.status is not None and JobStatus(m.status).terminal and m.finished_at]
+def metrics(counts: Counts, now: datetime) -> MetricsSnapshot:
+    """The wave gates' input: one weighted sample per outcome over the settled terminal
+    executions (the gates take the mean: a rate over as many samples as devices)."""
+    terminal = {st: n for st, n in counts.settled.items() if JobStatus(st).terminal and n > 0}
+    total = sum(terminal.values())
+    at = min(counts.last_done or now, now)
+
+    def rate(hits: int) -> list[Sample]:
+        return [Sample(at, v, w) for v, w in ((1.0, hits), (0.0, total - hits)) if w > 0]
+
     return {
-        "success_rate": [
-            Sample(m.finished_at, 1.0 if m.status == "SUCCEEDED" else 0.0)
-            for m in done
-            if m.finished_at is not None
-        ],
-        "failure_rate": [
-            Sample(m.finished_at, 1.0 if m.status in FAILURES else 0.0)
-            for m in done
-            if m.finished_at is not None
-        ],
+        "success_rate": rate(terminal.get(JobStatus.SUCCEEDED.value, 0)),
+        "failure_rate": rate(sum(n for st, n in terminal.items() if st in FAILURES)),
     }
 
 
@@ -108,26 +159,25 @@ CohortSnapshots = tuple[MetricsSnapshot, MetricsSnapshot]
 
 def plan_tick(
     spec: CampaignSpec,
-    state: CampaignState,
+    state: CampaignState | Counts,
     now: datetime,
     cohort: Callable[[], CohortSnapshots] | None = None,
 ) -> Decision:
     """`cohort` is called only when a wave waits on its relative gates (`spec.compare`):
     loading the cohort's beacons costs a pass over it, which most ticks need not make."""
+    c = count_members(spec, state, now) if isinstance(state, CampaignState) else state
     d = Decision()
-    bounds = wave_bounds(spec, len(state.members))
-    if not state.members:
+    bounds = wave_bounds(spec, c.population)
+    if not c.population:
         d.log.append("no devices in the cohort yet")
         return d
-    wave = min(state.wave, len(bounds) - 1)
-    reached = state.members[: bounds[wave]]
-    retrying = [m for m in state.members if retry_pending(spec, m)]
-    settled = tuple(m for m in reached if not retry_pending(spec, m))
-    snap = metrics(settled)
-    executed = sum(1 for m in settled if m.status is not None and JobStatus(m.status).terminal)
-    deferred = [m for m in reached if m.status is None and m.unmet is not None]
+    wave = min(c.wave, len(bounds) - 1)
+    reached = bounds[wave]
+    snap = metrics(c, now)
+    executed = sum(n for st, n in c.settled.items() if JobStatus(st).terminal)
+    deferred = c.deferred
 
-    error = evaluate_gate(spec.error_gate.gate("error", len(reached)), snap, now)
+    error = evaluate_gate(spec.error_gate.gate("error", reached), snap, now)
     if error.verdict is Verdict.FAIL:
         d.pause_reason = f"error gate: {error.reason}"
         d.log.append(d.pause_reason)
@@ -139,9 +189,7 @@ def plan_tick(
         d.log.append(f"end time {end_at.isoformat()} reached: {d.end.replace('_', ' ')}")
         return d
 
-    in_flight = sum(
-        1 for m in state.members if m.status in (JobStatus.QUEUED.value, JobStatus.IN_PROGRESS.value)
-    )
+    in_flight = c.in_flight
     if deferred:
         deferred_by: dict[str, list[str]] = {}
         for m in deferred:
@@ -159,23 +207,16 @@ def plan_tick(
     if blackout is not None:
         d.log.append(f"blackout window {blackout.cron!r} ({blackout.timezone}) open: nothing queued")
     else:
-        succeeded = sum(1 for m in state.members if m.status == JobStatus.SUCCEEDED.value)
-        notified = sum(1 for m in state.members if m.status is not None)
-        per_minute = spec.rate.per_minute(succeeded, notified)
-        last_minute = sum(
-            1 for m in state.members if m.queued_at is not None and now - m.queued_at < timedelta(minutes=1)
-        )
-        budget = min(spec.max_concurrent - in_flight, per_minute - last_minute)
+        per_minute = spec.rate.per_minute(c.succeeded, c.notified)
+        budget = min(spec.max_concurrent - in_flight, per_minute - c.queued_last_minute)
         if budget > 0:
             due = [
                 m.thing
-                for m in retrying
+                for m in c.retrying
                 if m.finished_at is not None and now - m.finished_at >= spec.retry.delay(m.attempt)
             ]
             d.retry = due[:budget]
-            d.queue = [m.thing for m in reached if m.status is None and m.unmet is None][
-                : budget - len(d.retry)
-            ]
+            d.queue = list(c.ready[: budget - len(d.retry)])
         if d.retry:
             d.log.append(f"retrying {len(d.retry)} failed device(s) after backoff")
         if d.queue:
@@ -187,8 +228,8 @@ def plan_tick(
     # A device outside its blackout window now is waited for (the window passes by itself);
     # one that fails a standing precondition (offline, firmware, region) is not.
     waiting_out = [m for m in deferred if (m.unmet or "").startswith(TRANSIENT_DEFERRAL)]
-    all_done = executed + len(deferred) == len(reached) and not d.queue and not retrying and not waiting_out
-    success = evaluate_gate(spec.success_gate.gate("success", len(reached)), snap, now)
+    all_done = executed + len(deferred) == reached and not d.queue and not c.retrying and not waiting_out
+    success = evaluate_gate(spec.success_gate.gate("success", reached), snap, now)
     if success.verdict is not Verdict.PASS:
         if all_done and not deferred:
             d.pause_reason = f"wave {wave + 1} finished below its success gate: {success.reason}"
@@ -203,13 +244,11 @@ def plan_tick(
     soak = timedelta(seconds=spec.waves[wave].soak_s)
     if not all_done:
         return d  # the wave's devices are still running
-    last_done = max(
-        (m.finished_at for m in settled if m.finished_at is not None), default=state.wave_started_at
-    )
+    last_done = c.last_done or c.wave_started_at
     if now - last_done < soak:  # soak: quiet time after the wave's last device finished
         d.log.append(f"wave {wave + 1} soaking, {(soak - (now - last_done)).total_seconds():.0f}s left")
         return d
-    if spec.compare and not state.advance_requested:
+    if spec.compare and not c.advance_requested:
         waited = now - last_done - soak
         held = _compare_cohort(spec, cohort() if cohort is not None else None, now)
         if held is not None:
@@ -229,7 +268,7 @@ def plan_tick(
                 d.log.append(f"wave {wave + 1} passed; comparing with the rest of the cohort: {reason}")
             return d
         d.log.append(f"wave {wave + 1}: updated devices no worse than the rest of the cohort")
-    if spec.waves[wave].manual_advance and not state.advance_requested:
+    if spec.waves[wave].manual_advance and not c.advance_requested:
         d.log.append(f"wave {wave + 1} passed; waiting for an operator to start wave {wave + 2}")
         return d
     d.advance_to = wave + 1

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleet_server.auth.deps import Principal, require
@@ -45,6 +45,10 @@ class CampaignPublic(BaseModel):
     waves: list[WaveCounts]
     regions: dict[str, dict[str, int]]
     errors: dict[str, int]
+    counts_at: datetime = Field(
+        description="when the counts were taken: a running campaign's at its last scheduler tick "
+        "(every few seconds), any other's at the request"
+    )
     paused_reason: str | None
     created_by: str
     approved_by: str | None
@@ -83,50 +87,18 @@ class CancelBody(BaseModel):
     force: bool = False
 
 
-def present(s: Session, c: Campaign) -> CampaignPublic:
-    from fleet_server.devices.models import Device
-
-    # Counted by the database: the dashboard polls this during campaigns of 10,000s.
-    spec = CampaignSpec.model_validate(c.spec)
-    bounds = wave_bounds(spec, len(c.members))
-    per_wave: dict[int, Counter[str]] = {}
-    for wave, status, n in s.execute(
-        select(JobExecution.wave, JobExecution.status, func.count())
-        .where(JobExecution.job_id == c.id)
-        .group_by(JobExecution.wave, JobExecution.status)
-    ):
-        per_wave.setdefault(wave or 0, Counter())[status] += n
-    waves, start = [], 0
-    for i, end in enumerate(bounds):
-        counts = per_wave.get(i, Counter())
-        if (waiting := end - start - sum(counts.values())) > 0:
-            counts["NOT_STARTED"] = waiting
-        waves.append(WaveCounts(index=i, size=end - start, counts=dict(counts)))
-        start = end
-    regions: dict[str, Counter[str]] = {}
-    for region, status, n in s.execute(
-        select(Device.region, JobExecution.status, func.count())
-        .join(Device, Device.thing_name == JobExecution.thing_name)
-        .where(JobExecution.job_id == c.id)
-        .group_by(Device.region, JobExecution.status)
-    ):
-        regions.setdefault(region or "unknown", Counter())[status] += n
-    errors = Counter(
-        (details or {}).get("reason", status)[:80]
-        for status, details in s.execute(
-            select(JobExecution.status, JobExecution.status_details).where(
-                JobExecution.job_id == c.id, JobExecution.status.in_(("FAILED", "TIMED_OUT", "REJECTED"))
-            )
-        )
-    )
+def present(s: Session, c: Campaign, now: datetime, *, live: bool = False) -> CampaignPublic:
+    """`live`: count now (after an operator's action), not the running campaign's last view."""
+    body, counts_at = (service.count_view(s, c), now) if live else service.view(s, c, now)
     return CampaignPublic(
         id=c.id,
         name=c.name,
         state=c.state,
         wave=c.wave,
-        waves=waves,
-        regions={k: dict(v) for k, v in regions.items()},
-        errors=dict(errors.most_common(10)),
+        waves=[WaveCounts(**w) for w in body["waves"]],
+        regions=body["regions"],
+        errors=body["errors"],
+        counts_at=counts_at,
         paused_reason=c.paused_reason,
         created_by=c.created_by,
         approved_by=c.approved_by,
@@ -154,7 +126,7 @@ def _act(
             cid = campaign_id or (result.id if isinstance(result, Campaign) else None)
             audit(s, actor=who.name, role=who.role.value, action=action, target=cid, outcome="ok", now=now)
             s.flush()
-            answer = present(s, service.get(s, cid or ""))
+            answer = present(s, service.get(s, cid or ""), now, live=True)
     except service.CampaignNotFoundError:
         raise  # nothing to audit: there is no campaign (the error handler answers 404)
     except service.CampaignError as exc:
@@ -204,7 +176,8 @@ def list_campaigns(
                 (Campaign.created_at < last.created_at)
                 | ((Campaign.created_at == last.created_at) & (Campaign.id < last.id))
             )
-        return [present(s, c) for c in s.scalars(q).all()]
+        now = request.app.state.clock()
+        return [present(s, c, now) for c in s.scalars(q).all()]
 
 
 @router.post("", response_model=CampaignPublic, status_code=201)
@@ -249,7 +222,7 @@ def kpis(request: Request, who: Viewer) -> dict[str, Any]:
 @router.get("/{campaign_id}", response_model=CampaignPublic)
 def get_campaign(request: Request, campaign_id: CampaignId, who: Viewer) -> CampaignPublic:
     with request.app.state.db.session() as s:
-        return present(s, service.get(s, campaign_id))
+        return present(s, service.get(s, campaign_id), request.app.state.clock())
 
 
 @router.get("/{campaign_id}/drift", response_model=None)

@@ -9,23 +9,26 @@ from __future__ import annotations
 import bisect
 import logging
 import uuid
-from datetime import datetime
+from collections import Counter
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from fleet_server.campaigns.models import Campaign, CampaignDecision
+from fleet_server.campaigns.models import Campaign, CampaignDecision, CampaignView
 from fleet_server.campaigns.planner import (
     FAILURES,
+    IN_FLIGHT,
     TRANSIENT_DEFERRAL,
-    CampaignState,
     CohortSnapshots,
+    Counts,
     MemberState,
     order_members,
     plan_start,
     plan_tick,
+    retry_pending,
     wave_bounds,
 )
 from fleet_server.campaigns.spec import CampaignSpec, Cohort
@@ -98,6 +101,76 @@ def _log(session: Session, c: Campaign, now: datetime, kind: str, actor: str, me
     if event := EVENT_OF_KIND.get(kind):  # queued in this transaction: sent only if it commits
         data = {"campaign_id": c.id, "name": c.name, "state": c.state, "wave": c.wave, "actor": actor}
         webhooks.emit(session, event, {**data, "message": message}, now)
+
+
+#: A running campaign's view is re-counted by its tick at most this often (and whenever the
+#: tick moved the campaign on); the API serves it in between.
+VIEW_EVERY_S = 2.0
+#: A view older than this is not served: no replica is ticking the campaign, so the API
+#: counts afresh rather than show counts that stopped.
+VIEW_STALE_S = 10.0
+SERVED_FROM_VIEW = frozenset({Lifecycle.SCHEDULED.value, Lifecycle.RUNNING.value})
+
+
+def count_view(session: Session, c: Campaign) -> dict[str, Any]:
+    """Per-wave and per-region execution counts and the top errors, counted by the database:
+    three grouped queries over the campaign's executions."""
+    spec = CampaignSpec.model_validate(c.spec)
+    bounds = wave_bounds(spec, len(c.members))
+    per_wave: dict[int, Counter[str]] = {}
+    for wave, status, n in session.execute(
+        select(JobExecution.wave, JobExecution.status, func.count())
+        .where(JobExecution.job_id == c.id)
+        .group_by(JobExecution.wave, JobExecution.status)
+    ):
+        per_wave.setdefault(wave or 0, Counter())[status] += n
+    waves, start = [], 0
+    for i, end in enumerate(bounds):
+        counts = per_wave.get(i, Counter())
+        if (waiting := end - start - sum(counts.values())) > 0:
+            counts["NOT_STARTED"] = waiting
+        waves.append({"index": i, "size": end - start, "counts": dict(counts)})
+        start = end
+    regions: dict[str, Counter[str]] = {}
+    for region, status, n in session.execute(
+        select(Device.region, JobExecution.status, func.count())
+        .join(Device, Device.thing_name == JobExecution.thing_name)
+        .where(JobExecution.job_id == c.id)
+        .group_by(Device.region, JobExecution.status)
+    ):
+        regions.setdefault(region or "unknown", Counter())[status] += n
+    errors = Counter(
+        (details or {}).get("reason", status)[:80]
+        for status, details in session.execute(
+            select(JobExecution.status, JobExecution.status_details).where(
+                JobExecution.job_id == c.id, JobExecution.status.in_(sorted(FAILURES))
+            )
+        )
+    )
+    return {
+        "waves": waves,
+        "regions": {k: dict(v) for k, v in regions.items()},
+        "errors": dict(errors.most_common(10)),
+    }
+
+
+def refresh_view(session: Session, c: Campaign, now: datetime) -> None:
+    row = session.get(CampaignView, c.id)
+    if row is None:
+        session.add(CampaignView(campaign_id=c.id, at=now, body=count_view(session, c)))
+    else:
+        row.at, row.body = now, count_view(session, c)
+
+
+def view(session: Session, c: Campaign, now: datetime) -> tuple[dict[str, Any], datetime]:
+    """The counts to show and when they were taken: a running campaign's from its last tick
+    (when fresh), any other's counted now (a paused or finished campaign is not ticked, and
+    its in-flight devices still report)."""
+    if c.state in SERVED_FROM_VIEW:
+        row = session.get(CampaignView, c.id)
+        if row is not None and (now - row.at).total_seconds() < VIEW_STALE_S:
+            return row.body, row.at
+    return count_view(session, c), now
 
 
 def get(session: Session, campaign_id: str) -> Campaign:
@@ -274,6 +347,18 @@ def cohort_things(session: Session, cohort: Cohort) -> list[str]:
 def tick(session: Session, *, campaign_id: str, now: datetime) -> list[protocol.Outgoing]:
     """One planner step for one campaign: returns the notifications to publish after commit."""
     c = get(session, campaign_id)
+    before = (c.state, c.wave)
+    out = _tick(session, c, now)
+    if c.members:  # the campaign's view, re-counted after this tick's changes (VIEW_EVERY_S)
+        row = session.get(CampaignView, c.id)
+        moved = (c.state, c.wave) != before
+        if row is None or moved or (now - row.at).total_seconds() >= VIEW_EVERY_S:
+            session.flush()
+            refresh_view(session, c, now)
+    return out
+
+
+def _tick(session: Session, c: Campaign, now: datetime) -> list[protocol.Outgoing]:
     spec = CampaignSpec.model_validate(c.spec)
     if S(c.state) is S.SCHEDULED:
         if not plan_start(spec, now):
@@ -296,33 +381,7 @@ def tick(session: Session, *, campaign_id: str, now: datetime) -> list[protocol.
         if joined:
             c.members = [*c.members, *joined]
             _log(session, c, now, "joined", "scheduler", f"{len(joined)} device(s) joined the cohort")
-    # Plain tuples, not ORM objects: this runs every tick over every member.
-    executions = {
-        row.thing_name: row
-        for row in session.execute(
-            select(
-                JobExecution.thing_name,
-                JobExecution.status,
-                JobExecution.queued_at,
-                JobExecution.last_updated_at,
-                JobExecution.execution_number,
-            ).where(JobExecution.job_id == c.id)
-        )
-    }
-    unmet = _unmet(session, spec, [t for t in c.members if t not in executions], now)
-    members = tuple(
-        MemberState(
-            t,
-            ex.status,
-            ex.queued_at,
-            ex.last_updated_at if JobStatus(ex.status).terminal else None,
-            ex.execution_number,
-        )
-        if (ex := executions.get(t)) is not None
-        else MemberState(t, None, unmet=unmet.get(t))
-        for t in c.members
-    )
-    state = CampaignState(c.wave, c.wave_started_at or now, members, c.advance_requested)
+    state = counts(session, c, spec, now)
     decision = plan_tick(spec, state, now, cohort=lambda: cohort_beacons(session, c, spec))
     out: list[protocol.Outgoing] = []
     document = JobDocument(
@@ -392,6 +451,85 @@ def tick(session: Session, *, campaign_id: str, now: datetime) -> list[protocol.
         c.state, c.finished_at = S.COMPLETED.value, now
         _log(session, c, now, "completed", "scheduler", decision.log[-1])
     return out
+
+
+def counts(session: Session, c: Campaign, spec: CampaignSpec, now: datetime) -> Counts:
+    """The planner's input, counted by the database: one grouped query over the campaign's
+    executions (a few rows per wave and status), the failed ones that may still be retried,
+    and, only while the current wave has members not notified yet, which those are."""
+    bounds = wave_bounds(spec, len(c.members))
+    wave = min(c.wave, len(bounds) - 1) if bounds else 0
+    recent = now - timedelta(minutes=1)
+    rows = session.execute(
+        select(
+            JobExecution.wave,
+            JobExecution.status,
+            JobExecution.execution_number,
+            func.count(),
+            func.max(JobExecution.last_updated_at),
+            func.sum(case((JobExecution.queued_at > recent, 1), else_=0)),
+        )
+        .where(JobExecution.job_id == c.id)
+        .group_by(JobExecution.wave, JobExecution.status, JobExecution.execution_number)
+    ).all()
+    settled: Counter[str] = Counter()
+    last_done: datetime | None = None
+    in_flight = succeeded = notified = last_minute = reached_notified = 0
+    retries_pending = False
+    for w, status, attempt, n, latest, queued_recently in rows:
+        notified += n
+        last_minute += int(queued_recently or 0)
+        in_flight += n if status in IN_FLIGHT else 0
+        succeeded += n if status == JobStatus.SUCCEEDED.value else 0
+        pending = attempt <= spec.retry.allowed(status)
+        retries_pending |= pending
+        if (w or 0) <= wave:
+            reached_notified += n
+            if not pending:
+                settled[status] += n
+                if JobStatus(status).terminal and latest is not None:
+                    last_done = latest if last_done is None else max(last_done, latest)
+    retrying: tuple[MemberState, ...] = ()
+    if retries_pending:
+        retrying = tuple(
+            m
+            for thing, status, queued_at, last_updated_at, attempt in session.execute(
+                select(
+                    JobExecution.thing_name,
+                    JobExecution.status,
+                    JobExecution.queued_at,
+                    JobExecution.last_updated_at,
+                    JobExecution.execution_number,
+                )
+                .where(JobExecution.job_id == c.id, JobExecution.status.in_(sorted(FAILURES)))
+                .order_by(JobExecution.id)
+            )
+            if retry_pending(spec, m := MemberState(thing, status, queued_at, last_updated_at, attempt))
+        )
+    deferred: tuple[MemberState, ...] = ()
+    ready: tuple[str, ...] = ()
+    if bounds and reached_notified < bounds[wave]:  # some of the wave's devices wait to be notified
+        names = select(JobExecution.thing_name).where(JobExecution.job_id == c.id)
+        notified_things = set(session.scalars(names))
+        waiting = [t for t in c.members[: bounds[wave]] if t not in notified_things]
+        unmet = _unmet(session, spec, waiting, now)
+        deferred = tuple(MemberState(t, None, unmet=unmet[t]) for t in waiting if t in unmet)
+        ready = tuple(t for t in waiting if t not in unmet)
+    return Counts(
+        wave=c.wave,
+        wave_started_at=c.wave_started_at or now,
+        population=len(c.members),
+        settled=dict(settled),
+        last_done=last_done,
+        in_flight=in_flight,
+        succeeded=succeeded,
+        notified=notified,
+        queued_last_minute=last_minute,
+        retrying=retrying,
+        deferred=deferred,
+        ready=ready,
+        advance_requested=c.advance_requested,
+    )
 
 
 def _unmet(session: Session, spec: CampaignSpec, things: list[str], now: datetime) -> dict[str, str]:

@@ -251,6 +251,7 @@ class JobsBridge:
                 now = self.clock()
                 for m in batch_mine:
                     out += self._handle(s, m, now, tally)
+                protocol.write_batch(s)  # the batch's execution updates and events: two statements
                 del held
         except Exception:
             if len(batch) > 1:

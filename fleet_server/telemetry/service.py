@@ -31,12 +31,7 @@ MODELS: dict[str, type[HealthBeacon] | type[InstallReceipt] | type[DeviceLog]] =
 def ingest(session: Session, topic: str, payload: bytes, now: datetime) -> str:
     """Store one message from ``tidegate/things/<thing>/<beacon|receipt|log>``; returns what was done."""
     parts = topic.split("/")
-    if (
-        len(parts) != 4
-        or parts[0] != "tidegate"
-        or parts[1] != "things"
-        or parts[3] not in MODELS
-    ):
+    if len(parts) != 4 or parts[0] != "tidegate" or parts[1] != "things" or parts[3] not in MODELS:
         raise TelemetryRejectedError(f"not a telemetry topic: {topic}")
     thing, kind = parts[2], parts[3]
     try:
