@@ -3,6 +3,11 @@
 1. Routing overhead: closed-loop throughput of 32 concurrent callers through
    `Gateway.infer` with a canary (10 %), then an A/B experiment (50/50), sticky per
    caller, against the same model's backend called directly (goal >= 0.9).
+   1b. With TIDEGATE_BENCH_PG_URL: the same load through one replicated gateway, then
+   through two replicas (callers alternating; both in this process, so one interpreter and
+   these two cores: the cost of replication, not its capacity), the canary decided from the
+   shared store, against one gateway that is not replicated, each with its tick running
+   (goal >= 0.9).
 2. Shadow cost to callers: p99 latency at a fixed offered load (open loop, about 30 % of
    this machine's capacity) with 100 % of traffic mirrored to a candidate, against no
    mirroring (goal <= 1.1), for a model that fits the CPU cache and one that does not (the
@@ -24,6 +29,8 @@ import os
 import socket
 import tempfile
 import time
+import zlib
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +149,12 @@ async def _run(work: Path, seconds: float) -> list[dict[str, Any]]:
                 }
             )
 
+    # 1b. replicas (PostgreSQL only): the same total load through one replicated gateway and
+    #     through two replicas of one (callers alternating), each running the canary from the
+    #     shared store with its tick, leases and sample hand-off, against the direct backend.
+    if pg_url := os.environ.get("TIDEGATE_BENCH_PG_URL"):
+        rows += await _replica_rows(light, pg_url, seconds)
+
     # 2. shadow: caller p99 at a fixed offered load (about 30 % of capacity), alternating
     #    runs without and with the mirror (this machine is shared: noise comes in bursts),
     #    each mirrored run once the mirror has loaded its candidate.
@@ -205,6 +218,51 @@ async def _run(work: Path, seconds: float) -> list[dict[str, Any]]:
         }
     )
     return rows
+
+
+async def _alternate(gateways: list[Gateway], x: Any, key: str) -> Any:
+    return await gateways[zlib.crc32(key.encode()) % len(gateways)].infer("m", x, key=key)
+
+
+async def _replica_rows(model: Path, pg_url: str, seconds: float) -> list[dict[str, Any]]:
+    """The same closed loop through one gateway with its canary and tick (not replicated),
+    then through one replicated gateway, then through two replicas, callers alternating."""
+    from bench.fleet_campaign import _fresh_database
+
+    measured: dict[int, float] = {}
+    for replicas in (0, 1, 2):
+        with _fresh_database(pg_url) as url:
+            gateways = []
+            for i in range(max(1, replicas)):
+                raw = _config(model, model).model_dump()
+                if replicas:
+                    raw["gateway"]["replication"] = {"url": url, "replica_id": f"bench-{i}", "lease_s": 5}
+                gateways.append(await Gateway(ServingConfig.model_validate(raw), seed=i).start())
+            try:
+                async with gateways[0].replicated():
+                    gateways[0].start_canary(
+                        "m", "2", CanarySpec(steps=(10, 100), bake_s=3600), override_reason="bench"
+                    )
+                deadline = time.monotonic() + 30
+                while any(g.models["m"].weights != gateways[0].models["m"].weights for g in gateways):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("a replica did not adopt the canary within 30 s")
+                    await asyncio.sleep(0.1)
+                measured[replicas] = await _closed_loop(partial(_alternate, gateways), 32, seconds)
+            finally:
+                for g in gateways:
+                    await g.stop()
+    return [
+        {
+            "case": f"MLP 512-1024x3: 32 callers, canary 10 %, {shape} (store on PostgreSQL)",
+            "baseline": "one gateway, not replicated, its tick running",
+            "baseline req/s": measured[0],
+            "req/s": measured[n],
+            "ratio": measured[n] / measured[0],
+            "goal": ">= 0.9",
+        }
+        for n, shape in ((1, "one replicated gateway"), (2, "callers alternating between 2 replicas"))
+    ]
 
 
 async def _shadow_runs(gw: Gateway, rate: float, seconds: float) -> tuple[list[float], list[float], int, int]:

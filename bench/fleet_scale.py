@@ -44,7 +44,12 @@ def run_scale(work: Path, devices: int, db_url: str, broker_port: int) -> dict[s
     things = [f"scale-{i:06d}" for i in range(devices)]
     fleet = SimulatedFleet(
         things,
-        SimSettings(port=broker_port, install_s=(0.5, 3.0), fail_rate=0.02, unmet_rate=0.10, seed=50),
+        # Requests unanswered for 10 s are sent again, as the agent's jobs client times out
+        # (agent.jobs): the simulator's 3 s default, meant for replica failover tests, turned
+        # a busy server's queue at 100,000 devices into a storm of duplicates.
+        SimSettings(
+            port=broker_port, install_s=(0.5, 3.0), fail_rate=0.02, unmet_rate=0.10, seed=50, retry_s=10.0
+        ),
     )
     with server_process(work, db_url, broker_port) as api:
         try:
@@ -64,8 +69,13 @@ def _run(api: httpx.Client, fleet: SimulatedFleet, things: list[str]) -> dict[st
         api.post("/api/v1/devices/batch", json={"devices": batch}).raise_for_status()
     register_s = time.perf_counter() - t0
     fleet.start()
+    requests = _counters(api).get("tidegate_jobs_requests_total", 0)
     fleet.poll_all()
-    time.sleep(2.0)
+    deadline = time.monotonic() + 900  # the fleet's first polls answered before the campaign starts
+    while _counters(api).get("tidegate_jobs_requests_total", 0) < requests + devices:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the server did not answer the fleet's first polls within 900 s")
+        time.sleep(1.0)
     spec = {
         "name": f"scale {devices}",
         "target": "classifier/1.0.0/scale-sku.bundle",

@@ -275,14 +275,38 @@ def ca_broker_config(
     port: Annotated[int, typer.Option(help="mTLS listener port.")] = 8883,
     bind: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every one).")] = "127.0.0.1",
     user: Annotated[str, typer.Option(help="The user the broker drops privileges to.")] = "mosquitto",
+    device_rate: Annotated[
+        float, typer.Option(min=0.1, help="Publishes a second one device may make (the guard plugin).")
+    ] = 10.0,
+    device_burst: Annotated[int, typer.Option(min=1, help="How many of them in one burst.")] = 100,
+    no_guard: Annotated[
+        bool,
+        typer.Option(
+            "--no-guard",
+            help="Do not build and load the guard plugin (needs gcc and Mosquitto's headers).",
+        ),
+    ] = False,
 ) -> None:
-    """Write mosquitto.conf and an ACL that keeps every device to its own topics; the
-    configuration starts as written (mosquitto -c DIR/mosquitto.conf). The first service
-    identity, tidegate-fleet-server, is issued if there is none yet."""
+    """Write mosquitto.conf and an ACL that keeps every device to its own topics, and build
+    the guard plugin the configuration loads; the configuration starts as written
+    (mosquitto -c DIR/mosquitto.conf). The first service identity, tidegate-fleet-server, is
+    issued if there is none yet."""
+    from fleet_server.pki.guard import WITHOUT, build_guard
     from fleet_server.pki.service import broker_config, issue_service, services
 
     directory = directory.resolve()
+    guard = None if no_guard else build_guard(directory)
     if not services(directory):
         issue_service(directory, "tidegate-fleet-server")
-    conf = broker_config(directory, port=port, bind=bind, user=user)
+    conf = broker_config(
+        directory,
+        port=port,
+        bind=bind,
+        user=user,
+        guard=guard,
+        device_rate_per_s=device_rate,
+        device_burst=device_burst,
+    )
     typer.echo(f"wrote {conf} and {directory / 'acl'}; service identities in {directory / 'services'}")
+    if guard is None:
+        typer.echo(f"warning: no guard plugin: {WITHOUT}", err=True)

@@ -218,10 +218,12 @@ def try_connect(pki: Path, folder: Path, name: str, port: int) -> str:
 
 def test_identities_a_broker_must_not_honour(tmp_path: Path) -> None:
     """Revoked, expired and CN-less certificates are refused at connect (the broker logs why);
-    a CN the CA would never issue (`+`, `car-2/beacon`) connects on Mosquitto, which cannot
-    refuse it, but gets nothing: no other device's messages, no topic another device owns; a
-    device's `$share` subscriptions deliver it nothing and take nothing from the service; a
-    second service identity is issued by its own command and served after a reload."""
+    a CN the CA would never issue (`+`, `car-2/beacon`) connects (Mosquitto 2.0 has no connect
+    hook for certificate identities) but the guard plugin refuses its every subscription and
+    publish, and logs why; a device's `$share` subscriptions are refused in the SUBACK and take
+    nothing from the service; a device publishing faster than its rate is refused beyond its
+    burst while the service is not limited; a second service identity is issued by its own
+    command and served after a reload."""
     import signal
     import tempfile
     from datetime import UTC, datetime, timedelta
@@ -299,8 +301,12 @@ def test_identities_a_broker_must_not_honour(tmp_path: Path) -> None:
             }.items()
         }
         stolen: dict[str, list[str]] = {name: [] for name in thieves}
+        granted: dict[str, list[bool]] = {}
         for name, c in thieves.items():
             c.on_message = lambda cl, u, m, n=name: stolen[n].append(m.topic)
+            c.on_subscribe = lambda cl, u, mid, codes, p, n=name: granted.__setitem__(
+                n, [not code.is_failure for code in codes]
+            )
             c.subscribe(
                 [
                     ("$share/tidegate/tidegate/things/+/+", 1),
@@ -319,6 +325,44 @@ def test_identities_a_broker_must_not_honour(tmp_path: Path) -> None:
         time.sleep(1.0)
         assert heard.count("tidegate/things/car-2/beacon") == 20  # every one, none to a share
         assert stolen == {name: [] for name in thieves}, stolen
+        # The SUBACKs say so: no shared subscription for anyone, nothing for a forged name (the
+        # acl_file would grant all four and filter on delivery).
+        assert granted == {
+            "car-1": [False, False, True, True],
+            "wild": [False] * 4,
+            "slash": [False] * 4,
+        }, granted
+        log = log_path.read_text()
+        assert "tidegate_guard: refused subscribe $share/tidegate/tidegate/things/+/+ for client car-1" in log
+        assert 'certificate name "car-2/beacon"): the certificate name breaks the thing-naming rule' in log
+
+        # A device that floods: its burst (100) goes through, the rest is refused at the broker
+        # (PUBACK "not authorized") and never reaches the service; the service is not limited.
+        flood = tls_client(pki, "car-1", "devices", port)
+        acks: list[bool] = []
+        flood.on_publish = lambda cl, u, mid, code, p: acks.append(not code.is_failure)
+        before = heard.count("tidegate/things/car-1/beacon")
+        started = time.monotonic()
+        for _ in range(300):
+            flood.publish("tidegate/things/car-1/beacon", b"{}", qos=1)
+        deadline = time.monotonic() + 10
+        while len(acks) < 300 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        allowance = 100 + 10 * (time.monotonic() - started) + 1
+        assert len(acks) == 300 and 100 <= sum(acks) <= allowance, (sum(acks), allowance)
+        time.sleep(0.5)
+        assert heard.count("tidegate/things/car-1/beacon") - before == sum(acks)
+        service_acks: list[bool] = []
+        service.on_publish = lambda cl, u, mid, code, p: service_acks.append(not code.is_failure)
+        for i in range(300):
+            service.publish(f"$aws/things/car-{i % 3}/jobs/notify", b"{}", qos=1)
+        deadline = time.monotonic() + 10
+        while len(service_acks) < 300 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert service_acks == [True] * 300
+        assert "publishing faster than the device rate limit" in log_path.read_text()
+        flood.loop_stop()
+        flood.disconnect()
         for c in (service, car2, *thieves.values()):
             c.loop_stop()
             c.disconnect()
@@ -392,3 +436,47 @@ def test_identities_a_broker_must_not_honour(tmp_path: Path) -> None:
         import shutil
 
         shutil.rmtree(reachable, ignore_errors=True)
+
+
+def test_the_guard_plugin_is_built_or_refused_with_what_is_missing(tmp_path: Path) -> None:
+    """The guard is compiled on the broker's host; without a compiler or Mosquitto's headers
+    `broker-config` stops and says which package is missing (or `--no-guard`, which says what
+    is lost), rather than writing a configuration that loads nothing."""
+    from fleet_server.pki.guard import GuardBuildError, build_guard
+
+    built = build_guard(tmp_path)
+    assert built.name == "tidegate_guard.so" and built.stat().st_size > 0
+    with pytest.raises(GuardBuildError, match="building the broker's guard plugin failed"):
+        build_guard(tmp_path, cc=str(tmp_path / "no-such-cc"))
+    no_headers = tmp_path / "cc-without-headers"
+    no_headers.write_text(
+        "#!/bin/sh\necho 'fatal error: mosquitto_broker.h: No such file or directory' >&2\nexit 1\n"
+    )
+    no_headers.chmod(0o755)
+    with pytest.raises(GuardBuildError, match="apt-get install mosquitto-dev libmosquitto-dev"):
+        build_guard(tmp_path, cc=str(no_headers))
+    assert built.stat().st_size > 0  # a failed rebuild leaves the working plugin in place
+
+    import tempfile
+
+    pki = Path(tempfile.mkdtemp(prefix="tidegate-pki-")) / "pki"
+    pki.parent.chmod(0o711)
+    assert tidegate("ca", "init", "--dir", str(pki)).returncode == 0
+    env_cc = subprocess.run(
+        [sys.executable, "-m", "tidegate", "server", "ca", "broker-config", "--dir", str(pki)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "CC": str(no_headers)},
+    )
+    assert env_cc.returncode != 0 and "mosquitto-dev" in env_cc.stderr
+    assert not (pki / "mosquitto.conf").exists()
+    unguarded = tidegate("ca", "broker-config", "--dir", str(pki), "--no-guard")
+    assert unguarded.returncode == 0 and "no guard plugin" in unguarded.stderr
+    assert "\nplugin " not in (pki / "mosquitto.conf").read_text()
+    guarded = tidegate("ca", "broker-config", "--dir", str(pki), "--device-rate", "2", "--device-burst", "7")
+    assert guarded.returncode == 0, guarded.stderr
+    conf = (pki / "mosquitto.conf").read_text()
+    assert (
+        f"plugin {pki.resolve() / 'tidegate_guard.so'}\nplugin_opt_rate_per_s 2\nplugin_opt_burst 7\n" in conf
+    )

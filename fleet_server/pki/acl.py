@@ -8,9 +8,10 @@ evaluates the shipped policy (`deploy/aws-iot/device-policy.json`) against the s
 
 Devices get no shared subscriptions: no rule names ``$share``. AWS IoT checks SUBSCRIBE
 against the policy, so a device's ``$share/…`` filter is refused there; Mosquitto's
-``acl_file`` grants every SUBSCRIBE and filters on delivery, so there a device's ``$share``
-subscription delivers it nothing, and the fleet server's own subscriptions are not shared
-(no group a device could join to take a share of the fleet's messages).
+``acl_file`` grants every SUBSCRIBE and filters on delivery, so on Mosquitto the guard plugin
+(`fleet_server.pki.guard`) refuses ``$share/…`` in the SUBACK, and the fleet server's own
+subscriptions are not shared (no group a device could join to take a share of the fleet's
+messages).
 """
 
 from __future__ import annotations

@@ -71,7 +71,9 @@ class SimulatedFleet:
         self._pending: dict[str, tuple[float, str, dict[str, Any]]] = {}  # token → (sent, topic, body)
         self._retried: set[str] = set()
         self._updating: dict[str, str] = {}  # thing → clientToken of its unanswered update
-        self._held_updates: dict[str, tuple[str, dict[str, Any]]] = {}
+        # Updates waiting for the answer to the one in flight, in order (an install's progress
+        # and its result can both be due while a slow server has not answered yet).
+        self._held_updates: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         self.update_accepted_at: list[float] = []  # wall time of every accepted status update
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -141,7 +143,7 @@ class SimulatedFleet:
         topic = f"$aws/things/{thing}/jobs/{job}/update"
         with self._lock:
             if self._updating.get(thing) in self._pending:
-                self._held_updates[thing] = (topic, body)
+                self._held_updates.setdefault(thing, []).append((topic, body))
                 return
             self._updating[thing] = body["clientToken"]
             self.stats.updates_sent += 1
@@ -150,10 +152,12 @@ class SimulatedFleet:
     def _answered(self, thing: str) -> None:
         """The device's last update was answered: send the one held behind it."""
         with self._lock:
-            held = self._held_updates.pop(thing, None)
-            if held is None:
+            queue = self._held_updates.get(thing)
+            if not queue:
+                self._held_updates.pop(thing, None)
                 self._updating.pop(thing, None)
                 return
+            held = queue.pop(0)
             self._updating[thing] = held[1]["clientToken"]
             self.stats.updates_sent += 1
         self._pub(*held)
@@ -227,12 +231,15 @@ class SimulatedFleet:
             self._busy.add(thing)
             self.stats.started += 1
         if thing in self._unmet:
-            with self._lock:
-                self.stats.waiting += 1
-                self._waiting[thing] = (job, version + 1)
+            # Said before it counts as waiting: a charge (`satisfy`) in between would otherwise
+            # send the install's update ahead of this one, which the server then refuses
+            # (VersionMismatch) and the device would wait for ever.
             self._update(
                 thing, job, "IN_PROGRESS", version, {"step": "waiting", "unmet": "battery: 12% < 30%"}
             )
+            with self._lock:
+                self.stats.waiting += 1
+                self._waiting[thing] = (job, version + 1)
             return
         self._install(thing, job, version)
 
