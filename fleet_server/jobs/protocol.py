@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import JSON, CursorResult, Table, and_, or_, select, text, update
+from sqlalchemy import JSON, CursorResult, Integer, Table, and_, or_, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
+from fleet_server.db import UTCDateTime
 from fleet_server.devices.models import Device
 from fleet_server.errors import ConflictError, FleetError, NotFoundError
 from fleet_server.jobs.models import ExecutionEvent, JobExecution
@@ -203,27 +204,6 @@ def _mark_notified(session: Session, heads: list[JobExecution], now: datetime) -
         set_committed_value(h, "last_notified_at", now)
 
 
-#: PostgreSQL's element type of each execution column `write_executions` may set.
-_ARRAY_OF = {
-    "job_id": "varchar",
-    "thing_name": "varchar",
-    "campaign_id": "varchar",
-    "status": "varchar",
-    "status_details": "json",
-    "document": "json",
-    "version_number": "integer",
-    "execution_number": "integer",
-    "queued_at": "timestamp",
-    "started_at": "timestamp",
-    "last_updated_at": "timestamp",
-    "step_timeout_at": "timestamp",
-    "in_progress_timeout_min": "integer",
-    "last_notified_at": "timestamp",
-    "wave": "integer",
-}
-_JSON_COLUMNS = frozenset({"status_details", "document"})
-
-
 def write_batch(session: Session) -> int:
     """Write the session's changed executions and their new events now, one statement for
     each (per set of changed columns), every execution still checked against the version it
@@ -236,17 +216,18 @@ def write_batch(session: Session) -> int:
     if session.get_bind().dialect.name != "postgresql":
         return 0
     dialect = session.get_bind().dialect
+    table = cast(Table, JobExecution.__table__)
+    columns = set(table.c.keys())
     groups: dict[tuple[str, ...], list[tuple[JobExecution, int]]] = {}
     for obj in session.dirty:
         if not isinstance(obj, JobExecution):
             continue
         committed = instance_state(obj).committed_state  # what each changed column was read as
-        changed = tuple(sorted(k for k in committed if k in _ARRAY_OF))
+        changed = tuple(sorted(k for k in committed if k in columns and k != "id"))
         read_at = committed.get("version_number", obj.version_number)
         if not changed or not isinstance(read_at, int):
             continue  # nothing to write, or a version never loaded: left to the flush
         groups.setdefault(changed, []).append((obj, read_at))
-    table = cast(Table, JobExecution.__table__)
     written = 0
     for keys, rows in groups.items():
         arrays = _arrays(table, dialect, keys, [ex for ex, _ in rows])
@@ -256,7 +237,7 @@ def write_batch(session: Session) -> int:
             session.execute(
                 text(
                     f"UPDATE {table.name} AS e SET {', '.join(f'{k} = v.{k}' for k in keys)} "
-                    f"FROM {_unnest({'id': 'integer', 'read_version': 'integer', **_ARRAY_OF}, arrays)} "
+                    f"FROM {_unnest(table, arrays, read_version='integer')} "
                     "WHERE e.id = v.id AND e.version_number = v.read_version"
                 ),
                 arrays,
@@ -276,15 +257,13 @@ def write_batch(session: Session) -> int:
         key=lambda o: instance_state(o).insert_order or 0,
     )
     if events:
-        columns = ("execution_id", "at", "from_status", "to_status", "source", "details")
         events_table = cast(Table, ExecutionEvent.__table__)
-        arrays = _arrays(events_table, dialect, columns, events)
-        kinds = {"execution_id": "integer", "at": "timestamp", "details": "json"}
+        fields = ("execution_id", "at", "from_status", "to_status", "source", "details")
+        arrays = _arrays(events_table, dialect, fields, events)
         session.execute(
             text(
-                f"INSERT INTO {events_table.name} ({', '.join(columns)}) "
-                f"SELECT {', '.join(columns)} FROM "
-                + _unnest({c: kinds.get(c, "varchar") for c in columns}, arrays)
+                f"INSERT INTO {events_table.name} ({', '.join(fields)}) "
+                f"SELECT {', '.join(fields)} FROM {_unnest(events_table, arrays)}"
             ),
             arrays,
         )
@@ -293,24 +272,15 @@ def write_batch(session: Session) -> int:
     return written
 
 
-#: PostgreSQL's element type of each execution column `write_batch` may set.
-_ARRAY_OF = {
-    "job_id": "varchar",
-    "thing_name": "varchar",
-    "campaign_id": "varchar",
-    "status": "varchar",
-    "status_details": "json",
-    "document": "json",
-    "version_number": "integer",
-    "execution_number": "integer",
-    "queued_at": "timestamp",
-    "started_at": "timestamp",
-    "last_updated_at": "timestamp",
-    "step_timeout_at": "timestamp",
-    "in_progress_timeout_min": "integer",
-    "last_notified_at": "timestamp",
-    "wave": "integer",
-}
+def _element_type(column: Any) -> str:
+    """PostgreSQL's name for the element type of an array of `column`'s values."""
+    if isinstance(column.type, JSON):
+        return "json"
+    if isinstance(column.type, Integer):
+        return "integer"
+    if isinstance(column.type, UTCDateTime):
+        return "timestamp"
+    return "varchar"
 
 
 def _arrays(table: Table, dialect: Any, keys: tuple[str, ...], objs: list[Any]) -> dict[str, list[Any]]:
@@ -327,10 +297,13 @@ def _arrays(table: Table, dialect: Any, keys: tuple[str, ...], objs: list[Any]) 
     return out
 
 
-def _unnest(types: dict[str, str], arrays: dict[str, list[Any]]) -> str:
-    names = list(arrays)
-    casts = ", ".join(f"CAST(:{n} AS {types[n]}[])" for n in names)
-    return f"unnest({casts}) AS v({', '.join(names)})"
+def _unnest(table: Table, arrays: dict[str, list[Any]], **extra: str) -> str:
+    """`unnest(…) AS v(…)` over one array parameter per column (`extra`: columns that are not
+    the table's, with their element types)."""
+    casts = ", ".join(
+        f"CAST(:{n} AS {extra[n] if n in extra else _element_type(table.c[n])}[])" for n in arrays
+    )
+    return f"unnest({casts}) AS v({', '.join(arrays)})"
 
 
 def notifications(session: Session, thing: str, now: datetime) -> list[Outgoing]:

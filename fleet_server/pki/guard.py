@@ -1,9 +1,10 @@
 """The broker's guard plugin (`mosquitto_guard.c`), built on the broker's host against its
-own Mosquitto headers: what the acl_file cannot refuse (certificate names outside the
-thing-naming rule, `$share/…` subscriptions, devices publishing faster than a rate), refused
-before the acl_file is asked. Mosquitto plugins are C; there is no pure-Python hook in the
-broker, so `tidegate server ca broker-config` compiles this one file (a few seconds) and the
-generated configuration loads it."""
+own Mosquitto headers: what Mosquitto's configuration cannot refuse (at CONNECT, a
+certificate name outside the thing-naming rule or a client id that is not the name; then
+`$share/…` subscriptions and devices publishing faster than a rate, before the acl_file).
+Mosquitto plugins are C; there is no pure-Python hook in the broker, so `tidegate server ca
+broker-config` compiles this one file (a few seconds) and the generated configuration loads
+it."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ SOURCE = Path(__file__).with_name("mosquitto_guard.c")
 PLUGIN = "tidegate_guard.so"
 #: What the broker loses without the guard, for the message that refuses to go on without it.
 WITHOUT = (
-    "without it the broker grants devices' $share subscriptions (delivering nothing), serves "
-    "certificate names with MQTT wildcards, and does not limit a device's publish rate"
+    "without it the broker accepts certificate names with MQTT wildcards at connect, grants "
+    "devices' $share subscriptions (delivering nothing), and does not limit a device's publish rate"
 )
 
 
@@ -49,6 +50,7 @@ def build_guard(directory: Path, *, cc: str | None = None, timeout_s: float = 12
         "-o",
         str(tmp),
         str(SOURCE),
+        "-lcrypto",
     ]
     try:
         done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout_s)
@@ -56,10 +58,10 @@ def build_guard(directory: Path, *, cc: str | None = None, timeout_s: float = 12
         raise GuardBuildError(f"building the broker's guard plugin failed: {exc}") from exc
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
-        if "mosquitto_broker.h" in done.stderr or "mosquitto.h" in done.stderr:
+        if any(h in done.stderr for h in ("mosquitto_broker.h", "mosquitto.h", "openssl/", "-lcrypto")):
             raise GuardBuildError(
-                "the broker's guard plugin needs Mosquitto's headers (Debian: apt-get install "
-                f"mosquitto-dev libmosquitto-dev), or give --no-guard: {WITHOUT}"
+                "the broker's guard plugin needs Mosquitto's and OpenSSL's headers (Debian: apt-get "
+                f"install mosquitto-dev libmosquitto-dev libssl-dev), or give --no-guard: {WITHOUT}"
             )
         raise GuardBuildError(f"building the broker's guard plugin failed:\n{done.stderr.strip()}")
     os.chmod(tmp, 0o644)

@@ -1,14 +1,18 @@
 /*
  * tidegate_guard: a Mosquitto 2.0 plugin (plugin API v5) for the fleet's device broker.
  *
- * What Mosquitto's own acl_file cannot say, checked before it (the acl_file still decides
- * everything this plugin defers):
+ What Mosquitto's own configuration cannot say, checked before its acl_file (which still
+ * decides everything this plugin defers):
  *
- *   - a connection whose certificate name (the MQTT username, use_identity_as_username)
- *     breaks the thing-naming rule [A-Za-z0-9:_-]{1,128} (a "+", "#" or "/" a CA bug or an
- *     insider put there) is refused every publish and every subscription, with the reason
- *     logged; Mosquitto 2.0 offers no hook at connect for certificate identities, so this is
- *     the earliest it can be refused;
+ *   - at CONNECT, the identity is the certificate's: its common name must keep the
+ *     thing-naming rule [A-Za-z0-9:_-]{1,128} (no "+", "#" or "/" a CA bug or an insider
+ *     put there) and the client id must be that name (as AWS IoT Core's iot:Connect on
+ *     client/<thing>); otherwise the CONNACK refuses it, the reason is logged, and the
+ *     connection holding that client id keeps its session. The name becomes the MQTT
+ *     username the acl_file's %u patterns match (the configuration sets no
+ *     use_identity_as_username: with it, Mosquitto 2.0 never asks a plugin at connect);
+ *   - a connection without a valid name (there is none after the CONNECT check; kept for a
+ *     broker configured otherwise) is refused every publish and subscription;
  *   - no client may subscribe to a shared subscription ($share/...): the SUBACK says so,
  *     where the acl_file grants it and then delivers nothing;
  *   - a device may publish at most `rate_per_s` messages a second, in bursts of `burst`
@@ -34,6 +38,7 @@
 #include <mosquitto.h>
 #include <mosquitto_broker.h>
 #include <mosquitto_plugin.h>
+#include <openssl/x509.h>
 
 #define GUARD_BUCKETS 4096
 #define GUARD_NAME_MAX 128
@@ -50,7 +55,7 @@ static struct guard_bucket *guard_table[GUARD_BUCKETS];
 static double guard_rate = 20.0;
 static double guard_burst = 60.0;
 static char guard_service_prefix[64] = "tidegate-";
-static unsigned long guard_refused[3]; /* by reason: name, shared subscription, rate */
+static unsigned long guard_refused[4]; /* by reason: name, shared subscription, rate, connect */
 
 static double guard_now(void)
 {
@@ -182,6 +187,69 @@ static int guard_acl(int event, void *event_data, void *userdata)
 	return MOSQ_ERR_PLUGIN_DEFER;
 }
 
+static int guard_connect_refused(const struct mosquitto *client, const char *name, const char *why)
+{
+	unsigned long n = ++guard_refused[3];
+	const char *client_id = mosquitto_client_id(client);
+	const char *address = mosquitto_client_address(client);
+
+	if(n <= 100 || n % 1000 == 0){
+		mosquitto_log_printf(MOSQ_LOG_NOTICE,
+				"tidegate_guard: refused the connection of client id \"%s\" from %s (certificate name \"%s\"): %s [%lu so far]",
+				client_id ? client_id : "", address ? address : "?", name ? name : "(none)", why, n);
+	}
+	return MOSQ_ERR_AUTH;
+}
+
+/* CONNECT: the certificate's common name is the identity; the client id must be it. */
+static int guard_basic_auth(int event, void *event_data, void *userdata)
+{
+	struct mosquitto_evt_basic_auth *ed = event_data;
+	X509 *cert;
+	X509_NAME *subject;
+	X509_NAME_ENTRY *entry;
+	ASN1_STRING *data;
+	char name[GUARD_NAME_MAX + 1];
+	int i, length;
+	const char *client_id;
+
+	(void)event;
+	(void)userdata;
+	cert = mosquitto_client_certificate(ed->client);
+	if(cert == NULL){
+		return guard_connect_refused(ed->client, NULL, "no client certificate");
+	}
+	subject = X509_get_subject_name(cert);
+	i = subject ? X509_NAME_get_index_by_NID(subject, NID_commonName, -1) : -1;
+	if(i < 0 || X509_NAME_get_index_by_NID(subject, NID_commonName, i) >= 0){
+		X509_free(cert);
+		return guard_connect_refused(ed->client, NULL, "the certificate has no single common name");
+	}
+	entry = X509_NAME_get_entry(subject, i);
+	data = entry ? X509_NAME_ENTRY_get_data(entry) : NULL;
+	length = data ? ASN1_STRING_length(data) : -1;
+	if(length < 1 || length > GUARD_NAME_MAX
+			|| memchr(ASN1_STRING_get0_data(data), '\0', (size_t)length) != NULL){
+		X509_free(cert);
+		return guard_connect_refused(ed->client, NULL, "the certificate's common name is empty, too long or holds a NUL");
+	}
+	memcpy(name, ASN1_STRING_get0_data(data), (size_t)length);
+	name[length] = '\0';
+	X509_free(cert);
+	if(!guard_valid_name(name)){
+		return guard_connect_refused(ed->client, name,
+				"the certificate name breaks the thing-naming rule [A-Za-z0-9:_-]{1,128}");
+	}
+	client_id = mosquitto_client_id(ed->client);
+	if(client_id == NULL || strcmp(client_id, name) != 0){
+		return guard_connect_refused(ed->client, name, "the client id is not the certificate's name");
+	}
+	if(mosquitto_set_username(ed->client, name) != MOSQ_ERR_SUCCESS){
+		return guard_connect_refused(ed->client, name, "out of memory");
+	}
+	return MOSQ_ERR_SUCCESS;
+}
+
 int mosquitto_plugin_version(int supported_version_count, const int *supported_versions)
 {
 	for(int i = 0; i < supported_version_count; i++){
@@ -227,9 +295,12 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 		}
 	}
 	mosquitto_log_printf(MOSQ_LOG_NOTICE,
-			"tidegate_guard: devices publish at most %g/s (bursts of %g); no $share subscriptions; "
-			"certificate names [A-Za-z0-9:_-]{1,128}; services \"%s...\" not rate limited",
+			"tidegate_guard: client id = certificate name [A-Za-z0-9:_-]{1,128}; devices publish at most "
+			"%g/s (bursts of %g); no $share subscriptions; services \"%s...\" not rate limited",
 			guard_rate, guard_burst, guard_service_prefix);
+	if(mosquitto_callback_register(guard_id, MOSQ_EVT_BASIC_AUTH, guard_basic_auth, NULL, NULL) != MOSQ_ERR_SUCCESS){
+		return MOSQ_ERR_UNKNOWN;
+	}
 	return mosquitto_callback_register(guard_id, MOSQ_EVT_ACL_CHECK, guard_acl, NULL, NULL);
 }
 
@@ -239,6 +310,7 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
 	(void)options;
 	(void)option_count;
 	mosquitto_callback_unregister(guard_id, MOSQ_EVT_ACL_CHECK, guard_acl, NULL);
+	mosquitto_callback_unregister(guard_id, MOSQ_EVT_BASIC_AUTH, guard_basic_auth, NULL);
 	for(int h = 0; h < GUARD_BUCKETS; h++){
 		struct guard_bucket *b = guard_table[h];
 		while(b != NULL){

@@ -11,8 +11,9 @@ The broker takes the certificate's CN as the MQTT username
 (``use_identity_as_username``) and the ACL's ``%u`` patterns let a device use
 only ``$aws/things/<its own name>/jobs/...`` and its own telemetry topics, so a
 device certificate cannot touch another device's executions. The guard plugin
-(`fleet_server.pki.guard`, ``DIR/tidegate_guard.so``) is consulted first: no ``$share/…``
-subscriptions, nothing for names outside the thing-naming rule, a publish rate per device.
+(`fleet_server.pki.guard`, ``DIR/tidegate_guard.so``) checks every CONNECT (client id =
+certificate name, in the thing-naming rule) and is consulted before the ACL: no
+``$share/…`` subscriptions, a publish rate per device.
 """
 
 from __future__ import annotations
@@ -168,12 +169,13 @@ def broker_config(
     The file starts as written: absolute paths; the broker's own `user` (run as root, the
     server key and the persistence directory are handed to it, the PKI directory made
     traversable but not listable); loopback unless told `bind`; the client id is the
-    certificate's CN (`use_username_as_clientid`), so no connection can take over another
-    device's, or the service's, session; bounds on packet size and queued and in-flight
-    messages per client; persistent sessions. `guard` is the built guard plugin
-    (`fleet_server.pki.guard`), loaded before the acl_file: no `$share/…` subscriptions,
-    nothing for certificate names outside the thing-naming rule, devices limited to
-    `device_rate_per_s` publishes a second in bursts of `device_burst`."""
+    certificate's CN, so no connection can take over another device's, or the service's,
+    session; bounds on packet size and queued and in-flight messages per client; persistent
+    sessions. `guard` is the built guard plugin (`fleet_server.pki.guard`): at CONNECT it
+    refuses a certificate name outside the thing-naming rule and a client id that is not the
+    name; before the acl_file, no `$share/…` subscriptions and devices limited to
+    `device_rate_per_s` publishes a second in bursts of `device_burst`. Without it the
+    broker makes the CN the client id (`use_username_as_clientid`)."""
     directory = directory.resolve()
     for name in ("ca", "server"):
         _load(directory, name)
@@ -201,8 +203,12 @@ def broker_config(
             f"max_inflight_messages {max_inflight}\n"
             f"listener {port} {bind}\ncafile {directory / 'ca.pem'}\ncertfile {directory / 'server.pem'}\n"
             f"keyfile {directory / 'server.key'}\ncrlfile {crl}\n"
-            "require_certificate true\nuse_identity_as_username true\n"
-            "use_username_as_clientid true\n" + extra
+            "require_certificate true\n"
+            # With the guard, the identity is set by its CONNECT check (the client id must be
+            # the certificate's name); without it, Mosquitto takes the name and makes it the
+            # client id (a connection asking for another id is given its own).
+            + ("" if guard is not None else "use_identity_as_username true\nuse_username_as_clientid true\n")
+            + extra
         ).encode(),
     )
     return conf
