@@ -35,6 +35,9 @@ class JobStatus(StrEnum):
         return self not in (JobStatus.QUEUED, JobStatus.IN_PROGRESS)
 
 
+#: A pending execution (AWS IoT Jobs' word): queued or in progress, not yet terminal.
+PENDING = (JobStatus.QUEUED.value, JobStatus.IN_PROGRESS.value)
+
 DEVICE_SETTABLE = frozenset(
     {JobStatus.IN_PROGRESS, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.REJECTED}
 )

@@ -23,10 +23,9 @@ from datetime import datetime, timedelta
 
 from fleet_server.campaigns.spec import CampaignSpec
 from shared.gates import Gate, MetricsSnapshot, Sample, Verdict, evaluate_gate
-from shared.iotjobs import JobStatus
+from shared.iotjobs import PENDING, JobStatus
 
 FAILURES = frozenset({JobStatus.FAILED.value, JobStatus.TIMED_OUT.value, JobStatus.REJECTED.value})
-IN_FLIGHT = frozenset({JobStatus.QUEUED.value, JobStatus.IN_PROGRESS.value})
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ def count_members(spec: CampaignSpec, state: CampaignState, now: datetime) -> Co
         population=len(state.members),
         settled=dict(Counter(str(m.status) for m in settled)),
         last_done=max((m.finished_at for m in settled if m.finished_at is not None), default=None),
-        in_flight=sum(1 for m in executed if m.status in IN_FLIGHT),
+        in_flight=sum(1 for m in executed if m.status in PENDING),
         succeeded=sum(1 for m in executed if m.status == JobStatus.SUCCEEDED.value),
         notified=len(executed),
         queued_last_minute=sum(

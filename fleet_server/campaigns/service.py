@@ -20,7 +20,6 @@ from sqlalchemy.orm import Session
 from fleet_server.campaigns.models import Campaign, CampaignDecision, CampaignView
 from fleet_server.campaigns.planner import (
     FAILURES,
-    IN_FLIGHT,
     TRANSIENT_DEFERRAL,
     CohortSnapshots,
     Counts,
@@ -38,7 +37,7 @@ from fleet_server.jobs import protocol
 from fleet_server.jobs.models import ExecutionEvent, JobExecution
 from fleet_server.webhooks import service as webhooks
 from shared.gates import Sample
-from shared.iotjobs import JobStatus
+from shared.iotjobs import PENDING, JobStatus
 from shared.jobdoc import JobDocument
 
 
@@ -479,7 +478,7 @@ def counts(session: Session, c: Campaign, spec: CampaignSpec, now: datetime) -> 
     for w, status, attempt, n, latest, queued_recently in rows:
         notified += n
         last_minute += int(queued_recently or 0)
-        in_flight += n if status in IN_FLIGHT else 0
+        in_flight += n if status in PENDING else 0
         succeeded += n if status == JobStatus.SUCCEEDED.value else 0
         pending = attempt <= spec.retry.allowed(status)
         retries_pending |= pending

@@ -27,6 +27,7 @@ from fleet_server.errors import ConflictError, FleetError, NotFoundError
 from fleet_server.jobs.models import ExecutionEvent, JobExecution
 from shared.iotjobs import (
     DEVICE_SETTABLE,
+    PENDING,
     JobStatus,
     RejectedCode,
     Topics,
@@ -35,7 +36,6 @@ from shared.iotjobs import (
     valid_thing_name,
 )
 
-PENDING = (JobStatus.QUEUED.value, JobStatus.IN_PROGRESS.value)
 MAX_NOTIFY = 15
 MAX_GET = 10
 LAST_SEEN_RESOLUTION = timedelta(seconds=10)
@@ -213,9 +213,9 @@ def write_batch(session: Session) -> int:
     unnested into rows. PostgreSQL only (SQLite's flush at commit writes them as before).
     Returns the executions written; raises StaleDataError when another writer moved one on
     (the bridge then redoes its batch one message per transaction)."""
-    if session.get_bind().dialect.name != "postgresql":
-        return 0
     dialect = session.get_bind().dialect
+    if dialect.name != "postgresql":
+        return 0
     table = cast(Table, JobExecution.__table__)
     columns = set(table.c.keys())
     groups: dict[tuple[str, ...], list[tuple[JobExecution, int]]] = {}
