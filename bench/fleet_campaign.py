@@ -141,24 +141,33 @@ def _tidegate(*args: str, env: dict[str, str]) -> str:
 
 @contextmanager
 def server_process(
-    work: Path, db_url: str, broker_port: int, *, tick_s: float = 1.0
+    work: Path, db_url: str, broker_port: int, *, tick_s: float = 1.0, env: dict[str, str] | None = None
 ) -> Iterator[httpx.Client]:
     """`tidegate server run` in its own process with an admin token made by the CLI; yields
-    an authenticated API client once /readyz answers, and stops the server afterwards."""
-    with server_processes(work, db_url, broker_port, tick_s=tick_s) as apis:
+    an authenticated API client once /readyz answers, and stops the server afterwards. `env`
+    adds to (or overrides) the server's TIDEGATE_* settings (a TLS identity, a client id)."""
+    with server_processes(work, db_url, broker_port, tick_s=tick_s, env=env) as apis:
         yield apis[0]
 
 
 @contextmanager
 def server_processes(
-    work: Path, db_url: str, broker_port: int, *, tick_s: float = 1.0, replicas: int = 1
+    work: Path,
+    db_url: str,
+    broker_port: int,
+    *,
+    tick_s: float = 1.0,
+    replicas: int = 1,
+    env: dict[str, str] | None = None,
+    api_only: int = 0,
 ) -> Iterator[list[httpx.Client]]:
-    """`replicas` fleet-server processes on one database (each its own MQTT client id),
-    one API client each, once every one is ready (its partitions leased)."""
-    ports = [free_port() for _ in range(replicas)]
-    env = {**os.environ, "TIDEGATE_DATABASE_URL": db_url, "TIDEGATE_MQTT_PORT": str(broker_port)}
-    _tidegate("server", "migrate", env=env)
-    token = _tidegate("server", "token", "create", "--role", "admin", "--name", "bench", env=env).strip()
+    """`replicas` fleet-server processes on one database (each its own MQTT client id), then
+    `api_only` more with `--api-only` (PostgreSQL), one API client each, in that order, once
+    every one is ready (its partitions leased)."""
+    ports = [free_port() for _ in range(replicas + api_only)]
+    base = {**os.environ, "TIDEGATE_DATABASE_URL": db_url, "TIDEGATE_MQTT_PORT": str(broker_port)}
+    _tidegate("server", "migrate", env=base)
+    token = _tidegate("server", "token", "create", "--role", "admin", "--name", "bench", env=base).strip()
     exe = str(Path(sys.executable).with_name("tidegate"))
     servers: list[subprocess.Popen[bytes]] = []
     apis: list[httpx.Client] = []
@@ -167,8 +176,9 @@ def server_processes(
             with (work / f"server-{i}.log").open("wb") as log:
                 servers.append(
                     subprocess.Popen(
-                        [exe, "server", "run", "--port", str(port), "--tick-s", str(tick_s)],
-                        env={**env, "TIDEGATE_MQTT_CLIENT_ID": f"bench-server-{port}"},
+                        [exe, "server", "run", "--port", str(port), "--tick-s", str(tick_s)]
+                        + (["--api-only"] if i >= replicas else []),
+                        env={**base, "TIDEGATE_MQTT_CLIENT_ID": f"bench-server-{port}", **(env or {})},
                         stdout=subprocess.DEVNULL,
                         stderr=log,
                     )

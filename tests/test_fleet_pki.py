@@ -58,6 +58,17 @@ def tls_client(pki: Path, name: str, kind: str, port: int, client_id: str | None
     return c
 
 
+def service_bridge(db: Database, pki: Path, port: int) -> JobsBridge:
+    """The jobs bridge on the fleet server's service identity, over the broker's mutual TLS."""
+    service = pki / "services"
+    return JobsBridge(
+        db,
+        port=port,
+        sweep_interval_s=1.0,
+        tls=(pki / "ca.pem", service / "tidegate-fleet-server.pem", service / "tidegate-fleet-server.key"),
+    ).start()
+
+
 def test_device_certificates_and_the_broker_acl(tmp_path: Path, sample_payload: Path) -> None:
     # The broker drops to its own user: the PKI lives where that user can reach it (pytest's
     # own temp root is 0700), as a real deployment keeps it in /etc/tidegate/pki.
@@ -95,13 +106,7 @@ def test_device_certificates_and_the_broker_acl(tmp_path: Path, sample_payload: 
     assert broker.poll() is None, (tmp_path / "broker.log").read_text()
     db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
     upgrade(db)
-    service = pki / "services"
-    bridge = JobsBridge(
-        db,
-        port=port,
-        sweep_interval_s=1.0,
-        tls=(pki / "ca.pem", service / "tidegate-fleet-server.pem", service / "tidegate-fleet-server.key"),
-    ).start()
+    bridge = service_bridge(db, pki, port)
     world = build_world(tmp_path / "world", sample_payload)
     try:
         with db.session() as s:
@@ -468,3 +473,117 @@ def test_the_guard_plugin_is_built_or_refused_with_what_is_missing(tmp_path: Pat
     assert (
         f"plugin {pki.resolve() / 'tidegate_guard.so'}\nplugin_opt_rate_per_s 2\nplugin_opt_burst 7\n" in conf
     )
+
+
+def test_a_flooding_device_on_the_generated_broker_leaves_the_others_their_campaign(tmp_path: Path) -> None:
+    """The flood of issue 21 against the broker configuration as generated (mutual TLS, the
+    guard, the ACL): 100 devices, each on its own certificate and connection, complete a
+    campaign while one more device sends 500 `jobs/get` a second for all of it. The broker
+    passes the flooder a bucket's worth (burst 100, then 10 a second) and refuses the rest; of
+    what it passed, the bridge answers its own bucket's worth and RequestThrottled beyond; none
+    of the others loses a message (not one retry) or is refused anything. Their completion
+    time with and without the flood is measured in bench/jobs_flood.py."""
+    import shutil
+    import tempfile
+
+    from fleet_server.campaigns import service as campaigns
+    from fleet_server.campaigns.spec import CampaignSpec
+    from fleet_server.pki.service import issue_device
+    from fleet_server.scheduler import CampaignScheduler
+    from fleet_server.sim.fleet import SimSettings, SimTls, SimulatedFleet
+
+    reachable = Path(tempfile.mkdtemp(prefix="tidegate-pki-"))
+    reachable.chmod(0o711)
+    pki = reachable / "pki"
+    things = [f"sim-{i:03d}" for i in range(100)]
+    assert tidegate("ca", "init", "--dir", str(pki)).returncode == 0
+    for thing in (*things, "flood-1"):
+        issue_device(pki, thing)
+    port = free_port()
+    assert tidegate("ca", "broker-config", "--dir", str(pki), "--port", str(port)).returncode == 0
+    log_path = tmp_path / "broker.log"
+    broker = subprocess.Popen(
+        [MOSQUITTO, "-c", str(pki / "mosquitto.conf")], stdout=subprocess.DEVNULL, stderr=log_path.open("wb")
+    )
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    upgrade(db)
+    now = lambda: datetime.now(UTC)  # noqa: E731
+    with db.session() as s:
+        for thing in things:
+            register_device(s, thing_name=thing, sku="edge-cpu", now=now())
+        register_device(s, thing_name="flood-1", sku="other-sku", now=now())
+    time.sleep(0.5)
+    assert broker.poll() is None, log_path.read_text()
+    bridge = service_bridge(db, pki, port)
+    scheduler = CampaignScheduler(db, bridge.publish, now, interval_s=0.2)
+    flooder = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "fleet_server.sim.flood", str(port), "500", "flood-1", "get"),
+            *(str(pki / "ca.pem"), str(pki / "devices")),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    fleet: SimulatedFleet | None = None
+    try:
+        assert flooder.stdout is not None and flooder.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()  # the flood's start: both buckets are counted from here
+        fleet = SimulatedFleet(
+            things,
+            SimSettings(
+                port=port, install_s=(0.05, 0.3), retry_s=10.0, tls=SimTls(pki / "ca.pem", pki / "devices")
+            ),
+        ).start()
+        time.sleep(1.5)  # the flood is on before the campaign starts, however fast it is
+        spec = {
+            "name": "v2",
+            "target": "classifier",
+            "repository": "http://repo",
+            "cohort": {"sku": "edge-cpu"},
+            "waves": [{"percent": 100}],
+            "max_concurrent": 100,
+        }
+        with db.session() as s:
+            c = campaigns.create(s, spec=CampaignSpec.model_validate(spec), actor="op", now=now())
+            campaigns.submit(s, campaign_id=c.id, actor="op", now=now())
+            campaigns.approve(s, campaign_id=c.id, actor="admin", now=now(), override_reason="no bench")
+            cid = c.id
+        scheduler.start()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            with db.session() as s:
+                if campaigns.get(s, cid).state not in ("scheduled", "running"):
+                    break
+            time.sleep(0.2)
+        flooder.terminate()
+        out, _ = flooder.communicate(timeout=30)
+        elapsed = time.monotonic() - t0
+        with db.session() as s:
+            assert campaigns.get(s, cid).state == "completed"
+            rows = s.scalars(select(JobExecution).where(JobExecution.job_id == cid)).all()
+        assert len(rows) == 100 and {r.status for r in rows} == {"SUCCEEDED"}
+        assert fleet.refused == {} and fleet.stats.rejected == {}  # nothing of theirs refused…
+        assert fleet.stats.retries == 0  # …or lost on the way
+        flood = json.loads(out.strip().splitlines()[-1])
+        cut_by_bridge = bridge.limiter.throttled + bridge.limiter.dropped
+        reached_bridge = flood["answered"] + cut_by_bridge
+        assert flood["sent"] > 500 * 1.5  # it flooded from before the campaign to its end
+        # The broker passed a bucket's worth and refused the rest before the bridge saw it…
+        assert 100 <= reached_bridge <= 100 + 10 * elapsed + 1, (reached_bridge, elapsed)
+        assert flood["sent"] - reached_bridge > flood["sent"] / 2
+        # …and the bridge answered its own bucket's worth, RequestThrottled beyond it.
+        assert 0 < flood["answered"] <= bridge.limiter.burst + bridge.limiter.rate * elapsed
+        assert flood["codes"] and set(flood["codes"]) == {"RequestThrottled"}
+        log = log_path.read_text()
+        assert "for client flood-1" in log and "publishing faster than the device rate limit" in log
+        assert "for client sim-" not in log  # none of the others was refused anything
+    finally:
+        if flooder.poll() is None:
+            flooder.kill()
+        if fleet is not None:
+            fleet.stop()
+        scheduler.stop()
+        bridge.stop()
+        broker.terminate()
+        broker.wait(10)
+        shutil.rmtree(reachable, ignore_errors=True)

@@ -3,8 +3,11 @@
 preconditions), thousands of them in one process.
 
 To reach fleet scale on one machine they share one MQTT connection (each device's messages
-still go to and come from its own ``$aws/things/<thing>/jobs/...`` topics); per-device
-connections and certificates are what the real agent and the broker ACL test.
+still go to and come from its own ``$aws/things/<thing>/jobs/...`` topics). Given `tls`, each
+device instead holds its own mutual-TLS connection on its own certificate, with its thing
+name as client id and subscriptions to its own topics only, as the agent does: what a broker
+that limits and checks each connection (the generated configuration's guard) sees of a
+fleet. That costs a network thread per device, so it is for fleets of hundreds.
 
 A request left unanswered for `retry_s` is sent again with the same clientToken, as the agent
 does: a fleet-server replica killed between a commit and its reply, or before it handled what
@@ -22,6 +25,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -38,6 +42,16 @@ class SimSettings:
     unmet_rate: float = 0.0
     seed: int = 0
     retry_s: float = 3.0
+    tls: SimTls | None = None
+
+
+@dataclass(frozen=True)
+class SimTls:
+    """Per-device mutual TLS: `ca` verifies the broker; device `<thing>` connects with
+    `certs/<thing>.pem` and `certs/<thing>.key` (the layout `tidegate server device-cert` writes)."""
+
+    ca: Path
+    certs: Path
 
 
 @dataclass
@@ -78,31 +92,70 @@ class SimulatedFleet:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.connected = threading.Event()
-        c = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"tidegate-sim-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
-        )
-        c.max_inflight_messages_set(1000)
-        c.max_queued_messages_set(0)
-        c.on_connect = self._on_connect
-        c.on_message = self._on_message
-        self._c = c
+        self._subscribed: set[str] = set()  # per-device connections whose SUBACK came
+        self.refused: dict[str, list[str]] = {}  # connection → SUBACK codes, when any was refused
+        # One shared connection (userdata None: it subscribes to every device's topics), or
+        # one per device (userdata its thing name).
+        self._clients: dict[str | None, mqtt.Client]
+        if settings.tls is None:
+            self._clients = {None: self._client(f"tidegate-sim-{uuid.uuid4().hex[:8]}", None)}
+        else:
+            self._clients = {t: self._client(t, t) for t in sorted(self.things)}
         self._timer_thread = threading.Thread(target=self._timer_loop, daemon=True, name="sim-timers")
 
-    def start(self) -> SimulatedFleet:
-        self._c.connect(self.s.host, self.s.port, keepalive=30)
-        self._c.loop_start()
-        if not self.connected.wait(10):
-            raise TimeoutError("simulator could not connect to the broker")
+    def _client(self, client_id: str, thing: str | None) -> mqtt.Client:
+        c = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+            userdata=thing,
+        )
+        c.max_inflight_messages_set(1000 if thing is None else 20)
+        c.max_queued_messages_set(0)
+        if self.s.tls is not None and thing is not None:
+            c.tls_set(
+                ca_certs=str(self.s.tls.ca),
+                certfile=str(self.s.tls.certs / f"{thing}.pem"),
+                keyfile=str(self.s.tls.certs / f"{thing}.key"),
+            )
+        c.on_connect = self._on_connect
+        c.on_subscribe = self._on_subscribe
+        c.on_message = self._on_message
+        return c
+
+    def start(self, timeout_s: float = 30.0) -> SimulatedFleet:
+        for c in self._clients.values():
+            c.connect(self.s.host, self.s.port, keepalive=30)
+            c.loop_start()
+        if not self.connected.wait(timeout_s):
+            raise TimeoutError(
+                f"simulator: {len(self._clients) - len(self._subscribed)} of {len(self._clients)} "
+                f"connections not subscribed after {timeout_s:g} s; refused: {self.refused or 'none'}"
+            )
         self._timer_thread.start()
         return self
 
     def stop(self) -> None:
+        """Disconnect every connection and release its sockets now: a paho client holds three
+        descriptors until it is collected, and a process past 1,024 of them breaks paho's
+        select() (the next fleet's connections fail with protocol errors)."""
         self._stop.set()
         self._wake.set()
-        self._c.disconnect()
-        self._c.loop_stop()
+        for c in self._clients.values():
+            c.disconnect()
+        deadline = time.monotonic() + 5
+        for c in self._clients.values():
+            while c.is_connected() and time.monotonic() < deadline:
+                time.sleep(0.01)  # the DISCONNECT written before the network thread ends
+            c.loop_stop()
+            c.on_connect = c.on_subscribe = c.on_message = None  # no cycle back to the fleet
+        self._clients.clear()
+
+    def _send(self, topic: str, body: dict[str, Any]) -> None:
+        """On the device's own connection, or the shared one (none once stopped)."""
+        c = self._clients.get(topic.split("/")[2] if self.s.tls is not None else None)
+        if c is not None:
+            c.publish(topic, json.dumps(body), qos=1)
 
     def poll_all(self) -> None:
         """start-next for every device, as agents do on connect."""
@@ -114,7 +167,7 @@ class SimulatedFleet:
     def _pub(self, topic: str, body: dict[str, Any]) -> None:
         with self._lock:
             self._pending[body["clientToken"]] = (time.monotonic(), topic, body)
-        self._c.publish(topic, json.dumps(body), qos=1)
+        self._send(topic, body)
 
     def _retry_unanswered(self) -> None:
         cutoff = time.monotonic() - self.s.retry_s
@@ -125,7 +178,7 @@ class SimulatedFleet:
                 self._retried.add(token)
             self.stats.retries += len(due)
         for _, topic, body in due:
-            self._c.publish(topic, json.dumps(body), qos=1)
+            self._send(topic, body)
 
     def _start_next(self, thing: str) -> None:
         self._pub(f"$aws/things/{thing}/jobs/start-next", {"clientToken": uuid.uuid4().hex[:16]})
@@ -162,19 +215,31 @@ class SimulatedFleet:
             self.stats.updates_sent += 1
         self._pub(*held)
 
-    def _on_connect(self, c: mqtt.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
+    def _on_connect(self, c: mqtt.Client, thing: str | None, f: Any, reason: Any, p: Any) -> None:
+        if reason.is_failure:
+            return  # paho retries; `start` reports what never subscribed
         opts = SubscribeOptions(qos=1)
+        who = thing or "+"
         c.subscribe(
             [
-                ("$aws/things/+/jobs/notify-next", opts),
-                ("$aws/things/+/jobs/start-next/accepted", opts),
-                ("$aws/things/+/jobs/start-next/rejected", opts),
-                ("$aws/things/+/jobs/+/update/accepted", opts),
-                ("$aws/things/+/jobs/+/update/rejected", opts),
+                (f"$aws/things/{who}/jobs/notify-next", opts),
+                (f"$aws/things/{who}/jobs/start-next/accepted", opts),
+                (f"$aws/things/{who}/jobs/start-next/rejected", opts),
+                (f"$aws/things/{who}/jobs/+/update/accepted", opts),
+                (f"$aws/things/{who}/jobs/+/update/rejected", opts),
             ]
         )
-        time.sleep(0.2)  # let the SUBACK land before the first requests
-        self.connected.set()
+
+    def _on_subscribe(self, c: mqtt.Client, thing: str | None, mid: int, codes: Any, p: Any) -> None:
+        """Requests go out only once the answers can come back (the SUBACK is in)."""
+        with self._lock:
+            if any(code.is_failure for code in codes):
+                self.refused[thing or "fleet"] = [str(code) for code in codes]
+                return
+            self._subscribed.add(thing or "")
+            done = len(self._subscribed) == len(self._clients)
+        if done:
+            self.connected.set()
 
     def _on_message(self, c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
         parts = msg.topic.split("/")

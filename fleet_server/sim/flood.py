@@ -2,7 +2,11 @@
 with KIND `beacon`, valid health beacons, which the server would store) at a fixed rate (a
 retry loop gone wrong, or a stolen certificate), counting the answers.
 
-    python -m fleet_server.sim.flood PORT RATE [THING] [KIND]
+    python -m fleet_server.sim.flood PORT RATE [THING] [KIND] [CA CERT_DIR]
+
+With CA and CERT_DIR it connects over mutual TLS on `CERT_DIR/THING.pem` and `.key` as the
+device itself would (client id = its thing name), against a broker that checks and limits
+each connection.
 
 Prints ``ready`` once connected, floods until SIGTERM, then prints one JSON line: requests
 sent, requests answered ``accepted`` (they got past the server's limit) and the codes of
@@ -15,6 +19,7 @@ import json
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -25,6 +30,7 @@ def main(argv: list[str]) -> int:
     port, rate = int(argv[0]), float(argv[1])
     thing = argv[2] if len(argv) > 2 else "flood-1"
     kind = argv[3] if len(argv) > 3 else "get"
+    tls = (argv[4], Path(argv[5])) if len(argv) > 5 else None
     stats: dict[str, Any] = {"sent": 0, "answered": 0, "codes": []}
 
     def on_message(c: mqtt.Client, u: Any, m: mqtt.MQTTMessage) -> None:
@@ -37,9 +43,19 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *a: running.__setitem__(0, False))
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=thing)
     c.on_message = on_message
+    if tls is not None:
+        c.tls_set(
+            ca_certs=tls[0], certfile=str(tls[1] / f"{thing}.pem"), keyfile=str(tls[1] / f"{thing}.key")
+        )
     c.connect("127.0.0.1", port)
-    c.subscribe([(f"$aws/things/{thing}/jobs/get/{r}", 0) for r in ("rejected", "accepted")])
     c.loop_start()
+    deadline = time.monotonic() + 10
+    while not c.is_connected():
+        if time.monotonic() > deadline:
+            print("not connected", file=sys.stderr)
+            return 1
+        time.sleep(0.02)
+    c.subscribe([(f"$aws/things/{thing}/jobs/get/{r}", 0) for r in ("rejected", "accepted")])
     time.sleep(0.3)
     print("ready", flush=True)
     topic, body = f"$aws/things/{thing}/jobs/get", b'{"clientToken":"flood"}'
