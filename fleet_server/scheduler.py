@@ -32,8 +32,12 @@ class CampaignScheduler:
         interval_s: float = 1.0,
         watch: DriftWatch | None = None,
         webhooks: list[str] | None = None,
+        busy: Callable[[], str | None] | None = None,
     ) -> None:
+        """`busy` says why the jobs service has no room for more devices now (the bridge's
+        `busy`); while it does, every campaign holds its new notifications."""
         self.db, self.publish, self.clock, self.interval_s = db, publish, clock, interval_s
+        self.busy = busy
         self.watch, self.webhooks = watch, webhooks or []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="campaign-scheduler", daemon=True)
@@ -52,13 +56,14 @@ class CampaignScheduler:
     def tick_all(self) -> None:
         with self.db.session() as s:
             ids = service.active_ids(s)
+        busy = self.busy() if self.busy is not None and ids else None
         for cid in ids:
             try:
                 with self.db.session() as s:
                     if not try_exclusive(s, f"campaign:{cid}"):
                         self.skipped += 1  # another replica is ticking it right now
                         continue
-                    out = service.tick(s, campaign_id=cid, now=self.clock())
+                    out = service.tick(s, campaign_id=cid, now=self.clock(), busy=busy)
                 self.publish(out)
             except Exception:
                 log.exception("tick of campaign %s failed", cid)

@@ -463,3 +463,47 @@ def test_a_wave_whose_updated_devices_are_50_percent_slower_pauses_and_an_equal_
     assert not calls
     with pytest.raises(ValidationError, match="quality_key"):
         spec(compare=[{"metric": "quality"}])
+
+
+def test_a_busy_jobs_service_holds_new_devices_and_nothing_else() -> None:
+    """While the jobs service is saturated no device is notified or retried (each would wait
+    past its request timeout and ask again); the gates, the waves and completion still move."""
+    fresh = CampaignState(0, T0, members(200))
+    d = plan_tick(spec(max_concurrent=4), fresh, T0, busy="95% of the last 5 s")
+    assert d.queue == [] and d.retry == [] and d.held is not None and "95% of the last 5 s" in d.held
+    assert plan_tick(spec(max_concurrent=4), fresh, T0).queue == ["d000", "d001", "d002", "d003"]
+    # a failed device due for its retry waits too
+    s = spec(retry={"criteria": [{"failure_type": "FAILED", "retries": 1}], "backoff_s": 5})
+    ms = list(members(200))
+    ms[0] = MemberState(ms[0].thing, "FAILED", T0, T0)
+    later = T0 + timedelta(minutes=1)
+    assert plan_tick(s, CampaignState(0, T0, tuple(ms)), later).retry == ["d000"]
+    held = plan_tick(s, CampaignState(0, T0, tuple(ms)), later, busy="busy")
+    assert held.retry == [] and held.held is not None
+    # a wave whose devices are all done advances, busy or not; nothing to notify, nothing held
+    done = tuple(MemberState(m.thing, "SUCCEEDED", T0, T0) for m in members(10)) + members(200)[10:]
+    d = plan_tick(spec(), CampaignState(0, T0, done), T0 + timedelta(minutes=5), busy="busy")
+    assert d.advance_to == 1 and d.held is None
+    # the error gate still pauses
+    bad = tuple(MemberState(m.thing, "FAILED", T0, T0) for m in members(10)) + members(200)[10:]
+    d = plan_tick(spec(), CampaignState(0, T0, bad), T0 + timedelta(minutes=1), busy="busy")
+    assert d.pause_reason is not None and d.pause_reason.startswith("error gate")
+
+
+def test_a_high_rate_is_paced_over_the_minute_not_spent_in_one_tick() -> None:
+    """60,000 a minute opens with two seconds' worth (2,000) and then about a second's at each
+    tick a second apart; a tick may always queue 100 (so a rate of 100 a minute or less is
+    queued at once, as before pacing)."""
+    s = spec(waves=[{"percent": 100}], max_concurrent=50_000, rate={"maximum_per_minute": 60_000})
+    fleet = members(20_000)
+    first = plan_tick(s, CampaignState(0, T0, fleet), T0)
+    assert len(first.queue) == 2000
+    now = T0 + timedelta(seconds=1)
+    queued = tuple(MemberState(m.thing, "QUEUED", T0) if i < 2000 else m for i, m in enumerate(fleet))
+    assert len(plan_tick(s, CampaignState(0, T0, queued), now).queue) == 1000
+    later = T0 + timedelta(seconds=30)  # a long pause since the last queueing: still two seconds' worth
+    assert len(plan_tick(s, CampaignState(0, T0, queued), later).queue) == 2000
+    small = spec(waves=[{"percent": 100}], max_concurrent=500, rate={"maximum_per_minute": 300})
+    assert len(plan_tick(small, CampaignState(0, T0, members(1000)), T0).queue) == 100
+    slow = spec(waves=[{"percent": 100}], max_concurrent=500, rate={"maximum_per_minute": 30})
+    assert len(plan_tick(slow, CampaignState(0, T0, members(1000)), T0).queue) == 30

@@ -602,3 +602,25 @@ def test_a_running_campaign_is_shown_from_its_last_tick_and_counted_afresh_when_
     with db.session() as s:
         body, at = service.view(s, service.get(s, cid), T0 + timedelta(seconds=6))
     assert at == T0 + timedelta(seconds=6) and body["waves"][1]["counts"].get("SUCCEEDED", 0) > 0
+
+
+def test_a_busy_jobs_service_holds_notifications_and_says_so_once(db: Database) -> None:
+    """Ticks while the jobs service is saturated notify nobody and record one "held" decision
+    (not one per tick); the first tick with room notifies the wave as before."""
+    fleet(db, 40)
+    cid = make(db)
+    busy = "96% of the last 5 s spent answering devices"
+    for i in range(3):
+        with db.session() as s:
+            assert service.tick(s, campaign_id=cid, now=T0 + timedelta(seconds=i), busy=busy) == []
+    with db.session() as s:
+        assert s.scalar(select(JobExecution.id).where(JobExecution.job_id == cid).limit(1)) is None
+        held = s.scalars(
+            select(CampaignDecision.message).where(
+                CampaignDecision.campaign_id == cid, CampaignDecision.kind == "held"
+            )
+        ).all()
+    assert held == [f"jobs service busy ({busy}): no device notified this tick"]
+    with db.session() as s:
+        out = service.tick(s, campaign_id=cid, now=T0 + timedelta(seconds=3))
+    assert len([o for o in out if o.topic.endswith("notify-next")]) == 4

@@ -530,3 +530,37 @@ def test_a_batch_is_written_in_one_statement_per_table_and_still_version_checked
         }
     assert sorted(job2.values()) == ["CANCELED", "QUEUED"]  # nothing of the refused batch written
     bridge.leases.stop()
+
+
+def test_a_saturated_bridge_says_it_is_busy_and_an_idle_one_does_not(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The load the scheduler holds campaigns on: the share of the last window spent handling
+    batches, from this replica or (its heartbeat's reading) the busiest live one."""
+    from fleet_server.jobs import bridge as bridge_module
+    from fleet_server.jobs.bridge import JobsBridge, _Inbound
+
+    monkeypatch.setattr(bridge_module, "LOAD_WINDOW_S", 1.0)
+    setup_device(db, "car-1")
+    bridge = JobsBridge(db, port=1)  # never started: batches are handed over directly
+    bridge.leases.start()
+    monkeypatch.setattr(bridge, "publish", lambda out: None)
+    assert bridge.load() == 0.0 and bridge.busy() is None
+    real = protocol.handle
+
+    def slow(session: Any, topic: str, payload: bytes, now: datetime) -> list[protocol.Outgoing]:
+        time.sleep(0.01)  # a database that takes 10 ms a request
+        return real(session, topic, payload, now)
+
+    monkeypatch.setattr(protocol, "handle", slow)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 1.2:  # back to back, as when the broker holds a backlog
+        bridge._process([_Inbound(f"{P}/get", b"{}", 0, 0, time.monotonic()) for _ in range(10)])
+    assert bridge.load() >= 0.9
+    reason = bridge.busy()
+    assert reason is not None and "of the last 1 s spent answering devices" in reason
+    time.sleep(1.1)  # idle for a window
+    assert bridge.load() == 0.0 and bridge.busy() is None
+    bridge.leases.fleet_load = 0.97  # another replica's heartbeat says it is saturated
+    assert bridge.busy() == "97% of the last 1 s spent answering devices"
+    bridge.leases.stop()

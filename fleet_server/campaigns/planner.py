@@ -26,6 +26,12 @@ from shared.gates import Gate, MetricsSnapshot, Sample, Verdict, evaluate_gate
 from shared.iotjobs import PENDING, JobStatus
 
 FAILURES = frozenset({JobStatus.FAILED.value, JobStatus.TIMED_OUT.value, JobStatus.REJECTED.value})
+# The rate is paced: one tick queues at most PACE_MAX_S seconds' worth of it (at least one
+# second's, and never fewer than PACE_FLOOR devices), so a wave that opens at 60,000 a minute
+# notifies 2,000 devices and then 1,000 a second, not 20,000 in one instant whose requests
+# then wait at the broker past their timeouts. Small rates keep their whole minute at once.
+PACE_MAX_S = 2.0
+PACE_FLOOR = 100
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class Counts:
     succeeded: int  # every wave (the rate ramp's input)
     notified: int  # executions of any status, every wave
     queued_last_minute: int  # queued (or requeued) within the minute before `now`
+    last_queued_at: datetime | None  # the latest queueing (or requeueing) of any execution
     retrying: tuple[MemberState, ...]  # failed, a retry still allowed (every wave)
     deferred: tuple[MemberState, ...]  # reached, not notified, held by a server-side precondition
     ready: tuple[str, ...]  # reached, not notified, free to go, in wave order
@@ -88,6 +95,7 @@ def count_members(spec: CampaignSpec, state: CampaignState, now: datetime) -> Co
         queued_last_minute=sum(
             1 for m in executed if m.queued_at is not None and now - m.queued_at < timedelta(minutes=1)
         ),
+        last_queued_at=max((m.queued_at for m in executed if m.queued_at is not None), default=None),
         retrying=tuple(m for m in executed if retry_pending(spec, m)),
         deferred=tuple(m for m in reached if m.status is None and m.unmet is not None),
         ready=tuple(m.thing for m in reached if m.status is None and m.unmet is None),
@@ -103,6 +111,7 @@ class Decision:
     advance_to: int | None = None
     pause_reason: str | None = None
     complete: bool = False
+    held: str | None = None  # why no device was notified although the budget allowed some
     log: list[str] = field(default_factory=list)
 
 
@@ -161,9 +170,15 @@ def plan_tick(
     state: CampaignState | Counts,
     now: datetime,
     cohort: Callable[[], CohortSnapshots] | None = None,
+    busy: str | None = None,
 ) -> Decision:
     """`cohort` is called only when a wave waits on its relative gates (`spec.compare`):
-    loading the cohort's beacons costs a pass over it, which most ticks need not make."""
+    loading the cohort's beacons costs a pass over it, which most ticks need not make.
+
+    `busy` says the jobs service is saturated (why): no device is notified or retried this
+    tick. Devices notified faster than the service answers wait past their request timeout
+    and ask again, which is more work for the same service: a fleet notified at its
+    campaign's rate instead of the service's pace turns a slow server into a retry storm."""
     c = count_members(spec, state, now) if isinstance(state, CampaignState) else state
     d = Decision()
     bounds = wave_bounds(spec, c.population)
@@ -207,8 +222,13 @@ def plan_tick(
         d.log.append(f"blackout window {blackout.cron!r} ({blackout.timezone}) open: nothing queued")
     else:
         per_minute = spec.rate.per_minute(c.succeeded, c.notified)
-        budget = min(spec.max_concurrent - in_flight, per_minute - c.queued_last_minute)
-        if budget > 0:
+        since = (now - c.last_queued_at).total_seconds() if c.last_queued_at is not None else PACE_MAX_S
+        paced = max(PACE_FLOOR, math.ceil(per_minute * min(max(since, 1.0), PACE_MAX_S) / 60))
+        budget = min(spec.max_concurrent - in_flight, per_minute - c.queued_last_minute, paced)
+        if budget > 0 and busy is not None and (c.ready or c.retrying):
+            d.held = f"jobs service busy ({busy}): no device notified this tick"
+            d.log.append(d.held)
+        elif budget > 0:
             due = [
                 m.thing
                 for m in c.retrying

@@ -343,11 +343,14 @@ def cohort_things(session: Session, cohort: Cohort) -> list[str]:
     ]
 
 
-def tick(session: Session, *, campaign_id: str, now: datetime) -> list[protocol.Outgoing]:
-    """One planner step for one campaign: returns the notifications to publish after commit."""
+def tick(
+    session: Session, *, campaign_id: str, now: datetime, busy: str | None = None
+) -> list[protocol.Outgoing]:
+    """One planner step for one campaign: returns the notifications to publish after commit.
+    `busy`: the jobs service is saturated, and why (`planner.plan_tick` holds new devices)."""
     c = get(session, campaign_id)
     before = (c.state, c.wave)
-    out = _tick(session, c, now)
+    out = _tick(session, c, now, busy)
     if c.members:  # the campaign's view, re-counted after this tick's changes (VIEW_EVERY_S)
         row = session.get(CampaignView, c.id)
         moved = (c.state, c.wave) != before
@@ -357,7 +360,7 @@ def tick(session: Session, *, campaign_id: str, now: datetime) -> list[protocol.
     return out
 
 
-def _tick(session: Session, c: Campaign, now: datetime) -> list[protocol.Outgoing]:
+def _tick(session: Session, c: Campaign, now: datetime, busy: str | None) -> list[protocol.Outgoing]:
     spec = CampaignSpec.model_validate(c.spec)
     if S(c.state) is S.SCHEDULED:
         if not plan_start(spec, now):
@@ -381,7 +384,7 @@ def _tick(session: Session, c: Campaign, now: datetime) -> list[protocol.Outgoin
             c.members = [*c.members, *joined]
             _log(session, c, now, "joined", "scheduler", f"{len(joined)} device(s) joined the cohort")
     state = counts(session, c, spec, now)
-    decision = plan_tick(spec, state, now, cohort=lambda: cohort_beacons(session, c, spec))
+    decision = plan_tick(spec, state, now, cohort=lambda: cohort_beacons(session, c, spec), busy=busy)
     out: list[protocol.Outgoing] = []
     document = JobDocument(
         operation="tidegate.install",
@@ -425,6 +428,15 @@ def _tick(session: Session, c: Campaign, now: datetime) -> list[protocol.Outgoin
         )
     if decision.queue:
         _log(session, c, now, "queued", "scheduler", next(m for m in decision.log if "notifying" in m))
+    if decision.held is not None:  # logged when a hold begins, not on every tick it lasts
+        last = session.scalars(
+            select(CampaignDecision.kind)
+            .where(CampaignDecision.campaign_id == c.id, CampaignDecision.kind.in_(("queued", "held")))
+            .order_by(CampaignDecision.id.desc())
+            .limit(1)
+        ).first()
+        if last != "held":
+            _log(session, c, now, "held", "scheduler", decision.held)
     deferred = next((m for m in decision.log if "deferred by server-side preconditions" in m), None)
     if deferred is not None:  # logged when the reasons change, not on every tick
         last = session.scalars(
@@ -467,6 +479,7 @@ def counts(session: Session, c: Campaign, spec: CampaignSpec, now: datetime) -> 
             func.count(),
             func.max(JobExecution.last_updated_at),
             func.sum(case((JobExecution.queued_at > recent, 1), else_=0)),
+            func.max(JobExecution.queued_at),
         )
         .where(JobExecution.job_id == c.id)
         .group_by(JobExecution.wave, JobExecution.status, JobExecution.execution_number)
@@ -474,9 +487,12 @@ def counts(session: Session, c: Campaign, spec: CampaignSpec, now: datetime) -> 
     settled: Counter[str] = Counter()
     last_done: datetime | None = None
     in_flight = succeeded = notified = last_minute = reached_notified = 0
+    last_queued: datetime | None = None
     retries_pending = False
-    for w, status, attempt, n, latest, queued_recently in rows:
+    for w, status, attempt, n, latest, queued_recently, queued_latest in rows:
         notified += n
+        if queued_latest is not None:
+            last_queued = queued_latest if last_queued is None else max(last_queued, queued_latest)
         last_minute += int(queued_recently or 0)
         in_flight += n if status in PENDING else 0
         succeeded += n if status == JobStatus.SUCCEEDED.value else 0
@@ -524,6 +540,7 @@ def counts(session: Session, c: Campaign, spec: CampaignSpec, now: datetime) -> 
         succeeded=succeeded,
         notified=notified,
         queued_last_minute=last_minute,
+        last_queued_at=last_queued,
         retrying=retrying,
         deferred=deferred,
         ready=ready,

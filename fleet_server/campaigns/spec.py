@@ -115,7 +115,8 @@ class WaveSpec(_Spec):
 class RateSpec(_Spec):
     """AWS's jobExecutionsRolloutConfig: a base rate that grows by `increment_factor` every time
     `increase_after_succeeded` more devices succeed (or, with `increase_after_notified`, every
-    time that many more are notified), capped at `maximum_per_minute`."""
+    time that many more are notified), capped at `maximum_per_minute`. The rate is paced, not
+    spent at once: a tick queues at most a few seconds' worth (`planner.PACE_MAX_S`)."""
 
     maximum_per_minute: int = Field(default=1000, ge=1, le=100_000)
     base_rate_per_minute: int | None = Field(default=None, ge=1)

@@ -19,6 +19,7 @@ notification.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import queue
@@ -51,6 +52,10 @@ from shared.iotjobs import RejectedCode, Topics, valid_thing_name
 log = logging.getLogger("tidegate.server.jobs")
 REQUESTS = "$aws/things/+/jobs/#"
 TELEMETRY = "tidegate/things/+/+"
+# A bridge busy this share of the last LOAD_WINDOW_S is saturated: campaigns notify no more
+# devices until it has room (devices waiting past their 10 s request timeout ask again).
+LOAD_WINDOW_S = 5.0
+BUSY_LOAD = 0.9
 
 
 def _throttled(payload: bytes) -> bytes:
@@ -99,11 +104,15 @@ class JobsBridge:
         batch_max: int = 500,
         limiter: DeviceLimiter | None = None,
         leases: PartitionLeases | None = None,
+        serve_devices: bool = True,
     ) -> None:
         """`tls` = (CA file, client certificate, key) for a mutual-TLS broker; `limiter` bounds
         each device's requests (default: 5 a second with bursts of 50); `leases` decide which
         things' traffic this replica handles (default: its share of the partitions, under its
-        client id; on SQLite, all of them)."""
+        client id; on SQLite, all of them). `serve_devices=False` (an API-only replica): the
+        connection only publishes what the API's actions return; it subscribes to nothing,
+        holds no partitions and does not sweep, so the replicas serving devices are unchanged."""
+        self.serve_devices = serve_devices
         self.db, self.clock, self.batch_max = db, clock, batch_max
         self.leases = leases or PartitionLeases(db, client_id)
         self.limiter = limiter or DeviceLimiter()
@@ -121,6 +130,9 @@ class JobsBridge:
         self.not_mine = 0  # heard, acknowledged, left to the replica holding the thing's partition
         self.not_mine_early = 0  # the same, decided on receipt (paho's thread)
         self.busy_s = 0.0  # time spent handling batches: requests / busy_s is the capacity
+        self._recent: collections.deque[tuple[float, float]] = collections.deque()  # (start, end)
+        self._load_lock = threading.Lock()
+        self.leases.load = self.load  # written in this replica's heartbeat
         c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -140,21 +152,26 @@ class JobsBridge:
     def start(self, *, wait_s: float = 10.0) -> JobsBridge:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
-        self.leases.start()  # before the broker: what arrives from here on is judged by the claims
+        if self.serve_devices:
+            self.leases.start()  # before the broker: what arrives from here on is judged by the claims
         self._client.connect_async(self.host, self.port, keepalive=30, clean_start=False, properties=props)
-        self._worker.start()
+        if self.serve_devices:
+            self._worker.start()
         self._client.loop_start()
         if not self.connected.wait(wait_s):
             raise TimeoutError(f"could not reach the MQTT broker at {self.host}:{self.port}")
-        self._sweeper.start()
+        if self.serve_devices:
+            self._sweeper.start()
         return self
 
     def stop(self) -> None:
         """Stop taking messages; what was queued but not committed is not acknowledged, so
         the broker redelivers it to the next session."""
         self._stop.set()
-        self._worker.join(10)
-        self.leases.stop()
+        if self._worker.is_alive():
+            self._worker.join(10)
+        if self.serve_devices:
+            self.leases.stop()
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -172,6 +189,9 @@ class JobsBridge:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             log.error("broker refused the jobs bridge: %s", reason)
+            return
+        if not self.serve_devices:
+            self.connected.set()
             return
         client.subscribe(
             [
@@ -279,7 +299,30 @@ class JobsBridge:
             if m.qos:
                 self._client.ack(m.mid, m.qos)
         self.batches += 1
-        self.busy_s += time.perf_counter() - started
+        ended = time.perf_counter()
+        self.busy_s += ended - started
+        with self._load_lock:
+            self._recent.append((started, ended))
+            while self._recent and self._recent[0][1] < ended - LOAD_WINDOW_S:
+                self._recent.popleft()
+
+    def load(self) -> float:
+        """The share of the last LOAD_WINDOW_S this bridge spent handling batches (0..1): near
+        1 the broker is queueing what it cannot take, and the queue only grows from there."""
+        now = time.perf_counter()
+        since = now - LOAD_WINDOW_S
+        with self._load_lock:
+            busy = sum(end - max(start, since) for start, end in self._recent if end > since)
+        return min(1.0, busy / LOAD_WINDOW_S)
+
+    def busy(self) -> str | None:
+        """Why no more devices should be notified now (`planner.plan_tick`'s `busy`): this
+        replica's jobs service, or the busiest live replica's as their heartbeats say, is
+        saturated. None while there is room."""
+        load = max(self.load(), self.leases.fleet_load or 0.0)
+        if load < BUSY_LOAD:
+            return None
+        return f"{load:.0%} of the last {LOAD_WINDOW_S:g} s spent answering devices"
 
     def _mine(self, s: Session, batch: list[_Inbound], tally: Counter[str]) -> list[_Inbound]:
         """The messages of `batch` this replica handles: those of things in partitions it holds

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from fleet_server.db import Base, UTCDateTime
@@ -81,3 +81,5 @@ class FleetReplica(Base):
     nonce: Mapped[str] = mapped_column(String(32))
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The share of the last few seconds its jobs bridge spent handling messages (0..1).
+    jobs_load: Mapped[float] = mapped_column(Float, server_default="0")

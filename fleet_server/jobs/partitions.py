@@ -40,7 +40,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import timedelta
 from typing import Any
 
@@ -105,6 +105,10 @@ class PartitionLeases:
         self._thread = threading.Thread(target=self._loop, name="jobs-partitions", daemon=True)
         self.last_ok = time.monotonic()
         self.live_replicas = 1
+        # What this replica writes in its heartbeat, and the highest of the live replicas'
+        # (None until a heartbeat read it, and on SQLite's one replica).
+        self.load: Callable[[], float] = lambda: 0.0
+        self.fleet_load: float | None = None
         self.claims = 0
         self.releases = 0
 
@@ -183,7 +187,7 @@ class PartitionLeases:
             beat = s.execute(
                 update(FleetReplica)
                 .where(FleetReplica.replica_id == self.replica_id, FleetReplica.nonce == self.nonce)
-                .values(heartbeat_at=now)
+                .values(heartbeat_at=now, jobs_load=self.load())
                 .returning(FleetReplica.replica_id)
             ).first()
             if beat is None:  # our id was taken over after we looked dead: hold nothing
@@ -195,16 +199,14 @@ class PartitionLeases:
                 )
                 renewed: set[int] = set()
                 claimed: list[int] = []
-                live = 0
+                live, fleet_load = 0, None
             else:
-                live = (
-                    s.scalar(
-                        select(func.count())
-                        .select_from(FleetReplica)
-                        .where(FleetReplica.heartbeat_at > now - timedelta(seconds=self.stale_s))
+                count, fleet_load = s.execute(
+                    select(func.count(), func.max(FleetReplica.jobs_load)).where(
+                        FleetReplica.heartbeat_at > now - timedelta(seconds=self.stale_s)
                     )
-                    or 1
-                )
+                ).one()
+                live = count or 1
                 renewed = set(
                     s.scalars(
                         update(JobsPartition)
@@ -230,6 +232,7 @@ class PartitionLeases:
             self._held = kept
         self.claims += len(claimed)
         self.live_replicas = live
+        self.fleet_load = fleet_load
         self.last_ok = committed
         if claimed:
             log.info("replica %s claimed partitions %s (holds %d)", self.replica_id, claimed, len(kept))
