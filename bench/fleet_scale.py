@@ -11,7 +11,8 @@ campaign on one machine, as an operator would run it.
   500 successes, capped at 60,000/min; success gate 95 %, error gate 5 %;
 * measured: registration rate, the time each wave started, the campaign's duration,
   completed devices per second, status updates per second, the server's CPU seconds and
-  resident memory (its own /metrics), API latency while it runs.
+  resident memory (its own /metrics), the campaign GET's latency while it runs, on the full
+  server and (PostgreSQL) on an API-only replica (`server run --api-only`) beside it.
 
     TIDEGATE_BENCH_PG_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test \\
         python -m bench.fleet_scale --devices 50000
@@ -32,7 +33,7 @@ from typing import Any
 import httpx
 
 from bench.common import print_table, write_result
-from bench.fleet_campaign import _counters, _fresh_database, server_process, start_campaign
+from bench.fleet_campaign import _counters, _fresh_database, server_processes, start_campaign
 from fleet_server.broker import EmbeddedBroker
 from fleet_server.sim.fleet import SimSettings, SimulatedFleet
 
@@ -51,14 +52,35 @@ def run_scale(work: Path, devices: int, db_url: str, broker_port: int) -> dict[s
             port=broker_port, install_s=(0.5, 3.0), fail_rate=0.02, unmet_rate=0.10, seed=50, retry_s=10.0
         ),
     )
-    with server_process(work, db_url, broker_port) as api:
+    # On PostgreSQL an API-only replica too: the campaign's GET is timed on both, the full
+    # server (its requests wait for an interpreter shared with the jobs bridge and the
+    # scheduler) and one that serves only the API.
+    api_only = 1 if db_url.startswith("postgresql") else 0
+    with server_processes(work, db_url, broker_port, api_only=api_only) as apis:
         try:
-            return _run(api, fleet, things)
+            return _run(apis[0], fleet, things, apis[1] if api_only else None)
         finally:
             fleet.stop()
 
 
-def _run(api: httpx.Client, fleet: SimulatedFleet, things: list[str]) -> dict[str, Any]:
+def _timed_get(api: httpx.Client, path: str, into: list[float]) -> dict[str, Any]:
+    s0 = time.perf_counter()
+    body: dict[str, Any] = api.get(path).raise_for_status().json()
+    into.append(time.perf_counter() - s0)
+    return body
+
+
+def _percentiles(latencies: list[float]) -> tuple[float, float]:
+    """p50 and p99 in milliseconds (nan for none)."""
+    if not latencies:
+        return float("nan"), float("nan")
+    ordered = sorted(latencies)
+    return statistics.median(ordered) * 1000, ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
+
+
+def _run(
+    api: httpx.Client, fleet: SimulatedFleet, things: list[str], api_only: httpx.Client | None
+) -> dict[str, Any]:
     devices = len(things)
     t0 = time.perf_counter()
     for i in range(0, devices, 5000):
@@ -100,14 +122,15 @@ def _run(api: httpx.Client, fleet: SimulatedFleet, things: list[str]) -> dict[st
     cid = start_campaign(api, spec, "simulated fleet: no bench report")
     before = _counters(api)
     latencies: list[float] = []
+    api_only_latencies: list[float] = []
     charged = 0
     last_charge = time.monotonic()
     t0 = time.monotonic()
     body: dict[str, Any] = {}
     while time.monotonic() - t0 < 3600:
-        s0 = time.perf_counter()
-        body = api.get(f"/api/v1/campaigns/{cid}").raise_for_status().json()
-        latencies.append(time.perf_counter() - s0)
+        body = _timed_get(api, f"/api/v1/campaigns/{cid}", latencies)
+        if api_only is not None:
+            _timed_get(api_only, f"/api/v1/campaigns/{cid}", api_only_latencies)
         if body["state"] not in ("scheduled", "running"):
             break
         # The devices waiting on their preconditions meet them every CHARGE_EVERY_S (cars park).
@@ -129,7 +152,8 @@ def _run(api: httpx.Client, fleet: SimulatedFleet, things: list[str]) -> dict[st
         counts.update(w["counts"])
     duration = (finished - started).total_seconds() if finished else float("nan")
     per_second = Counter(int(t) for t in fleet.update_accepted_at)
-    latencies.sort()
+    p50, p99 = _percentiles(latencies)
+    api_p50, api_p99 = _percentiles(api_only_latencies)
     return {
         "devices": devices,
         "state": body["state"],
@@ -151,8 +175,17 @@ def _run(api: httpx.Client, fleet: SimulatedFleet, things: list[str]) -> dict[st
         "server_rss_mb": after.get("tidegate_process_resident_memory_bytes", 0) / 2**20,
         "server_busy_s": after["tidegate_jobs_busy_seconds_total"]
         - before["tidegate_jobs_busy_seconds_total"],
-        "api_p50_ms": statistics.median(latencies) * 1000,
-        "api_p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+        "api_p50_ms": p50,
+        "api_p99_ms": p99,
+        "api_only_p50_ms": api_p50,
+        "api_only_p99_ms": api_p99,
+        "requests_handled": (
+            handled := after.get("tidegate_jobs_requests_total", 0)
+            - before.get("tidegate_jobs_requests_total", 0)
+        ),
+        "requests_per_device": handled / devices,
+        "sim_retries": fleet.stats.retries,
+        "holds": sum(1 for d in decisions if d["kind"] == "held"),
         "rejected": dict(fleet.stats.rejected),
     }
 

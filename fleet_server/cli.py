@@ -58,6 +58,14 @@ def run(
     mqtt_host: Annotated[str | None, typer.Option(help="MQTT broker host.")] = None,
     mqtt_port: Annotated[int | None, typer.Option(help="MQTT broker port.")] = None,
     tick_s: Annotated[float, typer.Option(help="Seconds between campaign scheduler ticks.")] = 1.0,
+    api_only: Annotated[
+        bool,
+        typer.Option(
+            "--api-only",
+            help="Serve the API and dashboard only (PostgreSQL): devices, campaign ticks and "
+            "sweeps are left to the other replicas.",
+        ),
+    ] = False,
 ) -> None:
     """Serve the API (/api/v1, /openapi.json, /metrics), the AWS IoT Jobs protocol over MQTT and
     the campaign scheduler until interrupted."""
@@ -71,7 +79,7 @@ def run(
     if mqtt_port:
         settings.mqtt_port = mqtt_port
     database = _db(db)
-    server = FleetServer(database, settings, host=host, port=port, tick_s=tick_s)
+    server = FleetServer(database, settings, host=host, port=port, tick_s=tick_s, api_only=api_only)
     scheme = "mqtts" if settings.mqtt_ca_file else "mqtt"  # mutual TLS when a CA is configured
     typer.echo(f"fleet server: http://{host}:{port}  {scheme}://{settings.mqtt_host}:{settings.mqtt_port}")
     try:

@@ -1,5 +1,6 @@
 """`tidegate server run`: HTTP API, the AWS IoT Jobs service over MQTT and the campaign
-scheduler in one process."""
+scheduler in one process; with `--api-only`, the API alone (a replica that serves operators
+and dashboards while the others serve devices and tick campaigns)."""
 
 from __future__ import annotations
 
@@ -68,9 +69,25 @@ def claim_sqlite(db: Database) -> IO[str] | None:
 
 class FleetServer:
     def __init__(
-        self, db: Database, settings: Settings, *, host: str, port: int, tick_s: float = 1.0
+        self,
+        db: Database,
+        settings: Settings,
+        *,
+        host: str,
+        port: int,
+        tick_s: float = 1.0,
+        api_only: bool = False,
     ) -> None:
-        self.db = db
+        """`api_only`: the API and the dashboard, with a publish-only MQTT connection for what
+        operators' actions send; no device traffic, scheduler, sweeper, webhook deliveries or
+        repository refresh (the full replicas do those). Its requests never wait behind a
+        jobs batch or a campaign tick in the same interpreter. Needs PostgreSQL."""
+        if api_only and db.engine.dialect.name != "postgresql":
+            raise SingleReplicaError(
+                "an API-only fleet server needs PostgreSQL (TIDEGATE_DATABASE_URL): SQLite serves "
+                "one fleet-server process"
+            )
+        self.db, self.api_only = db, api_only
         self.bridge = JobsBridge(
             db,
             host=settings.mqtt_host,
@@ -82,12 +99,19 @@ class FleetServer:
             if settings.mqtt_ca_file and settings.mqtt_cert_file and settings.mqtt_key_file
             else None,
             limiter=DeviceLimiter(settings.jobs_device_rate_per_s, settings.jobs_device_burst),
+            serve_devices=not api_only,
         )
         watch = DriftWatch(
             DriftWatchConfig(psi_threshold=settings.drift_psi_threshold, min_scores=settings.drift_min_scores)
         )
         self.scheduler = CampaignScheduler(
-            db, self.bridge.publish, _utcnow, interval_s=tick_s, watch=watch, webhooks=settings.alert_webhooks
+            db,
+            self.bridge.publish,
+            _utcnow,
+            interval_s=tick_s,
+            watch=watch,
+            webhooks=settings.alert_webhooks,
+            busy=self.bridge.busy,
         )
         repo = UpdateRepository(settings.repository_dir) if settings.repository_dir else None
         self.keeper = (
@@ -101,7 +125,7 @@ class FleetServer:
             score_psi=lambda: dict(watch.last_psi),
             bench_keys=settings.bench_keys,
             bench_simulated_thermal_skus=settings.bench_simulated_thermal_skus,
-            leases=self.bridge.leases,
+            leases=None if api_only else self.bridge.leases,
         )
         self.app.state.drift = watch.config
         self.app.state.broker_connected = self.bridge.connected.is_set
@@ -114,17 +138,19 @@ class FleetServer:
         """Blocks until SIGINT/SIGTERM (uvicorn's handlers), then stops everything."""
         self._lock = claim_sqlite(self.db)  # held for the process's life
         self.bridge.start()
-        self.scheduler.start()
-        self.webhooks.start()
-        if self.keeper is not None:
-            self.keeper.start()
+        if not self.api_only:
+            self.scheduler.start()
+            self.webhooks.start()
+            if self.keeper is not None:
+                self.keeper.start()
         try:
             self.http.run()
         finally:
-            if self.keeper is not None:
-                self.keeper.stop()
-            self.webhooks.stop()
-            self.scheduler.stop()
+            if not self.api_only:
+                if self.keeper is not None:
+                    self.keeper.stop()
+                self.webhooks.stop()
+                self.scheduler.stop()
             self.bridge.stop()
 
     def start_in_thread(self) -> threading.Thread:

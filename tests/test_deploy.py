@@ -53,10 +53,11 @@ def test_compose_runs_real_commands_with_known_settings() -> None:
         for var in service.get("environment") or {}:
             if var.startswith("TIDEGATE_"):
                 assert var in known, f"compose {name}: {var} is not a Tidegate setting"
-    assert ran >= 5  # migrate, two fleet servers, two gateways
+    assert ran >= 6  # migrate, two fleet servers, an API-only one, two gateways
     fleet = [s for n, s in compose["services"].items() if n.startswith("fleet-")]
     ids = [s["environment"]["TIDEGATE_MQTT_CLIENT_ID"] for s in fleet]
-    assert len(ids) == len(set(ids)) == 2  # one MQTT identity per replica
+    assert len(ids) == len(set(ids)) == 3  # one MQTT identity per replica, the API-only one too
+    assert [s["command"].count("--api-only") for s in fleet] == [0, 0, 1]
     gateways = [s for n, s in compose["services"].items() if n.startswith("gateway-")]
     names = [s["hostname"] for s in gateways]
     assert len(names) == len(set(names)) == 2  # the replica ids (serving.compose.toml sets none)
@@ -107,7 +108,7 @@ def test_kubernetes_manifests_probe_real_routes_and_scale_on_real_metrics() -> N
                     if trigger["type"] == "prometheus":
                         for metric in re.findall(r"tidegate_\w+", trigger["metadata"]["query"]):
                             assert f'"{metric}"' in gateway_source, f"the gateway exports no {metric}"
-    assert kinds["Deployment"] == 3 and kinds["PodDisruptionBudget"] == 2
+    assert kinds["Deployment"] == 4 and kinds["PodDisruptionBudget"] == 3  # fleet, fleet API, gateway
     assert kinds["ScaledObject"] == 1 and kinds["HorizontalPodAutoscaler"] == 2  # fleet, shadow workers
 
 

@@ -199,12 +199,22 @@ def is_ready(url: str) -> bool:
 class Replica:
     """`tidegate server run` as one replica, its log in a file (a pipe would fill and stall it)."""
 
-    def __init__(self, db_url: str, mqtt_port: int, client_id: str, logs: Path) -> None:
+    def __init__(self, db_url: str, mqtt_port: int, client_id: str, logs: Path, *extra: str) -> None:
         self.port, self.client_id = free_port(), client_id
         self.url = f"http://127.0.0.1:{self.port}"
         logs.mkdir(parents=True, exist_ok=True)
         self.log = logs / f"{client_id}.log"
-        args = ["server", "run", "--db", db_url, "--port", str(self.port), "--mqtt-port", str(mqtt_port)]
+        args = [
+            "server",
+            "run",
+            "--db",
+            db_url,
+            "--port",
+            str(self.port),
+            "--mqtt-port",
+            str(mqtt_port),
+            *extra,
+        ]
         env = {
             **os.environ,
             "TIDEGATE_MQTT_CLIENT_ID": client_id,
@@ -358,3 +368,111 @@ def test_a_replica_killed_mid_wave_loses_nothing_and_a_joining_one_takes_a_share
         for rep in replicas:
             rep.stop()
         broker.stop()
+
+
+def test_each_replica_hears_the_busiest_live_replicas_load(pg: Database) -> None:
+    """A replica writes its bridge's load in its heartbeat and reads the highest of the live
+    ones: the one ticking a campaign holds it when another's jobs service is saturated."""
+    a = PartitionLeases(pg, "rep-a", heartbeat_s=0.2, lease_s=1.5, stale_s=1.5, grace_s=0.5)
+    b = PartitionLeases(pg, "rep-b", heartbeat_s=0.2, lease_s=1.5, stale_s=1.5, grace_s=0.5)
+    a.load = lambda: 0.2
+    b.load = lambda: 0.95
+    a.start()
+    b.start()
+    try:
+        wait(lambda: a.fleet_load == 0.95 and b.fleet_load == 0.95, timeout=10, what="both heard B's load")
+        b.load = lambda: 0.1
+        wait(lambda: a.fleet_load == 0.2, timeout=10, what="A heard B recover")
+        b.stop()  # gone: its last load no longer counts
+        a.load = lambda: 0.05
+        wait(lambda: a.fleet_load == 0.05, timeout=10, what="A alone")
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto binary not installed")
+def test_an_api_only_replica_serves_operators_and_leaves_devices_and_ticks_to_the_others(
+    pg: Database, tmp_path: Path
+) -> None:
+    """`server run --api-only`: ready without partitions, registers no heartbeat (the full
+    replicas' shares are unchanged), handles no device request, ticks nothing; a campaign
+    created and approved through it is run by the full replica, and what its own actions
+    publish (a log pull's notification) reaches the device. On SQLite it is refused."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from fleet_server.jobs.models import FleetReplica
+
+    broker = Broker(tmp_path / "broker").start()
+    token = admin_token(pg.url)
+    h = {"Authorization": f"Bearer {token}"}
+    full = Replica(pg.url, broker.port, "fleet-a", tmp_path)
+    api = Replica(pg.url, broker.port, "fleet-api", tmp_path, "--api-only")
+    sim = None
+    listener = None
+    try:
+        full.ready(), api.ready()
+        wait(lambda: owners(pg) == {"fleet-a": PARTITIONS}, timeout=30, what="the full replica leased all")
+        with pg.session() as s:
+            assert list(s.scalars(select(FleetReplica.replica_id))) == ["fleet-a"]
+        things = [f"api-{i:03d}" for i in range(50)]
+        httpx.post(
+            api.url + "/api/v1/devices/batch",
+            json={"devices": [{"thing_name": t, "sku": "api-sku"} for t in things]},
+            headers=h,
+            timeout=30,
+        ).raise_for_status()
+        sim = SimulatedFleet(things, SimSettings(port=broker.port, install_s=(0.05, 0.2))).start()
+        spec = {
+            "name": "through the api replica",
+            "target": "m.bundle",
+            "repository": "http://repo",
+            "cohort": {"sku": "api-sku"},
+            "waves": [{"percent": 20}, {"percent": 100}],
+        }
+        cid = httpx.post(api.url + "/api/v1/campaigns", json=spec, headers=h).json()["id"]
+        httpx.post(f"{api.url}/api/v1/campaigns/{cid}/submit", headers=h).raise_for_status()
+        httpx.post(
+            f"{api.url}/api/v1/campaigns/{cid}/approve", json={"override_reason": "replica test"}, headers=h
+        ).raise_for_status()
+        final = wait(
+            lambda: (
+                (b := httpx.get(f"{api.url}/api/v1/campaigns/{cid}", headers=h).json())["state"]
+                in ("completed", "paused")
+                and b
+            ),
+            timeout=90,
+            what="the campaign ended",
+        )
+        assert final["state"] == "completed"
+        assert sum(w["counts"].get("SUCCEEDED", 0) for w in final["waves"]) == 50
+        assert api.handled() == 0 and full.handled() > 0
+
+        heard: list[str] = []
+        listener = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="api-listener")
+        listener.on_message = lambda c, u, m: heard.append(m.topic)
+        listener.connect("127.0.0.1", broker.port)
+        listener.subscribe("$aws/things/api-000/jobs/notify-next", qos=1)
+        listener.loop_start()
+        time.sleep(0.5)
+        full.stop()  # only the API replica is left to publish it
+        httpx.post(f"{api.url}/api/v1/devices/api-000/log-pull", headers=h).raise_for_status()
+        wait(lambda: heard == ["$aws/things/api-000/jobs/notify-next"], timeout=10, what="the notification")
+    finally:
+        if listener is not None:
+            listener.loop_stop()
+            listener.disconnect()
+        if sim is not None:
+            sim.stop()
+        for r in (full, api):
+            r.stop()
+        broker.stop()
+
+    lite = f"sqlite:///{tmp_path}/x.db"
+    tidegate = [sys.executable, "-m", "tidegate", "server"]
+    subprocess.run([*tidegate, "migrate", "--db", lite], check=True, capture_output=True, timeout=60)
+    refused = subprocess.run(
+        [*tidegate, "run", "--api-only", "--db", lite], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode != 0 and "needs PostgreSQL" in refused.stderr, refused.stderr
