@@ -207,6 +207,8 @@ def main() -> None:
             url = os.environ.get("TIDEGATE_BENCH_PG_URL") or f"sqlite:///{work}/fleet.db"
             with EmbeddedBroker(work / "broker") as broker, _fresh_database(url) as fresh:
                 r = {"database": url.split(":", 1)[0], **run_scale(work, devices, fresh, broker.port)}
+            log = work / "broker" / "mosquitto.log"  # messages the broker dropped (queue bounds)
+            r["broker_drop_notices"] = sum("dropped" in line for line in log.open()) if log.exists() else 0
         r["campaign_s_ratio"] = r["campaign_s"] / rows[0]["campaign_s"] if rows else 1.0
         r["size_ratio"] = devices / sizes[0]
         rows.append(r)

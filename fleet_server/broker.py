@@ -36,7 +36,12 @@ class EmbeddedBroker:
         conf = self.dir / "mosquitto.conf"
         text = (
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {self.dir}/\nmax_queued_messages 100000\n"
+            # A simulated fleet holds one connection for every device it plays: a bound of
+            # 1,000,000 queued messages keeps its replies and notifications from being dropped
+            # in a burst (a device that lost a notification would wait for ever); the log says
+            # when one is.
+            f"persistence_location {self.dir}/\nmax_queued_messages 1000000\n"
+            f"log_dest file {self.dir}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\n"
         )
         if os.geteuid() == 0:
             text += "user root\n"

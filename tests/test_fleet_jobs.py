@@ -564,3 +564,43 @@ def test_a_saturated_bridge_says_it_is_busy_and_an_idle_one_does_not(
     bridge.leases.fleet_load = 0.97  # another replica's heartbeat says it is saturated
     assert bridge.busy() == "97% of the last 1 s spent answering devices"
     bridge.leases.stop()
+
+
+def test_a_wave_is_queued_in_one_insert_per_table_and_comes_back_whole(db: Database) -> None:
+    """Queueing 1,200 devices writes their executions and their first events with one
+    statement each (PostgreSQL: unnested arrays; the unit of work cost most of a large
+    wave's tick) and reads nothing back per device: the notifications are built from the
+    objects the insert returned, each device notified of its own new execution."""
+    from sqlalchemy import event
+
+    things = [f"car-{i:04d}" for i in range(1200)]
+    setup_device(db, *things)
+    queue(db, "job-0", thing="car-0000")  # a device with an older job pending: that stays its head
+    statements: list[str] = []
+    listener = lambda c, cur, sql, *a: statements.append(sql)  # noqa: E731
+    event.listen(db.engine, "before_cursor_execute", listener)
+    try:
+        with db.session() as s:
+            out = protocol.create_executions(s, things, "job-1", {"operation": "x"}, T0, wave=2)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", listener)
+    inserts = [sql.split("(")[0].strip() for sql in statements if sql.startswith("INSERT")]
+    pg = db.engine.dialect.name == "postgresql"  # elsewhere: SQLAlchemy's pages of 1,000 rows
+    assert inserts.count("INSERT INTO job_executions") == (1 if pg else 2)
+    assert inserts.count("INSERT INTO execution_events") == 1
+    selects = [sql for sql in statements if sql.startswith("SELECT")]
+    assert len(selects) <= 3 * 3  # devices, duplicates, pending: one per 500 names, none per device
+    nxt = {o.topic.split("/")[2]: o.payload for o in out if o.topic.endswith("notify-next")}
+    assert len(nxt) == 1200
+    assert nxt["car-0000"]["execution"]["jobId"] == "job-0"
+    assert {p["execution"]["jobId"] for t, p in nxt.items() if t != "car-0000"} == {"job-1"}
+    with db.session() as s:
+        rows = s.scalars(select(JobExecution).where(JobExecution.job_id == "job-1")).all()
+        assert len(rows) == 1200 and {(r.status, r.version_number, r.wave) for r in rows} == {
+            ("QUEUED", 1, 2)
+        }
+        assert all(r.last_notified_at is not None for r in rows if r.thing_name != "car-0000")
+        events = s.scalars(
+            select(ExecutionEvent.to_status).where(ExecutionEvent.execution_id.in_([r.id for r in rows]))
+        ).all()
+        assert len(events) == 1200 and set(events) == {"QUEUED"}

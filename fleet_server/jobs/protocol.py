@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import JSON, CursorResult, Integer, Table, and_, or_, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy import JSON, CursorResult, Integer, Table, and_, insert, or_, select, text, update
+from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -38,6 +38,7 @@ from shared.iotjobs import (
 
 MAX_NOTIFY = 15
 MAX_GET = 10
+EVENT_FIELDS = ("execution_id", "at", "from_status", "to_status", "source", "details")
 LAST_SEEN_RESOLUTION = timedelta(seconds=10)
 
 
@@ -257,16 +258,7 @@ def write_batch(session: Session) -> int:
         key=lambda o: instance_state(o).insert_order or 0,
     )
     if events:
-        events_table = cast(Table, ExecutionEvent.__table__)
-        fields = ("execution_id", "at", "from_status", "to_status", "source", "details")
-        arrays = _arrays(events_table, dialect, fields, events)
-        session.execute(
-            text(
-                f"INSERT INTO {events_table.name} ({', '.join(fields)}) "
-                f"SELECT {', '.join(fields)} FROM {_unnest(events_table, arrays)}"
-            ),
-            arrays,
-        )
+        _insert_events(session, events)
         for ev in events:  # written, and read by nothing later in the batch
             session.expunge(ev)
     return written
@@ -304,6 +296,55 @@ def _unnest(table: Table, arrays: dict[str, list[Any]], **extra: str) -> str:
         f"CAST(:{n} AS {extra[n] if n in extra else _element_type(table.c[n])}[])" for n in arrays
     )
     return f"unnest({casts}) AS v({', '.join(arrays)})"
+
+
+def _insert_executions(session: Session, rows: list[dict[str, Any]]) -> list[JobExecution]:
+    """Insert new executions, returned as persistent objects in `rows`' order. A wave is
+    thousands: on PostgreSQL one `INSERT … SELECT unnest(…)` (psycopg would re-parse a
+    multi-row VALUES of thousands of parameters), elsewhere one ORM bulk INSERT; neither
+    pays the unit of work's per-object bookkeeping."""
+    if session.get_bind().dialect.name != "postgresql":
+        # RETURNING in parameter order would cost SQLite one INSERT per row: matched by name
+        # instead (a job's executions are one per thing).
+        back = {
+            ex.thing_name: ex for ex in session.scalars(insert(JobExecution).returning(JobExecution), rows)
+        }
+        return [back[row["thing_name"]] for row in rows]
+    table = cast(Table, JobExecution.__table__)
+    objs = [JobExecution(**row) for row in rows]
+    arrays = _arrays(table, session.get_bind().dialect, tuple(rows[0]), objs)
+    ids: dict[str, int] = dict(
+        session.execute(
+            text(
+                f"INSERT INTO {table.name} ({', '.join(arrays)}) SELECT {', '.join(arrays)} "
+                f"FROM {_unnest(table, arrays)} RETURNING thing_name, id"
+            ),
+            arrays,
+        ).all()
+    )
+    for obj in objs:  # the rows are written: the objects join the session as loaded ones
+        obj.id = ids[obj.thing_name]
+        make_transient_to_detached(obj)
+        session.add(obj)
+    return objs
+
+
+def _insert_events(session: Session, events: list[ExecutionEvent]) -> None:
+    """New events in one statement (PostgreSQL: unnested arrays); nothing reads them back."""
+    if not events:
+        return
+    if session.get_bind().dialect.name != "postgresql":
+        session.execute(insert(ExecutionEvent), [{f: getattr(e, f) for f in EVENT_FIELDS} for e in events])
+        return
+    table = cast(Table, ExecutionEvent.__table__)
+    arrays = _arrays(table, session.get_bind().dialect, EVENT_FIELDS, events)
+    session.execute(
+        text(
+            f"INSERT INTO {table.name} ({', '.join(EVENT_FIELDS)}) "
+            f"SELECT {', '.join(EVENT_FIELDS)} FROM {_unnest(table, arrays)}"
+        ),
+        arrays,
+    )
 
 
 def notifications(session: Session, thing: str, now: datetime) -> list[Outgoing]:
@@ -377,31 +418,35 @@ def create_executions(
             select(JobExecution).where(JobExecution.thing_name.in_(chunk), JobExecution.status.in_(PENDING))
         ):
             pending[ex.thing_name].append(ex)
-    created = [
-        JobExecution(
-            job_id=job_id,
-            thing_name=thing,
-            campaign_id=campaign_id,
-            status=JobStatus.QUEUED.value,
-            status_details={},
-            document=document,
-            version_number=1,
-            execution_number=1,
-            queued_at=now,
-            last_updated_at=now,
-            in_progress_timeout_min=in_progress_timeout_min,
-            wave=wave,
-        )
+    rows = [
+        {
+            "job_id": job_id,
+            "thing_name": thing,
+            "campaign_id": campaign_id,
+            "status": JobStatus.QUEUED.value,
+            "status_details": {},
+            "document": document,
+            "version_number": 1,
+            "execution_number": 1,
+            "queued_at": now,
+            "last_updated_at": now,
+            "in_progress_timeout_min": in_progress_timeout_min,
+            "wave": wave,
+            # every column given: the objects come back whole, with nothing left to load
+            "started_at": None,
+            "step_timeout_at": None,
+            "last_notified_at": None,
+        }
         for thing in things
     ]
-    session.add_all(created)
-    session.flush()
-    session.add_all(
+    created = _insert_executions(session, rows)
+    events = [
         ExecutionEvent(
             execution_id=ex.id, at=now, from_status=None, to_status=ex.status, source="server", details={}
         )
         for ex in created
-    )
+    ]
+    _insert_events(session, events)
     out: list[Outgoing] = []
     heads: list[JobExecution] = []
     for ex in created:
