@@ -480,6 +480,10 @@ def test_a_busy_jobs_service_holds_new_devices_and_nothing_else() -> None:
     assert plan_tick(s, CampaignState(0, T0, tuple(ms)), later).retry == ["d000"]
     held = plan_tick(s, CampaignState(0, T0, tuple(ms)), later, busy="busy")
     assert held.retry == [] and held.held is not None
+    # a retry still in its backoff, and no device left to notify: nothing is held
+    only_retry = tuple(m if i == 0 else MemberState(m.thing, "SUCCEEDED", T0, T0) for i, m in enumerate(ms))
+    waiting = plan_tick(s, CampaignState(0, T0, only_retry), T0 + timedelta(seconds=1), busy="busy")
+    assert waiting.retry == [] and waiting.held is None
     # a wave whose devices are all done advances, busy or not; nothing to notify, nothing held
     done = tuple(MemberState(m.thing, "SUCCEEDED", T0, T0) for m in members(10)) + members(200)[10:]
     d = plan_tick(spec(), CampaignState(0, T0, done), T0 + timedelta(minutes=5), busy="busy")

@@ -225,15 +225,15 @@ def plan_tick(
         since = (now - c.last_queued_at).total_seconds() if c.last_queued_at is not None else PACE_MAX_S
         paced = max(PACE_FLOOR, math.ceil(per_minute * min(max(since, 1.0), PACE_MAX_S) / 60))
         budget = min(spec.max_concurrent - in_flight, per_minute - c.queued_last_minute, paced)
-        if budget > 0 and busy is not None and (c.ready or c.retrying):
+        due = [
+            m.thing
+            for m in c.retrying
+            if m.finished_at is not None and now - m.finished_at >= spec.retry.delay(m.attempt)
+        ]
+        if budget > 0 and busy is not None and (c.ready or due):
             d.held = f"jobs service busy ({busy}): no device notified this tick"
             d.log.append(d.held)
         elif budget > 0:
-            due = [
-                m.thing
-                for m in c.retrying
-                if m.finished_at is not None and now - m.finished_at >= spec.retry.delay(m.attempt)
-            ]
             d.retry = due[:budget]
             d.queue = list(c.ready[: budget - len(d.retry)])
         if d.retry:
