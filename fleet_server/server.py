@@ -149,8 +149,8 @@ class FleetServer:
             if not self.api_only:
                 if self.keeper is not None:
                     self.keeper.stop()
-                self.webhooks.stop()
                 self.scheduler.stop()
+            self.webhooks.stop()  # closes its HTTP client, started or not
             self.bridge.stop()
 
     def start_in_thread(self) -> threading.Thread:
