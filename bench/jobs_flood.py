@@ -38,10 +38,8 @@ from typing import Any
 from bench.common import print_table, write_result
 from bench.fleet_campaign import server_process, start_campaign
 from fleet_server.broker import EmbeddedBroker
-from fleet_server.pki.service import issue_device
 from fleet_server.sim.fleet import SimSettings, SimTls, SimulatedFleet
-from shared.net import free_port
-from tests.mqtt_helpers import MOSQUITTO
+from tests.mqtt_helpers import generated_broker
 
 DEVICES = 1000
 GIVE_UP_S = 90  # a campaign not complete by then is reported as such
@@ -165,31 +163,6 @@ def _run(
     }
 
 
-def _generated_broker(work: Path) -> tuple[Path, subprocess.Popen[bytes], int]:
-    """A PKI, the broker configuration `tidegate server ca broker-config` writes, and
-    Mosquitto started from it as written."""
-    reachable = Path(tempfile.mkdtemp(prefix="tidegate-bench-pki-"))
-    reachable.chmod(0o711)  # the broker drops to its own user and must reach its files
-    pki = reachable / "pki"
-    exe = [sys.executable, "-m", "tidegate", "server"]
-    subprocess.run([*exe, "ca", "init", "--dir", str(pki)], check=True, capture_output=True)
-    for thing in (*(f"sim-{i:04d}" for i in range(TLS_DEVICES)), "flood-1"):
-        issue_device(pki, thing)
-    port = free_port()
-    subprocess.run(
-        [*exe, "ca", "broker-config", "--dir", str(pki), "--port", str(port)], check=True, capture_output=True
-    )
-    broker = subprocess.Popen(
-        [MOSQUITTO, "-c", str(pki / "mosquitto.conf")],
-        stdout=subprocess.DEVNULL,
-        stderr=(work / "broker-tls.log").open("wb"),
-    )
-    time.sleep(0.5)
-    if broker.poll() is not None:
-        raise RuntimeError(f"the generated broker did not start: {(work / 'broker-tls.log').read_text()}")
-    return pki, broker, port
-
-
 def run() -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="tidegate-bench-flood-") as tmp:
@@ -197,7 +170,8 @@ def run() -> list[dict[str, Any]]:
         with EmbeddedBroker(work / "broker") as broker:
             for flood, rate, limit in RUNS:
                 rows.append(_run(work, broker.port, flood=flood, rate=rate, limit=limit))
-        pki, generated, port = _generated_broker(work)
+        things = [*(f"sim-{i:04d}" for i in range(TLS_DEVICES)), "flood-1"]
+        pki, generated, port = generated_broker(things, work / "broker-tls.log")
         try:
             tls_rows = []
             for flood, rate in TLS_RUNS:  # campaigns of about a second: the median of three

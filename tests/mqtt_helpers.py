@@ -228,3 +228,37 @@ class JobsEndpoint:
         self._reply(msg.topic, accepted, out, token)
         if notify:
             self._notify_next(thing)
+
+
+def generated_broker(things: list[str], log: Path) -> tuple[Path, subprocess.Popen[bytes], int]:
+    """A PKI with a device certificate for each of `things`, the broker configuration
+    `tidegate server ca broker-config` writes, and Mosquitto started from it exactly as
+    written (its stderr in `log`). The PKI lives in a directory the broker's own user can
+    reach (pytest's temp root is 0700), as a deployment keeps it in /etc/tidegate/pki; the
+    caller removes `pki.parent`. Returns (pki, broker, port)."""
+    import sys
+    import tempfile
+
+    from fleet_server.pki.service import issue_device
+
+    reachable = Path(tempfile.mkdtemp(prefix="tidegate-pki-"))
+    reachable.chmod(0o711)
+    pki = reachable / "pki"
+    exe = [sys.executable, "-m", "tidegate", "server"]
+    subprocess.run([*exe, "ca", "init", "--dir", str(pki)], check=True, capture_output=True, timeout=60)
+    for thing in things:
+        issue_device(pki, thing)
+    port = free_port()
+    subprocess.run(
+        [*exe, "ca", "broker-config", "--dir", str(pki), "--port", str(port)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    broker = subprocess.Popen(
+        [MOSQUITTO, "-c", str(pki / "mosquitto.conf")], stdout=subprocess.DEVNULL, stderr=log.open("wb")
+    )
+    time.sleep(0.5)
+    if broker.poll() is not None:
+        raise RuntimeError(f"the generated broker did not start: {log.read_text()}")
+    return pki, broker, port

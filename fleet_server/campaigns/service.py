@@ -429,23 +429,13 @@ def _tick(session: Session, c: Campaign, now: datetime, busy: str | None) -> lis
     if decision.queue:
         _log(session, c, now, "queued", "scheduler", next(m for m in decision.log if "notifying" in m))
     if decision.held is not None:  # logged when a hold begins, not on every tick it lasts
-        last = session.scalars(
-            select(CampaignDecision.kind)
-            .where(CampaignDecision.campaign_id == c.id, CampaignDecision.kind.in_(("queued", "held")))
-            .order_by(CampaignDecision.id.desc())
-            .limit(1)
-        ).first()
-        if last != "held":
+        last = _last_decision(session, c, ("queued", "held"))
+        if last is None or last.kind != "held":
             _log(session, c, now, "held", "scheduler", decision.held)
     deferred = next((m for m in decision.log if "deferred by server-side preconditions" in m), None)
     if deferred is not None:  # logged when the reasons change, not on every tick
-        last = session.scalars(
-            select(CampaignDecision.message)
-            .where(CampaignDecision.campaign_id == c.id, CampaignDecision.kind == "deferred")
-            .order_by(CampaignDecision.id.desc())
-            .limit(1)
-        ).first()
-        if last != deferred:
+        last = _last_decision(session, c, ("deferred",))
+        if last is None or last.message != deferred:
             _log(session, c, now, "deferred", "scheduler", deferred)
     if decision.end is not None:
         c.state, c.finished_at = (S.COMPLETED if decision.end == "stop_rollout" else S.CANCELED).value, now
@@ -462,6 +452,17 @@ def _tick(session: Session, c: Campaign, now: datetime, busy: str | None) -> lis
         c.state, c.finished_at = S.COMPLETED.value, now
         _log(session, c, now, "completed", "scheduler", decision.log[-1])
     return out
+
+
+def _last_decision(session: Session, c: Campaign, kinds: tuple[str, ...]) -> CampaignDecision | None:
+    """The campaign's latest decision of one of `kinds`: what a decision logged once per
+    change (not once per tick) is compared with."""
+    return session.scalars(
+        select(CampaignDecision)
+        .where(CampaignDecision.campaign_id == c.id, CampaignDecision.kind.in_(kinds))
+        .order_by(CampaignDecision.id.desc())
+        .limit(1)
+    ).first()
 
 
 def counts(session: Session, c: Campaign, spec: CampaignSpec, now: datetime) -> Counts:
