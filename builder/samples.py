@@ -325,6 +325,37 @@ def make_hanging_classifier(path: Path, *, features: int = 16, classes: int = 4,
     return _save(graph, path)
 
 
+def make_memory_hungry_classifier(
+    path: Path, *, mb: int, features: int = 16, classes: int = 4, seed: int = 0
+) -> Path:
+    """The classifier's contract, but each run first fills a tensor of `mb` MiB that depends
+    on its input (so no optimiser folds it away): a model over a rig's memory, for tests of
+    memory limits. Its outputs are the plain classifier's (the tensor adds a zero)."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((features, classes)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["input"], ["total"], keepdims=0),
+            helper.make_node("Mul", ["total", "zero"], ["nought"]),
+            helper.make_node("Expand", ["nought", "hunger"], ["big"]),
+            helper.make_node("ReduceSum", ["big"], ["big_total"], keepdims=0),
+            helper.make_node("Mul", ["big_total", "zero"], ["nothing"]),
+            helper.make_node("MatMul", ["input", "W"], ["logits"]),
+            helper.make_node("Add", ["logits", "nothing"], ["logits_after"]),
+            helper.make_node("Softmax", ["logits_after"], ["probabilities"], axis=1),
+        ],
+        "memory_hungry_classifier",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
+        initializer=[
+            numpy_helper.from_array(weight, "W"),
+            numpy_helper.from_array(np.array([mb * 1024 * 1024 // 4], dtype=np.int64), "hunger"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        ],
+    )
+    return _save(graph, path)
+
+
 def write_selftest(model: Path, out_dir: Path, *, batch: int = 8, seed: int = 1) -> tuple[Path, Path]:
     """Golden inputs and the model's own outputs on them, as ``inputs.npz`` and ``outputs.npz``."""
     import onnxruntime as ort

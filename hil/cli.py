@@ -21,15 +21,59 @@ class HilCommandError(TidegateError):
     exit_code = 2  # 1 is a suite that failed
 
 
-def _target(target: str, identity: Path | None, known_hosts: Path | None, remote_python: str) -> Any:
+def _target(
+    target: str,
+    identity: Path | None,
+    known_hosts: Path | None,
+    remote_python: str,
+    container: dict[str, Any] | None = None,
+) -> Any:
+    from hil.container import PREFIX, Bind, ContainerTarget, parse_memory_mb
     from hil.targets import target_for
 
+    container = {k: v for k, v in (container or {}).items() if v}
+    if target.startswith(PREFIX):
+        return ContainerTarget.from_spec(
+            target,
+            python=remote_python,
+            cpus=container.get("cpus"),
+            memory_mb=parse_memory_mb(container["memory"]) if "memory" in container else None,
+            cpuset=container.get("cpuset"),
+            mounts=[Bind.parse(m) for m in container.get("mount", [])],
+            engine=container.get("engine"),
+            network=container.get("network", "none"),
+        )
+    if container:
+        raise HilCommandError(
+            f"--container-{next(iter(container))} is for a container:// target, not {target!r}"
+        )
     ssh: dict[str, Any] = {"python": remote_python}
     if identity is not None:
         ssh["client_keys"] = [identity]
     if known_hosts is not None:
         ssh["known_hosts"] = known_hosts
     return target_for(target, **ssh) if target.startswith("ssh://") else target_for(target)
+
+
+def _container(
+    cpus: float | None,
+    memory: str | None,
+    cpuset: str | None,
+    mounts: list[str] | None,
+    engine: str | None,
+    network: str,
+) -> dict[str, Any]:
+    """The --container-* options given (none for another kind of target)."""
+    given: dict[str, Any] = {
+        "cpus": cpus,
+        "memory": memory,
+        "cpuset": cpuset,
+        "mount": mounts,
+        "engine": engine,
+    }
+    if network != "none":
+        given["network"] = network
+    return given
 
 
 def _print_checks(preflight: dict[str, Any], *, err: bool = False) -> None:
@@ -61,7 +105,37 @@ async def _interruptible(work: Any, say: Any) -> Any:
         loop.remove_signal_handler(signal.SIGINT)
 
 
-TargetOpt = Annotated[str, typer.Option(help="'local' or ssh://[user@]host[:port] (user: yours, as ssh).")]
+TargetOpt = Annotated[
+    str,
+    typer.Option(
+        help="'local', ssh://[user@]host[:port] (user: yours, as ssh), or container://IMAGE (a rig in a "
+        "container on a Docker-API engine: Docker, or podman system service)."
+    ),
+]
+CpusOpt = Annotated[
+    float | None, typer.Option("--container-cpus", help="CPU quota of a container rig (the SoC's cores).")
+]
+MemoryOpt = Annotated[
+    str | None,
+    typer.Option("--container-memory", help="Memory limit of a container rig, swap included (512m, 2g)."),
+]
+CpusetOpt = Annotated[
+    str | None, typer.Option("--container-cpuset", help="Host CPUs a container rig may use (0-1).")
+]
+MountOpt = Annotated[
+    list[str] | None,
+    typer.Option("--container-mount", help="HOST:CONTAINER[:ro|rw] mounted into a container rig (repeat)."),
+]
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--container-engine",
+        help="The engine's API (unix:///run/podman/podman.sock); default DOCKER_HOST or Docker's socket.",
+    ),
+]
+NetworkOpt = Annotated[
+    str, typer.Option("--container-network", help="A container rig's network (none: no network).")
+]
 IdentityOpt = Annotated[Path | None, typer.Option(help="SSH private key.")]
 KnownHostsOpt = Annotated[
     Path | None, typer.Option(help="SSH known_hosts file (default: ~/.ssh/known_hosts).")
@@ -126,6 +200,12 @@ def run_command(
     ] = None,
     catalogue: CatalogueOpt = None,
     probe: ProbeOpt = None,
+    container_cpus: CpusOpt = None,
+    container_memory: MemoryOpt = None,
+    container_cpuset: CpusetOpt = None,
+    container_mount: MountOpt = None,
+    container_engine: EngineOpt = None,
+    container_network: NetworkOpt = "none",
 ) -> None:
     """Run SUITE against TARGET and write the reports to OUT. A pre-flight checks the rig
     first (Tidegate there, its architecture and runtime against the SKU, thermal zones,
@@ -138,7 +218,20 @@ def run_command(
     from shared.benchreport import load_private
 
     key = load_private(signing_key) if signing_key is not None else None
-    tgt = _target(target, identity, known_hosts, remote_python)
+    tgt = _target(
+        target,
+        identity,
+        known_hosts,
+        remote_python,
+        _container(
+            container_cpus,
+            container_memory,
+            container_cpuset,
+            container_mount,
+            container_engine,
+            container_network,
+        ),
+    )
     options: dict[str, Any] = {
         "repo": repo,
         "trusted_root": trusted_root,
@@ -207,6 +300,12 @@ def doctor(
     remote_python: RemotePythonOpt = "python3",
     catalogue: CatalogueOpt = None,
     probe: ProbeOpt = None,
+    container_cpus: CpusOpt = None,
+    container_memory: MemoryOpt = None,
+    container_cpuset: CpusetOpt = None,
+    container_mount: MountOpt = None,
+    container_engine: EngineOpt = None,
+    container_network: NetworkOpt = "none",
 ) -> None:
     """Check a rig without benching anything: the pre-flight alone. Exit 0 when the rig is
     fit to bench SKU with SUITE, 2 when it is not (each check says why)."""
@@ -215,7 +314,20 @@ def doctor(
 
     if suite not in runner.PLANS:
         raise HilCommandError(f"no suite {suite!r}; suites: {', '.join(runner.PLANS)}")
-    tgt = _target(target, identity, known_hosts, remote_python)
+    tgt = _target(
+        target,
+        identity,
+        known_hosts,
+        remote_python,
+        _container(
+            container_cpus,
+            container_memory,
+            container_cpuset,
+            container_mount,
+            container_engine,
+            container_network,
+        ),
+    )
     options: dict[str, Any] = {
         "repo": repo,
         "trusted_root": trusted_root,

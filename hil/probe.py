@@ -13,6 +13,7 @@ crashes takes only its suite down.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -408,6 +409,7 @@ def preflight(params: dict[str, Any]) -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "cpus": os.cpu_count(),
         "memory_mb": _meminfo_mb(),
+        **_cgroup_limits(),
         "python": platform.python_version(),
         "tidegate": TIDEGATE_VERSION,
         "onnxruntime": None,
@@ -466,6 +468,35 @@ def _cpu_model() -> str | None:
     except OSError:
         pass
     return None
+
+
+def _cgroup_limits(root: Path = Path("/sys/fs/cgroup")) -> dict[str, Any]:
+    """The CPU quota and memory limit this process runs under (cgroup v2, else v1), as
+    `cpu_limit` and `memory_limit_mb`, None where there is none. In a container rig these are
+    the SoC's stand-in figures; /proc/meminfo and os.cpu_count() show the host's."""
+    cpu: float | None = None
+    mem: float | None = None
+
+    def read(*names: str) -> str | None:
+        for name in names:
+            with contextlib.suppress(OSError):
+                return (root / name).read_text().strip()
+        return None
+
+    cpu_max = read("cpu.max")
+    if cpu_max is not None:
+        quota, _, period = cpu_max.partition(" ")
+        if quota.isdigit() and period.isdigit() and int(period):
+            cpu = int(quota) / int(period)
+    else:
+        v1_quota = read("cpu/cpu.cfs_quota_us", "cpu,cpuacct/cpu.cfs_quota_us")
+        v1_period = read("cpu/cpu.cfs_period_us", "cpu,cpuacct/cpu.cfs_period_us")
+        if v1_quota and v1_period and v1_quota.isdigit() and v1_period.isdigit() and int(v1_period):
+            cpu = int(v1_quota) / int(v1_period)  # -1 (no quota) is not digits
+    limit = read("memory.max", "memory/memory.limit_in_bytes")
+    if limit is not None and limit.isdigit() and int(limit) < 1 << 60:  # v1 says "none" with ~2^63
+        mem = round(int(limit) / (1024 * 1024), 1)
+    return {"cpu_limit": round(cpu, 3) if cpu else None, "memory_limit_mb": mem}
 
 
 def _meminfo_mb() -> float | None:

@@ -80,6 +80,21 @@ def checks(
                     f"the rig ({facts.get('rig_name') or 'unnamed'}) stands for {', '.join(declared)}",
                 )
             )
+        memory = _effective_memory_mb(facts)
+        if memory is not None:
+            limited = facts.get("memory_limit_mb") is not None and memory == facts["memory_limit_mb"]
+            where = f"a limit of {memory:g} MB on its cgroup" if limited else f"{memory:g} MB"
+            cpu = facts.get("cpu_limit")
+            fits = memory >= sku.memory_ceiling_mb
+            out.append(
+                Check(
+                    "memory",
+                    fits,
+                    f"the rig has {where}{f' and a quota of {cpu:g} CPUs' if cpu else ''}; SKU {sku_name}'s "
+                    f"memory ceiling is {sku.memory_ceiling_mb:g} MB"
+                    + ("" if fits else ": a model within its ceiling could be killed here"),
+                )
+            )
         if sku.runtime == "onnxruntime":
             have = facts.get("onnxruntime_providers") or []
             missing = [p for p in sku.execution_providers if p not in have]
@@ -116,6 +131,13 @@ def checks(
         else:
             out.append(Check("install", True, f"repository {repo}"))
     return out
+
+
+def _effective_memory_mb(facts: dict[str, Any]) -> float | None:
+    """What a model can have: the machine's memory, or its cgroup's limit if lower (a
+    container rig standing for a smaller SoC)."""
+    known = [float(v) for v in (facts.get("memory_mb"), facts.get("memory_limit_mb")) if v is not None]
+    return min(known) if known else None
 
 
 def verdict(found: Sequence[Check]) -> dict[str, Any]:

@@ -306,9 +306,16 @@ class SshTarget:
 PID_MARK = "tidegate-probe-pid:"
 
 
-def target_for(spec: str, **ssh_options: object) -> Target:
+def target_for(spec: str, **options: Any) -> Target:
+    """`local`, `ssh://…` (options: SshTarget's) or `container://IMAGE` (options: ContainerTarget's)."""
     if spec == "local":
         return LocalTarget()
     if spec.startswith("ssh://"):
-        return SshTarget.from_url(spec, **ssh_options)
-    raise TargetError(f"unknown target {spec!r}: use 'local' or ssh://[user@]host[:port]")
+        return SshTarget.from_url(spec, **options)
+    if spec.startswith("container://"):
+        from hil.container import ContainerTarget
+
+        return ContainerTarget.from_spec(spec, **options)
+    raise TargetError(
+        f"unknown target {spec!r}: use 'local', ssh://[user@]host[:port] or container://IMAGE[:TAG]"
+    )

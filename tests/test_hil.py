@@ -792,3 +792,30 @@ def test_a_self_contained_probe_benches_a_rig_without_the_distribution(
         and report["rig"]["tidegate"] == report["bench_host"]["tidegate"]
     )
     assert [r["status"] for r in report["results"]] == ["passed"] * 6
+
+
+def test_the_probe_reads_a_cgroups_cpu_quota_and_memory_limit_in_either_layout(tmp_path: Path) -> None:
+    """A container rig's limits as the probe sees them (a directory laid out like
+    /sys/fs/cgroup): v2's cpu.max and memory.max, v1's cfs quota and limit_in_bytes, and
+    "no limit" in each (v2's max, v1's -1 and its near-2^63 limit)."""
+    from hil.probe import _cgroup_limits
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    (v2 / "memory.max").write_text(f"{512 * 1024 * 1024}\n")
+    assert _cgroup_limits(v2) == {"cpu_limit": 1.5, "memory_limit_mb": 512.0}
+    (v2 / "cpu.max").write_text("max 100000\n")
+    (v2 / "memory.max").write_text("max\n")
+    assert _cgroup_limits(v2) == {"cpu_limit": None, "memory_limit_mb": None}
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "memory").mkdir()
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{384 * 1024 * 1024}\n")
+    assert _cgroup_limits(v1) == {"cpu_limit": 0.5, "memory_limit_mb": 384.0}
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert _cgroup_limits(v1) == {"cpu_limit": None, "memory_limit_mb": None}
+    assert _cgroup_limits(tmp_path / "none") == {"cpu_limit": None, "memory_limit_mb": None}
