@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint bench scale clean
+.PHONY: venv demo test lint bench scale images compose-smoke clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ bench: $(STAMP)
 # The documented 50,000-device run (docs/SCALING.md); minutes, not part of `make bench`.
 scale: $(STAMP)
 	$(PY) -m bench.fleet_scale --devices $(or $(DEVICES),50000)
+
+# Every image compose.yaml runs, built with podman where no registry is reachable, then the
+# compose file run on them and checked (docs/SCALING.md); needs root, podman, debootstrap and
+# podman-compose; minutes, not part of `make test`.
+images:
+	deploy/container/build-local.sh
+
+compose-smoke: $(STAMP)
+	$(PY) deploy/container/smoke_local.py
 
 clean:
 	rm -rf .demo bench/results .pytest_cache .mypy_cache .ruff_cache

@@ -154,8 +154,10 @@ class ContainerTarget:
         try:
             self._container = client.containers.run(
                 self.image,
-                ["sleep", "infinity"],
-                entrypoint=[],
+                ["infinity"],
+                # Explicit: an empty entrypoint means "the image's" to some engines (podman's
+                # compat API), and an image whose entrypoint is a server would run it instead.
+                entrypoint=["sleep"],
                 detach=True,
                 network_mode=self.network,
                 labels={LABEL: "rig"},
@@ -272,8 +274,18 @@ class ContainerTarget:
                 line(text)
             code = api.exec_inspect(handle["Id"]).get("ExitCode")
         except DockerException as exc:
-            raise TargetError(f"{self.name}: {shlex.join(argv)[:80]}: {_first_line(exc)}") from exc
+            raise TargetError(f"{self.name}: {shlex.join(argv)[:80]}: {self._why(exc)}") from exc
         return (code if code is not None else 255), b"".join(out).decode(errors="replace"), "".join(err)
+
+    def _why(self, exc: BaseException) -> str:
+        """An exec that failed: say so plainly when it is because the container has stopped."""
+        with contextlib.suppress(Exception):
+            self._container.reload()
+            state = self._container.attrs.get("State", {})
+            if state.get("Status") != "running":
+                oom = " (OOM-killed)" if state.get("OOMKilled") else ""
+                return f"the rig's container is {state.get('Status')}, exit {state.get('ExitCode')}{oom}"
+        return _first_line(exc)
 
     async def _kill(self, pid: str | None) -> None:
         """Kill a command and its children in the rig, within `KILL_GRACE_S`."""

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,7 +54,9 @@ def _conf(d: Path) -> Path:
 def podman_engine(d: Path) -> Iterator[str]:
     """`podman system service` on `d/podman.sock` with its store under `d`; its URL."""
     assert PODMAN is not None
-    sock = d / "podman.sock"
+    # podman refuses a run root longer than 50 characters (pytest's temp paths are longer)
+    short = Path(tempfile.mkdtemp(prefix="tg-podman-", dir="/tmp"))
+    sock = short / "podman.sock"
     env = {**os.environ, "CONTAINERS_CONF": str(_conf(d))}
     log = (d / "podman.log").open("wb")
     proc = subprocess.Popen(
@@ -62,7 +65,7 @@ def podman_engine(d: Path) -> Iterator[str]:
             "--root",
             str(d / "storage"),
             "--runroot",
-            str(d / "run"),
+            str(short / "run"),
             "--storage-driver",
             "vfs",
             "system",
@@ -94,6 +97,13 @@ def podman_engine(d: Path) -> Iterator[str]:
         if proc.poll() is None:
             proc.kill()
         log.close()
+        # podman 4.3 with its own --root leaves each removed container's /dev/shm tmpfs
+        # mounted under the store; unmount them so the temp directory can go.
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            point = line.split()[1]
+            if point.startswith((str(d) + "/", str(short) + "/")):
+                subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def host_tree_image(url: str) -> str:
@@ -112,7 +122,8 @@ def host_tree_image(url: str) -> str:
             tar.addfile(info)
     client = docker.DockerClient(base_url=url, timeout=60)
     try:
-        answer = client.api.import_image_from_data(buf.getvalue())
+        # An entrypoint that exits, as a server image's would not idle: the rig must not run it.
+        answer = client.api.import_image_from_data(buf.getvalue(), changes=['ENTRYPOINT ["/usr/bin/false"]'])
         image_id = json.loads(answer.strip().splitlines()[-1])["id"]
         repository, tag = IMAGE.rsplit(":", 1)
         client.images.get(image_id).tag(repository, tag)
