@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark. Sizes: TIDEGATE_BENCH_MB (bundle read, default 128),
 TIDEGATE_BENCH_INSTALL_MB, TIDEGATE_BENCH_IDLE_S, TIDEGATE_BENCH_DEVICES (fleet, default 10000);
-TIDEGATE_BENCH_PG_URL adds a PostgreSQL run of the fleet campaign."""
+TIDEGATE_BENCH_PG_URL adds a PostgreSQL run of the fleet campaign and the gateway replicas."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from bench import (
     device_list,
     drift,
     fleet_campaign,
+    gateway_replicas,
     jobs_flood,
     observability,
     release_gates,
@@ -29,6 +30,8 @@ def main() -> None:
     agent_runtime.run(float(os.environ.get("TIDEGATE_BENCH_IDLE_S", "60")))
     builder_build.run()
     cloud_serving.run()
+    if pg_url := os.environ.get("TIDEGATE_BENCH_PG_URL"):
+        gateway_replicas.run(pg_url)
     drift.run()
     observability.run()
     release_gates.run()
