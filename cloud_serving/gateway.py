@@ -50,7 +50,7 @@ from cloud_serving.observability import refresh_tracing, span
 from cloud_serving.quality import Calibration, InputProfile, top_score
 from cloud_serving.registry import LocalRegistry, Registry, RegistryClient
 from cloud_serving.release_ops import ReleaseOperations, ShadowGateError
-from cloud_serving.replication import Replication, seal, unseal
+from cloud_serving.replication import Replication, inner_id, seal, seal_answer, unseal, unseal_answer
 from cloud_serving.shadow_worker import ShadowWorkerError, WorkerAddress, authkey, parse_address
 from shared.batching import InferencePool, NonFiniteOutputError, OverloadedError
 from shared.kpis import Mitigation
@@ -281,6 +281,8 @@ class Gateway(ReleaseOperations, Monitoring, Replication):
             while len(st.recent_paths) > RECENT_MAX:
                 st.recent_paths.popitem(last=False)
         elif best is not None:
+            if self.replicas is not None:  # its label may reach another replica
+                answer.request_id = request_id = seal_answer(request_id, st.seal_key, answer.version, *best)
             st.recent[request_id] = (answer.version, best[0], best[1])
             while len(st.recent) > RECENT_MAX:
                 st.recent.popitem(last=False)
@@ -292,16 +294,25 @@ class Gateway(ReleaseOperations, Monitoring, Replication):
         if isinstance(label, list):
             return self._path_truth(st, request_id, label)
         seen = st.recent.pop(request_id, None)
+        replicated = self.replicas is not None
+        if seen is None and replicated and request_id not in st.labelled:
+            seen = unseal_answer(request_id, st.seal_key)  # answered by another replica
         if seen is None:
             raise UnknownModelError(f"no answer {request_id!r} awaits a label (unknown, labelled or too old)")
         version, predicted, confidence = seen
-        cal = st.calibration.get(version)
+        correct = predicted == label
+        cal = st.calibration.get(version)  # this gateway's own view (its /metrics)
         if cal is None:
             cal = st.calibration[version] = Calibration()
-        cal.add(confidence, predicted == label)
-        if st.canary is not None:
-            st.canary.label(self.clock(), version, confidence, predicted == label)
-        return {"version": version, "predicted": predicted, "correct": predicted == label}
+        cal.add(confidence, correct)
+        if replicated:  # the leader counts it, once, for the alerts and the canary
+            st.labelled[request_id] = None
+            while len(st.labelled) > RECENT_MAX:
+                st.labelled.popitem(last=False)
+            st.labels.append((request_id, version, confidence, correct, self.clock().timestamp()))
+        elif st.canary is not None:
+            st.canary.label(self.clock(), version, confidence, correct)
+        return {"version": version, "predicted": predicted, "correct": correct}
 
     def _path_truth(self, st: ModelState, request_id: str, points: list[list[float]]) -> dict[str, Any]:
         seen = st.recent_paths.get(request_id)
@@ -382,7 +393,7 @@ class Gateway(ReleaseOperations, Monitoring, Replication):
             raise ReleaseError(f"{name} has no experiment running")
         arm = st.assigned.pop(request_id, None)
         if arm is None and self.replicas is not None and request_id not in st.rewarded:
-            arm = unseal(request_id, st.experiment)  # answered by another replica
+            arm = unseal(inner_id(request_id), st.experiment)  # answered by another replica
         if arm is None:
             raise UnknownModelError(f"no experiment request {request_id!r} (unknown, or its reward is in)")
         if self.replicas is not None:

@@ -5,6 +5,7 @@ labels, alert states, cohorts). `Answer` is what one request gets back."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -73,6 +74,11 @@ class ModelState:
     # per version the labelled window. Inputs per version this tick: [seen, out of profile].
     recent: OrderedDict[str, tuple[str, int, float]] = field(default_factory=OrderedDict)
     calibration: dict[str, Calibration] = field(default_factory=dict)
+    # Replicated: labels taken here and not sent yet (request id, version, score, correct, at),
+    # the request ids labelled here, and the key answers' seals are made with (shared).
+    labels: list[tuple[str, str, float, bool, float]] = field(default_factory=list)
+    labelled: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    seal_key: str = field(default_factory=lambda: secrets.token_hex(16))
     inputs: dict[str, list[int]] = field(default_factory=dict)
     values: dict[tuple[str, str], deque[ValueSample]] = field(default_factory=dict)
     # Each candidate's last shadow verdict (the canary's entry condition), by version.

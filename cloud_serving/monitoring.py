@@ -16,6 +16,7 @@ import httpx
 from cloud_serving.canary import Canary
 from cloud_serving.core import GatewayCore
 from cloud_serving.model_state import ModelState
+from cloud_serving.quality import Calibration
 from shared.alerts import AlertEvent, AlertState, CountSample, ValueSample, step
 from shared.kpis import Mitigation
 from shared.logs import pass_request_id
@@ -31,7 +32,15 @@ class Monitoring(GatewayCore):
 
         def replication_status(self, name: str) -> dict[str, Any] | None: ...
 
+        def _alert_feed(self, st: ModelState, now: datetime) -> dict[str, Calibration] | None: ...
+
     def _alerts(self, st: ModelState, now: datetime, done: list[tuple[str, str, Path | None]]) -> None:
+        """Every alert rule of `st`, once per tick. Among replicas only the leading one judges
+        them, on every replica's counts and labels (`_alert_feed`); the others judge none."""
+        calibration = self._alert_feed(st, now)
+        if calibration is None:
+            st.inputs.clear()
+            return
         for version, (good, bad) in st.counts.items():
             if good or bad:
                 st.outcomes.setdefault(version, deque(maxlen=4096)).append(CountSample(now, good, bad))
@@ -47,7 +56,7 @@ class Monitoring(GatewayCore):
                 samples = list(st.outcomes.get(watched, ()))
             else:
                 series = st.values.setdefault((cfg.metric, watched), deque(maxlen=4096))
-                if (value := self._value(st, cfg.metric, watched, cfg.min_labels)) is not None:
+                if (value := self._value(st, cfg.metric, watched, cfg.min_labels, calibration)) is not None:
                     series.append(ValueSample(now, value))
                 samples = list(series)
             state = st.alert_states.setdefault(cfg.name, AlertState())
@@ -70,12 +79,14 @@ class Monitoring(GatewayCore):
         st.inputs.clear()
 
     @staticmethod
-    def _value(st: ModelState, metric: str, version: str, min_labels: int) -> float | None:
+    def _value(
+        st: ModelState, metric: str, version: str, min_labels: int, calibration: dict[str, Calibration]
+    ) -> float | None:
         """This tick's reading of a value metric for one version, or None without a basis."""
         if metric == "ood_ratio":
             seen, unusual = st.inputs.get(version, (0, 0))
             return unusual / seen if seen else None
-        cal = st.calibration.get(version)
+        cal = calibration.get(version)
         if cal is None or len(cal) < min_labels:
             return None
         return cal.ece() if metric == "ece" else cal.accuracy()

@@ -27,11 +27,22 @@ on one clock, and the samples survive a restart of everything.
 A/B experiments replicate alike (arm counts instead of samples; a request id names its arm
 under a MAC, so a reward may reach any replica). Shadows, bandits and experiments that set
 flags are not replicated: a replicated gateway refuses them (409).
+
+Monitoring replicates too: every replica sends each tick what its alert rules read (per
+version, requests that succeeded and failed, inputs seen and out of distribution) and the
+late labels it took, on one stream per model (`ALERTS`); only the leading replica evaluates
+the alert rules, on every replica's counts, and only after a good exchange (a replica that
+does not lead, or could not reach the store, takes no alert decision on its own part of the
+traffic). A classifier's answer on a replicated gateway carries what its label is judged
+against (version, class, score) sealed under a key the replicas share in the release state,
+so a label may reach any replica; the leader counts each request id's label once, in the
+combined calibration its alerts read and in the canary's accuracy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -44,7 +55,7 @@ import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections import defaultdict
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -94,6 +105,8 @@ from cloud_serving.experiments import ARM_FIELDS, ArmStats, Experiment
 from cloud_serving.experiments import spec_from_dict as experiment_spec_from_dict
 from cloud_serving.experiments import spec_to_dict as experiment_spec_to_dict
 from cloud_serving.model_state import ModelState
+from cloud_serving.quality import Calibration
+from shared.alerts import CountSample
 from shared.gates import Decision
 
 log = logging.getLogger("tidegate.serving.replication")
@@ -134,6 +147,9 @@ samples_table = Table(
 # rows already seen) loses none of them.
 REREAD_S = 30.0
 UNSENT_MAX = 10_000  # rows held while the store is out of reach (a few per model and tick)
+ALERTS = "~alerts"  # each model's monitoring stream (no canary or experiment id has a "~")
+ALERTS_KEEP_S = 3600.0  # the longest alert window a new leader must be able to re-read
+LABELLED_MAX = 200_000  # request ids whose label the leader has counted (the oldest go first)
 
 
 def brief(exc: BaseException) -> str:
@@ -156,6 +172,7 @@ def routing_state(st: ModelState) -> dict[str, Any]:
         "history": list(st.history),
         "weights": dict(sorted(st.weights.items())),
         "salt": st.salt,
+        "seal_key": st.seal_key,
         "forced_fallback": st.forced_fallback,
         "threshold": st.threshold,
         "ensemble": st.ensemble,
@@ -216,6 +233,7 @@ def adopt(st: ModelState, state: dict[str, Any], now: datetime) -> None:
     st.history = list(state["history"])
     st.weights = dict(state["weights"])
     st.salt = state["salt"]
+    st.seal_key = state.get("seal_key") or st.seal_key  # a row written before there was one
     st.forced_fallback = state["forced_fallback"]
     st.threshold = state["threshold"]
     st.ensemble = state["ensemble"]  # after production, whose change clears it
@@ -273,6 +291,38 @@ def unseal(request_id: str, experiment: Experiment) -> str | None:
     if not hmac.compare_digest(expect, request_id):
         return None
     return experiment.spec.control if parts[1] == "0" else experiment.spec.treatment
+
+
+def seal_answer(request_id: str, key: str, version: str, predicted: int, confidence: float) -> str:
+    """A request id that carries what its late label is judged against (the version, the
+    class it answered, its score) under a MAC keyed by the model's shared seal key, so any
+    replica can take the label and a caller cannot invent an answer to label."""
+    facts = json.dumps([version, predicted, round(float(confidence), 6)], separators=(",", ":"))
+    body = f"{request_id}~{base64.urlsafe_b64encode(facts.encode()).decode().rstrip('=')}"
+    mac = hmac.new(key.encode(), body.encode(), hashlib.sha256).hexdigest()[:16]
+    return f"{body}~{mac}"
+
+
+def unseal_answer(request_id: str, key: str) -> tuple[str, int, float] | None:
+    """(version, class, score) a sealed request id carries, or None (not sealed, or forged)."""
+    parts = request_id.split("~")
+    if len(parts) != 3:
+        return None
+    body = f"{parts[0]}~{parts[1]}"
+    mac = hmac.new(key.encode(), body.encode(), hashlib.sha256).hexdigest()[:16]
+    if not hmac.compare_digest(mac, parts[2]):
+        return None
+    try:
+        facts = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        version, predicted, confidence = json.loads(facts)
+        return str(version), int(predicted), float(confidence)
+    except (ValueError, TypeError):
+        return None
+
+
+def inner_id(request_id: str) -> str:
+    """The request id without its answer seal (what an experiment's seal is checked on)."""
+    return request_id.split("~", 1)[0]
 
 
 def pack(arrays: dict[str, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]) -> bytes:
@@ -355,6 +405,35 @@ class CombinedArms(Gathered):
                 setattr(a, f, getattr(a, f) + type(getattr(a, f))(delta[f]))
 
 
+@dataclass
+class CombinedAlerts(Gathered):
+    """Every replica's monitoring rows of one model, for the leader's alert rules: each row
+    handed on once (`pop`), each request id's label counted once."""
+
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    labelled: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    calibration: dict[str, Calibration] = field(default_factory=dict)
+
+    def row(self, side: str, data: bytes) -> None:
+        self.pending.append(json.loads(data))
+
+    def pop(self) -> list[dict[str, Any]]:
+        rows, self.pending = sorted(self.pending, key=lambda r: float(r["at"])), []
+        for r in rows:
+            fresh = []
+            for label in r.get("labels", []):
+                if label[0] in self.labelled:
+                    continue  # posted again, to another replica: counted once
+                self.labelled[label[0]] = None
+                fresh.append(label)
+            while len(self.labelled) > LABELLED_MAX:
+                self.labelled.popitem(last=False)
+            r["labels"] = fresh
+            for _, version, confidence, correct, _at in fresh:
+                self.calibration.setdefault(version, Calibration()).add(float(confidence), bool(correct))
+        return rows
+
+
 # ---- the store, I/O ---------------------------------------------------------------------------
 
 
@@ -374,9 +453,7 @@ class Outgoing:
 class Pulled:
     rows: dict[str, tuple[int, str]]  # model → (revision, state)
     led: set[str]  # the models this replica decides for
-    samples: dict[
-        str, tuple[str, list[tuple[int, str, str, bytes]]]
-    ]  # model → canary, (id, replica, side, data)
+    samples: dict[tuple[str, str], list[tuple[int, str, str, bytes]]]  # (model, stream) → rows
     read_at: datetime
 
 
@@ -440,11 +517,11 @@ class ReleaseStore:
             return c.execute(upsert).first() is not None
 
     def exchange(
-        self, outgoing: list[Outgoing], reads: dict[str, tuple[str, datetime | None]], served: list[str]
+        self, outgoing: list[Outgoing], reads: dict[tuple[str, str], datetime | None], served: list[str]
     ) -> Pulled:
         """Heartbeat, send this replica's samples, take or renew the leases of the `served`
-        models, read their state and, for each `reads` entry (model → canary or experiment,
-        read since), the samples stored."""
+        models, read their state and, for each `reads` entry ((model, canary, experiment or
+        `ALERTS`) → read since), the rows stored, for the models this replica leads."""
         now = _db_now()
         with self.engine.begin() as c:
             beat = c.execute(
@@ -496,8 +573,8 @@ class ReleaseStore:
             }
             read_at: datetime = c.execute(select(now)).scalar_one()
             samples = {
-                m: (canary, self._samples(c, m, canary, since))
-                for m, (canary, since) in reads.items()
+                (m, stream): self._samples(c, m, stream, since)
+                for (m, stream), since in reads.items()
                 if m in led
             }
         return Pulled(rows, led, samples, read_at)
@@ -524,15 +601,16 @@ class ReleaseStore:
             )
         return new
 
-    def forget(self, model: str, running: str | None, horizon: float | None) -> None:
+    def forget(self, model: str, running: str | None, horizon: float | None, alerts_horizon: float) -> None:
         """Drop the rows of `model`'s ended canaries and experiments, and the running one's
         older than `horizon` (a canary's gates read a window; an experiment reads all its
-        counts, so its horizon is None): the deciding replica keeps the table to what a
-        decision may still read."""
+        counts, so its horizon is None), and its monitoring rows older than `alerts_horizon`:
+        the deciding replica keeps the table to what a decision may still read."""
         t = samples_table.c
-        old = t.canary != (running or "")
+        old = and_(t.canary != (running or ""), t.canary != ALERTS)
         if horizon is not None:
             old = or_(old, and_(t.canary == running, t.last_at < horizon))
+        old = or_(old, and_(t.canary == ALERTS, t.last_at < alerts_horizon))
         with self.engine.begin() as c:
             c.execute(delete(samples_table).where(t.model == model, old))
 
@@ -576,6 +654,7 @@ class Replication(GatewayCore):
         self._led: set[str] = set()
         self._combined: dict[str, Combined] = {}
         self._arms: dict[str, CombinedArms] = {}
+        self._monitored: dict[str, CombinedAlerts] = {}  # model → every replica's monitoring rows
         self._unsent: list[Outgoing] = []
         self.unsent_dropped = 0  # rows of samples lost to an outage longer than UNSENT_MAX ticks
         self._seq = 0
@@ -606,6 +685,10 @@ class Replication(GatewayCore):
 
     def _drain(self) -> None:
         for name, st in self.models.items():
+            if (watched := self._monitoring_row(st)) is not None:
+                self._seq = max(self._seq + 1, time.time_ns() // 1000)
+                data = encode(watched).encode()
+                self._unsent.append(Outgoing(name, ALERTS, self._seq, "alerts", watched["at"], data))
             if (e := st.experiment) is not None and (deltas := e.drain()):
                 self._seq = max(self._seq + 1, time.time_ns() // 1000)
                 data = json.dumps(deltas).encode()
@@ -620,20 +703,38 @@ class Replication(GatewayCore):
                     last = max(float(at[-1]) for at, _ in arrays.values())
                     self._unsent.append(Outgoing(name, c.id, self._seq, side, last, pack(arrays)))
 
+    @staticmethod
+    def _monitoring_row(st: ModelState) -> dict[str, Any] | None:
+        """What this replica's monitoring saw of `st` since the last row (then forgotten here:
+        the leader counts it), or None when there is nothing to send."""
+        counts = {v: c for v, c in st.counts.items() if any(c)}
+        inputs = {v: c for v, c in st.inputs.items() if any(c)}
+        labels = list(st.labels)
+        st.counts.clear()
+        st.inputs.clear()
+        st.labels.clear()
+        if not (st.rules or st.canary is not None):  # no alert rule nor canary reads them
+            return None
+        if not (counts or inputs or labels):
+            return None
+        return {"at": time.time(), "counts": counts, "inputs": inputs, "labels": labels}
+
     async def _pull(self) -> bool:
         """One exchange with the store; False (and the reason kept) when it could not be had."""
         assert self.replicas is not None
         self._drain()
-        reads = {}
+        reads: dict[tuple[str, str], datetime | None] = {}
         for name, st in self.models.items():
+            watched = self._monitored.get(name)
+            reads[(name, ALERTS)] = watched.read_until if watched is not None else None
             if st.canary is not None:
                 comb = self._combined.get(name)
                 since = comb.read_until if comb is not None and comb.id == st.canary.id else None
-                reads[name] = (st.canary.id, since)
+                reads[(name, st.canary.id)] = since
             elif st.experiment is not None:
                 arms = self._arms.get(name)
                 since = arms.read_until if arms is not None and arms.id == st.experiment.id else None
-                reads[name] = (st.experiment.id, since)
+                reads[(name, st.experiment.id)] = since
         try:
             pulled = await asyncio.to_thread(
                 self.replicas.exchange, list(self._unsent), reads, list(self.models)
@@ -664,9 +765,14 @@ class Replication(GatewayCore):
             del self._combined[name]  # leading again later, it reads everything afresh
         for name in [n for n in self._arms if n not in self._led]:
             del self._arms[name]
-        for name, (rid, rows) in pulled.samples.items():
+        for name in [n for n in self._monitored if n not in self._led]:
+            del self._monitored[name]
+            self._unwatch(self.models[name])
+        for (name, rid), rows in pulled.samples.items():
             st = self.models[name]
-            if st.canary is not None and st.canary.id == rid:
+            if rid == ALERTS:
+                self._monitored.setdefault(name, CombinedAlerts(ALERTS)).take(rows, pulled.read_at)
+            elif st.canary is not None and st.canary.id == rid:
                 if (comb := self._combined.get(name)) is None or comb.id != rid:
                     comb = self._combined[name] = Combined(rid)
                 comb.take(rows, pulled.read_at)
@@ -715,6 +821,44 @@ class Replication(GatewayCore):
         else:
             self._note(st, f"experiment decided on the counts of replicas {', '.join(sorted(arms.replicas))}")
         return verdict
+
+    @staticmethod
+    def _unwatch(st: ModelState) -> None:
+        """No longer leading `st`: forget what its alert rules had read, so that leading again
+        it reads every replica's stored rows afresh instead of counting them twice."""
+        st.outcomes.clear()
+        st.values.clear()
+        st.alert_states.clear()
+
+    def _alert_feed(self, st: ModelState, now: datetime) -> dict[str, Calibration] | None:
+        """Before the alert rules of `st` run: the calibration they read, with this tick's
+        counts in `st`; None when this replica must not judge them (among replicas: it does
+        not lead `st`, or this tick's exchange failed). On a single gateway, its own."""
+        if self.replicas is None:
+            return st.calibration
+        st.counts.clear()  # sent already (or, if the store was out of reach, queued to be)
+        st.inputs.clear()
+        watched = self._monitored.get(st.name)
+        if not self._fresh or st.name not in self._led or watched is None:
+            return None
+        for r in watched.pop():
+            at = datetime.fromtimestamp(float(r["at"]), tz=now.tzinfo)
+            for version, (good, bad) in r["counts"].items():
+                st.outcomes.setdefault(version, deque(maxlen=4096)).append(CountSample(at, good, bad))
+            for version, (seen, unusual) in r["inputs"].items():
+                c = st.inputs.setdefault(version, [0, 0])
+                c[0], c[1] = c[0] + seen, c[1] + unusual
+            if (canary := st.canary) is not None:
+                comb = self._combined.get(st.name)
+                for _, version, confidence, correct, t in r["labels"]:
+                    if version in (canary.candidate, canary.production):
+                        side = "candidate" if version == canary.candidate else "baseline"
+                        canary.labels[side].append((float(t), float(confidence), bool(correct)))
+                        if comb is not None and comb.id == canary.id:
+                            comb.parts[side]["correct"].append(
+                                (np.array([float(t)]), np.array([1.0 if correct else 0.0]))
+                            )
+        return watched.calibration
 
     async def _publish(self) -> list[str]:
         """Write each model whose state changed here over the revision it had; the models
@@ -765,7 +909,8 @@ class Replication(GatewayCore):
             else:
                 running, horizon = (st.experiment.id if st.experiment else None), None
             with contextlib.suppress(SQLAlchemyError):
-                await asyncio.to_thread(self.replicas.forget, name, running, horizon)
+                keep = max([ALERTS_KEEP_S, *(2 * a.window_s for a in st.config.alerts)])
+                await asyncio.to_thread(self.replicas.forget, name, running, horizon, now - keep)
 
     @contextlib.asynccontextmanager
     async def replicated(self) -> AsyncIterator[None]:

@@ -453,3 +453,110 @@ def test_two_gateway_processes_run_one_canary_and_a_killed_one_resumes_it(
         f"gateway replicas: served {dict(served)}, failed {dict(failed)} (the killed one's), "
         f"killed {leader.name} at step {at_kill['step']}, resumed at {resumed['step']}; {advances}"
     )
+
+
+ALERTS_TOML = """
+[[models.guarded.alerts]]
+name = "guarded-errors"
+kind = "burn_rate"
+metric = "errors"
+threshold = 1.0
+min_samples = 40
+
+[[models.classifier.alerts]]
+name = "classifier-accuracy"
+kind = "below"
+metric = "accuracy"
+threshold = 0.5
+min_labels = 40
+min_samples = 1
+"""
+
+
+def test_alert_rules_judge_every_replicas_traffic_and_a_label_reaches_any_replica(
+    pg_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(_alerts_across(pg_url, tmp_path))
+
+
+async def _alerts_across(pg_url: str, tmp_path: Path) -> None:
+    """30 failing requests on each replica and 30 wrong labels taken by each: neither half
+    reaches the rules' 40, together they do. Only the leader judges, on both halves; a label
+    may be posted to the replica that did not answer (the answer's facts travel sealed in its
+    request id), a label posted twice counts once, and a forged seal is refused."""
+    models = write_serving_models(tmp_path / "models")
+    configs = []
+    for name in ("a", "b"):
+        path = _config(models, f"{name}.toml", pg_url, f"gw-{name}")
+        path.write_text(path.read_text() + ALERTS_TOML)
+        configs.append(load_config(path))
+    a, b = (Gateway(cfg, seed=i) for i, cfg in enumerate(configs, 1))
+    await a.start(tick=False)
+    await b.start(tick=False)
+    try:
+        assert a.status("classifier")["replication"]["leading"]
+        assert not b.status("classifier")["replication"]["leading"]
+        x = np.zeros(16, dtype=np.float32)
+        for i in range(30):
+            for gw in (a, b):
+                assert (await gw.infer("guarded", x, key=f"g{i}")).fallback
+        answers = []
+        for i in range(60):
+            here, there = (a, b) if i % 2 == 0 else (b, a)
+            answer = await here.infer("classifier", x, key=f"k{i}")
+            assert answer.request_id is not None and "~" in answer.request_id
+            answers.append((there, answer))
+        for there, answer in answers:  # each label to the replica that did not answer, wrongly
+            wrong = (int(np.argmax(answer.outputs["probabilities"])) + 1) % 4
+            assert there.ground_truth("classifier", answer.request_id, wrong)["correct"] is False
+        there, answer = answers[0]
+        other = b if there is a else a
+        wrong = (int(np.argmax(answer.outputs["probabilities"])) + 1) % 4
+        other.ground_truth("classifier", answer.request_id, wrong)  # again, where it was answered
+        with pytest.raises(UnknownModelError):  # and again where it was labelled: once is all
+            there.ground_truth("classifier", answer.request_id, wrong)
+        rid = answers[1][1].request_id
+        assert rid is not None
+        head, facts, mac = rid.split("~")
+        forged = f"{head}~{facts[:-2]}{'A' if facts[-2] != 'A' else 'B'}{facts[-1]}~{mac}"
+        with pytest.raises(UnknownModelError):  # a caller cannot invent the answer it labels
+            a.ground_truth("classifier", forged, 0)
+
+        await b._replicated_tick()  # b sends its half; it leads nothing, so judges nothing
+        assert b.models["guarded"].alert_states == {} and b.models["classifier"].alert_states == {}
+        await a._replicated_tick()  # a sends its half, reads both, judges
+        guarded, classifier = a.models["guarded"], a.models["classifier"]
+        assert guarded.alert_states["guarded-errors"].status == "firing", a.status("guarded")["events"]
+        assert classifier.alert_states["classifier-accuracy"].status == "firing"
+        assert sum(s.bad for s in guarded.outcomes["bad"]) == 60  # both replicas' failures, once
+        combined = a._monitored["classifier"].calibration["1.0.0"]
+        assert len(combined) == 60 and combined.accuracy() == 0.0  # 61 posts, 60 labels
+        # each replica alone saw 30 (+1) labels: below min_labels, it could not have fired
+        assert len(b.models["classifier"].calibration["1.0.0"]) in (30, 31)
+        await a._replicated_tick()
+        assert sum(s.bad for s in guarded.outcomes["bad"]) == 60  # rows re-read count once
+
+        # A canary's accuracy reads the labels of both replicas' answers, wherever posted.
+        async with a.replicated():
+            a.start_canary(
+                "classifier", "1.1.0", CanarySpec(steps=(50, 100), bake_s=3600), override_reason="labels"
+            )
+        await b._replicated_tick()
+        labelled = 0
+        for i in range(200):
+            answer = await b.infer("classifier", x, key=f"c{i}")
+            if answer.version == "1.1.0" and labelled < 10:
+                right = int(np.argmax(answer.outputs["probabilities"]))
+                assert answer.request_id is not None
+                assert a.ground_truth("classifier", answer.request_id, right)["correct"] is True
+                labelled += 1
+        assert labelled == 10
+        await b._replicated_tick()
+        await a._replicated_tick()
+        parts = a._combined["classifier"].parts["candidate"]["correct"]
+        assert sorted(float(v) for _, values in parts for v in values) == [1.0] * 10
+        canary = a.models["classifier"].canary
+        assert canary is not None and len(canary.labels["candidate"]) == 10
+    finally:
+        await a.stop()
+        await b.stop()
