@@ -477,7 +477,7 @@ class ReleaseStore:
         try:
             with self.engine.connect() as c:
                 c.execute(select(1))
-        except SQLAlchemyError as exc:
+        except Exception as exc:  # drivers fail in many types (a SQL_ASCII database: a TypeError)
             raise ReplicationError(f"the gateways' shared store {self.describe()}: {brief(exc)}") from exc
 
     def open(self, initial: dict[str, str], *, wait_s: float | None = None) -> None:

@@ -127,6 +127,46 @@ def test_the_store_refuses_a_live_replica_id_and_an_unreachable_store_is_named(
     assert run.returncode == 1 and "error: the gateways' shared store" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr and "s3cret" not in run.stderr
 
+    # a database in SQL_ASCII (psycopg then hands back bytes): one line too, not a traceback
+    from sqlalchemy import make_url
+
+    name = f"tidegate_sql_ascii_{os.getpid()}"
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        c.execute(
+            text(
+                f"CREATE DATABASE \"{name}\" ENCODING 'SQL_ASCII' TEMPLATE template0 "
+                "LC_COLLATE 'C' LC_CTYPE 'C'"
+            )
+        )
+    try:
+        ascii_url = make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+        unreachable.write_text(
+            (models / "serving.toml").read_text() + f'\n[gateway.replication]\nurl = "{ascii_url}"\n'
+        )
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tidegate",
+                "serve",
+                "--config",
+                str(unreachable),
+                "--port",
+                str(free_port()),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 1 and "error: the gateways' shared store" in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
 
 def _config(models: Path, name: str, pg_url: str, replica: str, *, tick_s: float = 0.3) -> Path:
     toml = models / name
