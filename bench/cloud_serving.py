@@ -184,21 +184,7 @@ async def _run(work: Path, seconds: float) -> list[dict[str, Any]]:
         ("worker process on the same 2 cores", _worker),
         ("hand-off alone (a sink)", _sink),
     ):
-        port = free_port()
-        proc = target(port)
-        try:
-            cfg = _config(light, light_candidate)
-            cfg.gateway.shadow_worker = f"127.0.0.1:{port}"
-            gw = await Gateway(cfg, seed=0).start(tick=False)
-            plain, mirrored, compared, dropped = await _shadow_runs(gw, rate, seconds)
-            await gw.stop()
-        finally:
-            proc.terminate()
-            proc.join(10)
-        case = (
-            f"MLP 512-1024x3: caller p99 at {rate:,.0f} req/s, 100 % shadow to a {label}, dropped {dropped}"
-        )
-        rows.append(_shadow_row(case, rate, plain, mirrored, compared))
+        rows.append(await _remote_shadow_row(label, target, light, light_candidate, rate, seconds, 3))
 
     # 3. dynamic batching
     one = OnnxBackend("1", model, max_batch=1, max_delay_us=0, max_queue=100_000)
@@ -313,7 +299,26 @@ def _shadow_row(
     }
 
 
-def shadow_handoff(seconds: float = 10.0, rounds: int = 7) -> list[dict[str, Any]]:
+async def _remote_shadow_row(
+    label: str, target: Any, model: Path, candidate: Path, rate: float, seconds: float, rounds: int
+) -> dict[str, Any]:
+    """Caller p99 without and with a 100 % shadow sent to `target` (a worker or a sink)."""
+    port = free_port()
+    proc = target(port)
+    try:
+        cfg = _config(model, candidate)
+        cfg.gateway.shadow_worker = f"127.0.0.1:{port}"
+        gw = await Gateway(cfg, seed=0).start(tick=False)
+        plain, mirrored, compared, dropped = await _shadow_runs(gw, rate, seconds, rounds)
+        await gw.stop()
+    finally:
+        proc.terminate()
+        proc.join(10)
+    case = f"MLP 512-1024x3: caller p99 at {rate:,.0f} req/s, 100 % shadow to a {label}, dropped {dropped}"
+    return _shadow_row(case, rate, plain, mirrored, compared)
+
+
+def shadow_handoff(seconds: float = 10.0, rounds: int = 7, rate: float | None = None) -> list[dict[str, Any]]:
     """The hand-off alone (a sink that answers without running the candidate: what a worker
     on another host costs the gateway), longer and in more rounds than `make bench` runs it."""
     os.environ.setdefault(shadow_worker.AUTHKEY_ENV, BENCH_KEY)
@@ -325,20 +330,10 @@ def shadow_handoff(seconds: float = 10.0, rounds: int = 7) -> list[dict[str, Any
         await direct.start()
         capacity = await _closed_loop(lambda x, key: direct.infer(x), 32, 3.0)
         await direct.stop()
-        rate = max(50.0, capacity * 0.3)
-        port = free_port()
-        proc = _sink(port)
-        try:
-            cfg = _config(light, cand)
-            cfg.gateway.shadow_worker = f"127.0.0.1:{port}"
-            gw = await Gateway(cfg, seed=0).start(tick=False)
-            plain, mirrored, compared, dropped = await _shadow_runs(gw, rate, seconds, rounds)
-            await gw.stop()
-        finally:
-            proc.terminate()
-            proc.join(10)
-        case = f"MLP 512-1024x3: caller p99 at {rate:,.0f} req/s, 100 % shadow to a sink, dropped {dropped}"
-        return [_shadow_row(case, rate, plain, mirrored, compared)]
+        offered = rate if rate is not None else max(50.0, capacity * 0.3)
+        sink = "hand-off alone (a sink)"
+        row = await _remote_shadow_row(sink, _sink, light, cand, offered, seconds, rounds)
+        return [row]
 
     with tempfile.TemporaryDirectory(prefix="tidegate-bench-handoff-") as tmp:
         rows = asyncio.run(go(Path(tmp)))
@@ -413,7 +408,7 @@ def run(seconds: float = 5.0) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["handoff"]:
-        shadow_handoff()
+    if sys.argv[1:2] == ["handoff"]:  # [RATE]: requests per second (default 30 % of capacity)
+        shadow_handoff(rate=float(sys.argv[2]) if len(sys.argv) > 2 else None)
     else:
         run()

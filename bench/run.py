@@ -16,6 +16,7 @@ from bench import (
     drift,
     fleet_campaign,
     gateway_replicas,
+    hil_container,
     jobs_flood,
     observability,
     release_gates,
@@ -38,6 +39,7 @@ def main() -> None:
     fleet_campaign.run(int(os.environ.get("TIDEGATE_BENCH_DEVICES", "10000")))
     jobs_flood.run()
     device_list.run()
+    hil_container.run()
 
 
 if __name__ == "__main__":
