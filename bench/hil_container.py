@@ -2,7 +2,8 @@
 and p95 for one bundle on this machine (`--target local`) and in a container rig at 2, 1 and
 0.5 CPUs (`--container-cpus`), through podman's Docker API, in one run. The probe runs the
 model on one thread (an MLP of 13.6M MACs, a few ms a run), so a quota of 1 CPU or more
-should cost it little and 0.5 should show the CFS throttling a half-core SoC would. Ratios are against the local run of the same run.
+should cost it little and 0.5 should show the CFS throttling a half-core SoC would. Ratios
+are against the local run of the same run.
 
     python -m bench.hil_container        (needs podman and runc: .ci/run installs them)
 """
