@@ -351,9 +351,12 @@ def doctor(
     _print_checks(report.preflight)
     facts = report.rig
     if facts:
+        limits = [f"{facts['cpu_limit']:g} CPUs"] if facts.get("cpu_limit") else []
+        limits += [f"{facts['memory_limit_mb']:g} MB"] if facts.get("memory_limit_mb") else []
         typer.echo(
             f"rig: {facts.get('machine')}, {facts.get('os')}, {facts.get('cpu_model')} x{facts.get('cpus')}, "
             f"{facts.get('memory_mb')} MB, Python {facts.get('python')}, Tidegate {facts.get('tidegate')}"
+            + (f"; cgroup limits {' and '.join(limits)}" if limits else "")
         )
     if not ok:
         raise HilCommandError(f"{tgt.name} is not fit to bench {sku} ({suite})")

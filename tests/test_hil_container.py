@@ -137,6 +137,19 @@ def test_the_suites_run_in_a_container_under_its_limits_and_leave_no_container_b
     assert code == 2, text
     assert "a limit of 512 MB on its cgroup" in text and "SKU edge-cpu's memory ceiling is 1024 MB" in text
     assert "could be killed here" in text
+    code, text = _cli(
+        [
+            "hil",
+            "doctor",
+            "--sku",
+            "edge-cpu",
+            "--suite",
+            "smoke",
+            *_container_args(rig, cpus="1.5", memory="2g"),
+        ],
+        capsys,
+    )
+    assert code == 0 and "cgroup limits 1.5 CPUs and 2048 MB" in text, text
     assert rig_containers(rig["url"]) == []
 
 
