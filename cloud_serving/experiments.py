@@ -138,6 +138,14 @@ class Thompson:
         else:
             self.failures[arm] += 1
 
+    def adopt(self, arms: dict[str, ArmStats]) -> None:
+        """Take the posterior of every replica's rewards (a replicated bandit): the counts
+        already include this replica's own, sent before they were read back."""
+        for a in self.arms:
+            stats = arms.get(a)
+            if stats is not None:
+                self.successes[a], self.failures[a] = stats.wins, stats.n - stats.wins
+
     def summary(self) -> dict[str, Any]:
         return {
             a: {
@@ -221,7 +229,7 @@ class ExperimentSpec:
         return sample_size(self.baseline_rate, self.mde, alpha=self.alpha, power=self.power)
 
 
-ARM_FIELDS = ("assigned", "errors", "n", "total", "sumsq")
+ARM_FIELDS = ("assigned", "errors", "n", "total", "sumsq", "wins")
 
 
 def spec_to_dict(spec: ExperimentSpec) -> dict[str, Any]:
@@ -250,6 +258,7 @@ class ArmStats:
     n: int = 0  # rewards reported
     total: float = 0.0
     sumsq: float = 0.0
+    wins: int = 0  # rewards of 0.5 or more: a bandit's successes
 
     @property
     def mean(self) -> float | None:
@@ -297,6 +306,7 @@ class Experiment:
     def feedback(self, arm: str, reward: float) -> None:
         a = self.arms[arm]
         a.n, a.total, a.sumsq = a.n + 1, a.total + reward, a.sumsq + reward * reward
+        a.wins += reward >= 0.5
         if self.bandit is not None:
             self.bandit.update(arm, reward >= 0.5)
 

@@ -25,8 +25,10 @@ on it already (one engine to operate), transactions give the compare-and-set and
 on one clock, and the samples survive a restart of everything.
 
 A/B experiments replicate alike (arm counts instead of samples; a request id names its arm
-under a MAC, so a reward may reach any replica). Shadows, bandits and experiments that set
-flags are not replicated: a replicated gateway refuses them (409).
+under a MAC, so a reward may reach any replica), and so do bandits: every replica, leading
+or not, reads the arms' counts each tick and draws its Thompson choices from the posterior
+of every replica's rewards. Shadows and experiments that set flags are not replicated: a
+replicated gateway refuses them (409).
 
 Monitoring replicates too: every replica sends each tick what its alert rules read (per
 version, requests that succeeded and failed, inputs seen and out of distribution) and the
@@ -401,8 +403,8 @@ class CombinedArms(Gathered):
     def row(self, side: str, data: bytes) -> None:
         for arm, delta in json.loads(data).items():
             a = self.arms.setdefault(arm, ArmStats())
-            for f in ARM_FIELDS:
-                setattr(a, f, getattr(a, f) + type(getattr(a, f))(delta[f]))
+            for f in ARM_FIELDS:  # a row from before a field existed lacks it
+                setattr(a, f, getattr(a, f) + type(getattr(a, f))(delta.get(f, 0)))
 
 
 @dataclass
@@ -517,11 +519,17 @@ class ReleaseStore:
             return c.execute(upsert).first() is not None
 
     def exchange(
-        self, outgoing: list[Outgoing], reads: dict[tuple[str, str], datetime | None], served: list[str]
+        self,
+        outgoing: list[Outgoing],
+        reads: dict[tuple[str, str], datetime | None],
+        served: list[str],
+        everyone: frozenset[tuple[str, str]] = frozenset(),
     ) -> Pulled:
         """Heartbeat, send this replica's samples, take or renew the leases of the `served`
         models, read their state and, for each `reads` entry ((model, canary, experiment or
-        `ALERTS`) → read since), the rows stored, for the models this replica leads."""
+        `ALERTS`) → read since), the rows stored, for the models this replica leads (and for
+        the streams in `everyone` whoever leads: a bandit's counts, which every replica's
+        choices draw on)."""
         now = _db_now()
         with self.engine.begin() as c:
             beat = c.execute(
@@ -575,7 +583,7 @@ class ReleaseStore:
             samples = {
                 (m, stream): self._samples(c, m, stream, since)
                 for (m, stream), since in reads.items()
-                if m in led
+                if m in led or (m, stream) in everyone
             }
         return Pulled(rows, led, samples, read_at)
 
@@ -724,6 +732,7 @@ class Replication(GatewayCore):
         assert self.replicas is not None
         self._drain()
         reads: dict[tuple[str, str], datetime | None] = {}
+        everyone: set[tuple[str, str]] = set()
         for name, st in self.models.items():
             watched = self._monitored.get(name)
             reads[(name, ALERTS)] = watched.read_until if watched is not None else None
@@ -735,9 +744,11 @@ class Replication(GatewayCore):
                 arms = self._arms.get(name)
                 since = arms.read_until if arms is not None and arms.id == st.experiment.id else None
                 reads[(name, st.experiment.id)] = since
+                if st.experiment.bandit is not None:
+                    everyone.add((name, st.experiment.id))
         try:
             pulled = await asyncio.to_thread(
-                self.replicas.exchange, list(self._unsent), reads, list(self.models)
+                self.replicas.exchange, list(self._unsent), reads, list(self.models), frozenset(everyone)
             )
         except (SQLAlchemyError, ReplicationError) as exc:
             if self.replication_error != brief(exc):
@@ -763,7 +774,7 @@ class Replication(GatewayCore):
         self._led = pulled.led
         for name in [n for n in self._combined if n not in self._led]:
             del self._combined[name]  # leading again later, it reads everything afresh
-        for name in [n for n in self._arms if n not in self._led]:
+        for name in [n for n in self._arms if n not in self._led and (n, self._arms[n].id) not in everyone]:
             del self._arms[name]
         for name in [n for n in self._monitored if n not in self._led]:
             del self._monitored[name]
@@ -780,6 +791,8 @@ class Replication(GatewayCore):
                 if (arms := self._arms.get(name)) is None or arms.id != rid:
                     arms = self._arms[name] = CombinedArms(rid)
                 arms.take(rows, pulled.read_at)
+                if st.experiment.bandit is not None:  # every replica draws on every reward
+                    st.experiment.bandit.adopt(arms.arms)
         self._synced_at = time.monotonic()
         self.replication_error = None
         return True

@@ -229,9 +229,9 @@ async def _two_in_one(pg_url: str, tmp_path: Path) -> None:
         engine.dispose()
         assert owner is None
         # what lives in one process only is refused, not run on half the traffic
-        with pytest.raises(ReleaseError, match="a bandit is not replicated"):
+        with pytest.raises(ReleaseError, match="an experiment that sets flags is not replicated"):
             a.start_experiment(
-                "classifier", ExperimentSpec(control="1.0.0", treatment="1.1.0", mode="bandit")
+                "classifier", ExperimentSpec(control="1.0.0", treatment="1.1.0", flags={"beta": True})
             )
         with pytest.raises(ReleaseError, match="a shadow is not replicated"):
             a.start_shadow("classifier", "1.1.0", share=1.0, budget=ShadowBudget())
@@ -597,6 +597,55 @@ async def _alerts_across(pg_url: str, tmp_path: Path) -> None:
         assert sorted(float(v) for _, values in parts for v in values) == [1.0] * 10
         canary = a.models["classifier"].canary
         assert canary is not None and len(canary.labels["candidate"]) == 10
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+def test_a_bandit_across_two_replicas_draws_on_both_replicas_rewards(pg_url: str, tmp_path: Path) -> None:
+    asyncio.run(_bandit_across(pg_url, tmp_path))
+
+
+async def _bandit_across(pg_url: str, tmp_path: Path) -> None:
+    """Each replica's Thompson posterior is every replica's rewards, each once (rewards
+    reported to the replica that did not answer), so both replicas shift to the better arm:
+    with only its own rewards each would see half the evidence."""
+    models = write_serving_models(tmp_path / "models")
+    a = Gateway(load_config(_config(models, "a.toml", pg_url, "gw-a")), seed=1)
+    b = Gateway(load_config(_config(models, "b.toml", pg_url, "gw-b")), seed=2)
+    await a.start(tick=False)
+    await b.start(tick=False)
+    try:
+        spec = ExperimentSpec(control="1.0.0", treatment="1.1.0", mode="bandit", burn_in=20, mde=0.01)
+        async with a.replicated():
+            a.start_experiment("classifier", spec)
+        await b._replicated_tick()
+        assert b.models["classifier"].experiment is not None
+        rng = np.random.default_rng(3)
+        x = np.zeros(16, dtype=np.float32)
+        late: Counter[str] = Counter()
+        wins = 0
+        for i in range(400):
+            here, there = (a, b) if i % 2 == 0 else (b, a)
+            answer = await here.infer("classifier", x, key=f"k{i}")
+            assert answer.arm is not None and answer.request_id is not None
+            won = rng.random() < (0.8 if answer.arm == "1.1.0" else 0.2)
+            wins += won
+            there.feedback("classifier", answer.request_id, float(won))
+            if i >= 300:
+                late[answer.arm] += 1
+            if i % 20 == 19:  # a tick on each replica every 20 requests
+                await a._replicated_tick()
+                await b._replicated_tick()
+        await a._replicated_tick()
+        await b._replicated_tick()
+        for gw in (a, b):
+            exp = gw.models["classifier"].experiment
+            assert exp is not None and exp.bandit is not None
+            seen = sum(exp.bandit.successes.values()) + sum(exp.bandit.failures.values())
+            assert seen == 400, (gw.replicas.replica_id if gw.replicas else "?", seen)  # both halves, once
+            assert sum(exp.bandit.successes.values()) == wins
+        assert late["1.1.0"] > 3 * late["1.0.0"], late  # both replicas moved to the better arm
     finally:
         await a.stop()
         await b.stop()
