@@ -78,7 +78,7 @@ class ModelState:
     # the request ids labelled here, and the key answers' seals are made with (shared).
     labels: list[tuple[str, str, float, bool, float]] = field(default_factory=list)
     labelled: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    seal_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    seal_key: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)  # a secret: never logged
     inputs: dict[str, list[int]] = field(default_factory=dict)
     values: dict[tuple[str, str], deque[ValueSample]] = field(default_factory=dict)
     # Each candidate's last shadow verdict (the canary's entry condition), by version.

@@ -63,14 +63,12 @@ class ReleaseOperations(GatewayCore):
         if self.config.gateway.replication is not None:
             raise ReleaseError(
                 f"{what} is not replicated: a gateway with [gateway.replication] runs canaries, A/B "
-                "experiments and bandits without flags, weights, switches and rollbacks across its "
-                "replicas; run it on a single gateway"
+                "experiments, bandits, weights, switches and rollbacks across its replicas; run it on "
+                "a single gateway"
             )
 
     def start_experiment(self, name: str, spec: ExperimentSpec) -> Experiment:
         st = self.model(name)
-        if spec.flags:
-            self._single("an experiment that sets flags")
         for arm in (spec.control, spec.treatment):
             for version in spec.ensemble_of(arm) or [spec.version_of(arm)]:
                 self._known(st, version)

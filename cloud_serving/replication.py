@@ -27,8 +27,10 @@ on one clock, and the samples survive a restart of everything.
 A/B experiments replicate alike (arm counts instead of samples; a request id names its arm
 under a MAC, so a reward may reach any replica), and so do bandits: every replica, leading
 or not, reads the arms' counts each tick and draws its Thompson choices from the posterior
-of every replica's rewards. Shadows and experiments that set flags are not replicated: a
-replicated gateway refuses them (409).
+of every replica's rewards. An experiment that sets flags carries the flags' earlier values
+in the release state, so the replica that ends it (the leader) restores them in the flag
+store the replicas share (the fleet server's). Shadows are not replicated: a replicated
+gateway refuses them (409).
 
 Monitoring replicates too: every replica sends each tick what its alert rules read (per
 version, requests that succeeded and failed, inputs seen and out of distribution) and the
@@ -106,6 +108,7 @@ from cloud_serving.errors import DuplicateGatewayError, ReleaseError, Replicatio
 from cloud_serving.experiments import ARM_FIELDS, ArmStats, Experiment
 from cloud_serving.experiments import spec_from_dict as experiment_spec_from_dict
 from cloud_serving.experiments import spec_to_dict as experiment_spec_to_dict
+from cloud_serving.flags import UNSET
 from cloud_serving.model_state import ModelState
 from cloud_serving.quality import Calibration
 from shared.alerts import CountSample
@@ -185,6 +188,8 @@ def routing_state(st: ModelState) -> dict[str, Any]:
             "spec": experiment_spec_to_dict(e.spec),
             "started_at": e.started_at,
             "p_value": e.test.p_value,
+            # what its flags were before it set them: whichever replica ends it restores them
+            "flag_restore": {k: None if v is UNSET else {"value": v} for k, v in st.flag_restore.items()},
         },
         "canary": None
         if c is None
@@ -240,6 +245,9 @@ def adopt(st: ModelState, state: dict[str, Any], now: datetime) -> None:
     st.threshold = state["threshold"]
     st.ensemble = state["ensemble"]  # after production, whose change clears it
     e = state["experiment"]
+    st.flag_restore = (
+        {k: UNSET if v is None else v["value"] for k, v in (e.get("flag_restore") or {}).items()} if e else {}
+    )
     if e is None:
         st.experiment = None
     elif st.experiment is not None and st.experiment.id == e["id"]:

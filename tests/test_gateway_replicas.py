@@ -229,10 +229,6 @@ async def _two_in_one(pg_url: str, tmp_path: Path) -> None:
         engine.dispose()
         assert owner is None
         # what lives in one process only is refused, not run on half the traffic
-        with pytest.raises(ReleaseError, match="an experiment that sets flags is not replicated"):
-            a.start_experiment(
-                "classifier", ExperimentSpec(control="1.0.0", treatment="1.1.0", flags={"beta": True})
-            )
         with pytest.raises(ReleaseError, match="a shadow is not replicated"):
             a.start_shadow("classifier", "1.1.0", share=1.0, budget=ShadowBudget())
 
@@ -646,6 +642,58 @@ async def _bandit_across(pg_url: str, tmp_path: Path) -> None:
             assert seen == 400, (gw.replicas.replica_id if gw.replicas else "?", seen)  # both halves, once
             assert sum(exp.bandit.successes.values()) == wins
         assert late["1.1.0"] > 3 * late["1.0.0"], late  # both replicas moved to the better arm
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+def test_an_experiment_that_sets_flags_is_ended_and_its_flags_restored_by_the_leader(
+    pg_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(_flags_across(pg_url, tmp_path))
+
+
+async def _flags_across(pg_url: str, tmp_path: Path) -> None:
+    """Started on the replica that does not lead: it sets the flag in the store both share;
+    the treatment fails on both replicas' traffic, the leader's guardrail ends it and the
+    leader, which never set the flag, restores what was there before (the earlier values
+    travel in the release state)."""
+    models = write_serving_models(tmp_path / "models")
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"releases": {}, "flags": {"classifier.keep": "untouched"}}))
+    gws = []
+    for name in ("a", "b"):
+        path = _config(models, f"{name}.toml", pg_url, f"gw-{name}")
+        path.write_text(path.read_text() + f'\n[gateway.registry]\nfile = "{registry}"\nflags_ttl_s = 1\n')
+        gws.append(Gateway(load_config(path), seed=len(gws) + 1))
+    a, b = gws
+    await a.start(tick=False)
+    await b.start(tick=False)
+    try:
+        assert a.status("classifier")["replication"]["leading"]
+        spec = ExperimentSpec(control="1.0.0", treatment="9.9.9-bad", flags={"classifier.new_path": True})
+        async with b.replicated():
+            b.start_experiment("classifier", spec)
+        assert await b.flush_flags() == 1
+        assert json.loads(registry.read_text())["flags"] == {
+            "classifier.keep": "untouched",
+            "classifier.new_path": True,
+        }
+        await a._replicated_tick()
+        assert a.models["classifier"].experiment is not None and a.models["classifier"].flag_restore
+        x = np.zeros(16, dtype=np.float32)
+        for i in range(300):
+            await (a if i % 2 == 0 else b).infer("classifier", x, key=f"k{i}")
+        await b._replicated_tick()  # sends its half
+        await a._replicated_tick()  # reads both: the guardrail ends it
+        assert a.models["classifier"].experiment is None, a.status("classifier")["events"]
+        assert await a.flush_flags() == 1
+        assert json.loads(registry.read_text())["flags"] == {"classifier.keep": "untouched"}
+        events = a.status("classifier")["events"]
+        assert any("reverted the flags it set: classifier.new_path (removed)" in e for e in events), events
+        await b._replicated_tick()
+        assert b.models["classifier"].experiment is None and b.models["classifier"].flag_restore == {}
+        assert await b.flush_flags() == 0  # the starter does not write them a second time
     finally:
         await a.stop()
         await b.stop()
