@@ -5,6 +5,7 @@ them SIGKILLed and restarted mid-canary."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -340,12 +341,24 @@ class Gw:
                 ],
                 stdout=out,
                 stderr=out,
+                env={**os.environ, "PYTHONFAULTHANDLER": "1", "PYTHONUNBUFFERED": "1"},
             )
 
     def ready(self) -> Gw:
-        wait(
-            lambda: is_ready(self.url), timeout=60, what=f"{self.name} ready ({self.log.read_text()[-2000:]})"
-        )
+        try:
+            wait(lambda: is_ready(self.url), timeout=60, what=f"{self.name} ready")
+        except AssertionError:
+            # What it was doing: the log as it is now (not as it was when the wait began), and
+            # every thread's stack (PYTHONFAULTHANDLER dumps them on SIGABRT).
+            alive = self.proc.poll() is None
+            if alive:
+                self.proc.send_signal(signal.SIGABRT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(10)
+            tail = self.log.read_text()[-6000:]
+            raise AssertionError(
+                f"{self.name} not ready in 60 s (alive: {alive}); its log:\n{tail}"
+            ) from None
         return self
 
     def status(self) -> dict[str, Any]:
