@@ -19,7 +19,7 @@ from typing import Any
 from bench.common import print_table, write_result
 from builder.samples import make_mlp, write_inference_config, write_selftest
 from tests.container_engine import PODMAN, RUNC, host_mounts, host_tree_image, podman_engine
-from tests.helpers import build_bundle
+from tests.helpers import build_bundle, self_test
 from tidegate.cli import main as tidegate
 
 RUNS = 400
@@ -55,13 +55,7 @@ def run() -> list[dict[str, Any]]:
             name="mlp",
             version="1.0.0",
             skus=["edge-cpu"],
-            self_test={
-                "inputs": "selftest/inputs.npz",
-                "outputs": "selftest/outputs.npz",
-                "latency_budget_ms": 10_000.0,
-                "memory_ceiling_mb": 1024.0,
-                "runs": 5,
-            },
+            self_test=self_test(latency_budget_ms=10_000.0),
         )
         pyz = d / "probe.pyz"
         tidegate(["hil", "probe-package", "--out", str(pyz)])

@@ -23,6 +23,7 @@ from shared.logs import pass_request_id
 from shared.webhooks import notify, payload
 
 log = logging.getLogger("tidegate.serving")
+AlertFeed = tuple[dict[str, Calibration], dict[str, list[int]]]  # calibration, this tick's inputs
 
 
 class Monitoring(GatewayCore):
@@ -32,19 +33,15 @@ class Monitoring(GatewayCore):
 
         def replication_status(self, name: str) -> dict[str, Any] | None: ...
 
-        def _alert_feed(self, st: ModelState, now: datetime) -> dict[str, Calibration] | None: ...
+        def _alert_feed(self, st: ModelState, now: datetime) -> AlertFeed | None: ...
 
     def _alerts(self, st: ModelState, now: datetime, done: list[tuple[str, str, Path | None]]) -> None:
         """Every alert rule of `st`, once per tick. Among replicas only the leading one judges
         them, on every replica's counts and labels (`_alert_feed`); the others judge none."""
-        calibration = self._alert_feed(st, now)
-        if calibration is None:
-            st.inputs.clear()
+        feed = self._alert_feed(st, now)
+        if feed is None:
             return
-        for version, (good, bad) in st.counts.items():
-            if good or bad:
-                st.outcomes.setdefault(version, deque(maxlen=4096)).append(CountSample(now, good, bad))
-        st.counts.clear()
+        calibration, inputs = feed
         for cfg, rule in zip(st.config.alerts, st.rules, strict=True):
             watched = (
                 st.production if cfg.version == "production" else st.canary.candidate if st.canary else None
@@ -56,7 +53,9 @@ class Monitoring(GatewayCore):
                 samples = list(st.outcomes.get(watched, ()))
             else:
                 series = st.values.setdefault((cfg.metric, watched), deque(maxlen=4096))
-                if (value := self._value(st, cfg.metric, watched, cfg.min_labels, calibration)) is not None:
+                if (
+                    value := self._value(cfg.metric, watched, cfg.min_labels, calibration, inputs)
+                ) is not None:
                     series.append(ValueSample(now, value))
                 samples = list(series)
             state = st.alert_states.setdefault(cfg.name, AlertState())
@@ -76,15 +75,19 @@ class Monitoring(GatewayCore):
             if self.config.gateway.webhooks:
                 self._notify(payload(event, "gateway", record))
 
-        st.inputs.clear()
+        inputs.clear()
 
     @staticmethod
     def _value(
-        st: ModelState, metric: str, version: str, min_labels: int, calibration: dict[str, Calibration]
+        metric: str,
+        version: str,
+        min_labels: int,
+        calibration: dict[str, Calibration],
+        inputs: dict[str, list[int]],
     ) -> float | None:
         """This tick's reading of a value metric for one version, or None without a basis."""
         if metric == "ood_ratio":
-            seen, unusual = st.inputs.get(version, (0, 0))
+            seen, unusual = inputs.get(version, (0, 0))
             return unusual / seen if seen else None
         cal = calibration.get(version)
         if cal is None or len(cal) < min_labels:

@@ -851,23 +851,30 @@ class Replication(GatewayCore):
         st.values.clear()
         st.alert_states.clear()
 
-    def _alert_feed(self, st: ModelState, now: datetime) -> dict[str, Calibration] | None:
-        """Before the alert rules of `st` run: the calibration they read, with this tick's
-        counts in `st`; None when this replica must not judge them (among replicas: it does
-        not lead `st`, or this tick's exchange failed). On a single gateway, its own."""
+    def _alert_feed(
+        self, st: ModelState, now: datetime
+    ) -> tuple[dict[str, Calibration], dict[str, list[int]]] | None:
+        """Before the alert rules of `st` run: the calibration and this tick's input counts they
+        read, with this tick's outcomes added to `st.outcomes`; None when this replica must not
+        judge them (among replicas: it does not lead `st`, or this tick's exchange failed). On a
+        single gateway, its own counts; among replicas, every replica's rows (this one's local
+        counts stay where they are, for its next row)."""
         if self.replicas is None:
-            return st.calibration
-        st.counts.clear()  # sent already (or, if the store was out of reach, queued to be)
-        st.inputs.clear()
+            for version, (good, bad) in st.counts.items():
+                if good or bad:
+                    st.outcomes.setdefault(version, deque(maxlen=4096)).append(CountSample(now, good, bad))
+            st.counts.clear()
+            return st.calibration, st.inputs
         watched = self._monitored.get(st.name)
         if not self._fresh or st.name not in self._led or watched is None:
             return None
+        inputs: dict[str, list[int]] = {}
         for r in watched.pop():
             at = datetime.fromtimestamp(float(r["at"]), tz=now.tzinfo)
             for version, (good, bad) in r["counts"].items():
                 st.outcomes.setdefault(version, deque(maxlen=4096)).append(CountSample(at, good, bad))
             for version, (seen, unusual) in r["inputs"].items():
-                c = st.inputs.setdefault(version, [0, 0])
+                c = inputs.setdefault(version, [0, 0])
                 c[0], c[1] = c[0] + seen, c[1] + unusual
             if (canary := st.canary) is not None:
                 comb = self._combined.get(st.name)
@@ -879,7 +886,7 @@ class Replication(GatewayCore):
                             comb.parts[side]["correct"].append(
                                 (np.array([float(t)]), np.array([1.0 if correct else 0.0]))
                             )
-        return watched.calibration
+        return watched.calibration, inputs
 
     async def _publish(self) -> list[str]:
         """Write each model whose state changed here over the revision it had; the models

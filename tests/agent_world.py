@@ -20,7 +20,7 @@ from agent.state import SlotStatus
 from shared.bundle import BundleManifest, verify_tree
 from shared.trust import UpdateRepository
 from shared.trust.repository import CUSTOM_KEY
-from tests.helpers import build_bundle
+from tests.helpers import build_bundle, self_test
 
 SKU = "edge-cpu"
 
@@ -104,13 +104,7 @@ def build_world(base: Path, payload: Path) -> World:
     mk = build_bundle
     common: dict[str, Any] = {
         "skus": [SKU],
-        "self_test": {
-            "inputs": "selftest/inputs.npz",
-            "outputs": "selftest/outputs.npz",
-            "latency_budget_ms": 200.0,
-            "memory_ceiling_mb": 1024.0,
-            "runs": 5,
-        },
+        "self_test": self_test(),
     }
     bundles = {
         # Published oldest first: a repository refuses a version below the newest unless it is

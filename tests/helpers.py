@@ -27,6 +27,19 @@ def payload_sources(payload: Path) -> dict[str, Path]:
     return {p.relative_to(payload).as_posix(): p for p in sorted(payload.rglob("*")) if p.is_file()}
 
 
+def self_test(
+    *, latency_budget_ms: float = 200.0, memory_ceiling_mb: float = 1024.0, runs: int = 5
+) -> dict[str, Any]:
+    """A bundle's `self_test` over a sample payload's golden data, with these budgets."""
+    return {
+        "inputs": "selftest/inputs.npz",
+        "outputs": "selftest/outputs.npz",
+        "latency_budget_ms": latency_budget_ms,
+        "memory_ceiling_mb": memory_ceiling_mb,
+        "runs": runs,
+    }
+
+
 def build_bundle(payload: Path, out: Path, *, compression: str = "none", **overrides: object) -> Path:
     sources = payload_sources(payload)
     write_bundle(out, manifest_for(sources, **overrides), sources, compression=compression)  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ from shared.errors import TidegateError
 from shared.trust import TrustClient, UpdateRepository
 from tests.agent_world import device_view
 from tests.crashfs import CrashFSClient
-from tests.helpers import build_bundle
+from tests.helpers import build_bundle, self_test
 
 pytestmark = pytest.mark.slow
 
@@ -47,13 +47,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, sample_payload: Path) -> dic
     """A repository with 1.0.0 and 2.0.0 and a device that committed 1.0.0 (on real disk)."""
     base = tmp_path_factory.mktemp("crash-world")
     repo = UpdateRepository.init(base / "repo")
-    st = {
-        "inputs": "selftest/inputs.npz",
-        "outputs": "selftest/outputs.npz",
-        "runs": 2,
-        "latency_budget_ms": 500.0,
-        "memory_ceiling_mb": 1024.0,
-    }
+    st = self_test(latency_budget_ms=500.0, runs=2)
     v1 = repo.add_bundle(build_bundle(sample_payload, base / "v1.bundle", self_test=st)).path
     v2 = repo.add_bundle(build_bundle(sample_payload, base / "v2.bundle", version="2.0.0", self_test=st)).path
     device = base / "image" / "device"

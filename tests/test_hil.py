@@ -24,7 +24,7 @@ from hil.targets import LocalTarget
 from shared.benchreport import generate, public_text
 from shared.trust import UpdateRepository
 from tests.agent_world import _variant
-from tests.helpers import build_bundle
+from tests.helpers import build_bundle, self_test
 from tidegate.cli import main
 
 SKU = "edge-cpu"
@@ -32,13 +32,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _st(budget_ms: float = 200.0) -> dict[str, Any]:
-    return {
-        "inputs": "selftest/inputs.npz",
-        "outputs": "selftest/outputs.npz",
-        "latency_budget_ms": budget_ms,
-        "memory_ceiling_mb": 1024.0,
-        "runs": 5,
-    }
+    return self_test(latency_budget_ms=budget_ms)
 
 
 @pytest.fixture(scope="module")

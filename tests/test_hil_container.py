@@ -17,23 +17,13 @@ from builder.samples import make_memory_hungry_classifier
 from hil.container import Bind, ContainerTarget
 from hil.targets import TargetTimeoutError
 from tests.container_engine import PODMAN, RUNC, host_mounts, host_tree_image, podman_engine, rig_containers
-from tests.helpers import build_bundle
+from tests.helpers import build_bundle, self_test
 from tidegate.cli import main
 
 pytestmark = pytest.mark.skipif(
     PODMAN is None or RUNC is None,
     reason="podman and runc (Debian packages) are needed; .ci/run installs them",
 )
-
-
-def _st(memory_mb: float) -> dict[str, Any]:
-    return {
-        "inputs": "selftest/inputs.npz",
-        "outputs": "selftest/outputs.npz",
-        "latency_budget_ms": 200.0,
-        "memory_ceiling_mb": memory_mb,
-        "runs": 5,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +39,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, sample_payload: Path) -> Itera
             name="classifier",
             version="1.0.0",
             skus=["edge-cpu"],
-            self_test=_st(1024.0),
+            self_test=self_test(memory_ceiling_mb=1024.0),
         )
         hungry_payload = shutil.copytree(sample_payload, d / "payload-hungry")
         make_memory_hungry_classifier(hungry_payload / "model.onnx", mb=1024)
@@ -59,7 +49,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, sample_payload: Path) -> Itera
             name="classifier",
             version="1.1.0",
             skus=["edge-cpu-x86"],
-            self_test=_st(512.0),
+            self_test=self_test(memory_ceiling_mb=512.0),
         )
         yield {"url": url, "image": image, "pyz": pyz, "good": good, "hungry": hungry, "dir": d}
 
