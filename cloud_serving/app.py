@@ -551,12 +551,14 @@ def create_app(gateway: Gateway, *, start: bool = True, observe: bool = True) ->
             body.capture_abs_diff,
             budgets,
         )
-        gateway.start_shadow(model, body.version, share=body.share, budget=budget)
+        async with gateway.replicated():
+            gateway.start_shadow(model, body.version, share=body.share, budget=budget)
         return gateway.status(model)
 
     @app.delete("/v1/admin/models/{model}/shadow")
     async def stop_shadow(model: str, _: Admin) -> dict[str, Any]:
-        return await gateway.stop_shadow(model)
+        async with gateway.replicated():
+            return await gateway.stop_shadow(model)
 
     @app.post("/v1/admin/models/{model}/canary")
     async def canary(model: str, body: CanaryBody, _: Admin) -> dict[str, Any]:

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -445,6 +445,62 @@ class TrajectoryDiff:
         return out
 
 
+# The accumulators are sums (and one maximum), so two of them combine exactly: what lets the
+# gateway replicas' shadows be judged on every replica's comparisons (`SlicedDiff.absorb`).
+MAXED = frozenset({"max_abs_diff"})
+
+
+def state_of(acc: Accumulator) -> dict[str, Any]:
+    """An accumulator's figures as JSON (a confusion matrix as its non-zero cells)."""
+    out: dict[str, Any] = {}
+    for f in fields(cast(Any, acc)):
+        if f.name == "spec":
+            continue
+        v = getattr(acc, f.name)
+        if isinstance(v, np.ndarray) and v.ndim == 2:
+            cells = np.argwhere(v)
+            out[f.name] = {"n": int(v.shape[0]), "cells": [[int(i), int(j), int(v[i, j])] for i, j in cells]}
+        elif isinstance(v, np.ndarray):
+            out[f.name] = v.tolist()
+        else:
+            out[f.name] = v
+    return out
+
+
+def absorb(acc: Accumulator, state: Mapping[str, Any]) -> None:
+    """Add another accumulator's figures (`state_of`) to `acc`: the result is what one
+    accumulator would hold had it merged both's frames."""
+    for f in fields(cast(Any, acc)):
+        if f.name == "spec" or f.name not in state:
+            continue
+        mine, theirs = getattr(acc, f.name), state[f.name]
+        if isinstance(mine, np.ndarray) and mine.ndim == 2:
+            grown = _grow(mine.copy(), int(theirs["n"]))
+            for i, j, count in theirs["cells"]:
+                grown[i, j] += count
+            setattr(acc, f.name, grown)
+        elif isinstance(mine, np.ndarray):
+            arr = np.asarray(theirs, dtype=mine.dtype)
+            grown = _grow(mine.copy(), len(arr))
+            grown[: len(arr)] += arr
+            setattr(acc, f.name, grown)
+        elif f.name in MAXED:
+            setattr(acc, f.name, max(mine, type(mine)(theirs)))
+        else:
+            setattr(acc, f.name, mine + type(mine)(theirs))
+    # per-class counts of one accumulator are read side by side: one length for all of them
+    per_class = [f.name for f in fields(cast(Any, acc)) if isinstance(getattr(acc, f.name), np.ndarray)]
+    vectors = [n for n in per_class if getattr(acc, n).ndim == 1]
+    if vectors:
+        n = max(len(getattr(acc, name)) for name in vectors)
+        for name in vectors:
+            setattr(acc, name, _grow(getattr(acc, name), n))
+
+
+def _size(state: Mapping[str, Any]) -> int:
+    return int(state.get("compared", state.get("frames_seen", 0)))
+
+
 def accumulator(spec: TaskSpec) -> Accumulator:
     if spec.task is Task.DETECTION:
         return DetectionDiff(spec)
@@ -504,6 +560,27 @@ class SlicedDiff:
         """One frame (outputs without the batch axis)."""
         one = {k: v[None] for k, v in production.items()}
         return self.add_batch(one, {k: v[None] for k, v in candidate.items()}, [slices])
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "overall": state_of(self.overall),
+            "slices": {name: state_of(acc) for name, acc in sorted(self.slices.items())},
+            "slices_dropped": self.slices_dropped,
+        }
+
+    def absorb(self, state: Mapping[str, Any]) -> None:
+        """Add another `SlicedDiff`'s figures (`state`), slice by slice, within the same bound
+        on slices."""
+        absorb(self.overall, state["overall"])
+        self.slices_dropped += int(state.get("slices_dropped", 0))
+        for name, part in state["slices"].items():
+            acc = self.slices.get(name)
+            if acc is None:
+                if len(self.slices) >= MAX_SLICES:
+                    self.slices_dropped += _size(part)
+                    continue
+                acc = self.slices[name] = accumulator(self.spec)
+            absorb(acc, part)
 
     def rows(self) -> list[Row]:
         out = self.overall.rows(None)

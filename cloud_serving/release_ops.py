@@ -58,14 +58,7 @@ class ReleaseOperations(GatewayCore):
 
         def _analyse(self, st: ModelState) -> str | None: ...
 
-    def _single(self, what: str) -> None:
-        """What keeps its state in this process only: refused on a replicated gateway."""
-        if self.config.gateway.replication is not None:
-            raise ReleaseError(
-                f"{what} is not replicated: a gateway with [gateway.replication] runs canaries, A/B "
-                "experiments, bandits, weights, switches and rollbacks across its replicas; run it on "
-                "a single gateway"
-            )
+        def _shadow_decide(self, st: ModelState) -> None: ...
 
     def start_experiment(self, name: str, spec: ExperimentSpec) -> Experiment:
         st = self.model(name)
@@ -213,16 +206,34 @@ class ReleaseOperations(GatewayCore):
     ) -> None:
         st = self.model(name)
         self._known(st, version)
-        self._single("a shadow")
         st.allow(Op.START_SHADOW)
         if version == st.production:
             raise ReleaseError(f"{version} is production; shadow a candidate")
-        # The mirror runs its own copy of the candidate in a low-priority process: callers'
-        # requests keep the CPU and the event loop, and the shadow takes what is left.
+        mirror = self._mirror(st, version, share, budget, queue_max)
+        if st.shadow is not None:  # an earlier shadow that stopped on its budget: end its process
+            self._background(st.shadow.stop())
+        st.shadow = mirror
+        st.verdicts.pop(version, None)  # a new shadow, a new verdict
+        st.shadow.start()
+        self._note(st, f"shadowing {share:.0%} of traffic to {version}")
+
+    def _mirror(
+        self,
+        st: ModelState,
+        version: str,
+        share: float,
+        budget: ShadowBudget,
+        queue_max: int,
+        shadow_id: str | None = None,
+    ) -> ShadowMirror:
+        """A mirror of `version` (not started). The mirror runs its own copy of the candidate
+        in a low-priority process or on the shadow worker: callers' requests keep the CPU and
+        the event loop, and the shadow takes what is left. Among replicas (`shadow_id` given
+        when another replica started it) the leader, not the mirror, ends a failing shadow."""
         path = getattr(st.versions[version], "model_path", None)
         if path is None:
-            raise ReleaseError(f"{name} {version} is not an in-process model; it cannot be shadowed")
-        mirror = ShadowMirror(
+            raise ReleaseError(f"{st.name} {version} is not an in-process model; it cannot be shadowed")
+        return ShadowMirror(
             version,
             path,
             share=share,
@@ -231,13 +242,9 @@ class ReleaseOperations(GatewayCore):
             queue_max=queue_max,
             clock=self.clock,
             worker=self.shadow_worker,
+            shadow_id=shadow_id,
+            decides=self.config.gateway.replication is None,
         )  # checks the budgets (BudgetError, 422) before any process starts
-        if st.shadow is not None:  # an earlier shadow that stopped on its budget: end its process
-            self._background(st.shadow.stop())
-        st.shadow = mirror
-        st.verdicts.pop(version, None)  # a new shadow, a new verdict
-        st.shadow.start()
-        self._note(st, f"shadowing {share:.0%} of traffic to {version}")
 
     async def stop_shadow(self, name: str) -> dict[str, Any]:
         """End the shadow: its verdict on its last summary becomes final, and is what a canary
@@ -401,6 +408,7 @@ class ReleaseOperations(GatewayCore):
         done: list[tuple[str, str, Path | None]] = []
         for st in self.models.values():
             self._alerts(st, now, done)
+            self._shadow_decide(st)
             self._shadow_ended(st)
             if st.experiment is not None and (verdict := self._analyse(st)) is not None:
                 done.append((st.name, verdict, self._conclude(st, verdict)))

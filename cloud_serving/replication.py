@@ -24,13 +24,21 @@ Why PostgreSQL and not Redis or the fleet server's registry: the fleet server's 
 on it already (one engine to operate), transactions give the compare-and-set and the leases
 on one clock, and the samples survive a restart of everything.
 
+Shadows replicate as a shared description in the release state (id, version, share, budget):
+every replica runs its own mirror of it (a child process, or the configured shadow worker) and
+sends each tick its mirror's comparisons so far (the diff accumulators are sums, so they
+combine exactly, `cloud_serving.diffs.absorb`); every replica's verdict and KPIs are on every
+mirror's comparisons, the leading replica alone ends a shadow whose verdict fails, and an
+operator's stop on any replica makes the verdict final on what every mirror had sent. The
+verdicts travel in the release state, so a canary's shadow gate reads the same verdict on
+every replica.
+
 A/B experiments replicate alike (arm counts instead of samples; a request id names its arm
 under a MAC, so a reward may reach any replica), and so do bandits: every replica, leading
 or not, reads the arms' counts each tick and draws its Thompson choices from the posterior
 of every replica's rewards. An experiment that sets flags carries the flags' earlier values
 in the release state, so the replica that ends it (the leader) restores them in the flag
-store the replicas share (the fleet server's). Shadows are not replicated: a replicated
-gateway refuses them (409).
+store the replicas share (the fleet server's).
 
 Monitoring replicates too: every replica sends each tick what its alert rules read (per
 version, requests that succeeded and failed, inputs seen and out of distribution) and the
@@ -111,6 +119,7 @@ from cloud_serving.experiments import spec_to_dict as experiment_spec_to_dict
 from cloud_serving.flags import UNSET
 from cloud_serving.model_state import ModelState
 from cloud_serving.quality import Calibration
+from cloud_serving.shadow import ShadowBudget, ShadowMirror, ShadowVerdict, budget_from_dict, budget_to_dict
 from shared.alerts import CountSample
 from shared.gates import Decision
 
@@ -154,6 +163,8 @@ REREAD_S = 30.0
 UNSENT_MAX = 10_000  # rows held while the store is out of reach (a few per model and tick)
 ALERTS = "~alerts"  # each model's monitoring stream (no canary or experiment id has a "~")
 ALERTS_KEEP_S = 3600.0  # the longest alert window a new leader must be able to re-read
+SCHEMA_LOCK = 0x7467_6777  # the advisory lock creating the tables is taken under ("tggw")
+SHADOW_SIDE = "s"  # a shadow's rows: side "s" + the mirror's id
 LABELLED_MAX = 200_000  # request ids whose label the leader has counted (the oldest go first)
 
 
@@ -181,6 +192,16 @@ def routing_state(st: ModelState) -> dict[str, Any]:
         "forced_fallback": st.forced_fallback,
         "threshold": st.threshold,
         "ensemble": st.ensemble,
+        "shadow": None
+        if (sh := st.shadow) is None or not sh.active
+        else {
+            "id": sh.id,
+            "version": sh.version,
+            "share": sh.share,
+            "budget": budget_to_dict(sh.budget),
+            "queue_max": sh.queue_max,
+        },
+        "verdicts": {v: x.as_dict() for v, x in sorted(st.verdicts.items())},
         "experiment": None
         if (e := st.experiment) is None
         else {
@@ -222,6 +243,8 @@ def settled(state: dict[str, Any]) -> str:
 def unloaded(st: ModelState, state: dict[str, Any]) -> list[str]:
     """Versions the state routes to that this replica has not loaded."""
     named = {state["production"], *state["weights"], *(state["ensemble"] or {})}
+    if state.get("shadow"):
+        named.add(state["shadow"]["version"])
     if state["canary"] is not None:
         named.add(state["canary"]["candidate"])
     if state["experiment"] is not None:
@@ -244,6 +267,7 @@ def adopt(st: ModelState, state: dict[str, Any], now: datetime) -> None:
     st.forced_fallback = state["forced_fallback"]
     st.threshold = state["threshold"]
     st.ensemble = state["ensemble"]  # after production, whose change clears it
+    st.verdicts = {v: ShadowVerdict.from_dict(d) for v, d in state.get("verdicts", {}).items()}
     e = state["experiment"]
     st.flag_restore = (
         {k: UNSET if v is None else v["value"] for k, v in (e.get("flag_restore") or {}).items()} if e else {}
@@ -416,6 +440,25 @@ class CombinedArms(Gathered):
 
 
 @dataclass
+class CombinedShadow(Gathered):
+    """Every replica's mirror of one shadow: each row is a mirror's comparisons so far (its
+    side names the mirror), so the latest of each is all of it."""
+
+    latest: dict[str, dict[str, Any]] = field(default_factory=dict)  # mirror id → state
+
+    def row(self, side: str, data: bytes) -> None:
+        state = json.loads(data)
+        mirror = side.removeprefix(SHADOW_SIDE)
+        known = self.latest.get(mirror)
+        if known is None or _compared(state) >= _compared(known):
+            self.latest[mirror] = state
+
+
+def _compared(state: dict[str, Any]) -> int:
+    return int(state["compared"]) + int(state["errors"])
+
+
+@dataclass
 class CombinedAlerts(Gathered):
     """Every replica's monitoring rows of one model, for the leader's alert rules: each row
     handed on once (`pop`), each request id's label counted once."""
@@ -494,7 +537,11 @@ class ReleaseStore:
         """Create the tables if missing, register this replica (refusing a live one's id) and
         seed each model's row from the configuration where none is stored yet."""
         try:
-            metadata.create_all(self.engine, checkfirst=True)
+            with self.engine.begin() as c:
+                # Two replicas starting at once on a fresh database would both see no tables
+                # and both create them (one fails on PostgreSQL's catalogue): one at a time.
+                c.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
+                metadata.create_all(c, checkfirst=True)
             deadline = time.monotonic() + (2 * self.cfg.lease_s if wait_s is None else wait_s)
             while not self._register():
                 if time.monotonic() >= deadline:
@@ -617,16 +664,32 @@ class ReleaseStore:
             )
         return new
 
-    def forget(self, model: str, running: str | None, horizon: float | None, alerts_horizon: float) -> None:
-        """Drop the rows of `model`'s ended canaries and experiments, and the running one's
-        older than `horizon` (a canary's gates read a window; an experiment reads all its
-        counts, so its horizon is None), and its monitoring rows older than `alerts_horizon`:
-        the deciding replica keeps the table to what a decision may still read."""
+    def forget(
+        self,
+        model: str,
+        running: str | None,
+        horizon: float | None,
+        alerts_horizon: float,
+        shadow: str | None = None,
+    ) -> None:
+        """Drop the rows of `model`'s ended canaries, experiments and shadows, and the running
+        one's older than `horizon` (a canary's gates read a window; an experiment reads all its
+        counts, so its horizon is None), its monitoring rows older than `alerts_horizon`, and
+        of the running shadow all but each mirror's latest row (which holds all of it): the
+        deciding replica keeps the table to what a decision may still read."""
         t = samples_table.c
-        old = and_(t.canary != (running or ""), t.canary != ALERTS)
+        old = and_(t.canary.not_in([running or "", ALERTS, shadow or ""]))
         if horizon is not None:
             old = or_(old, and_(t.canary == running, t.last_at < horizon))
         old = or_(old, and_(t.canary == ALERTS, t.last_at < alerts_horizon))
+        if shadow is not None:
+            latest = (
+                select(func.max(t.id))
+                .where(t.model == model, t.canary == shadow)
+                .group_by(t.side)
+                .scalar_subquery()
+            )
+            old = or_(old, and_(t.canary == shadow, t.id.not_in(latest)))
         with self.engine.begin() as c:
             c.execute(delete(samples_table).where(t.model == model, old))
 
@@ -661,6 +724,16 @@ class Replication(GatewayCore):
 
         def tick(self) -> list[tuple[str, str, Path | None]]: ...
 
+        def _mirror(
+            self,
+            st: ModelState,
+            version: str,
+            share: float,
+            budget: ShadowBudget,
+            queue_max: int,
+            shadow_id: str | None = None,
+        ) -> ShadowMirror: ...
+
     def _init_replication(self) -> None:
         cfg = self.config.gateway.replication
         self.replicas = ReleaseStore(cfg) if cfg is not None else None
@@ -671,6 +744,8 @@ class Replication(GatewayCore):
         self._combined: dict[str, Combined] = {}
         self._arms: dict[str, CombinedArms] = {}
         self._monitored: dict[str, CombinedAlerts] = {}  # model → every replica's monitoring rows
+        self._shadows: dict[str, CombinedShadow] = {}  # model → every replica's mirror of its shadow
+        self._shadow_sent: dict[str, int] = {}  # mirror id → comparisons in its last row sent
         self._unsent: list[Outgoing] = []
         self.unsent_dropped = 0  # rows of samples lost to an outage longer than UNSENT_MAX ticks
         self._seq = 0
@@ -709,6 +784,18 @@ class Replication(GatewayCore):
                 self._seq = max(self._seq + 1, time.time_ns() // 1000)
                 data = json.dumps(deltas).encode()
                 self._unsent.append(Outgoing(name, e.id, self._seq, "experiment", time.time(), data))
+            sh = st.shadow
+            if (
+                sh is not None
+                and sh.active
+                and sh.state is not None
+                and self._shadow_sent.get(sh.mirror_id) != (n := _compared(sh.state))
+            ):
+                self._shadow_sent[sh.mirror_id] = n
+                self._seq = max(self._seq + 1, time.time_ns() // 1000)
+                data = json.dumps(sh.state).encode()
+                side = SHADOW_SIDE + sh.mirror_id
+                self._unsent.append(Outgoing(name, sh.id, self._seq, side, time.time(), data))
             c = st.canary
             if c is None:
                 continue
@@ -744,6 +831,11 @@ class Replication(GatewayCore):
         for name, st in self.models.items():
             watched = self._monitored.get(name)
             reads[(name, ALERTS)] = watched.read_until if watched is not None else None
+            if (sh := st.shadow) is not None and sh.active:  # every replica's verdict is on all
+                mirrors = self._shadows.get(name)
+                since = mirrors.read_until if mirrors is not None and mirrors.id == sh.id else None
+                reads[(name, sh.id)] = since
+                everyone.add((name, sh.id))
             if st.canary is not None:
                 comb = self._combined.get(name)
                 since = comb.read_until if comb is not None and comb.id == st.canary.id else None
@@ -778,6 +870,7 @@ class Replication(GatewayCore):
                 continue
             self._behind.pop(name, None)
             adopt(model, state, now)
+            self._follow_shadow(model, state.get("shadow"))
             self._revisions[name] = (rev, settled(routing_state(model)))
         self._led = pulled.led
         for name in [n for n in self._combined if n not in self._led]:
@@ -789,7 +882,12 @@ class Replication(GatewayCore):
             self._unwatch(self.models[name])
         for (name, rid), rows in pulled.samples.items():
             st = self.models[name]
-            if rid == ALERTS:
+            if (sh := st.shadow) is not None and sh.id == rid:
+                if (mirrors := self._shadows.get(name)) is None or mirrors.id != rid:
+                    mirrors = self._shadows[name] = CombinedShadow(rid)
+                mirrors.take(rows, pulled.read_at)
+                sh.set_peers(mirrors.latest)
+            elif rid == ALERTS:
                 self._monitored.setdefault(name, CombinedAlerts(ALERTS)).take(rows, pulled.read_at)
             elif st.canary is not None and st.canary.id == rid:
                 if (comb := self._combined.get(name)) is None or comb.id != rid:
@@ -804,6 +902,46 @@ class Replication(GatewayCore):
         self._synced_at = time.monotonic()
         self.replication_error = None
         return True
+
+    def _follow_shadow(self, st: ModelState, want: dict[str, Any] | None) -> None:
+        """Run a mirror of the stored shadow here, or stop this replica's when the shadow has
+        ended (on another replica: its verdict came with the state)."""
+        sh = st.shadow
+        if want is None:
+            if sh is not None and sh.active:
+                sh.stopped_reason, sh.noted = "ended on another gateway replica", True
+                self._background(sh.stop())
+            return
+        if sh is not None and sh.id == want["id"]:
+            return  # running here, or stopped here since the last tick (published after it)
+        try:
+            mirror = self._mirror(
+                st,
+                want["version"],
+                float(want["share"]),
+                budget_from_dict(want["budget"]),
+                int(want["queue_max"]),
+                shadow_id=want["id"],
+            )
+        except Exception as exc:  # a budget this version cannot judge: say so, route on
+            self._behind[st.name] = f"its shadow of {want['version']} cannot run here: {brief(exc)}"
+            return
+        if sh is not None:
+            self._background(sh.stop())
+        st.shadow = mirror
+        mirror.start()
+        log.info("gateway replica: mirroring %s of %s to %s", f"{mirror.share:.0%}", st.name, mirror.version)
+
+    def _shadow_decide(self, st: ModelState) -> None:
+        """Among replicas the leading one alone ends a shadow whose verdict fails, and only on
+        a good exchange (the verdict is then on every replica's comparisons)."""
+        sh = st.shadow
+        if self.replicas is None or sh is None or not sh.active:
+            return
+        if self._fresh and st.name in self._led and sh.verdict.verdict == "fail":
+            sh.stopped_reason = (
+                f"{sh.verdict.reason} (on {sh.stats.summary.get('mirrors', 1)} replicas' mirrors)"
+            )
 
     def _judge(self, st: ModelState, now: datetime) -> Decision | None:
         """The canary's decision this tick: its own on a single gateway; among replicas only
@@ -936,9 +1074,10 @@ class Replication(GatewayCore):
                 running, horizon = c.id, now - 2 * c.spec.window_s
             else:
                 running, horizon = (st.experiment.id if st.experiment else None), None
+            shadow = st.shadow.id if st.shadow is not None and st.shadow.active else None
             with contextlib.suppress(SQLAlchemyError):
                 keep = max([ALERTS_KEEP_S, *(2 * a.window_s for a in st.config.alerts)])
-                await asyncio.to_thread(self.replicas.forget, name, running, horizon, now - keep)
+                await asyncio.to_thread(self.replicas.forget, name, running, horizon, now - keep, shadow)
 
     @contextlib.asynccontextmanager
     async def replicated(self) -> AsyncIterator[None]:

@@ -23,9 +23,10 @@ import random
 import re
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,37 @@ class ShadowVerdict:
             "compared": self.compared,
             "final": self.final,
             "rows": list(self.rows),
+            "agreement": list(self.agreement) if self.agreement is not None else None,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShadowVerdict:
+        """What `as_dict` wrote (the replicas share verdicts in the release state)."""
+        agreement = d.get("agreement")
+        return cls(
+            str(d["version"]),
+            str(d["verdict"]),
+            tuple(d["conditions"]),
+            str(d["at"]),
+            int(d["compared"]),
+            final=bool(d.get("final", False)),
+            agreement=(float(agreement[0]), int(agreement[1])) if agreement else None,
+            rows=tuple(d.get("rows", ())),
+        )
+
+
+def budget_to_dict(b: ShadowBudget) -> dict[str, Any]:
+    return {
+        **{k: v for k, v in asdict(b).items() if k != "budgets"},
+        "budgets": [asdict(x) for x in b.budgets],
+    }
+
+
+def budget_from_dict(d: dict[str, Any]) -> ShadowBudget:
+    return ShadowBudget(
+        **{k: v for k, v in d.items() if k != "budgets"},
+        budgets=tuple(Budget(**x) for x in d.get("budgets", ())),
+    )
 
 
 _VERDICT = {Verdict.PASS: "pass", Verdict.FAIL: "fail", Verdict.WAIT: "pending"}
@@ -197,6 +228,30 @@ class ShadowStats:
 
     def __post_init__(self) -> None:
         self.diff = SlicedDiff(self.spec)
+
+    def state(self) -> dict[str, Any]:
+        """The comparisons as JSON, for combining with other replicas' (`combined`): the
+        diff's sums and the last `STATE_LATENCIES` latencies."""
+        return {
+            "compared": self.compared,
+            "errors": self.errors,
+            "diff": self.diff.state(),
+            "candidate_ms": list(self.candidate_ms)[-STATE_LATENCIES:],
+            "latency_delta_ms": list(self.latency_delta_ms)[-STATE_LATENCIES:],
+        }
+
+    @classmethod
+    def combined(cls, spec: TaskSpec, states: list[dict[str, Any]]) -> ShadowStats:
+        """Several mirrors' comparisons as one: the counts and sums add up exactly; the
+        latency quantiles are over the pooled recent latencies of each."""
+        out = cls(spec)
+        for state in states:
+            out.compared += int(state["compared"])
+            out.errors += int(state["errors"])
+            out.diff.absorb(state["diff"])
+            out.candidate_ms.extend(state["candidate_ms"])
+            out.latency_delta_ms.extend(state["latency_delta_ms"])
+        return out
 
     def kpis(self) -> dict[str, Any]:
         rows = [r.as_dict() for r in self.diff.rows()]
@@ -272,6 +327,7 @@ class ShadowReport:
 
 
 SUMMARY_EVERY_S = 0.1
+STATE_LATENCIES = 512  # latencies a mirror's state carries to be pooled with other replicas'
 # Samples go to the process in batches of up to 32 or every 20 ms: a batch of 32 reads the
 # candidate's weights from memory once where 32 batches of one would read them 32 times,
 # and memory bandwidth is what a mirror on the next core takes from the callers' model.
@@ -296,10 +352,21 @@ class ShadowMirror:
         rng_seed: int | None = None,
         clock: Callable[[], datetime] = _utcnow,
         worker: WorkerAddress | None = None,
+        shadow_id: str | None = None,
+        decides: bool = True,
     ) -> None:
         """`worker`: run the candidate on that shadow worker (`cloud_serving.shadow_worker`)
-        instead of in a child process."""
+        instead of in a child process. Among gateway replicas every replica runs a mirror of
+        the one shadow (`shadow_id`, shared); each is told the others' comparisons
+        (`set_peers`) and its summary and verdict are on all of them, and it does not stop
+        itself on a failing verdict (`decides=False`): the leading replica ends the shadow."""
         self.version, self.model_path = version, model_path
+        self.id = shadow_id or uuid.uuid4().hex[:12]
+        self.mirror_id = uuid.uuid4().hex[:8]  # this replica's mirror of it (a restart: a new one)
+        self.decides = decides
+        self.state: dict[str, Any] | None = None  # this mirror's own comparisons, latest
+        self.peers: dict[str, dict[str, Any]] = {}  # the other replicas' mirrors', latest
+        self._judging = threading.Lock()
         spec = spec or TaskSpec()
         self.share, self.budget, self.spec = share, budget, spec
         self.budgets = budget.all(spec.task)
@@ -308,6 +375,7 @@ class ShadowMirror:
         self.queue_max = queue_max
         self.clock = clock
         self.stats = ShadowReport()
+        self._own: dict[str, Any] = self.stats.summary  # this mirror's own last summary
         self.verdict = judge(version, self.stats.summary, self.budgets, spec.task, clock())
         self.stopped_reason: str | None = None
         # Large diffs from the mirror, waiting to be written as failure captures (bounded).
@@ -415,13 +483,33 @@ class ShadowMirror:
                 if self.link is not None and self.link.error and self.stopped_reason is None:
                     self.stopped_reason = self.link.error  # the worker could not be used
                 return
-            done, summary, captures = message
+            done, summary, captures, state = message
             self.ready.set()
-            self._done, self.stats.summary = done, summary
+            self._done = done
             self.captures.extend(captures)
             self.stats.captured += len(captures)
+            with self._judging:
+                self.state, self._own = state, summary
+            self._rejudge()
+
+    def set_peers(self, peers: dict[str, dict[str, Any]]) -> None:
+        """The other replicas' mirrors of this shadow (mirror id → latest state): from now
+        the summary and the verdict are on theirs and this one's comparisons together."""
+        with self._judging:
+            self.peers = {k: v for k, v in peers.items() if k != self.mirror_id}
+        self._rejudge()
+
+    def _rejudge(self) -> None:
+        with self._judging:
+            if self.peers:
+                states = [*([self.state] if self.state is not None else []), *self.peers.values()]
+                summary = ShadowStats.combined(self.spec, states).kpis()
+                summary["mirrors"] = len(states)
+            else:
+                summary = self._own
+            self.stats.summary = summary
             self.verdict = judge(self.version, summary, self.budgets, self.spec.task, self.clock())
-            if self.verdict.verdict == "fail" and self.stopped_reason is None:
+            if self.decides and self.verdict.verdict == "fail" and self.stopped_reason is None:
                 self.stopped_reason = self.verdict.reason
 
 
@@ -456,11 +544,11 @@ def _mirror_process(
     input_name = sess.get_inputs()[0].name
     names = [o.name for o in sess.get_outputs()]
     stats, done, last = ShadowStats(spec), 0, 0.0
-    outq.put((done, stats.kpis(), []))  # loaded: the gateway now knows the mirror is ready
+    outq.put((done, stats.kpis(), [], stats.state()))  # loaded: the gateway knows it is ready
     while True:
         packed = inq.get()
         if packed is None:
-            outq.put((done, stats.kpis(), stats.captures))
+            outq.put((done, stats.kpis(), stats.captures, stats.state()))
             return
         items = _unpack(packed)
         _compare(sess, input_name, names, items, stats, capture_abs_diff)
@@ -468,7 +556,7 @@ def _mirror_process(
         now = time.monotonic()
         if now - last >= SUMMARY_EVERY_S or inq.empty():
             last = now
-            outq.put((done, stats.kpis(), stats.captures))
+            outq.put((done, stats.kpis(), stats.captures, stats.state()))
             stats.captures = []
 
 

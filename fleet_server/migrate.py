@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import Connection, text
 
 from fleet_server.db import Database
 
@@ -19,8 +20,21 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+MIGRATION_LOCK = 0x7467_6D67  # the PostgreSQL advisory lock migrations run under ("tgmg")
+
+
+def _one_at_a_time(connection: Connection) -> None:
+    """Replicas starting at once (each pod's `migrate` init container, every `server run`)
+    would each find the schema behind and each run the same migration, and all but one
+    fail on PostgreSQL's catalogue: the migration runs under a transaction-scoped advisory
+    lock, so the others wait and then find it done. SQLite has one writer anyway."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+
+
 def upgrade(db: Database, revision: str = "head") -> None:
     with db.engine.begin() as connection:
+        _one_at_a_time(connection)
         cfg = alembic_config(db.url)
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, revision)
@@ -28,6 +42,7 @@ def upgrade(db: Database, revision: str = "head") -> None:
 
 def downgrade(db: Database, revision: str) -> None:
     with db.engine.begin() as connection:
+        _one_at_a_time(connection)
         cfg = alembic_config(db.url)
         cfg.attributes["connection"] = connection
         command.downgrade(cfg, revision)

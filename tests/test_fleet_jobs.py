@@ -4,6 +4,7 @@ migrations, and the MQTT bridge serving the real agent daemon through Mosquitto.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -54,6 +55,31 @@ def test_migrations_create_the_schema_and_downgrade_cleanly(db: Database) -> Non
     downgrade(db, "base")
     assert "devices" not in inspect(db.engine).get_table_names()
     upgrade(db)
+    assert "job_executions" in inspect(db.engine).get_table_names()
+    if db.engine.dialect.name != "postgresql":
+        return
+    # replicas migrating at once (every pod's init container): one migrates, the others wait
+    # for it and find the schema at head; none fails on a table the other just created
+    downgrade(db, "base")
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def migrate() -> None:
+        replica = Database(db.url)
+        barrier.wait()
+        try:
+            upgrade(replica)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            replica.engine.dispose()
+
+    replicas = [threading.Thread(target=migrate) for _ in range(4)]
+    for t in replicas:
+        t.start()
+    for t in replicas:
+        t.join(120)
+    assert errors == [], errors
     assert "job_executions" in inspect(db.engine).get_table_names()
 
 

@@ -32,12 +32,21 @@ from cloud_serving.canary import (
     state_to_dict,
 )
 from cloud_serving.config import ConfigError, ReplicationConfig, load_config
+from cloud_serving.diffs import SlicedDiff, Task, TaskSpec
 from cloud_serving.errors import DuplicateGatewayError, ReleaseError, ReplicationError, UnknownModelError
 from cloud_serving.experiments import ExperimentSpec
 from cloud_serving.gateway import Gateway
 from cloud_serving.providers import ProviderCondition
 from cloud_serving.replication import ReleaseStore, encode
-from cloud_serving.shadow import ShadowBudget
+from cloud_serving.shadow import (
+    Budget,
+    ShadowBudget,
+    ShadowStats,
+    ShadowVerdict,
+    budget_from_dict,
+    budget_to_dict,
+    judge,
+)
 from shared.gates import Comparator, start
 from shared.procs import stop_process
 from tests.conftest import _worker_pg_url
@@ -87,9 +96,93 @@ def test_a_canary_survives_the_trip_through_the_store() -> None:
     assert again[0].tolist() == [2000.0] and again[1].tolist() == [0.0]
 
 
+def _outputs(task: Task, rng: np.random.Generator, n: int, classes: int) -> dict[str, np.ndarray[Any, Any]]:
+    if task is Task.CLASSIFICATION:
+        return {"scores": rng.random((n, classes)).astype(np.float32)}
+    if task is Task.DETECTION:
+        centre = rng.uniform(0.2, 0.8, (n, 5, 2))
+        size = rng.uniform(0.05, 0.2, (n, 5, 2))
+        return {
+            "boxes": np.concatenate([centre, size], axis=2).astype(np.float32),
+            "scores": rng.random((n, 5, classes)).astype(np.float32),
+        }
+    return {"path": rng.normal(size=(n, 6, 2)).cumsum(axis=1).astype(np.float32)}
+
+
+@pytest.mark.parametrize("task", list(Task))
+def test_two_mirrors_comparisons_combine_into_exactly_what_one_would_hold(task: Task) -> None:
+    """The diff accumulators are sums (and a maximum): half the batches on each of two
+    replicas' mirrors, combined through their JSON state, give every KPI row of one mirror
+    that compared them all, per class and per slice, and the verdict on them."""
+    rng = np.random.default_rng(7)
+    spec = TaskSpec(
+        task=task,
+        scores_output="scores" if task is not Task.TRAJECTORY else None,
+        box_format="cxcywh",
+        trajectory_output="path" if task is Task.TRAJECTORY else None,
+        class_names=("car", "pedestrian", "cyclist", "sign"),
+    )
+    whole, halves = SlicedDiff(spec), [SlicedDiff(spec), SlicedDiff(spec)]
+    for i in range(12):
+        classes = 2 if i < 6 else 4  # the first mirror sees fewer classes: its counts must grow
+        n = int(rng.integers(1, 9))
+        prod = _outputs(task, rng, n, classes)
+        noise = {k: v + rng.normal(0, 0.2, v.shape).astype(np.float32) for k, v in prod.items()}
+        slices = [[f"time={'night' if rng.random() < 0.4 else 'day'}", f"region=r{i % 3}"] for _ in range(n)]
+        whole.add_batch(prod, noise, slices)
+        halves[i % 2 if i >= 6 else 0].add_batch(prod, noise, slices)
+    json_states = [json.loads(json.dumps(h.state())) for h in halves]  # as the store carries them
+    combined = SlicedDiff(spec)
+    for state in json_states:
+        combined.absorb(state)
+
+    def table(d: SlicedDiff) -> dict[tuple[str, str | None, str | None], tuple[float, int]]:
+        return {(r.metric, r.cls, r.slice): (round(r.value, 9), r.samples) for r in d.rows()}
+
+    assert table(combined) == table(whole)
+    assert len(table(whole)) > 10 and table(halves[0]) != table(whole)  # the halves alone differ
+
+    stats = [ShadowStats(spec), ShadowStats(spec)]
+    for k, s in enumerate(stats):
+        s.diff, s.compared, s.errors = halves[k], 10 * (k + 1), k
+        s.candidate_ms.extend([1.0 + k] * 50)
+    both = ShadowStats.combined(spec, [json.loads(json.dumps(s.state())) for s in stats])
+    assert (both.compared, both.errors, len(both.candidate_ms)) == (30, 1, 100)
+    kpis = both.kpis()
+    assert {(r["metric"], r["samples"]) for r in kpis["rows"] if r["metric"] == "error_rate"} == {
+        ("error_rate", 31)
+    }
+    # a budget and a verdict survive the trip through the release state
+    budget = ShadowBudget(max_p95_ms=5.0, budgets=(Budget("error_rate", 0.5, min_samples=3),))
+    assert budget_from_dict(json.loads(json.dumps(budget_to_dict(budget)))) == budget
+    verdict = judge("1.1.0", kpis, budget.all(task), task, datetime(2026, 12, 8, tzinfo=UTC))
+    assert ShadowVerdict.from_dict(json.loads(json.dumps(verdict.as_dict()))) == verdict
+
+
 def test_the_store_refuses_a_live_replica_id_and_an_unreachable_store_is_named(
     pg_url: str, tmp_path: Path
 ) -> None:
+    # replicas starting at once on a fresh database create its tables once, without a clash
+    stores = [ReleaseStore(ReplicationConfig(url=pg_url, replica_id=f"gw-{i}", lease_s=2)) for i in range(6)]
+    barrier = threading.Barrier(len(stores))
+    errors: list[BaseException] = []
+
+    def open_at_once(store: ReleaseStore) -> None:
+        barrier.wait()
+        try:
+            store.open({"m": encode({"production": "1"})})
+        except BaseException as exc:
+            errors.append(exc)
+
+    openers = [threading.Thread(target=open_at_once, args=(s,)) for s in stores]
+    for t in openers:
+        t.start()
+    for t in openers:
+        t.join(60)
+    assert errors == [], errors
+    for store in stores:
+        store.close()
+
     a = ReleaseStore(ReplicationConfig(url=pg_url, replica_id="gw-a", lease_s=2))
     a.open({"m": encode({"production": "1"})})
     twin = ReleaseStore(ReplicationConfig(url=pg_url, replica_id="gw-a", lease_s=2))
@@ -169,12 +262,14 @@ def test_the_store_refuses_a_live_replica_id_and_an_unreachable_store_is_named(
         admin.dispose()
 
 
-def _config(models: Path, name: str, pg_url: str, replica: str, *, tick_s: float = 0.3) -> Path:
+def _config(
+    models: Path, name: str, pg_url: str, replica: str, *, tick_s: float = 0.3, lease_s: float = 2
+) -> Path:
     toml = models / name
     body = (models / "serving.toml").read_text()
     body = body.replace('failure_dir = "failures"', f'failure_dir = "failures"\ntick_s = {tick_s}')
     toml.write_text(
-        body + f'\n[gateway.replication]\nurl = "{pg_url}"\nreplica_id = "{replica}"\nlease_s = 2\n'
+        body + f'\n[gateway.replication]\nurl = "{pg_url}"\nreplica_id = "{replica}"\nlease_s = {lease_s:g}\n'
     )
     return toml
 
@@ -229,10 +324,6 @@ async def _two_in_one(pg_url: str, tmp_path: Path) -> None:
             ).scalar()
         engine.dispose()
         assert owner is None
-        # what lives in one process only is refused, not run on half the traffic
-        with pytest.raises(ReleaseError, match="a shadow is not replicated"):
-            a.start_shadow("classifier", "1.1.0", share=1.0, budget=ShadowBudget())
-
         cut.cut()
         await b._replicated_tick()  # fails: no decision, the reason kept
         assert b.replication_error is not None
@@ -497,7 +588,10 @@ def test_two_gateway_processes_run_one_canary_and_a_killed_one_resumes_it(
     log = max(logs_seen, key=len)
     advances = [line for line in log if " ADVANCE: " in line]
     assert len(advances) == 2, log  # 20 → 50 → 100: one advance per step, never twice
-    assert all("from replicas gw-a, gw-b" in line for line in advances), advances
+    # the first step was judged on both replicas' samples; the step the leader was killed in
+    # may be judged on the survivor's alone (the restarted one may have served none of it)
+    assert "from replicas gw-a, gw-b" in advances[0], advances
+    assert all(" from replicas gw-" in line for line in advances), advances
     print(
         f"gateway replicas: served {dict(served)}, failed {dict(failed)} (the killed one's), "
         f"killed {leader.name} at step {at_kill['step']}, resumed at {resumed['step']}; {advances}"
@@ -707,6 +801,127 @@ async def _flags_across(pg_url: str, tmp_path: Path) -> None:
         await b._replicated_tick()
         assert b.models["classifier"].experiment is None and b.models["classifier"].flag_restore == {}
         assert await b.flush_flags() == 0  # the starter does not write them a second time
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+def test_a_shadow_across_two_replicas_is_judged_on_both_mirrors_and_gates_the_canary_everywhere(
+    pg_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(_shadow_across(pg_url, tmp_path))
+
+
+async def _until(what: str, check: Any, gws: list[Gateway], timeout: float = 30) -> None:
+    """Tick the replicas (each one exchange with the store) until `check()` holds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        for gw in gws:
+            await gw._replicated_tick()
+        await asyncio.sleep(0.1)
+
+
+async def _shadow_across(pg_url: str, tmp_path: Path) -> None:
+    """A shadow started on the replica that does not lead runs a mirror on each replica; both
+    replicas' KPIs and verdicts are on both mirrors' comparisons; a failing one is ended by the
+    leader alone; a replica restarted mid-shadow keeps its earlier mirror's comparisons in the
+    verdict; the verdict an operator's stop makes final gates a canary on the other replica."""
+    models = write_serving_models(tmp_path / "models")
+    serving = models / "serving.toml"  # 1.0.1 is production's own model: a shadow that agrees
+    serving.write_text(
+        serving.read_text().replace(
+            'versions."1.1.0".path = "v2.onnx"\n',
+            'versions."1.1.0".path = "v2.onnx"\nversions."1.0.1".path = "v1.onnx"\n',
+        )
+    )
+    # a lease longer than the test's pauses (mirrors loading, a restart): a leads throughout
+    cfg = {n: _config(models, f"{n}.toml", pg_url, n, lease_s=60) for n in ("gw-a", "gw-b")}
+    a = Gateway(load_config(cfg["gw-a"]), seed=1)
+    b = Gateway(load_config(cfg["gw-b"]), seed=2)
+    await a.start(tick=False)
+    await b.start(tick=False)
+    rng = np.random.default_rng(3)
+    try:
+        assert a.status("classifier")["replication"]["leading"]
+        assert not b.status("classifier")["replication"]["leading"]
+
+        # a candidate that disagrees: started on b, judged failing on both mirrors, ended by a
+        strict = ShadowBudget(max_diff_rate=0.05, min_samples=60)
+        async with b.replicated():
+            b.start_shadow("classifier", "1.1.0", share=1.0, budget=strict)
+        await a._replicated_tick()
+        sa, sb = a.models["classifier"].shadow, b.models["classifier"].shadow
+        assert sa is not None and sb is not None and sa.id == sb.id and sa.mirror_id != sb.mirror_id
+        for sh in (sa, sb):
+            assert await asyncio.to_thread(sh.ready.wait, 60), "a mirror did not load"
+        for i in range(80):
+            await (a if i % 2 else b).infer("classifier", rng.random(16, dtype=np.float32))
+        await _until(  # each mirror has compared its half; neither replica has sent it yet
+            "each mirror's 40", lambda: all(sh.state and sh.state["compared"] == 40 for sh in (sa, sb)), []
+        )
+        await a._replicated_tick()  # sends a's 40, reads none of b's: 40 of 60, pending
+        assert sa.active and sa.verdict.verdict == "pending", sa.verdict.reason
+        for _ in range(3):  # b does not lead: it shows the failing verdict on all 80, decides nothing
+            await b._replicated_tick()
+        assert sb.stats.summary["compared"] == 80 and sb.stats.summary["mirrors"] == 2
+        assert sb.verdict.verdict == "fail" and sb.active, sb.verdict.reason
+        await a._replicated_tick()  # the leader ends it, on both mirrors' 80 comparisons
+        assert not sa.active and "on 2 replicas' mirrors" in (sa.stopped_reason or "")
+        await b._replicated_tick()
+        assert not sb.active and sb.stopped_reason == "ended on another gateway replica"
+        for gw in (a, b):
+            verdict = gw.models["classifier"].verdicts["1.1.0"]
+            assert (verdict.verdict, verdict.final, verdict.compared) == ("fail", True, 80), verdict
+        canary = CanarySpec(steps=(50, 100))
+        with pytest.raises(ReleaseError, match="its shadow verdict is fail"):
+            async with b.replicated():
+                b.start_canary("classifier", "1.1.0", canary)
+
+        # a candidate that agrees: 60 requests, then b restarts (a new mirror), 60 more
+        agree = ShadowBudget(max_diff_rate=0.05, min_samples=100)
+        async with a.replicated():
+            a.start_shadow("classifier", "1.0.1", share=1.0, budget=agree)
+        await b._replicated_tick()
+        shadow_id = a.models["classifier"].shadow.id
+        mirrors = [gw.models["classifier"].shadow for gw in (a, b)]
+        for sh in mirrors:
+            assert sh is not None and sh.id == shadow_id
+            assert await asyncio.to_thread(sh.ready.wait, 60)
+        for i in range(60):
+            await (a if i % 2 else b).infer("classifier", rng.random(16, dtype=np.float32))
+        sa = mirrors[0]
+        assert sa is not None
+        await _until("60 on both", lambda: sa.stats.summary.get("compared") == 60, [b, a])
+        assert sa.verdict.verdict == "pending"  # 60 of the 100 samples the budget needs
+        await b.stop()
+        b = Gateway(load_config(cfg["gw-b"]), seed=4)
+        await b.start(tick=False)  # adopts the running shadow: a new mirror of it
+        sb = b.models["classifier"].shadow
+        assert sb is not None and sb.id == shadow_id and sb.mirror_id != mirrors[1].mirror_id
+        assert await asyncio.to_thread(sb.ready.wait, 60)
+        for i in range(60):
+            await (a if i % 2 else b).infer("classifier", rng.random(16, dtype=np.float32))
+        await _until("120 on b", lambda: sb.stats.summary.get("compared") == 120, [a, b])
+        assert sb.stats.summary["mirrors"] == 3  # a's, b's before its restart, b's now
+        assert sb.verdict.verdict == "pass", sb.verdict.reason
+        async with b.replicated():
+            final = await b.stop_shadow("classifier")
+        assert final["verdict"]["verdict"] == "pass" and final["verdict"]["compared"] == 120, final
+        await a._replicated_tick()
+        assert a.models["classifier"].shadow is not None and not a.models["classifier"].shadow.active
+        assert a.models["classifier"].verdicts["1.0.1"].verdict == "pass"
+        async with a.replicated():  # the gate passes on the verdict b made final: no override
+            a.start_canary("classifier", "1.0.1", canary)
+        assert a.models["classifier"].canary is not None
+        assert a.models["classifier"].canary.shadow_agreement == (1.0, 120)
+
+        await a._forget()  # the leader's housekeeping keeps what a running shadow needs only
+        engine = create_engine(pg_url)
+        with engine.connect() as c:
+            left = c.execute(text("SELECT count(*) FROM gateway_samples WHERE side LIKE 's%'")).scalar()
+        engine.dispose()
+        assert left == 0, left  # both shadows ended: their rows are gone
     finally:
         await a.stop()
         await b.stop()
