@@ -50,7 +50,17 @@ from cloud_serving.observability import refresh_tracing, span
 from cloud_serving.quality import Calibration, InputProfile, top_score
 from cloud_serving.registry import LocalRegistry, Registry, RegistryClient
 from cloud_serving.release_ops import ReleaseOperations, ShadowGateError
-from cloud_serving.replication import Replication, inner_id, seal, seal_answer, unseal, unseal_answer
+from cloud_serving.replication import (
+    SEALED_POINTS_MAX,
+    Replication,
+    inner_id,
+    seal,
+    seal_answer,
+    seal_path,
+    unseal,
+    unseal_answer,
+    unseal_path,
+)
 from cloud_serving.shadow_worker import ShadowWorkerError, WorkerAddress, authkey, parse_address
 from shared.batching import InferencePool, NonFiniteOutputError, OverloadedError
 from shared.kpis import Mitigation
@@ -277,7 +287,12 @@ class Gateway(ReleaseOperations, Monitoring, Replication):
             answer.request_id = request_id = seal(request_id, st.experiment, arm)
         if trajectory:
             name = st.config.task.trajectory_output or next(iter(answer.outputs))
-            st.recent_paths[request_id] = (answer.version, answer.outputs[name])
+            points = answer.outputs[name]
+            if (
+                self.replicas is not None and points.size <= SEALED_POINTS_MAX
+            ):  # its truth may reach another replica
+                answer.request_id = request_id = seal_path(request_id, st.seal_key, answer.version, points)
+            st.recent_paths[request_id] = (answer.version, points)
             while len(st.recent_paths) > RECENT_MAX:
                 st.recent_paths.popitem(last=False)
         elif best is not None:
@@ -316,6 +331,9 @@ class Gateway(ReleaseOperations, Monitoring, Replication):
 
     def _path_truth(self, st: ModelState, request_id: str, points: list[list[float]]) -> dict[str, Any]:
         seen = st.recent_paths.get(request_id)
+        replicated = self.replicas is not None
+        if seen is None and replicated and request_id not in st.labelled:
+            seen = unseal_path(request_id, st.seal_key)  # answered by another replica
         if seen is None:
             raise UnknownModelError(
                 f"no trajectory {request_id!r} awaits its truth (unknown, labelled or too old)"
@@ -326,10 +344,15 @@ class Gateway(ReleaseOperations, Monitoring, Replication):
             raise InvalidReleaseError(
                 f"the true trajectory has shape {list(truth.shape)}; the answer had {list(predicted.shape)}"
             )
-        st.recent_paths.pop(request_id)
+        st.recent_paths.pop(request_id, None)
         ade, fde = displacement(predicted, truth)
-        st.displacements.setdefault(version, deque(maxlen=5000)).append((ade, fde))
-        if st.canary is not None:
+        st.displacements.setdefault(version, deque(maxlen=5000)).append((ade, fde))  # this gateway's view
+        if replicated:  # the leader counts it, once, for the canary
+            st.labelled[request_id] = None
+            while len(st.labelled) > RECENT_MAX:
+                st.labelled.popitem(last=False)
+            st.paths.append((request_id, version, ade, fde, self.clock().timestamp()))
+        elif st.canary is not None:
             st.canary.path_label(self.clock(), version, ade, fde)
         return {"version": version, "ade": ade, "fde": fde}
 

@@ -77,6 +77,8 @@ class ModelState:
     # Replicated: labels taken here and not sent yet (request id, version, score, correct, at),
     # the request ids labelled here, and the key answers' seals are made with (shared).
     labels: list[tuple[str, str, float, bool, float]] = field(default_factory=list)
+    # Replicated: trajectory truths taken here and not sent yet (request id, version, ADE, FDE, at).
+    paths: list[tuple[str, str, float, float, float]] = field(default_factory=list)
     labelled: OrderedDict[str, None] = field(default_factory=OrderedDict)
     seal_key: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)  # a secret: never logged
     inputs: dict[str, list[int]] = field(default_factory=dict)

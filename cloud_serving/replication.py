@@ -48,7 +48,8 @@ does not lead, or could not reach the store, takes no alert decision on its own 
 traffic). A classifier's answer on a replicated gateway carries what its label is judged
 against (version, class, score) sealed under a key the replicas share in the release state,
 so a label may reach any replica; the leader counts each request id's label once, in the
-combined calibration its alerts read and in the canary's accuracy.
+combined calibration its alerts read and in the canary's accuracy. A trajectory's answer
+carries its points likewise (up to `SEALED_POINTS_MAX` values), for the canary's ADE and FDE.
 """
 
 from __future__ import annotations
@@ -327,18 +328,17 @@ def unseal(request_id: str, experiment: Experiment) -> str | None:
     return experiment.spec.control if parts[1] == "0" else experiment.spec.treatment
 
 
-def seal_answer(request_id: str, key: str, version: str, predicted: int, confidence: float) -> str:
-    """A request id that carries what its late label is judged against (the version, the
-    class it answered, its score) under a MAC keyed by the model's shared seal key, so any
-    replica can take the label and a caller cannot invent an answer to label."""
-    facts = json.dumps([version, predicted, round(float(confidence), 6)], separators=(",", ":"))
-    body = f"{request_id}~{base64.urlsafe_b64encode(facts.encode()).decode().rstrip('=')}"
+def _seal(request_id: str, key: str, facts: list[Any]) -> str:
+    """A request id that carries `facts` (what its late truth is judged against) under a MAC
+    keyed by the model's shared seal key, so any replica can take the truth and a caller
+    cannot invent an answer to judge."""
+    raw = json.dumps(facts, separators=(",", ":"))
+    body = f"{request_id}~{base64.urlsafe_b64encode(raw.encode()).decode().rstrip('=')}"
     mac = hmac.new(key.encode(), body.encode(), hashlib.sha256).hexdigest()[:16]
     return f"{body}~{mac}"
 
 
-def unseal_answer(request_id: str, key: str) -> tuple[str, int, float] | None:
-    """(version, class, score) a sealed request id carries, or None (not sealed, or forged)."""
+def _unseal(request_id: str, key: str) -> list[Any] | None:
     parts = request_id.split("~")
     if len(parts) != 3:
         return None
@@ -347,9 +347,46 @@ def unseal_answer(request_id: str, key: str) -> tuple[str, int, float] | None:
     if not hmac.compare_digest(mac, parts[2]):
         return None
     try:
-        facts = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
-        version, predicted, confidence = json.loads(facts)
+        facts = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except ValueError:
+        return None
+    return facts if isinstance(facts, list) else None
+
+
+def seal_answer(request_id: str, key: str, version: str, predicted: int, confidence: float) -> str:
+    """A classifier's request id carrying its version, the class it answered and its score."""
+    return _seal(request_id, key, [version, predicted, round(float(confidence), 6)])
+
+
+def unseal_answer(request_id: str, key: str) -> tuple[str, int, float] | None:
+    """(version, class, score) a sealed request id carries, or None (not sealed, or forged)."""
+    facts = _unseal(request_id, key)
+    try:
+        version, predicted, confidence = facts  # type: ignore[misc]
         return str(version), int(predicted), float(confidence)
+    except (ValueError, TypeError):
+        return None
+
+
+SEALED_POINTS_MAX = 256  # a trajectory answer up to this many values travels in its request id
+
+
+def seal_path(request_id: str, key: str, version: str, points: np.ndarray[Any, Any]) -> str:
+    """A trajectory's request id carrying its version and its points (float32), so its truth
+    may be posted to any replica. Longer answers are not sealed (`SEALED_POINTS_MAX`): their
+    truth is taken only by the replica that answered."""
+    data = base64.urlsafe_b64encode(np.ascontiguousarray(points, dtype="<f4").tobytes()).decode()
+    return _seal(request_id, key, [version, list(points.shape), data.rstrip("=")])
+
+
+def unseal_path(request_id: str, key: str) -> tuple[str, np.ndarray[Any, Any]] | None:
+    """(version, points) a sealed trajectory request id carries, or None."""
+    facts = _unseal(request_id, key)
+    try:
+        version, shape, data = facts  # type: ignore[misc]
+        raw = base64.urlsafe_b64decode(str(data) + "=" * (-len(str(data)) % 4))
+        points = np.frombuffer(raw, dtype="<f4").reshape([int(n) for n in shape])
+        return str(version), points.astype(np.float64)
     except (ValueError, TypeError):
         return None
 
@@ -482,6 +519,14 @@ class CombinedAlerts(Gathered):
             while len(self.labelled) > LABELLED_MAX:
                 self.labelled.popitem(last=False)
             r["labels"] = fresh
+            paths = []
+            for truth in r.get("paths", []):  # a trajectory's truth, likewise once
+                if truth[0] not in self.labelled:
+                    self.labelled[truth[0]] = None
+                    paths.append(truth)
+            r["paths"] = paths
+            while len(self.labelled) > LABELLED_MAX:
+                self.labelled.popitem(last=False)
             for _, version, confidence, correct, _at in fresh:
                 self.calibration.setdefault(version, Calibration()).add(float(confidence), bool(correct))
         return rows
@@ -812,15 +857,16 @@ class Replication(GatewayCore):
         the leader counts it), or None when there is nothing to send."""
         counts = {v: c for v, c in st.counts.items() if any(c)}
         inputs = {v: c for v, c in st.inputs.items() if any(c)}
-        labels = list(st.labels)
+        labels, paths = list(st.labels), list(st.paths)
         st.counts.clear()
         st.inputs.clear()
         st.labels.clear()
+        st.paths.clear()
         if not (st.rules or st.canary is not None):  # no alert rule nor canary reads them
             return None
-        if not (counts or inputs or labels):
+        if not (counts or inputs or labels or paths):
             return None
-        return {"at": time.time(), "counts": counts, "inputs": inputs, "labels": labels}
+        return {"at": time.time(), "counts": counts, "inputs": inputs, "labels": labels, "paths": paths}
 
     async def _pull(self) -> bool:
         """One exchange with the store; False (and the reason kept) when it could not be had."""
@@ -1016,6 +1062,15 @@ class Replication(GatewayCore):
                 c[0], c[1] = c[0] + seen, c[1] + unusual
             if (canary := st.canary) is not None:
                 comb = self._combined.get(st.name)
+                for _, version, ade, fde, t in r.get("paths", []):
+                    if (
+                        comb is not None
+                        and comb.id == canary.id
+                        and version in (canary.candidate, canary.production)
+                    ):
+                        side = "candidate" if version == canary.candidate else "baseline"
+                        for m, value in (("ade", ade), ("fde", fde)):
+                            comb.parts[side][m].append((np.array([float(t)]), np.array([float(value)])))
                 for _, version, confidence, correct, t in r["labels"]:
                     if version in (canary.candidate, canary.production):
                         side = "candidate" if version == canary.candidate else "baseline"

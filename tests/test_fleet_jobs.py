@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import inspect, select
 
 from fleet_server.db import Database
+from fleet_server.devices.models import Device
 from fleet_server.devices.service import register_device
 from fleet_server.jobs import protocol
 from fleet_server.jobs.models import ExecutionEvent, JobExecution
@@ -519,9 +520,23 @@ def test_a_batch_is_written_in_one_statement_per_table_and_still_version_checked
     if db.engine.dialect.name == "postgresql":
         assert writes.count("UPDATE job_executions AS e") == 2  # one per batch, not one per device
         assert writes.count("INSERT INTO execution_events") == 2
+        assert writes.count("UPDATE devices AS d") == 1  # last seen: once, for the 40 at once
+        assert not any(w.startswith("UPDATE devices SET") for w in writes)
+    # the devices re-send their final update (its reply was lost): refused, and the batch
+    # looks the ended executions up in one query, not one per message
+    before = len(statements)
+    replies: list[protocol.Outgoing] = []
+    monkeypatch.setattr(bridge, "publish", replies.extend)
+    bridge._process([msg(t, "job-1/update", {"status": "SUCCEEDED", "expectedVersion": 2}) for t in things])
+    reads = [sql for sql in statements[before:] if sql.startswith("SELECT") and "FROM job_executions" in sql]
+    assert len(reads) == 2, reads  # the batch's pending executions, and those its updates name
+    assert len(replies) == 40 and all(r.topic.endswith("/update/rejected") for r in replies)
+    assert {r.payload["code"] for r in replies} == {"VersionMismatch"}, replies[0].payload
+    monkeypatch.setattr(bridge, "publish", lambda out: None)
     with db.session() as s:
         rows = s.scalars(select(JobExecution)).all()
         assert {(r.status, r.version_number) for r in rows} == {("SUCCEEDED", 3)} and len(rows) == 40
+        assert all(d.last_seen_at is not None for d in s.scalars(select(Device)))
         trail = s.execute(
             select(ExecutionEvent.execution_id, ExecutionEvent.to_status).order_by(ExecutionEvent.id)
         )

@@ -576,7 +576,8 @@ def test_two_gateway_processes_run_one_canary_and_a_killed_one_resumes_it(
     finally:
         stop.set()
         for t in threads:
-            t.join(5)
+            if t.ident is not None:  # started (a replica that never got ready: they were not)
+                t.join(5)
         for gw in gws:
             gw.stop()
 
@@ -922,6 +923,105 @@ async def _shadow_across(pg_url: str, tmp_path: Path) -> None:
             left = c.execute(text("SELECT count(*) FROM gateway_samples WHERE side LIKE 's%'")).scalar()
         engine.dispose()
         assert left == 0, left  # both shadows ended: their rows are gone
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+def test_a_trajectory_truth_posted_to_either_replica_reaches_the_leaders_canary_once(
+    pg_url: str, tmp_path: Path
+) -> None:
+    asyncio.run(_paths_across(pg_url, tmp_path))
+
+
+async def _paths_across(pg_url: str, tmp_path: Path) -> None:
+    """A trajectory's answer on a replicated gateway carries its points sealed in its request
+    id: its truth may be posted to the replica that did not answer, the leader counts each
+    request id's truth once (one posted to both replicas too), and the canary's FDE gate
+    rolls a stretched candidate back on both replicas' truths."""
+    import onnxruntime as ort
+
+    from builder.samples import make_trajectory_model
+    from cloud_serving.app import _hash
+
+    d = tmp_path / "models"
+    d.mkdir()
+    make_trajectory_model(d / "traj.onnx", seed=0)
+    make_trajectory_model(d / "traj_long.onnx", seed=0, scale=1.4)
+    (d / "serving.toml").write_text(
+        f"""
+[gateway]
+api_keys_sha256 = ["{_hash(KEY)}"]
+admin_keys_sha256 = ["{_hash(ADMIN)}"]
+failure_dir = "failures"
+
+[models.trajectory]
+production = "1.0.0"
+task = {{ kind = "trajectory", trajectory_output = "trajectory" }}
+versions."1.0.0".path = "traj.onnx"
+versions."1.1.0-long".path = "traj_long.onnx"
+"""
+    )
+    a = Gateway(load_config(_config(d, "a.toml", pg_url, "gw-a", lease_s=60)), seed=1)
+    b = Gateway(load_config(_config(d, "b.toml", pg_url, "gw-b", lease_s=60)), seed=2)
+    await a.start(tick=False)
+    await b.start(tick=False)
+    truth_model = ort.InferenceSession(str(d / "traj.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    try:
+        spec = CanarySpec(
+            steps=(50, 100),
+            bake_s=1,
+            min_requests=20,
+            min_labels=40,
+            window_s=600,
+            slo_p95_ms=10_000,
+            slo_p99_ms=10_000,
+            max_latency_increase=None,
+            max_error_increase=None,
+            max_fde_increase=0.1,
+        )
+        async with a.replicated():
+            a.start_canary("trajectory", "1.1.0-long", spec, override_reason="the FDE gate across replicas")
+        await b._replicated_tick()
+        assert b.models["trajectory"].canary is not None
+        sent: Counter[str] = Counter()
+        for i in range(200):
+            here, there = (a, b) if i % 2 else (b, a)
+            x = rng.standard_normal(16).astype(np.float32)
+            answer = await here.infer("trajectory", x)
+            assert answer.request_id is not None and answer.request_id.count("~") == 2
+            truth = truth_model.run(None, {"history": x[None]})[0][0] + rng.normal(0, 0.01, (12, 2))
+            got = there.ground_truth("trajectory", answer.request_id, truth.tolist())
+            assert got["version"] == answer.version
+            sent[answer.version] += 1
+            if i == 0:  # the same truth posted to the replica that answered too: counted once
+                here.ground_truth("trajectory", answer.request_id, truth.tolist())
+        rid = answer.request_id
+        with pytest.raises(UnknownModelError):  # posted twice to one replica: once is all
+            there.ground_truth("trajectory", rid, truth.tolist())
+        forged = rid[: rid.rindex("~")] + "~" + "0" * 16
+        with pytest.raises(UnknownModelError):  # points a caller invented are not judged
+            a.ground_truth("trajectory", forged, truth.tolist())
+
+        await b._replicated_tick()  # b sends its truths; it does not lead: it judges nothing
+        assert b.models["trajectory"].canary is not None
+        await a._replicated_tick()  # a reads both replicas' truths
+        comb = a._combined["trajectory"]
+        counted = {
+            side: sum(len(at) for at, _ in comb.parts[side]["fde"]) for side in ("candidate", "baseline")
+        }
+        assert counted == {"candidate": sent["1.1.0-long"], "baseline": sent["1.0.0"]}, (counted, sent)
+        deadline = time.monotonic() + 30
+        while a.models["trajectory"].canary is not None:
+            assert time.monotonic() < deadline, a.status("trajectory")["events"][-3:]
+            await asyncio.sleep(0.5)
+            await b._replicated_tick()
+            await a._replicated_tick()
+        events = a.status("trajectory")["events"]
+        assert any("rolled back" in e and "fde vs baseline" in e for e in events), events[-3:]
+        await b._replicated_tick()
+        assert b.models["trajectory"].canary is None and b.models["trajectory"].production == "1.0.0"
     finally:
         await a.stop()
         await b.stop()

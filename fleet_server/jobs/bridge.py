@@ -265,9 +265,15 @@ class JobsBridge:
                 batch_mine = self._mine(s, batch, tally)
                 # One flush at commit instead of one per query; the batch's devices and their
                 # pending executions loaded in one SELECT each (held here: the identity map is weak).
-                things = sorted({p[2] for m in batch_mine if len(p := m.topic.split("/")) > 2})
-                held = [*s.scalars(select(Device).where(Device.thing_name.in_(things)))] if things else []
-                held += protocol.prefetch_pending(s, [t for t in things if valid_thing_name(t)])
+                parts = [m.topic.split("/") for m in batch_mine]
+                things = sorted({p[2] for p in parts if len(p) > 2})
+                # the executions the batch's updates and gets name by job id ($aws/things/T/jobs/J/…)
+                named = [(p[2], p[4]) for p in parts if len(p) == 6 and p[4] != "$next" and p[3] == "jobs"]
+                # the telemetry's devices as rows (it writes them); the jobs' registered or not
+                beacons = sorted({p[2] for p in parts if len(p) > 2 and p[0] == "tidegate"})
+                held = [*s.scalars(select(Device).where(Device.thing_name.in_(beacons)))] if beacons else []
+                protocol.prefetch_devices(s, things)
+                held += protocol.prefetch_pending(s, [t for t in things if valid_thing_name(t)], named)
                 now = self.clock()
                 for m in batch_mine:
                     out += self._handle(s, m, now, tally)

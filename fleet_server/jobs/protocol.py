@@ -12,11 +12,12 @@ codes AWS documents.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import JSON, CursorResult, Integer, Table, and_, insert, or_, select, text, update
+from sqlalchemy import JSON, CursorResult, Integer, Table, and_, bindparam, insert, or_, select, text, update
 from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
@@ -113,12 +114,49 @@ def _state(ex: JobExecution) -> dict[str, Any]:
 
 
 _PREFETCHED = "tidegate.pending_by_thing"
+_NAMED = "tidegate.named_executions"  # the executions a batch names by job id, looked up with it
+_DEVICES = "tidegate.devices_last_seen"  # thing → last seen, for a batch's registered things
+_SEEN = "tidegate.devices_seen"  # thing → when: last-seen times the batch moves (`write_batch`)
 
 
-def prefetch_pending(session: Session, things: list[str]) -> list[JobExecution]:
-    """Load the pending executions of `things` in one query and let this session's requests
-    for those things use them instead of querying again (the bridge does this per batch).
-    Returns the rows: the caller holds them for the batch, as the identity map is weak."""
+def prefetch_devices(session: Session, things: list[str]) -> None:
+    """Which of `things` are registered, and when each was last seen, in one query of two
+    columns: a batch's requests check their device against these instead of loading it, and
+    `write_batch` writes the last-seen times they moved in one statement."""
+    known: dict[str, datetime | None] = {}
+    for chunk in _chunks(things):
+        rows = session.execute(
+            select(Device.thing_name, Device.last_seen_at).where(Device.thing_name.in_(chunk))
+        )
+        known.update((thing, last) for thing, last in rows)
+    session.info[_DEVICES] = known
+    session.info[_SEEN] = {}
+
+
+def _seen(session: Session, thing: str, now: datetime) -> None:
+    """The request's device must be registered; its last-seen time moves (not on every
+    request: it would be a write per message)."""
+    known: dict[str, datetime | None] | None = session.info.get(_DEVICES)
+    if known is not None and thing in known:
+        last = known[thing]
+        if last is None or now - last >= LAST_SEEN_RESOLUTION:
+            known[thing] = session.info[_SEEN][thing] = now
+        return
+    device = session.get(Device, thing)
+    if device is None:
+        raise RequestError(RejectedCode.RESOURCE_NOT_FOUND, f"thing {thing} is not registered")
+    if device.last_seen_at is None or now - device.last_seen_at >= LAST_SEEN_RESOLUTION:
+        device.last_seen_at = now
+
+
+def prefetch_pending(
+    session: Session, things: list[str], named: Sequence[tuple[str, str]] = ()
+) -> list[JobExecution]:
+    """Load the pending executions of `things` in one query, and the executions `named` by
+    (thing, job id) in one more, and let this session's requests for them use those rows
+    instead of querying again (the bridge does this per batch: a device's re-sent update of
+    an execution that has ended since, answered VersionMismatch, otherwise costs a query of
+    its own). Returns the rows: the caller holds them for the batch, the identity map is weak."""
     by_thing: dict[str, list[JobExecution]] = {t: [] for t in things}
     rows: list[JobExecution] = []
     for chunk in _chunks(things):
@@ -128,6 +166,21 @@ def prefetch_pending(session: Session, things: list[str]) -> list[JobExecution]:
     for ex in rows:
         by_thing[ex.thing_name].append(ex)
     session.info[_PREFETCHED] = by_thing
+    wanted = {
+        (t, j) for t, j in named if valid_job_id(j) and not any(e.job_id == j for e in by_thing.get(t, ()))
+    }
+    found: dict[tuple[str, str], JobExecution] = {}
+    if wanted:
+        for jobs in _chunks(sorted({j for _, j in wanted}), 250):
+            for chunk in _chunks(sorted({t for t, _ in wanted}), 250):
+                query = select(JobExecution).where(
+                    JobExecution.thing_name.in_(chunk), JobExecution.job_id.in_(jobs)
+                )
+                for ex in session.scalars(query):
+                    if (ex.thing_name, ex.job_id) in wanted:
+                        found[(ex.thing_name, ex.job_id)] = ex
+                        rows.append(ex)
+    session.info[_NAMED] = (wanted, found)
     return rows
 
 
@@ -215,6 +268,7 @@ def write_batch(session: Session) -> int:
     Returns the executions written; raises StaleDataError when another writer moved one on
     (the bridge then redoes its batch one message per transaction)."""
     dialect = session.get_bind().dialect
+    _write_seen(session, dialect)
     if dialect.name != "postgresql":
         return 0
     table = cast(Table, JobExecution.__table__)
@@ -262,6 +316,40 @@ def write_batch(session: Session) -> int:
         for ev in events:  # written, and read by nothing later in the batch
             session.expunge(ev)
     return written
+
+
+def _write_seen(session: Session, dialect: Any) -> None:
+    """The last-seen times the batch's requests moved (`_seen`), in one statement, in one
+    lock order for every writer. A device row has no version: the latest write wins."""
+    seen: dict[str, datetime] = session.info.pop(_SEEN, None) or {}
+    if not seen:
+        return
+    devices = cast(Table, Device.__table__)
+    things = sorted(seen)
+    if dialect.name == "postgresql":
+        arrays = _arrays(
+            devices, dialect, ("thing_name", "last_seen_at"), [_Seen(t, seen[t]) for t in things]
+        )
+        session.execute(
+            text(
+                f"UPDATE {devices.name} AS d SET last_seen_at = v.last_seen_at "
+                f"FROM {_unnest(devices, arrays)} WHERE d.thing_name = v.thing_name"
+            ),
+            arrays,
+        )
+    else:
+        session.execute(
+            update(devices)
+            .where(devices.c.thing_name == bindparam("thing"))
+            .values(last_seen_at=bindparam("at")),
+            [{"thing": t, "at": seen[t]} for t in things],
+        )
+
+
+@dataclass(frozen=True)
+class _Seen:
+    thing_name: str
+    last_seen_at: datetime
 
 
 def _element_type(column: Any) -> str:
@@ -510,11 +598,7 @@ def handle(session: Session, topic: str, payload: bytes, now: datetime) -> list[
             raise RequestError(
                 RejectedCode.INVALID_REQUEST, "clientToken must be a string of at most 64 chars"
             )
-        device = session.get(Device, thing)
-        if device is None:
-            raise RequestError(RejectedCode.RESOURCE_NOT_FOUND, f"thing {thing} is not registered")
-        if device.last_seen_at is None or now - device.last_seen_at >= LAST_SEEN_RESOLUTION:
-            device.last_seen_at = now  # not on every request: an UPDATE saved per message
+        _seen(session, thing, now)
         if rest == ["get"]:
             reply, extra = _get_pending(session, thing, now)
         elif rest == ["start-next"]:
@@ -578,6 +662,12 @@ def _find(session: Session, thing: str, job_id: str) -> JobExecution:
     for candidate in (prefetched or {}).get(thing, []):
         if candidate.job_id == job_id:
             return candidate
+    named: tuple[set[tuple[str, str]], dict[tuple[str, str], JobExecution]] | None = session.info.get(_NAMED)
+    if named is not None and (thing, job_id) in named[0]:  # looked up with the batch
+        found = named[1].get((thing, job_id))
+        if found is None:
+            raise RequestError(RejectedCode.RESOURCE_NOT_FOUND, f"no execution of job {job_id} for {thing}")
+        return found
     ex = session.scalars(
         select(JobExecution).where(JobExecution.thing_name == thing, JobExecution.job_id == job_id)
     ).first()
