@@ -43,7 +43,8 @@ store the replicas share (the fleet server's).
 Monitoring replicates too: every replica sends each tick what its alert rules read (per
 version, requests that succeeded and failed, inputs seen and out of distribution) and the
 late labels it took, on one stream per model (`ALERTS`); only the leading replica evaluates
-the alert rules, on every replica's counts, and only after a good exchange (a replica that
+the alert rules, on every replica's counts (the rules' states travel in the release state,
+so a new leader goes on from them instead of firing again), and only after a good exchange (a replica that
 does not lead, or could not reach the store, takes no alert decision on its own part of the
 traffic). A classifier's answer on a replicated gateway carries what its label is judged
 against (version, class, score) sealed under a key the replicas share in the release state,
@@ -121,7 +122,7 @@ from cloud_serving.flags import UNSET
 from cloud_serving.model_state import ModelState
 from cloud_serving.quality import Calibration
 from cloud_serving.shadow import ShadowBudget, ShadowMirror, ShadowVerdict, budget_from_dict, budget_to_dict
-from shared.alerts import CountSample
+from shared.alerts import AlertState, CountSample
 from shared.gates import Decision
 
 log = logging.getLogger("tidegate.serving.replication")
@@ -203,6 +204,13 @@ def routing_state(st: ModelState) -> dict[str, Any]:
             "queue_max": sh.queue_max,
         },
         "verdicts": {v: x.as_dict() for v, x in sorted(st.verdicts.items())},
+        # the alert rules' states: a replica that takes the lead goes on from them (a rule that
+        # is firing stays firing, and notifies nobody again)
+        "alerts": {
+            name: [a.status, a.since.isoformat() if a.since else None]
+            for name, a in sorted(st.alert_states.items())
+            if a.status != "ok"
+        },
         "experiment": None
         if (e := st.experiment) is None
         else {
@@ -269,6 +277,11 @@ def adopt(st: ModelState, state: dict[str, Any], now: datetime) -> None:
     st.threshold = state["threshold"]
     st.ensemble = state["ensemble"]  # after production, whose change clears it
     st.verdicts = {v: ShadowVerdict.from_dict(d) for v, d in state.get("verdicts", {}).items()}
+    if "alerts" in state:  # a row written before they travelled keeps what this replica has
+        st.alert_states = {
+            name: AlertState(status, datetime.fromisoformat(since) if since else None)
+            for name, (status, since) in state["alerts"].items()
+        }
     e = state["experiment"]
     st.flag_restore = (
         {k: UNSET if v is None else v["value"] for k, v in (e.get("flag_restore") or {}).items()} if e else {}
@@ -1030,10 +1043,10 @@ class Replication(GatewayCore):
     @staticmethod
     def _unwatch(st: ModelState) -> None:
         """No longer leading `st`: forget what its alert rules had read, so that leading again
-        it reads every replica's stored rows afresh instead of counting them twice."""
+        it reads every replica's stored rows afresh instead of counting them twice. The rules'
+        states stay: they are the stored ones (`adopt`), which a leader goes on from."""
         st.outcomes.clear()
         st.values.clear()
-        st.alert_states.clear()
 
     def _alert_feed(
         self, st: ModelState, now: datetime

@@ -637,6 +637,7 @@ async def _alerts_across(pg_url: str, tmp_path: Path) -> None:
     a, b = (Gateway(cfg, seed=i) for i, cfg in enumerate(configs, 1))
     await a.start(tick=False)
     await b.start(tick=False)
+    a_stopped = False
     try:
         assert a.status("classifier")["replication"]["leading"]
         assert not b.status("classifier")["replication"]["leading"]
@@ -701,8 +702,22 @@ async def _alerts_across(pg_url: str, tmp_path: Path) -> None:
         assert sorted(float(v) for _, values in parts for v in values) == [1.0] * 10
         canary = a.models["classifier"].canary
         assert canary is not None and len(canary.labels["candidate"]) == 10
-    finally:
+
+        # The leader leaves; the other replica takes the lead, re-reads every stored row and
+        # goes on from the rules' stored states: firing still, and nobody notified again.
+        await b._replicated_tick()  # adopts the states the leader stored
+        assert b.models["guarded"].alert_states["guarded-errors"].status == "firing"
         await a.stop()
+        a_stopped = True
+        await b._replicated_tick()  # takes the lead
+        await b._replicated_tick()  # judges, on the rows it re-read
+        assert "guarded" in b._led and sum(s.bad for s in b.models["guarded"].outcomes["bad"]) == 60
+        assert b.models["guarded"].alert_states["guarded-errors"].status == "firing"
+        fired = [e for e in b.models["guarded"].events if "alert guarded-errors firing" in e]
+        assert fired == [], fired
+    finally:
+        if not a_stopped:
+            await a.stop()
         await b.stop()
 
 
@@ -807,10 +822,29 @@ async def _flags_across(pg_url: str, tmp_path: Path) -> None:
         await b.stop()
 
 
+@pytest.mark.parametrize("mirrors", ["child processes", "a shadow worker"])
 def test_a_shadow_across_two_replicas_is_judged_on_both_mirrors_and_gates_the_canary_everywhere(
-    pg_url: str, tmp_path: Path
+    pg_url: str, tmp_path: Path, mirrors: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    asyncio.run(_shadow_across(pg_url, tmp_path))
+    """Each replica's mirror in a child process of its own, or both replicas' mirrors on one
+    shadow worker (the compose file's layout: two gateways, one worker)."""
+    if mirrors == "child processes":
+        asyncio.run(_shadow_across(pg_url, tmp_path))
+        return
+    key = "0123456789abcdef-replica-shadows"
+    monkeypatch.setenv("TIDEGATE_SHADOW_AUTHKEY", key)
+    port, log = free_port(), tmp_path / "worker.log"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tidegate", "serve", "shadow-worker", "--port", str(port)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait(lambda: "shadow worker on" in log.read_text(), 60, "the shadow worker listening")
+        asyncio.run(_shadow_across(pg_url, tmp_path, worker=f"127.0.0.1:{port}"))
+        assert log.read_text().count("shadow from") >= 5, log.read_text()  # both replicas' mirrors
+    finally:
+        stop_process(worker, grace_s=10)
 
 
 async def _until(what: str, check: Any, gws: list[Gateway], timeout: float = 30) -> None:
@@ -823,7 +857,7 @@ async def _until(what: str, check: Any, gws: list[Gateway], timeout: float = 30)
         await asyncio.sleep(0.1)
 
 
-async def _shadow_across(pg_url: str, tmp_path: Path) -> None:
+async def _shadow_across(pg_url: str, tmp_path: Path, worker: str | None = None) -> None:
     """A shadow started on the replica that does not lead runs a mirror on each replica; both
     replicas' KPIs and verdicts are on both mirrors' comparisons; a failing one is ended by the
     leader alone; a replica restarted mid-shadow keeps its earlier mirror's comparisons in the
@@ -837,6 +871,12 @@ async def _shadow_across(pg_url: str, tmp_path: Path) -> None:
         )
     )
     # a lease longer than the test's pauses (mirrors loading, a restart): a leads throughout
+    if worker is not None:
+        serving.write_text(
+            serving.read_text().replace(
+                'failure_dir = "failures"', f'failure_dir = "failures"\nshadow_worker = "{worker}"'
+            )
+        )
     cfg = {n: _config(models, f"{n}.toml", pg_url, n, lease_s=60) for n in ("gw-a", "gw-b")}
     a = Gateway(load_config(cfg["gw-a"]), seed=1)
     b = Gateway(load_config(cfg["gw-b"]), seed=2)
@@ -854,6 +894,7 @@ async def _shadow_across(pg_url: str, tmp_path: Path) -> None:
         await a._replicated_tick()
         sa, sb = a.models["classifier"].shadow, b.models["classifier"].shadow
         assert sa is not None and sb is not None and sa.id == sb.id and sa.mirror_id != sb.mirror_id
+        assert all((sh.link is not None) == (worker is not None) for sh in (sa, sb))
         for sh in (sa, sb):
             assert await asyncio.to_thread(sh.ready.wait, 60), "a mirror did not load"
         for i in range(80):
