@@ -12,7 +12,8 @@ campaign on one machine, as an operator would run it.
 * measured: registration rate, the time each wave started, the campaign's duration,
   completed devices per second, status updates per second, the server's CPU seconds and
   resident memory (its own /metrics), the campaign GET's latency while it runs, on the full
-  server and (PostgreSQL) on an API-only replica (`server run --api-only`) beside it.
+  server and (PostgreSQL) on an API-only replica (`server run --api-only`) beside it, timed
+  once a second each from a prober process of its own (not the simulator's).
 
     TIDEGATE_BENCH_PG_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test \\
         python -m bench.fleet_scale --devices 50000
@@ -21,6 +22,7 @@ campaign on one machine, as an operator would run it.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import tempfile
@@ -63,11 +65,23 @@ def run_scale(work: Path, devices: int, db_url: str, broker_port: int) -> dict[s
             fleet.stop()
 
 
-def _timed_get(api: httpx.Client, path: str, into: list[float]) -> dict[str, Any]:
-    s0 = time.perf_counter()
-    body: dict[str, Any] = api.get(path).raise_for_status().json()
-    into.append(time.perf_counter() - s0)
-    return body
+def _probe(urls: list[str], headers: dict[str, str], stop: Any, out: Any) -> None:
+    """Time `GET url` on each URL once a second until `stop` is set; the latencies (s) per URL
+    into `out`. A process of its own, as an operator's browser is: timed from the bench
+    process, a request also waited for the interpreter of the simulator's 100,000 devices."""
+    latencies: list[list[float]] = [[] for _ in urls]
+    with httpx.Client(headers=headers, timeout=30) as client:
+        while not stop.is_set():
+            for i, url in enumerate(urls):
+                s0 = time.perf_counter()
+                try:
+                    client.get(url).raise_for_status().json()
+                except httpx.HTTPError:
+                    latencies[i].append(30.0)  # counted as the timeout: a failure is not fast
+                    continue
+                latencies[i].append(time.perf_counter() - s0)
+            stop.wait(1.0)
+    out.put(latencies)
 
 
 def _percentiles(latencies: list[float]) -> tuple[float, float]:
@@ -121,16 +135,17 @@ def _run(
     }
     cid = start_campaign(api, spec, "simulated fleet: no bench report")
     before = _counters(api)
-    latencies: list[float] = []
-    api_only_latencies: list[float] = []
+    ctx = multiprocessing.get_context("spawn")
+    stop, out = ctx.Event(), ctx.Queue()
+    urls = [f"{c.base_url}/api/v1/campaigns/{cid}" for c in (api, *([api_only] if api_only else []))]
+    prober = ctx.Process(target=_probe, args=(urls, dict(api.headers), stop, out), daemon=True)
+    prober.start()
     charged = 0
     last_charge = time.monotonic()
     t0 = time.monotonic()
     body: dict[str, Any] = {}
     while time.monotonic() - t0 < 3600:
-        body = _timed_get(api, f"/api/v1/campaigns/{cid}", latencies)
-        if api_only is not None:
-            _timed_get(api_only, f"/api/v1/campaigns/{cid}", api_only_latencies)
+        body = api.get(f"/api/v1/campaigns/{cid}").raise_for_status().json()
         if body["state"] not in ("scheduled", "running"):
             break
         # The devices waiting on their preconditions meet them every CHARGE_EVERY_S (cars park).
@@ -138,6 +153,10 @@ def _run(
             charged += fleet.satisfy()
             last_charge = time.monotonic()
         time.sleep(1.0)
+    stop.set()
+    timed: list[list[float]] = out.get(timeout=60)
+    prober.join(10)
+    latencies, api_only_latencies = timed[0], (timed[1] if len(timed) > 1 else [])
     after = _counters(api)
     decisions = api.get(f"/api/v1/campaigns/{cid}/decisions").json()
     started = datetime.fromisoformat(body["started_at"])

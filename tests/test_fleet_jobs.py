@@ -281,6 +281,67 @@ def test_bridge_serves_the_real_agent(db: Database, tmp_path: Path, sample_paylo
         broker.stop()
 
 
+def test_a_request_sent_again_while_its_original_waits_is_answered_once(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device whose reply is late sends the same request again (the same clientToken): the
+    copies that arrive while the original is queued or being handled are dropped on receipt
+    (one answer serves them all), and a copy sent after the answer is a request again."""
+    from fleet_server.jobs.bridge import JobsBridge
+    from tests.mqtt_helpers import MOSQUITTO, Broker, client
+
+    if not Path(MOSQUITTO).exists():
+        pytest.skip("mosquitto binary not installed")
+    setup_device(db, "car-1")
+    queue(db, "job-1")
+    broker = Broker(tmp_path / "broker").start()
+    bridge = JobsBridge(db, port=broker.port, sweep_interval_s=60)
+    gate = threading.Event()
+    real = bridge._process
+
+    def stalled(batch: list[Any]) -> None:  # a busy bridge: the original waits its turn
+        gate.wait(20)
+        real(batch)
+
+    monkeypatch.setattr(bridge, "_process", stalled)
+    bridge.start()
+    replies: list[dict[str, Any]] = []
+    device = client(broker.port, "car-1")
+    try:
+        device.on_message = lambda c, u, m: replies.append(json.loads(m.payload))
+        device.subscribe(f"{P}/start-next/accepted", qos=1)
+        time.sleep(0.3)
+        request = json.dumps({"clientToken": "late-1"})
+        for _ in range(5):
+            device.publish(f"{P}/start-next", request, qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 10
+        while bridge.duplicates < 4:
+            assert time.monotonic() < deadline, bridge.duplicates
+            time.sleep(0.05)
+        gate.set()
+        deadline = time.monotonic() + 10
+        while not replies:
+            assert time.monotonic() < deadline, "no answer"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert [r["clientToken"] for r in replies] == ["late-1"]  # five sent, one answer
+        device.publish(f"{P}/start-next", request, qos=1).wait_for_publish(5)  # after it: new
+        deadline = time.monotonic() + 10
+        while len(replies) < 2:
+            assert time.monotonic() < deadline, "the request sent after the answer was dropped"
+            time.sleep(0.05)
+        assert bridge.duplicates == 4 and bridge.counters()["jobs_duplicates"] == 4
+        with db.session() as s:
+            (ex,) = s.scalars(select(JobExecution)).all()
+            assert ex.status == "IN_PROGRESS" and ex.version_number == 2
+    finally:
+        gate.set()
+        device.loop_stop()
+        device.disconnect()
+        bridge.stop()
+        broker.stop()
+
+
 def test_server_cli_registers_devices_and_queues_jobs(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -129,6 +129,12 @@ class JobsBridge:
         self.batches = 0
         self.not_mine = 0  # heard, acknowledged, left to the replica holding the thing's partition
         self.not_mine_early = 0  # the same, decided on receipt (paho's thread)
+        # The jobs requests in the inbox and not handled yet, exactly as received: a device
+        # whose reply is late sends the same request again (same clientToken), and one
+        # answer serves both. A busy bridge's queue otherwise fills with copies, each as much
+        # work as the original, so the later the answers the more work there is.
+        self._queued: set[tuple[str, bytes]] = set()
+        self.duplicates = 0
         self.busy_s = 0.0  # time spent handling batches: requests / busy_s is the capacity
         self._recent: collections.deque[tuple[float, float]] = collections.deque()  # (start, end)
         self._load_lock = threading.Lock()
@@ -227,7 +233,15 @@ class JobsBridge:
             self.not_mine_early += 1
             client.ack(msg.mid, msg.qos)
             return
-        self._inbox.put(_Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos, received))
+        payload = bytes(msg.payload)
+        if msg.topic.startswith("$aws/"):
+            key = (msg.topic, payload)
+            if key in self._queued:  # its original is queued or being handled: one answer serves both
+                self.duplicates += 1
+                client.ack(msg.mid, msg.qos)
+                return
+            self._queued.add(key)
+        self._inbox.put(_Inbound(msg.topic, payload, msg.mid, msg.qos, received))
 
     # ---- the worker thread -----------------------------------------------------------------------
 
@@ -242,7 +256,11 @@ class JobsBridge:
                     batch.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            self._process(batch)
+            try:
+                self._process(batch)
+            finally:
+                for m in batch:  # answered (or failed): a copy from now on is a request again
+                    self._queued.discard((m.topic, m.payload))
 
     def counters(self) -> dict[str, float]:
         """Monotonic totals for /metrics."""
@@ -254,6 +272,7 @@ class JobsBridge:
             "telemetry_rejected": self.telemetry_rejected,
             "jobs_throttled": self.limiter.throttled + self.limiter.dropped,
             "jobs_not_mine": self.not_mine + self.not_mine_early,
+            "jobs_duplicates": self.duplicates,
         }
 
     def _process(self, batch: list[_Inbound]) -> None:
