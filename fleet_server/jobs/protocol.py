@@ -264,7 +264,8 @@ def write_batch(session: Session) -> int:
     was read at. The ORM's flush writes one UPDATE per execution (version-checked rows are
     never batched), and psycopg re-parses a multi-row INSERT of thousands of parameters:
     together most of a 500-message batch's time. Here each column is one array parameter,
-    unnested into rows. PostgreSQL only (SQLite's flush at commit writes them as before).
+    unnested into rows. PostgreSQL only (SQLite's flush at commit writes them as before);
+    the last-seen times the batch's requests moved (`_seen`) are written here on both.
     Returns the executions written; raises StaleDataError when another writer moved one on
     (the bridge then redoes its batch one message per transaction)."""
     dialect = session.get_bind().dialect
